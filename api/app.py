@@ -1,0 +1,36 @@
+"""The Flask app factory: one place builds the API from settings."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from api import catalog, errors, health, jobs
+from api.context import Context
+from genq.db import make_engine, make_sessionmaker
+from genq.queue import make_celery
+from genq.settings import Settings
+from genq.storage import make_storage
+from models.registry import Registry
+
+
+def create_app(settings: Settings | None = None, **overrides) -> Flask:
+    """Build the API. Tests pass `settings`, and may override collaborators
+    (registry, storage, celery) by keyword."""
+    settings = settings or Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    engine = make_engine(settings.database_url)
+    app.extensions["genq"] = Context(
+        settings=settings,
+        sessions=overrides.get("sessions") or make_sessionmaker(engine),
+        registry=overrides.get("registry") or Registry.load(settings.registry_path),
+        storage=overrides.get("storage") or make_storage(settings),
+        celery=overrides.get("celery") or make_celery(settings),
+    )
+    errors.register(app)
+    for blueprint in (health.bp, jobs.bp, catalog.bp):
+        app.register_blueprint(blueprint)
+    return app

@@ -1,0 +1,80 @@
+"""RFC 9457 problem+json for every error the API returns; no stack trace ever
+reaches a client."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, json
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM = "application/problem+json"
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, *, errors: list[dict] | None = None, headers: dict | None = None, type_: str | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.errors = errors
+        self.headers = headers or {}
+        self.type = type_
+
+
+def problem(status: int, detail: str, *, errors: list[dict] | None = None, headers: dict | None = None,
+            type_: str | None = None, extra: dict | None = None) -> Response:
+    body = {
+        "type": type_ or f"https://genq.dev/problems/{status}",
+        "title": TITLES.get(status, "Error"),
+        "status": status,
+        "detail": detail,
+    }
+    if errors:
+        body["errors"] = errors
+    body.update(extra or {})
+    resp = Response(json.dumps(body), status=status, mimetype=PROBLEM)
+    for k, v in (headers or {}).items():
+        resp.headers[k] = str(v)
+    return resp
+
+
+def invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, f"{field}: {message}", errors=[{"field": field, "message": message}])
+
+
+def register(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        return problem(exc.status, exc.detail, errors=exc.errors, headers=exc.headers, type_=exc.type)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        detail = exc.description or TITLES.get(exc.code or 500, "Error")
+        if exc.code == 413:
+            limit = app.config.get("MAX_CONTENT_LENGTH")
+            detail = f"the request body is larger than the {limit}-byte limit"
+        headers = {}
+        if exc.code == 405 and exc.valid_methods:
+            headers["Allow"] = ", ".join(exc.valid_methods)
+        return problem(exc.code or 500, detail, headers=headers)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        # The one broad catch in the API: log the trace, tell the client nothing of it.
+        log.exception("unhandled error")
+        return problem(500, "an internal error occurred; it has been logged")

@@ -1,0 +1,47 @@
+"""/healthz (the process is up) and /readyz (its dependencies answer)."""
+from __future__ import annotations
+
+from flask import Blueprint
+from sqlalchemy import text
+
+from api.context import ctx
+from api.errors import problem
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    return {"status": "ok"}
+
+
+def _check_database() -> None:
+    with ctx().session() as session:
+        session.execute(text("SELECT 1"))
+
+
+def _check_broker() -> None:
+    with ctx().celery.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+
+
+def _check_storage() -> None:
+    ctx().storage.check()
+
+
+CHECKS = {"database": _check_database, "broker": _check_broker, "storage": _check_storage}
+
+
+@bp.get("/readyz")
+def readyz():
+    results, down = {}, []
+    for name, check in CHECKS.items():
+        try:
+            check()
+            results[name] = "ok"
+        except Exception as exc:  # any failure means not ready; say which and why
+            results[name] = f"down: {type(exc).__name__}: {str(exc)[:200]}"
+            down.append(name)
+    if down:
+        return problem(503, f"not ready: {', '.join(down)} unreachable", headers={"Retry-After": 5}, extra={"checks": results})
+    return {"status": "ready", "checks": results}

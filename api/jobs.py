@@ -1,0 +1,251 @@
+"""The /v1/jobs routes: submit, read, list, cancel, events, and output files."""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from typing import Literal
+
+from flask import Blueprint, Response, request, stream_with_context
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import select
+
+from api import serialize
+from api.auth import caller, require_key
+from api.context import ctx
+from api.errors import ApiError, invalid
+from genq import jobs as joblib
+from genq.errors import IllegalTransition
+from genq.schema import Job
+from genq.states import JobStatus
+from genq.storage import NotFound, job_key
+from models.base import InputInvalid, pydantic_errors
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+
+EVENT_TYPES = ("start", "progress", "completed")
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+class JobCreate(BaseModel):
+    """The body of POST /v1/jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, description="A model name from GET /v1/models.")
+    type: str | None = Field(default=None, description="Must match the model's type if given.")
+    input: dict = Field(description="The model's input; its schema is in GET /v1/models/<name>.")
+    priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first.")
+    webhook: str | None = Field(default=None, max_length=2000, pattern=r"^https?://", description="URL to POST job events to.")
+    webhook_events_filter: list[Literal["start", "progress", "completed"]] | None = Field(default=None, max_length=3)
+
+
+def json_body() -> dict:
+    raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    if not raw:
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def url_for_key(job_id: str):
+    storage = ctx().storage
+    base = request.host_url.rstrip("/")
+
+    def url(key: str) -> str:
+        presigned = storage.presigned_url(key)
+        if presigned:
+            return presigned
+        name = key.removeprefix(f"jobs/{job_id}/")
+        return f"{base}/v1/jobs/{job_id}/outputs/{name}"
+
+    return url
+
+
+def render(job: Job) -> dict:
+    return serialize.job(job, url_for_key(job.id))
+
+
+def own_job(session, job_id: str) -> Job:
+    job = session.get(Job, job_id) if ID_RE.match(job_id) else None
+    if job is None or job.tenant_id != caller().tenant_id:
+        # Someone else's job looks exactly like no job at all.
+        raise ApiError(404, f"no job {job_id!r}")
+    return job
+
+
+def prefer_wait() -> float:
+    prefer = request.headers.get("Prefer", "")
+    match = re.search(r"\bwait=(\d+)", prefer)
+    if not match:
+        return 0.0
+    return float(min(int(match.group(1)), ctx().settings.max_prefer_wait))
+
+
+def wait_for_terminal(job: Job, seconds: float) -> Job:
+    deadline = time.monotonic() + seconds
+    while not JobStatus(job.status).terminal and time.monotonic() < deadline:
+        time.sleep(0.1)
+        with ctx().session() as session:
+            job = session.get(Job, job.id)
+    return job
+
+
+@bp.post("")
+@require_key
+def create_job():
+    c = ctx()
+    body = json_body()
+    try:
+        req = JobCreate.model_validate(body, strict=True)
+    except ValidationError as exc:
+        errors = pydantic_errors(exc, prefix="")
+        raise ApiError(422, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors) from None
+    spec = c.registry.get(req.model)
+    if spec is None:
+        raise invalid("model", f"unknown model {req.model!r}; GET /v1/models lists them")
+    if req.type is not None and req.type != spec.family:
+        raise invalid("type", f"model {req.model!r} runs {spec.family!r} jobs, not {req.type!r}")
+    try:
+        inp = spec.validate(req.input)
+    except InputInvalid as exc:
+        raise ApiError(422, str(exc), errors=exc.errors) from None
+    if getattr(inp, "seed", "absent") is None:
+        # Record the seed we chose so the job can be reproduced exactly.
+        inp = inp.model_copy(update={"seed": secrets.randbelow(2**32)})
+    with c.session() as session, session.begin():
+        job = joblib.submit(
+            session,
+            tenant_id=caller().tenant_id,
+            type_=spec.family,
+            model=spec.name,
+            pool=spec.pool,
+            batch_key=spec.batch_key(inp),
+            input_=inp.model_dump(mode="json"),
+            priority=req.priority,
+            webhook=req.webhook,
+            webhook_events_filter=list(req.webhook_events_filter) if req.webhook_events_filter is not None else None,
+            max_attempts=c.settings.max_attempts,
+        )
+    # Publish only after the commit: a worker must find the row it is told about.
+    from genq.queue import publish
+
+    publish(c.celery, job.id, job.pool)
+    wait = prefer_wait()
+    if wait:
+        job = wait_for_terminal(job, wait)
+    status = 200 if JobStatus(job.status).terminal else 202
+    return render(job), status, {"Location": f"/v1/jobs/{job.id}"}
+
+
+@bp.get("/<job_id>")
+@require_key
+def get_job(job_id: str):
+    with ctx().session() as session:
+        job = own_job(session, job_id)
+    wait = prefer_wait()
+    if wait:
+        job = wait_for_terminal(job, wait)
+    return render(job)
+
+
+def _limit() -> int:
+    raw = request.args.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise invalid("limit", f"must be an integer from 1 to 100, got {raw!r}")
+    return int(raw)
+
+
+@bp.get("")
+@require_key
+def list_jobs():
+    limit = _limit()
+    query = select(Job).where(Job.tenant_id == caller().tenant_id)
+    status = request.args.get("status")
+    if status is not None:
+        if status not in {s.value for s in JobStatus}:
+            raise invalid("status", f"must be one of {[s.value for s in JobStatus]}, got {status!r}")
+        query = query.where(Job.status == status)
+    if (model := request.args.get("model")) is not None:
+        query = query.where(Job.model == model)
+    if (type_ := request.args.get("type")) is not None:
+        query = query.where(Job.type == type_)
+    cursor = request.args.get("cursor")
+    if cursor:
+        if not ID_RE.match(cursor):
+            raise invalid("cursor", "is not a cursor this API returned")
+        query = query.where(Job.id < cursor)
+    with ctx().session() as session:
+        rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    return {
+        "data": [render(j) for j in page],
+        "next_cursor": page[-1].id if len(rows) > limit else None,
+    }
+
+
+@bp.post("/<job_id>/cancel")
+@require_key
+def cancel_job(job_id: str):
+    with ctx().session() as session, session.begin():
+        job = own_job(session, job_id)
+        try:
+            job = joblib.cancel(session, job)
+        except IllegalTransition as exc:
+            raise ApiError(409, str(exc)) from None
+    return render(job)
+
+
+@bp.get("/<job_id>/events")
+@require_key
+def job_events(job_id: str):
+    with ctx().session() as session:
+        job = own_job(session, job_id)
+        events = joblib.events(session, job.id)
+    to_url = url_for_key(job.id)
+    if request.accept_mimetypes.best_match(["application/json", "text/event-stream"]) != "text/event-stream":
+        return {"data": [serialize.event(e, to_url) for e in events]}
+    return Response(stream_with_context(_sse(job.id, events, to_url)), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(job_id: str, first: list, to_url):
+    """Stream a job's events as Server-Sent Events until it completes."""
+    c = ctx()
+    last_id, pending, idle = 0, first, 0.0
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline:
+        for e in pending:
+            last_id = e.id
+            yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(serialize.event(e, to_url))}\n\n"
+            if e.type == "completed":
+                return
+        time.sleep(0.25)
+        idle += 0.25
+        if idle >= 15:  # a comment keeps proxies from closing a quiet stream
+            idle = 0.0
+            yield ": keep-alive\n\n"
+        with c.session() as session:
+            pending = joblib.events(session, job_id, after_id=last_id)
+        if pending:
+            idle = 0.0
+
+
+@bp.get("/<job_id>/outputs/<path:name>")
+@require_key
+def job_output(job_id: str, name: str):
+    """Output files, for local storage (S3 outputs are presigned URLs) — owner only."""
+    with ctx().session() as session:
+        own_job(session, job_id)
+    try:
+        data = ctx().storage.get(job_key(job_id, name))
+    except NotFound:
+        raise ApiError(404, f"job {job_id} has no output {name!r}") from None
+    mimetype = "image/png" if name.endswith(".png") else "application/octet-stream"
+    return Response(data, mimetype=mimetype)

@@ -1,0 +1,221 @@
+"""The `genq` command: up, api, worker, migrate, keys."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from genq.settings import Settings
+
+log = logging.getLogger("genq")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="genq", description="A job queue for generative models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run API and worker together on this machine, no services needed")
+    up.add_argument("--port", type=int, help="API port (default GENQ_API_PORT or 8000)")
+    up.add_argument("--host", help="API host (default GENQ_API_HOST or 127.0.0.1)")
+
+    api = sub.add_parser("api", help="serve the REST API with gunicorn")
+    api.add_argument("--bind", help="host:port (default GENQ_API_HOST:GENQ_API_PORT)")
+    api.add_argument("--workers", type=int, default=2)
+
+    worker = sub.add_parser("worker", help="run a worker for one or more pools")
+    worker.add_argument("--pool", required=True, help="pool name(s), comma-separated; 'all' for every pool in the registry")
+    worker.add_argument("--concurrency", type=int, default=1, help="processes; 1 runs in-process (one GPU, one process)")
+    worker.add_argument("--preload", action="store_true", help="load the pools' models before taking jobs")
+
+    sub.add_parser("migrate", help="bring the database schema up to date")
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key for a tenant (made if new) and print it once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--role", default="user", choices=["user", "admin"])
+    revoke = keys_sub.add_parser("revoke", help="revoke keys by the prefix shown when they were made")
+    revoke.add_argument("prefix")
+
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return COMMANDS[args.command](settings, args) or 0
+
+
+def cmd_migrate(settings: Settings, args) -> int:
+    from genq.migrate import upgrade
+
+    upgrade(settings.database_url)
+    print(f"database at {redact(settings.database_url)} is up to date")
+    return 0
+
+
+def cmd_keys(settings: Settings, args) -> int:
+    from genq.db import make_engine, make_sessionmaker
+    from genq.keys import create_key, revoke
+
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    with sessions.begin() as session:
+        if args.keys_command == "create":
+            tenant, raw = create_key(session, args.tenant, args.role)
+            print(raw)
+            print(f"# tenant {tenant.name} ({args.role}); shown once, stored hashed", file=sys.stderr)
+        else:
+            count = revoke(session, args.prefix)
+            print(f"revoked {count} key(s)")
+            return 0 if count else 1
+    return 0
+
+
+def cmd_worker(settings: Settings, args) -> int:
+    from models.registry import Registry
+
+    registry = Registry.load(settings.registry_path)
+    pools = registry.pools() if args.pool == "all" else [p.strip() for p in args.pool.split(",") if p.strip()]
+    unknown = [p for p in pools if p not in registry.pools()]
+    if unknown:
+        print(f"genq worker: no model in the registry uses pool(s) {unknown}; pools: {registry.pools()}", file=sys.stderr)
+        return 2
+
+    from worker.app import app
+
+    if args.preload and args.concurrency == 1:
+        # In-process pool: models loaded now serve every job of this process.
+        from worker.tasks import runner
+
+        r = runner()
+        for spec in registry.in_pools(pools):
+            r.cache.get(spec)
+    _ring_queued(settings, app, [s.name for s in registry.in_pools(pools)])
+    argv = ["worker", "-Q", ",".join(pools), "--loglevel", settings.log_level,
+            "-n", f"{'+'.join(pools)}.{os.getpid()}@%h", "-c", str(args.concurrency),
+            "--pool", "solo" if args.concurrency == 1 else "prefork"]
+    if settings.embedded_broker:
+        # The filesystem transport has no fanout exchange for worker gossip.
+        argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+    app.worker_main(argv)
+    return 0
+
+
+def _ring_queued(settings: Settings, app, models: list[str]) -> None:
+    """Jobs left queued with no message (a lost publish, a broker restart) get
+    a doorbell when a worker for their pool starts."""
+    from genq.db import make_engine
+    from genq.jobs import queued_heads
+    from genq.queue import publish
+    from sqlalchemy.orm import Session
+
+    engine = make_engine(settings.database_url)
+    with Session(engine) as session:
+        heads = queued_heads(session, models)
+    engine.dispose()  # no connection may cross a fork into pool processes
+    for job_id, pool in heads:
+        publish(app, job_id, pool)
+
+
+def cmd_api(settings: Settings, args) -> int:
+    bind = args.bind or f"{settings.api_host}:{settings.api_port}"
+    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(args.workers),
+                               "--worker-class", "gthread", "--threads", "8", "--access-logfile", "-",
+                               "api.app:create_app()"])
+
+
+def cmd_up(settings: Settings, args) -> int:
+    """Everything on one machine: SQLite, a local storage folder and a broker in
+    files (unless GENQ_* says otherwise), the API in this process and a worker
+    for every pool beside it."""
+    from werkzeug.serving import make_server
+
+    from api.app import create_app
+    from genq.migrate import upgrade
+
+    host = args.host or settings.api_host
+    port = args.port or settings.api_port
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    key = _local_key(settings)
+    try:
+        server = make_server(host, port, create_app(settings), threaded=True)
+    except OSError as exc:
+        print(f"genq up: cannot listen on {host}:{port}: {exc}. Pass --port or set GENQ_API_PORT.", file=sys.stderr)
+        return 1
+    port = server.server_port
+    env = {**os.environ, **settings.as_env()}
+    worker = subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--pool", "all", "--preload"], env=env)
+    url = f"http://{host}:{port}"
+    print(f"""
+genq is up (embedded: {redact(settings.database_url)}, {settings.storage_url}, broker {settings.broker_url.split(':')[0]})
+  API:      {url}
+  API key:  {key}
+  try:      curl -s -H 'Authorization: Bearer {key}' -H 'Prefer: wait=30' \\
+              -d '{{"model": "demo-text", "input": {{"prompt": "Once upon a time", "seed": 7}}}}' {url}/v1/jobs
+  Ctrl-C stops API and worker.
+""", flush=True)
+
+    stopping = threading.Event()
+
+    def stop(signum, frame):
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    watcher = threading.Thread(target=_watch_worker, args=(worker, stop), daemon=True)
+    watcher.start()
+    try:
+        server.serve_forever()
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def _watch_worker(worker: subprocess.Popen, stop) -> None:
+    code = worker.wait()
+    log.error("worker exited with code %s; stopping", code)
+    stop(None, None)
+
+
+def _local_key(settings: Settings) -> str:
+    """The embedded default's API key: made once for tenant 'local', kept in
+    GENQ_HOME/api-key (mode 600) so `genq up` can show it again."""
+    from genq.db import make_engine, make_sessionmaker
+    from genq.keys import authenticate, create_key
+
+    path = Path(settings.home) / "api-key"
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    with sessions.begin() as session:
+        if path.exists():
+            raw = path.read_text().strip()
+            if authenticate(session, raw):
+                return raw
+        _, raw = create_key(session, "local", "admin")
+    path.write_text(raw + "\n")
+    path.chmod(0o600)
+    return raw
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, for printing."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database>"
+
+
+COMMANDS = {"up": cmd_up, "api": cmd_api, "worker": cmd_worker, "migrate": cmd_migrate, "keys": cmd_keys}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Job lifecycle on the record of truth: submit, claim under a lease, progress,
+cancel and finish. Plain functions over a Session; callers commit.
+
+Every status change is a conditional UPDATE (on the current status, and for a
+worker on the lease it holds), so a stale or duplicate Celery message, or a
+worker whose lease has expired, changes nothing.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Iterable
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.orm import Session
+
+from genq.errors import IllegalTransition
+from genq.schema import Job, JobEvent, utcnow
+from genq.states import JobStatus, check_transition
+
+
+def record_event(session: Session, job_id: str, type_: str, data: dict | None = None, at: dt.datetime | None = None) -> None:
+    session.add(JobEvent(job_id=job_id, type=type_, data=data or {}, at=at or utcnow()))
+
+
+def submit(
+    session: Session,
+    *,
+    tenant_id: str,
+    type_: str,
+    model: str,
+    pool: str,
+    batch_key: str,
+    input_: dict[str, Any],
+    priority: int = 0,
+    webhook: str | None = None,
+    webhook_events_filter: list[str] | None = None,
+    max_attempts: int = 3,
+) -> Job:
+    job = Job(
+        tenant_id=tenant_id,
+        type=type_,
+        model=model,
+        pool=pool,
+        batch_key=batch_key,
+        status=JobStatus.QUEUED.value,
+        input=input_,
+        priority=priority,
+        webhook=webhook,
+        webhook_events_filter=webhook_events_filter or ["completed"],
+        max_attempts=max_attempts,
+        metrics={},
+    )
+    session.add(job)
+    session.flush()
+    record_event(session, job.id, "queued", {}, at=job.created_at)
+    return job
+
+
+def cancel(session: Session, job: Job) -> Job:
+    """Queued: canceled now. Running: flag it; the worker stops it at its next step.
+    Terminal: IllegalTransition (the API answers 409)."""
+    now = utcnow()
+    if job.status == JobStatus.QUEUED.value:
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
+            .values(status=JobStatus.CANCELED.value, cancel_requested=True, completed_at=now, updated_at=now)
+        ).rowcount
+        if done:
+            record_event(session, job.id, "completed", {"status": "canceled"}, at=now)
+            session.flush()
+            session.refresh(job)
+            return job
+        session.refresh(job)  # a worker claimed it meanwhile: fall through to running
+    if job.status == JobStatus.RUNNING.value:
+        session.execute(
+            update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING.value).values(cancel_requested=True, updated_at=now)
+        )
+        session.flush()
+        session.refresh(job)
+        return job
+    raise IllegalTransition(f"job {job.id} is already {job.status} and cannot be canceled")
+
+
+def claimable_key(session: Session, job_id: str) -> tuple[str, str] | None:
+    """(model, batch_key) of a job a doorbell names, or None if it is no longer queued."""
+    row = session.execute(select(Job.model, Job.batch_key, Job.status).where(Job.id == job_id)).first()
+    if row is None or row.status != JobStatus.QUEUED.value:
+        return None
+    return row.model, row.batch_key
+
+
+def claim_batch(
+    session: Session,
+    *,
+    model: str,
+    batch_key: str,
+    limit: int,
+    owner: str,
+    lease_seconds: float,
+    now: dt.datetime | None = None,
+) -> list[Job]:
+    """Take up to `limit` queued jobs of one model and batch key, highest priority
+    then oldest first, under a lease. SKIP LOCKED keeps two workers on Postgres
+    from waiting on (or taking) the same rows; the status check in the UPDATE
+    makes the claim safe on SQLite too, where writers are serialised."""
+    now = now or utcnow()
+    candidates = (
+        select(Job.id)
+        .where(Job.status == JobStatus.QUEUED.value, Job.model == model, Job.batch_key == batch_key)
+        .order_by(Job.priority.desc(), Job.created_at.asc(), Job.id.asc())
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = list(session.scalars(candidates))
+    if not ids:
+        return []
+    claimed = list(
+        session.scalars(
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == JobStatus.QUEUED.value)
+            .values(
+                status=JobStatus.RUNNING.value,
+                lease_owner=owner,
+                lease_until=now + dt.timedelta(seconds=lease_seconds),
+                attempts=Job.attempts + 1,
+                started_at=now,
+                updated_at=now,
+            )
+            .returning(Job.id)
+        )
+    )
+    jobs = list(session.scalars(select(Job).where(Job.id.in_(claimed)).execution_options(populate_existing=True)))
+    for job in jobs:
+        record_event(session, job.id, "start", {"attempt": job.attempts, "worker": owner}, at=now)
+    order = {jid: i for i, jid in enumerate(ids)}
+    return sorted(jobs, key=lambda j: order[j.id])
+
+
+def _held(job_id: str, owner: str):
+    return and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_owner == owner)
+
+
+def renew_leases(session: Session, job_ids: Iterable[str], owner: str, lease_seconds: float) -> set[str]:
+    """Extend the lease on jobs this worker still holds; returns those it holds."""
+    now = utcnow()
+    ids = list(job_ids)
+    if not ids:
+        return set()
+    held = session.scalars(
+        update(Job)
+        .where(Job.id.in_(ids), Job.status == JobStatus.RUNNING.value, Job.lease_owner == owner)
+        .values(lease_until=now + dt.timedelta(seconds=lease_seconds))
+        .returning(Job.id)
+    )
+    return set(held)
+
+
+def set_progress(session: Session, job_id: str, owner: str, progress: dict[str, Any]) -> bool:
+    done = session.execute(update(Job).where(_held(job_id, owner)).values(progress=progress)).rowcount
+    if done:
+        record_event(session, job_id, "progress", progress)
+    return bool(done)
+
+
+def cancel_requested(session: Session, job_ids: Iterable[str]) -> set[str]:
+    ids = list(job_ids)
+    if not ids:
+        return set()
+    return set(session.scalars(select(Job.id).where(Job.id.in_(ids), Job.cancel_requested.is_(True))))
+
+
+def finish(
+    session: Session,
+    job_id: str,
+    owner: str,
+    status: JobStatus,
+    *,
+    output: dict | None = None,
+    error: dict | None = None,
+    metrics: dict | None = None,
+    progress: dict | None = None,
+) -> bool:
+    """Write a job's final state, only while `owner` holds its lease. Returns
+    False (and writes nothing) when the lease was lost: the write does not count."""
+    check_transition(JobStatus.RUNNING, status)
+    now = utcnow()
+    values: dict[str, Any] = dict(
+        status=status.value, output=output, error=error, completed_at=now, updated_at=now, lease_until=None
+    )
+    if metrics is not None:
+        values["metrics"] = metrics
+    if progress is not None:
+        values["progress"] = progress
+    done = session.execute(update(Job).where(_held(job_id, owner)).values(**values)).rowcount
+    if done:
+        if output is not None:
+            record_event(session, job_id, "output", output, at=now)
+        data = {"status": status.value}
+        if error:
+            data["error"] = error
+        record_event(session, job_id, "completed", data, at=now)
+    return bool(done)
+
+
+def events(session: Session, job_id: str, after_id: int = 0) -> list[JobEvent]:
+    return list(
+        session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id))
+    )
+
+
+def queued_heads(session: Session, models: list[str]) -> list[tuple[str, str]]:
+    """(job id, pool) of the first queued job of each model and batch key: the
+    doorbells to ring when messages may have been lost."""
+    if not models:
+        return []
+    rows = session.execute(
+        select(func.min(Job.id), Job.pool)
+        .where(Job.status == JobStatus.QUEUED.value, Job.model.in_(models))
+        .group_by(Job.model, Job.batch_key, Job.pool)
+    ).all()
+    return [(r[0], r[1]) for r in rows]

@@ -1,0 +1,58 @@
+"""Tenants and their API keys: random, shown once, stored as a hash."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from genq.schema import ApiKey, Tenant, utcnow
+
+KEY_PREFIX = "gq_"
+ROLES = ("user", "admin")
+
+
+def hash_key(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def get_or_create_tenant(session: Session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_key(session: Session, tenant_name: str, role: str = "user") -> tuple[Tenant, str]:
+    """Make a key for a tenant (created if new). The raw key is returned once and never stored."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    tenant = get_or_create_tenant(session, tenant_name)
+    raw = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(raw), prefix=raw[:10], role=role))
+    session.flush()
+    return tenant, raw
+
+
+def authenticate(session: Session, raw: str) -> tuple[Tenant, ApiKey] | None:
+    if not raw or not raw.startswith(KEY_PREFIX) or len(raw) > 200:
+        return None
+    digest = hash_key(raw)
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+    # The lookup is by hash, so timing reveals nothing about the raw key; the
+    # constant-time compare guards against a collation or index surprise.
+    if key is None or key.revoked_at is not None or not hmac.compare_digest(key.key_hash, digest):
+        return None
+    tenant = session.get(Tenant, key.tenant_id)
+    return (tenant, key) if tenant else None
+
+
+def revoke(session: Session, prefix: str) -> int:
+    keys = session.scalars(select(ApiKey).where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))).all()
+    for key in keys:
+        key.revoked_at = utcnow()
+    return len(keys)

@@ -1,0 +1,75 @@
+"""The Celery app: one queue per worker pool, a doorbell message per job.
+
+A message carries a job id and nothing else; the worker re-reads the row
+(Postgres is the record of truth), so a lost, stale or duplicate message never
+changes what a job does.
+"""
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from genq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_TASK = "genq.run_job"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("genq", broker=settings.broker_url)
+    transport_options: dict = {}
+    if settings.embedded_broker:
+        # Kombu's filesystem transport: messages are files in a shared folder,
+        # so API and worker processes talk with no broker server running.
+        folder = settings.home / "broker"
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "data_folder_processed": str(folder / "processed"),
+            "store_processed": False,
+        }
+    else:
+        # An unacked message comes back after visibility_timeout; the job row,
+        # not the message, decides whether anything runs, so a redelivery is a
+        # no-op. Keep it above the longest job anyway to avoid needless wakeups.
+        transport_options = {"visibility_timeout": 6 * 3600}
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        # Results live in the job row, never in a Celery backend.
+        task_ignore_result=True,
+        # Ack after the doorbell is handled, and one message at a time per
+        # process: a worker busy with a batch must not hoard doorbells.
+        task_acks_late=True,
+        worker_prefetch_multiplier=1,
+        task_reject_on_worker_lost=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def publish(app: Celery, job_id: str, pool: str) -> bool:
+    """Ring the pool's doorbell for a committed job. Returns False when the broker
+    is unreachable: the job stays queued in the database and a worker sweep
+    picks it up, so the caller need not fail the request."""
+    try:
+        app.send_task(
+            RUN_TASK,
+            args=[job_id],
+            queue=pool,
+            routing_key=pool,
+            retry=True,
+            # Give up within about a second: the row is committed already.
+            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.3, "interval_max": 0.5},
+        )
+        return True
+    except Exception as exc:  # broker down: the row is the truth, log and move on
+        log.warning("publish of job %s to pool %s failed: %s", job_id, pool, exc)
+        return False

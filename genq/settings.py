@@ -1,0 +1,131 @@
+"""Every knob genq has, read from GENQ_* environment variables in one place.
+
+Unset variables fall back to the embedded default: a SQLite file, a local
+storage folder and a filesystem broker under GENQ_HOME, so `genq up` runs on a
+machine with no services. Nothing else in the code base reads os.environ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from genq.errors import ConfigError
+
+DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "registry.yaml"
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    return Path(env.get("GENQ_HOME") or Path.home() / ".genq").expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where the embedded default keeps its database, broker folders, storage and demo checkpoints.
+    home: Path
+    # SQLAlchemy URL of the record of truth: Postgres in production, SQLite embedded.
+    database_url: str
+    # Celery broker: redis://... in production, filesystem:// embedded (no server needed).
+    broker_url: str
+    # s3://bucket[/prefix] for any S3 endpoint, or file:///dir for a local folder.
+    storage_url: str
+    # S3 endpoint for MinIO / moto / other S3-compatibles; None means AWS itself.
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    # Explicit S3 credentials; None lets boto3 find them (instance role, ~/.aws, ...).
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    # How long a presigned output URL stays valid.
+    presign_seconds: int = 3600
+    # The model registry: which models exist, their family, checkpoint, pool and limits.
+    registry_path: Path = DEFAULT_REGISTRY
+    # Where demo checkpoints are built and remote checkpoints are cached.
+    model_dir: Path = Path(".")
+    # torch device for workers: "cpu", "cuda", "cuda:1", or "auto" (cuda when present).
+    device: str = "auto"
+    # Memory a worker process may spend on loaded models before evicting the
+    # least recently used one (bytes of parameters and buffers).
+    model_cache_bytes: int = 8 * 2**30
+    # A claimed job belongs to its worker until now + lease_seconds; renewed while it runs.
+    lease_seconds: int = 120
+    # Attempts before a job whose worker keeps disappearing is failed.
+    max_attempts: int = 3
+    # Progress is written to the database at most this often per job (seconds).
+    progress_interval: float = 1.0
+    # Cancel requests are read from the database at most this often per batch (seconds).
+    cancel_poll_interval: float = 0.5
+    # Largest request body the API accepts; bigger is 413.
+    max_body_bytes: int = 1_048_576
+    # Longest `Prefer: wait=N` the API honours (seconds).
+    max_prefer_wait: int = 60
+    # Where `genq up` / `genq api` listen.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    # Log level for every process.
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        home = Path(overrides.pop("home", None) or _home(env))
+
+        def get(name: str, default):
+            return env.get(f"GENQ_{name.upper()}", default)
+
+        def num(name: str, default, kind):
+            raw = get(name, None)
+            if raw is None or raw == "":
+                return default
+            try:
+                return kind(raw)
+            except ValueError:
+                raise ConfigError(f"GENQ_{name.upper()} must be a {kind.__name__}, got {raw!r}") from None
+
+        values = dict(
+            home=home,
+            database_url=get("database_url", f"sqlite:///{home / 'genq.db'}"),
+            broker_url=get("broker_url", "filesystem://"),
+            storage_url=get("storage_url", (home / "storage").as_uri()),
+            s3_endpoint_url=get("s3_endpoint_url", None) or None,
+            s3_region=get("s3_region", "us-east-1"),
+            s3_access_key_id=get("s3_access_key_id", None) or None,
+            s3_secret_access_key=get("s3_secret_access_key", None) or None,
+            presign_seconds=num("presign_seconds", 3600, int),
+            registry_path=Path(get("registry", DEFAULT_REGISTRY)),
+            model_dir=Path(get("model_dir", home / "models")),
+            device=get("device", "auto"),
+            model_cache_bytes=num("model_cache_bytes", 8 * 2**30, int),
+            lease_seconds=num("lease_seconds", 120, int),
+            max_attempts=num("max_attempts", 3, int),
+            progress_interval=num("progress_interval", 1.0, float),
+            cancel_poll_interval=num("cancel_poll_interval", 0.5, float),
+            max_body_bytes=num("max_body_bytes", 1_048_576, int),
+            max_prefer_wait=num("max_prefer_wait", 60, int),
+            api_host=get("api_host", "127.0.0.1"),
+            api_port=num("api_port", 8000, int),
+            log_level=get("log_level", "INFO"),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    def as_env(self) -> dict[str, str]:
+        """The GENQ_* variables that reproduce these settings in a child process."""
+        out = {"GENQ_HOME": str(self.home)}
+        for f in dataclasses.fields(self):
+            if f.name == "home":
+                continue
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f"GENQ_{f.name.upper()}"] = str(value)
+        out["GENQ_REGISTRY"] = str(self.registry_path)
+        out.pop("GENQ_REGISTRY_PATH", None)
+        return out
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")

@@ -1,0 +1,126 @@
+"""Object storage for job outputs: any S3 endpoint through boto3, or a local
+folder for the embedded default.
+
+Keys are deterministic (`jobs/<id>/<name>`), so a re-run overwrites rather
+than adds. S3 outputs are handed out as presigned GET URLs; local ones are
+served by the API to the job's owner only.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from genq.errors import ConfigError
+from genq.settings import Settings
+
+
+class NotFound(KeyError):
+    pass
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def presigned_url(self, key: str) -> str | None:
+        """A URL anyone holding it can GET, or None when the API must serve the key."""
+
+    def check(self) -> None:
+        """Raise if the storage cannot be reached (for /readyz)."""
+
+
+def job_key(job_id: str, name: str) -> str:
+    return f"jobs/{job_id}/{name}"
+
+
+class LocalStorage:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        # Keys come from our own code, but never let one escape the root.
+        if self.root.resolve() not in path.parents:
+            raise NotFound(key)
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename: a reader never sees half a file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(key) from None
+
+    def presigned_url(self, key: str) -> str | None:
+        return None
+
+    def check(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise OSError(f"storage folder {self.root} is not writable")
+
+
+class S3Storage:
+    def __init__(self, bucket: str, prefix: str, settings: Settings):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.expires = settings.presign_seconds
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=settings.s3_region,
+            aws_access_key_id=settings.s3_access_key_id,
+            aws_secret_access_key=settings.s3_secret_access_key,
+            # Short timeouts and a few retries: a hung S3 must not hang a request.
+            config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3}, signature_version="s3v4"),
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            raise NotFound(key) from None
+
+    def presigned_url(self, key: str) -> str | None:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=self.expires
+        )
+
+    def check(self) -> None:
+        self.client.head_bucket(Bucket=self.bucket)
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception:
+            self.client.create_bucket(Bucket=self.bucket)
+
+
+def make_storage(settings: Settings) -> Storage:
+    url = urlparse(settings.storage_url)
+    if url.scheme == "file":
+        return LocalStorage(Path(url.path))
+    if url.scheme == "s3":
+        if not url.netloc:
+            raise ConfigError(f"GENQ_STORAGE_URL needs a bucket: s3://bucket[/prefix], got {settings.storage_url!r}")
+        return S3Storage(url.netloc, url.path, settings)
+    raise ConfigError(f"GENQ_STORAGE_URL must be s3://bucket or file:///dir, got {settings.storage_url!r}")

@@ -1,0 +1,124 @@
+"""The model registry: which models exist, which family runs them, where their
+checkpoint is, which pool serves them and what limits their inputs have.
+
+Read from a YAML file (models/registry.yaml by default, GENQ_REGISTRY to
+override). Importing this module or a family's schema never imports torch.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+# family name -> module holding it; one self-contained file per family.
+FAMILIES = {
+    "text-generation": "models.text",
+    "image-generation": "models.image",
+}
+DTYPES = ("float32", "float16", "bfloat16", "int8")
+
+
+class RegistryError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    checkpoint: str
+    pool: str
+    dtype: str = "float32"
+    max_batch_size: int = 1
+    max_wait_ms: int = 0
+    limits: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def module(self) -> ModuleType:
+        return family_module(self.family)
+
+    def validate(self, raw: Any):
+        """The job input as the family's pydantic model; raises InputInvalid."""
+        return self.module.validate(raw, self.limits)
+
+    def batch_key(self, inp) -> str:
+        return f"{self.dtype}|{self.module.batch_key(inp)}"
+
+    def input_schema(self) -> dict:
+        return self.module.Input.model_json_schema()
+
+
+def family_module(family: str) -> ModuleType:
+    try:
+        return importlib.import_module(FAMILIES[family])
+    except KeyError:
+        raise RegistryError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}") from None
+
+
+class Registry:
+    def __init__(self, specs: dict[str, ModelSpec]):
+        self._specs = dict(specs)
+
+    @classmethod
+    def load(cls, path: Path | str) -> "Registry":
+        path = Path(path)
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise RegistryError(f"model registry {str(path)!r} does not exist") from None
+        specs = {}
+        for name, entry in (doc.get("models") or {}).items():
+            specs[name] = cls._spec(name, entry or {}, path)
+        return cls(specs)
+
+    @staticmethod
+    def _spec(name: str, entry: dict, path: Path) -> ModelSpec:
+        where = f"{path}: model {name!r}"
+        for key in ("family", "checkpoint", "pool"):
+            if not entry.get(key):
+                raise RegistryError(f"{where} needs {key!r}")
+        family_module(entry["family"])  # fails early on an unknown family
+        dtype = entry.get("dtype", "float32")
+        if dtype not in DTYPES:
+            raise RegistryError(f"{where}: dtype must be one of {DTYPES}, got {dtype!r}")
+        checkpoint = str(entry["checkpoint"])
+        if not checkpoint.startswith("demo:") and checkpoint.startswith((".", "/")):
+            # Relative directories are relative to the registry file, not the cwd.
+            checkpoint = str((path.parent / checkpoint).resolve())
+        try:
+            return ModelSpec(
+                name=name,
+                family=entry["family"],
+                checkpoint=checkpoint,
+                pool=str(entry["pool"]),
+                dtype=dtype,
+                max_batch_size=int(entry.get("max_batch_size", 1)),
+                max_wait_ms=int(entry.get("max_wait_ms", 0)),
+                limits=dict(entry.get("limits") or {}),
+                description=str(entry.get("description", "")),
+            )
+        except (TypeError, ValueError) as exc:
+            raise RegistryError(f"{where}: {exc}") from None
+
+    def get(self, name: str) -> ModelSpec | None:
+        return self._specs.get(name)
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        return self._specs[name]
+
+    def __iter__(self):
+        return iter(self._specs.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def pools(self) -> list[str]:
+        return sorted({s.pool for s in self._specs.values()})
+
+    def in_pools(self, pools: list[str]) -> list[ModelSpec]:
+        return [s for s in self._specs.values() if s.pool in pools]

@@ -1,0 +1,149 @@
+"""Claims, leases and finishes on the record of truth, on Postgres and SQLite."""
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+
+import pytest
+from sqlalchemy import func, select, update
+
+from genq import jobs as joblib
+from genq.db import make_engine, make_sessionmaker
+from genq.keys import get_or_create_tenant
+from genq.migrate import upgrade
+from genq.schema import Job, JobEvent
+from genq.states import JobStatus
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def sessions(request, tmp_path):
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+        upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_model_name(monkeypatch):
+    # The Postgres database is shared by the run: each test claims its own model's jobs.
+    monkeypatch.setitem(MODEL, "name", f"m-{uuid.uuid4().hex[:8]}")
+
+
+MODEL = {"name": "m"}
+
+
+def add_jobs(sessions, n, *, model=None, batch_key="k", priority=0, tenant="t") -> list[str]:
+    model = model or MODEL["name"]
+    ids = []
+    with sessions.begin() as s:
+        t = get_or_create_tenant(s, f"{tenant}-{MODEL['name']}")
+        for _ in range(n):
+            job = joblib.submit(s, tenant_id=t.id, type_="text-generation", model=model, pool="p", batch_key=batch_key,
+                                input_={}, priority=priority)
+            ids.append(job.id)
+    return ids
+
+
+def claim(sessions, owner="w1", limit=10, model=None, batch_key="k"):
+    model = model or MODEL["name"]
+    with sessions.begin() as s:
+        return [j.id for j in joblib.claim_batch(s, model=model, batch_key=batch_key, limit=limit, owner=owner, lease_seconds=30)]
+
+
+def test_claim_takes_priority_then_age_within_one_batch_key(sessions):
+    low = add_jobs(sessions, 2)
+    other_key = add_jobs(sessions, 1, batch_key="other")
+    high = add_jobs(sessions, 1, priority=5)
+    first = claim(sessions, limit=2)
+    assert first == [high[0], low[0]]
+    assert claim(sessions, limit=10) == [low[1]]
+    assert claim(sessions, limit=10) == []
+    assert claim(sessions, batch_key="other") == other_key
+
+
+def test_claim_sets_lease_attempt_and_start_event(sessions):
+    [jid] = add_jobs(sessions, 1)
+    claim(sessions, owner="w9")
+    with sessions() as s:
+        job = s.get(Job, jid)
+        assert (job.status, job.lease_owner, job.attempts) == ("running", "w9", 1)
+        assert job.lease_until > job.started_at
+        assert [e.type for e in joblib.events(s, jid)] == ["queued", "start"]
+
+
+def test_finish_counts_only_under_the_lease(sessions):
+    [jid] = add_jobs(sessions, 1)
+    claim(sessions, owner="w1")
+    with sessions.begin() as s:
+        assert not joblib.finish(s, jid, "intruder", JobStatus.SUCCEEDED, output={"text": "no"})
+    with sessions.begin() as s:
+        assert joblib.finish(s, jid, "w1", JobStatus.SUCCEEDED, output={"text": "yes"})
+    with sessions.begin() as s:
+        # A second finish (a duplicate message's run) changes nothing.
+        assert not joblib.finish(s, jid, "w1", JobStatus.FAILED, error={"code": "x"})
+    with sessions() as s:
+        job = s.get(Job, jid)
+        assert (job.status, job.output) == ("succeeded", {"text": "yes"})
+        assert [e.type for e in joblib.events(s, jid)] == ["queued", "start", "output", "completed"]
+
+
+def test_renew_reports_lost_leases(sessions):
+    a, b = add_jobs(sessions, 2)
+    claim(sessions, owner="w1")
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == b).values(lease_owner="someone-else"))
+    with sessions.begin() as s:
+        assert joblib.renew_leases(s, [a, b], "w1", 30) == {a}
+
+
+def test_cancel_queued_running_and_terminal(sessions):
+    queued, running = add_jobs(sessions, 2)
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == running).values(status="running", lease_owner="w"))
+    with sessions.begin() as s:
+        assert joblib.cancel(s, s.get(Job, queued)).status == "canceled"
+        job = joblib.cancel(s, s.get(Job, running))
+        assert (job.status, job.cancel_requested) == ("running", True)
+    with sessions.begin() as s:
+        assert joblib.cancel_requested(s, [queued, running]) == {queued, running}
+        with pytest.raises(Exception, match="already canceled"):
+            joblib.cancel(s, s.get(Job, queued))
+
+
+def test_concurrent_claimers_never_take_the_same_job(sessions):
+    ids = add_jobs(sessions, 60)
+    taken: dict[str, list[str]] = {}
+
+    def worker(name):
+        mine = taken.setdefault(name, [])
+        while True:
+            got = claim(sessions, owner=name, limit=4)
+            if not got:
+                return
+            mine.extend(got)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [j for mine in taken.values() for j in mine]
+    assert sorted(claimed) == sorted(ids)
+    with sessions() as s:
+        starts = s.scalar(select(func.count()).select_from(JobEvent).where(JobEvent.type == "start", JobEvent.job_id.in_(ids)))
+    assert starts == 60
+
+
+def test_ids_sort_by_creation_time():
+    from genq.schema import new_id
+
+    a = new_id()
+    import time
+
+    time.sleep(0.002)
+    assert new_id() > a and len(a) == 32

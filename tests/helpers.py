@@ -1,0 +1,88 @@
+"""Test helpers: API keys, a worker as a real subprocess, waiting on jobs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+from genq.db import make_engine, make_sessionmaker
+from genq.keys import create_key
+from genq.settings import Settings
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+def make_key(settings: Settings, tenant: str, role: str = "user") -> dict[str, str]:
+    engine = make_engine(settings.database_url)
+    with make_sessionmaker(engine).begin() as session:
+        _, raw = create_key(session, tenant, role)
+    engine.dispose()
+    return {"Authorization": f"Bearer {raw}"}
+
+
+class WorkerProcess:
+    """`genq worker --pool ...` in its own process, as production runs it."""
+
+    def __init__(self, settings: Settings, pools: list[str], *, preload: bool = True, extra_env: dict | None = None):
+        self.settings = settings
+        self.pools = pools
+        self.preload = preload
+        self.extra_env = extra_env or {}
+        self.lines: deque[str] = deque(maxlen=2000)
+        self.ready = threading.Event()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> "WorkerProcess":
+        env = {**os.environ, **self.settings.as_env(), **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "genq.cli", "worker", "--pool", ",".join(self.pools)]
+        if self.preload:
+            cmd.append("--preload")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.ready.wait(timeout):
+            self.stop()
+            raise RuntimeError("worker did not become ready:\n" + self.log())
+        return self
+
+    def _read(self) -> None:
+        assert self.proc and self.proc.stdout
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            if " ready." in line:
+                self.ready.set()
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, sig: str = "terminate", timeout: float = 30) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        getattr(self.proc, sig)()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def wait_job(get, job_id: str, headers: dict, timeout: float = 60, until=TERMINAL) -> dict:
+    """Poll GET /v1/jobs/<id> through `get` (a test client's or requests') until
+    the job's status is in `until`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = get(f"/v1/jobs/{job_id}", headers=headers)
+        body = resp.get_json() if hasattr(resp, "get_json") else resp.json()
+        if body["status"] in until:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {body['status']} after {timeout}s: {body}")
+        time.sleep(0.1)

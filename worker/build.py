@@ -1,0 +1,19 @@
+"""Builds a worker's Runner from settings: database, registry, storage, model cache."""
+from __future__ import annotations
+
+from genq.db import make_engine, make_sessionmaker
+from genq.settings import Settings
+from genq.storage import make_storage
+from models.registry import Registry
+from worker.cache import ModelCache, make_loader
+from worker.runner import Runner
+
+
+def build_runner(settings: Settings) -> Runner:
+    return Runner(
+        settings=settings,
+        sessions=make_sessionmaker(make_engine(settings.database_url)),
+        registry=Registry.load(settings.registry_path),
+        storage=make_storage(settings),
+        cache=ModelCache(make_loader(settings), settings.model_cache_bytes),
+    )

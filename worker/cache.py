@@ -1,0 +1,102 @@
+"""Loaded models kept per worker process, least recently used evicted first
+once their memory passes the budget."""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections import OrderedDict
+from typing import Callable
+
+from genq.errors import GenqError, ModelError
+from models.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+GPU_DTYPES = ("float16", "bfloat16")
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_dtype(spec: ModelSpec, device: str) -> None:
+    if spec.dtype in GPU_DTYPES and not device.startswith("cuda"):
+        raise ModelError(
+            f"model {spec.name!r} asks for dtype {spec.dtype!r}, which needs a GPU, but this worker's device is {device!r}; "
+            "use float32 on CPU workers",
+            code="unsupported_dtype",
+        )
+
+
+class ModelCache:
+    def __init__(self, loader: Callable[[ModelSpec], object], budget_bytes: int):
+        self._loader = loader
+        self.budget_bytes = budget_bytes
+        self._loaded: OrderedDict[str, object] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.last_load_seconds: float | None = None
+
+    def get(self, spec: ModelSpec):
+        key = f"{spec.name}|{spec.checkpoint}|{spec.dtype}"
+        if key in self._loaded:
+            self.hits += 1
+            self.last_load_seconds = None
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+        self.misses += 1
+        started = time.monotonic()
+        model = self._loader(spec)
+        self.last_load_seconds = time.monotonic() - started
+        log.info("loaded model %s in %.2fs (%.1f MB)", spec.name, self.last_load_seconds, getattr(model, "nbytes", 0) / 1e6)
+        self._loaded[key] = model
+        self._evict(keep=key)
+        return model
+
+    def _evict(self, keep: str) -> None:
+        while self.used_bytes > self.budget_bytes and len(self._loaded) > 1:
+            victim = next(k for k in self._loaded if k != keep)
+            log.info("evicting model %s to stay within %d bytes", victim, self.budget_bytes)
+            del self._loaded[victim]
+            gc.collect()
+            _empty_cuda_cache()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(getattr(m, "nbytes", 0) for m in self._loaded.values())
+
+    def loaded(self) -> list[str]:
+        return [k.split("|", 1)[0] for k in self._loaded]
+
+
+def _empty_cuda_cache() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def make_loader(settings) -> Callable[[ModelSpec], object]:
+    """Load a model for this worker: fetch or build its checkpoint, then the
+    family's from_pretrained path on the configured device and dtype."""
+    device = resolve_device(settings.device)
+
+    def load(spec: ModelSpec):
+        from models.demo import ensure_checkpoint
+
+        check_dtype(spec, device)
+        checkpoint = ensure_checkpoint(spec.checkpoint, settings.model_dir)
+        try:
+            return spec.module.load(checkpoint, device, spec.dtype)
+        except GenqError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"could not load model {spec.name!r} from {checkpoint!r}: {exc}", code="model_load_failed") from exc
+
+    return load
