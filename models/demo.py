@@ -1,0 +1,189 @@
+"""Demo checkpoints built locally from random weights, so genq runs with no model hub."""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# checkpoint name in the registry -> (directory under the model dir, builder name)
+DEMOS = {
+    "demo:text": ("demo-text", "build_text"),
+    "demo:image": ("demo-image", "build_image"),
+}
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+# Enough English for a byte-level BPE to learn a few hundred merges; the
+# weights are random, so the text only has to make tokenization look sane.
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A job queue takes requests, runs them in batches and stores the results.
+Generative models turn a prompt into text or an image. The worker loads a model once and serves many jobs with it.
+It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness.
+Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse,
+and nothing particular to interest me on shore, I thought I would sail about a little and see the watery part of the world.
+In the beginning the universe was created. This has made a lot of people very angry and been widely regarded as a bad move.
+A photograph of an astronaut riding a horse on the moon, highly detailed, dramatic lighting, oil painting, trending.
+A watercolor painting of a lighthouse on a rocky coast at sunset, with seagulls and waves crashing against the stones.
+Once upon a time there was a little cat who lived in a house by the river. Every morning she watched the boats go by.
+The weather today is sunny with a light breeze from the west. Tomorrow there will be rain in the north and the east.
+Please write a short story about a robot who learns to paint. The robot lives in a city full of people and machines.
+What is the capital of France? The capital of France is Paris. What is the capital of Italy? It is Rome, of course.
+numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000, punctuation: commas, periods. question marks? exclamation marks! quotes "yes".
+"""
+
+
+def _train_tokenizer(model_max_length: int, add_bos_eos: bool):
+    """A byte-level BPE tokenizer trained on CORPUS, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    if add_bos_eos:
+        # CLIP-style: <s> prompt </s>, as the text encoder of a diffusion pipeline expects.
+        bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        model_max_length=model_max_length,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+def build_text(dest: Path) -> None:
+    """A ~3M-parameter GPT-2 with random weights and its tokenizer, saved into `dest`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _train_tokenizer(model_max_length=256, add_bos_eos=False)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=512,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    gen = model.generation_config
+    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    dest = Path(dest)
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+
+
+def build_image(dest: Path) -> None:
+    """A tiny Stable Diffusion pipeline (diffusers' test shapes) with random weights, saved into `dest`."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = _train_tokenizer(model_max_length=77, add_bos_eos=True)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=len(tok),
+            max_position_embeddings=tok.model_max_length,
+        )
+    ).eval()
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(Path(dest))
+
+
+def ensure_checkpoint(checkpoint: str, model_dir: Path) -> str:
+    """The local directory to load `checkpoint` from, building a demo one on first use.
+
+    "demo:text" / "demo:image" are built into `model_dir`; anything else (a local
+    directory or a hub id) is returned unchanged for from_pretrained to resolve.
+    """
+    if checkpoint not in DEMOS:
+        if checkpoint.startswith("demo:"):
+            raise ValueError(f"unknown demo checkpoint {checkpoint!r}; known: {sorted(DEMOS)}")
+        return checkpoint
+    dirname, builder = DEMOS[checkpoint]
+    model_dir = Path(model_dir)
+    dest = model_dir / dirname
+    if dest.is_dir():
+        return str(dest)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    # Several worker processes may start at once: one builds, the others wait on
+    # the lock and then find the finished directory. The build goes to a temp
+    # directory renamed into place, so a crash never leaves a half-built `dest`.
+    with open(model_dir / f".{dirname}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not dest.is_dir():
+                tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}-", dir=model_dir))
+                try:
+                    globals()[builder](tmp)
+                    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is not
+                    os.rename(tmp, dest)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(dest)

@@ -1,0 +1,168 @@
+"""The image-generation family: input schema, validation, and batched Stable Diffusion runs."""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, parse
+
+FAMILY = "image-generation"
+SEED_MAX = 2**32 - 1
+
+
+class Input(BaseModel):
+    """An image-generation job's `input`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What the image should show.")
+    negative_prompt: str = Field("", description="What the image should not show (used when guidance_scale > 1).")
+    width: int = Field(64, ge=8, multiple_of=8, description="Image width in pixels, a multiple of 8.")
+    height: int = Field(64, ge=8, multiple_of=8, description="Image height in pixels, a multiple of 8.")
+    num_inference_steps: int = Field(10, ge=1, description="Denoising steps; more is slower and usually finer.")
+    guidance_scale: float = Field(
+        7.5, ge=0, description="Classifier-free guidance: how closely to follow the prompt; <= 1 turns it off."
+    )
+    num_images: int = Field(1, ge=1, description="Images to make from this prompt; image k uses seed + k.")
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="Random seed of the first image; the same input and seed give the same images."
+    )
+
+    # Our own check before pydantic's generic one, so the message says what to do.
+    @field_validator("width", "height", mode="before")
+    @classmethod
+    def _multiple_of_8(cls, value: Any, info) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and value % 8:
+            # parse() appends "(got <value>)" to the message.
+            raise PydanticCustomError("multiple_of", f"`{info.field_name}` must be a multiple of 8")
+        return value
+
+
+def validate(raw: Any, limits: dict) -> Input:
+    """The job input as an `Input`; raises InputInvalid naming "input.<field>"."""
+    inp = parse(Input, raw)
+    errors: list[dict[str, str]] = []
+    check_bound(errors, "input.width", inp.width, limits.get("max_width"))
+    check_bound(errors, "input.height", inp.height, limits.get("max_height"))
+    check_bound(errors, "input.num_inference_steps", inp.num_inference_steps, limits.get("max_inference_steps"))
+    check_bound(errors, "input.num_images", inp.num_images, limits.get("max_images"))
+    _check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
+    _check_chars(errors, "input.negative_prompt", inp.negative_prompt, limits.get("max_prompt_chars"))
+    if errors:
+        raise InputInvalid(errors)
+    return inp
+
+
+def _check_chars(errors: list, fieldname: str, text: str, limit) -> None:
+    if limit is not None and len(text) > limit:
+        errors.append({"field": fieldname, "message": f"must be at most {limit} characters for this model, got {len(text)}"})
+
+
+def batch_key(inp: Input) -> str:
+    # One pipeline call shares the latent shape, the scheduler's timesteps, the
+    # guidance (it decides whether the batch is doubled for CFG) and the images per prompt.
+    return f"{inp.width}x{inp.height}|{inp.num_inference_steps}|{inp.guidance_scale}|{inp.num_images}"
+
+
+def load(checkpoint: str, device: str, dtype: str) -> "ImageModel":
+    """Load a Stable Diffusion pipeline from `checkpoint` (a local directory or hub id) onto `device`."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype for an image model must be one of {sorted(dtypes)}, got {dtype!r}")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        checkpoint, safety_checker=None, requires_safety_checker=False, dtype=dtypes[dtype]
+    )
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return ImageModel(pipe, torch.device(device))
+
+
+class ImageModel:
+    """A loaded pipeline that runs a batch of same-shaped image jobs in one call."""
+
+    def __init__(self, pipe, device):
+        self.pipe = pipe
+        self.device = device
+        tensors = []
+        for component in pipe.components.values():
+            if hasattr(component, "parameters"):
+                tensors += list(component.parameters()) + list(component.buffers())
+        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+
+    def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled) -> list[Result | None]:
+        import torch
+
+        results: list[Result | None] = [None] * len(inputs)
+        live = [i for i in range(len(inputs)) if not is_cancelled(i)]
+        if not live:
+            return results
+        rows = [inputs[i] for i in live]
+        first = rows[0]
+        for inp in rows[1:]:
+            if batch_key(inp) != batch_key(first):
+                raise ValueError(f"jobs in one batch must share batch_key {batch_key(first)!r}, got {batch_key(inp)!r}")
+        steps, per = first.num_inference_steps, first.num_images
+        # One generator per image, seeded seed + k, in the order the pipeline lays
+        # out its batch (prompt-major): image k of a job gets the same starting
+        # noise whatever else is in the batch.
+        generators = []
+        for inp in rows:
+            seed = inp.seed if inp.seed is not None else 0
+            for k in range(per):
+                generators.append(torch.Generator(device=self.device).manual_seed(seed + k))
+
+        cancelled = [False] * len(rows)
+
+        def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+            for r in range(len(rows)):
+                if not cancelled[r] and is_cancelled(live[r]):
+                    cancelled[r] = True
+                if not cancelled[r]:
+                    on_progress(live[r], step + 1, steps)
+            if all(cancelled):
+                # The pipeline skips its remaining steps; nothing in the batch is wanted.
+                pipe._interrupt = True
+            return {}
+
+        images = self.pipe(
+            prompt=[inp.prompt for inp in rows],
+            negative_prompt=[inp.negative_prompt for inp in rows],
+            width=first.width,
+            height=first.height,
+            num_inference_steps=steps,
+            guidance_scale=first.guidance_scale,
+            num_images_per_prompt=per,
+            generator=generators,
+            output_type="pil",
+            callback_on_step_end=step_end,
+        ).images
+
+        for r, i in enumerate(live):
+            if cancelled[r]:
+                continue
+            inp = rows[r]
+            seed = inp.seed if inp.seed is not None else 0
+            meta, files = [], {}
+            for k in range(per):
+                img = images[r * per + k]
+                name = f"{k}.png"
+                files[name] = (_png(img), "image/png")
+                meta.append(
+                    {"file": name, "content_type": "image/png", "width": img.width, "height": img.height, "seed": seed + k}
+                )
+            results[i] = Result(output={"images": meta}, files=files)
+        return results
+
+
+def _png(img) -> bytes:
+    # PIL writes no timestamp or text chunks unless asked (pnginfo), so the same
+    # pixels always give the same bytes.
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()

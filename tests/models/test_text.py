@@ -1,0 +1,250 @@
+"""Tests of the text-generation family: validation, determinism, batch invariance, stops, cancellation, progress."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models import text
+from models.base import InputInvalid
+
+ROOT = Path(__file__).resolve().parents[2]
+LIMITS = {"max_new_tokens": 64, "max_prompt_chars": 100}
+
+# Different prompt lengths (so different left padding) and different settings in every row.
+MIXED = [
+    text.Input(prompt="Once upon a time", max_new_tokens=24, temperature=0.8, top_p=0.9, seed=1),
+    text.Input(
+        prompt="The weather today is sunny with a light breeze from the west and",
+        max_new_tokens=40,
+        temperature=1.3,
+        top_k=20,
+        repetition_penalty=1.3,
+        seed=2,
+    ),
+    text.Input(prompt="A", max_new_tokens=8, temperature=0, seed=3),
+    text.Input(prompt="Call me Ishmael. Some years ago", max_new_tokens=33, top_p=0.5, repetition_penalty=0.8, seed=2**32 - 1),
+]
+
+
+def never(row: int) -> bool:
+    return False
+
+
+def ignore(row: int, current: int, total: int) -> None:
+    pass
+
+
+def run_one(model, inp):
+    return model.run([inp], ignore, never)[0].output
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"prompt": "hi", "colour": "red"}, "input.colour"),
+        ({"prompt": "hi", "max_new_tokens": "5"}, "input.max_new_tokens"),
+        ({"prompt": "hi", "max_new_tokens": 65}, "input.max_new_tokens"),
+        ({"prompt": "hi", "max_new_tokens": 0}, "input.max_new_tokens"),
+        ({"prompt": "x" * 101}, "input.prompt"),
+        ({}, "input.prompt"),
+        ({"prompt": ""}, "input.prompt"),
+        ({"prompt": 5}, "input.prompt"),
+        ({"prompt": "hi", "temperature": -0.1}, "input.temperature"),
+        ({"prompt": "hi", "top_p": 0}, "input.top_p"),
+        ({"prompt": "hi", "top_p": 1.5}, "input.top_p"),
+        ({"prompt": "hi", "top_k": -1}, "input.top_k"),
+        ({"prompt": "hi", "repetition_penalty": 0}, "input.repetition_penalty"),
+        ({"prompt": "hi", "stop": ["a", ""]}, "input.stop.1"),
+        ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "input.stop"),
+        ({"prompt": "hi", "stop": "a"}, "input.stop"),
+        ({"prompt": "hi", "seed": 2**32}, "input.seed"),
+        ({"prompt": "hi", "seed": True}, "input.seed"),
+    ],
+)
+def test_invalid_input_names_the_field(raw, field):
+    with pytest.raises(InputInvalid) as exc:
+        text.validate(raw, LIMITS)
+    assert [e["field"] for e in exc.value.errors] == [field], exc.value.errors
+
+
+def test_error_messages_say_what_was_wrong():
+    with pytest.raises(InputInvalid) as exc:
+        text.validate({"prompt": "hi", "colour": "red"}, LIMITS)
+    assert exc.value.errors == [{"field": "input.colour", "message": "is not a known field"}]
+    with pytest.raises(InputInvalid) as exc:
+        text.validate({"prompt": "x" * 101, "max_new_tokens": 65}, LIMITS)
+    assert exc.value.errors == [
+        {"field": "input.max_new_tokens", "message": "must be at most 64 for this model, got 65"},
+        {"field": "input.prompt", "message": "must be at most 100 characters for this model, got 101"},
+    ]
+    with pytest.raises(InputInvalid) as exc:
+        text.validate(["not", "an", "object"], LIMITS)
+    assert exc.value.errors[0]["field"] == "input"
+
+
+def test_valid_input_and_defaults():
+    # JSON has no float type of its own: an integer temperature is fine.
+    inp = text.validate({"prompt": "hi", "temperature": 0, "stop": ["\n"], "seed": 2**32 - 1}, LIMITS)
+    assert inp.temperature == 0.0 and inp.stop == ["\n"] and inp.seed == 2**32 - 1
+    inp = text.validate({"prompt": "hi"}, {})
+    assert (inp.max_new_tokens, inp.temperature, inp.top_p, inp.top_k, inp.repetition_penalty, inp.stop, inp.seed) == (
+        32, 1.0, 1.0, 0, 1.0, [], None
+    )
+    assert text.batch_key(MIXED[0]) == text.batch_key(MIXED[1])
+
+
+def test_schema_documents_every_field():
+    schema = text.Input.model_json_schema()
+    json.dumps(schema)
+    assert schema["required"] == ["prompt"]
+    assert schema["additionalProperties"] is False
+    for name, prop in schema["properties"].items():
+        assert prop.get("description"), name
+
+
+def test_family_modules_do_not_import_torch():
+    code = (
+        "import sys, models.text, models.image, models.registry, models.demo\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'tokenizers', 'PIL') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_output_shape(text_model):
+    out = run_one(text_model, MIXED[0])
+    assert set(out) == {"text", "tokens", "finish_reason"}
+    assert isinstance(out["text"], str) and out["finish_reason"] in ("length", "stop")
+    assert 1 <= out["tokens"] <= MIXED[0].max_new_tokens
+
+
+def test_same_input_same_output(text_model):
+    assert run_one(text_model, MIXED[0]) == run_one(text_model, MIXED[0])
+    assert text_model.run(MIXED, ignore, never) == text_model.run(MIXED, ignore, never)
+
+
+def test_seed_changes_the_sample(text_model):
+    outs = {run_one(text_model, MIXED[1].model_copy(update={"seed": s}))["text"] for s in range(3)}
+    assert len(outs) == 3
+
+
+def test_job_alone_equals_job_in_mixed_batch(text_model):
+    """The core property: batch-mates (other lengths, other settings) never change a job's output."""
+    alone = [run_one(text_model, inp) for inp in MIXED]
+    batched = [r.output for r in text_model.run(MIXED, ignore, never)]
+    assert batched == alone
+    reordered = [r.output for r in text_model.run(MIXED[::-1] + [MIXED[0]], ignore, never)]
+    assert reordered == alone[::-1] + [alone[0]]
+
+
+def test_greedy_ignores_the_seed(text_model):
+    a = MIXED[2].model_copy(update={"seed": 1})
+    b = MIXED[2].model_copy(update={"seed": 99})
+    assert run_one(text_model, a) == run_one(text_model, b)
+
+
+def _stop_string_in(text_out: str) -> tuple[str, int]:
+    """A short ASCII piece of `text_out` (first occurring at index >= 3) to use as a stop string."""
+    for i in range(3, len(text_out) - 1):
+        piece = text_out[i : i + 2]
+        if piece.isascii() and piece.isalnum() and text_out.find(piece) == i:
+            return piece, i
+    raise AssertionError(f"no usable stop string in {text_out!r}")
+
+
+def test_stop_string_cuts_before_it(text_model):
+    base = text.Input(prompt="Once upon a time", max_new_tokens=48, temperature=0.7, seed=11)
+    full = run_one(text_model, base)
+    stop, at = _stop_string_in(full["text"])
+    out = run_one(text_model, base.model_copy(update={"stop": ["never appears \x00", stop]}))
+    assert out["text"] == full["text"][:at]
+    assert out["finish_reason"] == "stop"
+    assert out["tokens"] < full["tokens"]
+
+
+def test_per_row_stops_and_lengths_in_one_batch(text_model):
+    base = text.Input(prompt="Once upon a time", max_new_tokens=48, temperature=0.7, seed=11)
+    stop, at = _stop_string_in(run_one(text_model, base)["text"])
+    rows = [
+        base.model_copy(update={"stop": [stop]}),  # ends at its stop string
+        text.Input(prompt="The capital of France", max_new_tokens=3, temperature=0.7, seed=5),
+        text.Input(prompt="The capital of France", max_new_tokens=17, temperature=0.7, seed=5),
+        base,  # same prompt and seed as row 0, no stop: runs to its length
+    ]
+    out = [r.output for r in text_model.run(rows, ignore, never)]
+    assert out[0]["finish_reason"] == "stop" and len(out[0]["text"]) == at
+    assert (out[1]["tokens"], out[1]["finish_reason"]) == (3, "length")
+    assert (out[2]["tokens"], out[2]["finish_reason"]) == (17, "length")
+    # Same seed: the 3-token row is the start of the 17-token one.
+    assert out[2]["text"].startswith(out[1]["text"])
+    assert (out[3]["tokens"], out[3]["finish_reason"]) == (48, "length")
+    assert out == [run_one(text_model, inp) for inp in rows]
+
+
+def test_cancelled_row_returns_none_while_batch_mates_complete(text_model, progress):
+    # Row 1 is cancelled once it has made 3 tokens.
+    def is_cancelled(row: int) -> bool:
+        return row == 1 and bool(progress.calls.get(1)) and progress.calls[1][-1][0] >= 3
+
+    out = text_model.run(MIXED, progress, is_cancelled)
+    assert out[1] is None
+    assert max(c for c, _ in progress.calls[1]) == 3
+    for i in (0, 2, 3):
+        assert out[i].output == run_one(text_model, MIXED[i])
+
+
+def test_rows_cancelled_before_the_start(text_model):
+    out = text_model.run(MIXED[:2], ignore, lambda row: row == 0)
+    assert out[0] is None and out[1].output == run_one(text_model, MIXED[1])
+    assert text_model.run(MIXED[:2], ignore, lambda row: True) == [None, None]
+
+
+def test_progress_rises_to_each_rows_count(text_model, progress):
+    rows = [MIXED[2], MIXED[0]]
+    out = text_model.run(rows, progress, never)
+    for r, inp in enumerate(rows):
+        calls = progress.calls[r]
+        currents = [c for c, _ in calls]
+        assert currents == list(range(1, len(currents) + 1))
+        assert {t for _, t in calls} == {inp.max_new_tokens}
+        assert currents[-1] == out[r].output["tokens"]
+
+
+def test_prompt_longer_than_the_model_keeps_its_end(text_model):
+    # Far over the demo model's 512 positions: the row still runs instead of failing the batch.
+    long = text.Input(prompt="the quick brown fox " * 200, max_new_tokens=8, temperature=0, seed=0)
+    out = text_model.run([long, MIXED[2]], ignore, never)
+    assert out[0].output["tokens"] == 8
+    assert out[1].output == run_one(text_model, MIXED[2])
+
+
+def test_loaded_model_reports_its_size(text_model):
+    params = sum(p.numel() for p in text_model.model.parameters())
+    assert 2_000_000 < params < 5_000_000
+    assert text_model.nbytes >= params * 4
+
+
+def test_int8_needs_bitsandbytes_and_cuda(text_checkpoint):
+    with pytest.raises(ValueError, match="int8.*bitsandbytes.*CUDA"):
+        text.load(text_checkpoint, "cpu", "int8")
+
+
+def test_tiny_temperature_is_greedy(text_model):
+    greedy = run_one(text_model, MIXED[2])
+    assert run_one(text_model, MIXED[2].model_copy(update={"temperature": 1e-45})) == greedy
+
+
+def test_shipped_registry_limits_apply():
+    from models.registry import Registry
+
+    spec = Registry.load(ROOT / "models" / "registry.yaml")["demo-text"]
+    assert spec.module is text
+    assert spec.validate({"prompt": "hi", "max_new_tokens": 256}).max_new_tokens == 256
+    with pytest.raises(InputInvalid) as exc:
+        spec.validate({"prompt": "hi", "max_new_tokens": 257})
+    assert exc.value.errors[0]["field"] == "input.max_new_tokens"
+    assert spec.input_schema() == text.Input.model_json_schema()
