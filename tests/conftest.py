@@ -18,6 +18,9 @@ from genq.settings import DEFAULT_REGISTRY, Settings
 PG_ADMIN_URL = os.environ.get("GENQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = uuid.uuid4().hex[:8]
+# No hub is reachable: fail at once rather than retry a download (worker
+# subprocesses inherit this).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

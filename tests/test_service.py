@@ -1,0 +1,157 @@
+"""End to end with real parts: the API (in process) on Postgres, Redis and moto's
+S3 server over HTTP, and `genq worker` as a real subprocess."""
+from __future__ import annotations
+
+import io
+import secrets
+import time
+
+import boto3
+import pytest
+import redis
+import requests
+import yaml
+from PIL import Image
+
+from api.app import create_app
+from genq.settings import Settings
+from tests.conftest import REDIS_URL
+from tests.helpers import WorkerProcess, make_key, wait_job
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
+    """Settings for the production shape, with one extra model on a pool no
+    worker serves (so a job can be caught while queued)."""
+    doc = yaml.safe_load(registry_path.read_text())
+    idle_pool = f"idle-{secrets.token_hex(3)}"
+    doc["models"]["idle-text"] = {**doc["models"]["demo-text"], "pool": idle_pool}
+    reg = tmp_path_factory.mktemp("reg") / "registry.yaml"
+    reg.write_text(yaml.safe_dump(doc))
+    bucket = f"genq-{secrets.token_hex(4)}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
+                 aws_secret_access_key="test").create_bucket(Bucket=bucket)
+    settings = Settings.from_env(
+        {}, home=tmp_path_factory.mktemp("home"), model_dir=model_dir, registry_path=reg, database_url=pg_url,
+        broker_url=REDIS_URL, storage_url=f"s3://{bucket}", s3_endpoint_url=s3_endpoint, s3_access_key_id="test",
+        s3_secret_access_key="test", progress_interval=0.2, cancel_poll_interval=0.1, lease_seconds=30,
+    )
+    pools = sorted({m["pool"] for name, m in doc["models"].items() if name != "idle-text"})
+    worker = WorkerProcess(settings, pools).start()
+    app = create_app(settings)
+    yield {"settings": settings, "client": app.test_client(), "idle_pool": idle_pool, "worker": worker}
+    worker.stop()
+
+
+@pytest.fixture
+def client(stack):
+    return stack["client"]
+
+
+@pytest.fixture
+def tenant(stack):
+    return make_key(stack["settings"], f"t-{secrets.token_hex(4)}")
+
+
+def test_text_job_runs_to_succeeded(client, tenant, stack):
+    started = time.monotonic()
+    resp = client.post("/v1/jobs", json={"model": "demo-text", "input": {"prompt": "Once upon a time", "max_new_tokens": 16, "seed": 7}},
+                       headers=tenant)
+    assert resp.status_code == 202
+    job = wait_job(client.get, resp.get_json()["id"], tenant)
+    elapsed = time.monotonic() - started
+    assert job["status"] == "succeeded", (job, stack["worker"].log())
+    out = job["output"]
+    assert out["finish_reason"] in ("length", "stop") and 1 <= out["tokens"] <= 16
+    assert isinstance(out["text"], str)
+    assert job["metrics"]["batch_size"] >= 1 and job["metrics"]["run_seconds"] > 0
+    assert job["attempts"] == 1
+    assert job["started_at"] and job["completed_at"]
+    events = [e["type"] for e in client.get(f"/v1/jobs/{job['id']}/events", headers=tenant).get_json()["data"]]
+    assert events[0] == "queued" and events[1] == "start" and events[-1] == "completed"
+    print(f"\nPOST -> succeeded for one text job on an idle worker: {elapsed:.3f}s")
+
+
+def test_same_text_input_and_seed_give_the_same_text(client, tenant):
+    body = {"model": "demo-text", "input": {"prompt": "The cat", "max_new_tokens": 12, "seed": 123, "temperature": 0.9}}
+    a, b = (wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant) for _ in range(2))
+    assert a["status"] == b["status"] == "succeeded"
+    assert a["output"]["text"] == b["output"]["text"]
+
+
+def fetch_png(url: str) -> bytes:
+    resp = requests.get(url, timeout=10)
+    assert resp.status_code == 200, resp.text
+    return resp.content
+
+
+def test_image_job_stores_a_png_at_the_requested_size_and_seed_repeats(client, tenant, stack):
+    body = {"model": "demo-image", "input": {"prompt": "a red square", "width": 64, "height": 48,
+                                            "num_inference_steps": 3, "seed": 42, "num_images": 2}}
+    first = wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+    assert first["status"] == "succeeded", (first, stack["worker"].log())
+    images = first["output"]["images"]
+    assert [i["seed"] for i in images] == [42, 43]
+    for image in images:
+        # A presigned S3 URL: plain HTTP GET, no API key.
+        assert "X-Amz-Signature" in image["url"]
+        png = Image.open(io.BytesIO(fetch_png(image["url"])))
+        assert png.format == "PNG" and png.size == (64, 48)
+    second = wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+    assert [fetch_png(i["url"]) for i in second["output"]["images"]] == [fetch_png(i["url"]) for i in images]
+    other_seed = {**body, "input": {**body["input"], "seed": 41}}
+    third = wait_job(client.get, client.post("/v1/jobs", json=other_seed, headers=tenant).get_json()["id"], tenant)
+    assert fetch_png(third["output"]["images"][0]["url"]) != fetch_png(images[0]["url"])
+
+
+def test_cancel_of_a_queued_job(client, tenant):
+    job = client.post("/v1/jobs", json={"model": "idle-text", "input": {"prompt": "never runs"}}, headers=tenant).get_json()
+    assert job["status"] == "queued"
+    canceled = client.post(f"/v1/jobs/{job['id']}/cancel", headers=tenant).get_json()
+    assert canceled["status"] == "canceled" and canceled["cancel_requested"] is True
+
+
+def test_a_second_tenant_cannot_see_the_first_tenants_job(client, tenant, stack):
+    other = make_key(stack["settings"], f"other-{secrets.token_hex(4)}")
+    job = client.post("/v1/jobs", json={"model": "idle-text", "input": {"prompt": "mine"}}, headers=tenant).get_json()
+    assert client.get(f"/v1/jobs/{job['id']}", headers=other).status_code == 404
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=other).status_code == 404
+    assert client.get(f"/v1/jobs/{job['id']}/events", headers=other).status_code == 404
+    assert job["id"] not in [j["id"] for j in client.get("/v1/jobs?limit=100", headers=other).get_json()["data"]]
+    assert client.get(f"/v1/jobs/{job['id']}", headers=tenant).status_code == 200
+
+
+def test_bad_input_is_refused_with_the_field_named_and_nothing_queued(client, tenant, stack):
+    r = redis.Redis.from_url(REDIS_URL)
+    pool = stack["idle_pool"]
+    before = r.llen(pool)
+    listed_before = len(client.get("/v1/jobs?limit=100", headers=tenant).get_json()["data"])
+    resp = client.post("/v1/jobs", json={"model": "idle-text", "input": {"prompt": "x", "top_p": 7}}, headers=tenant)
+    assert resp.status_code == 422
+    assert resp.mimetype == "application/problem+json"
+    assert [e["field"] for e in resp.get_json()["errors"]] == ["input.top_p"]
+    assert r.llen(pool) == before
+    assert len(client.get("/v1/jobs?limit=100", headers=tenant).get_json()["data"]) == listed_before
+    # The same body, made valid, does queue a doorbell on that pool's Redis list.
+    ok = client.post("/v1/jobs", json={"model": "idle-text", "input": {"prompt": "x", "top_p": 0.7}}, headers=tenant)
+    assert ok.status_code == 202 and r.llen(pool) == before + 1
+
+
+def test_a_duplicate_doorbell_is_a_no_op(client, tenant, stack):
+    from genq.queue import make_celery, publish
+
+    job = wait_job(client.get, client.post("/v1/jobs", json={"model": "demo-text", "input": {"prompt": "dup", "max_new_tokens": 4}},
+                                           headers=tenant).get_json()["id"], tenant)
+    assert job["status"] == "succeeded"
+    celery = make_celery(stack["settings"])
+    assert publish(celery, job["id"], _pool_of(stack, "demo-text"))
+    deadline = time.monotonic() + 20
+    while f"doorbell for job {job['id']}: nothing to claim" not in stack["worker"].log():
+        assert time.monotonic() < deadline, stack["worker"].log()
+        time.sleep(0.1)
+    again = client.get(f"/v1/jobs/{job['id']}", headers=tenant).get_json()
+    assert again["attempts"] == 1 and again["completed_at"] == job["completed_at"] and again["output"] == job["output"]
+
+
+def _pool_of(stack, model: str) -> str:
+    return yaml.safe_load(stack["settings"].registry_path.read_text())["models"][model]["pool"]

@@ -1,0 +1,119 @@
+"""`genq up` with nothing running but the process: SQLite, a storage folder and
+the filesystem broker, API and worker started by one command."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+import pytest
+import requests
+from PIL import Image
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory, model_dir):
+    home = tmp_path_factory.mktemp("up-home")
+    port = free_port()
+    # Only GENQ_HOME and the prebuilt demo checkpoints: every other setting is
+    # the embedded default a newcomer gets. No GENQ_DATABASE_URL, no broker URL.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env.update(GENQ_HOME=str(home), GENQ_MODEL_DIR=str(model_dir), GENQ_API_PORT=str(port), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "up"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: deque[str] = deque(maxlen=3000)
+    seen_ready = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if " ready." in line:
+                seen_ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert seen_ready.wait(180), "\n".join(lines)
+    text = "\n".join(lines)
+    url = re.search(r"API:\s+(http://\S+)", text).group(1)
+    key = re.search(r"API key:\s+(gq_\S+)", text).group(1)
+    yield {"url": url, "headers": {"Authorization": f"Bearer {key}"}, "proc": proc, "home": home, "lines": lines}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait(up, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = requests.get(f"{up['url']}/v1/jobs/{job_id}", headers=up["headers"], timeout=10).json()
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+def test_embedded_defaults_are_in_use(up):
+    home = up["home"]
+    assert (home / "genq.db").exists()
+    assert (home / "broker").is_dir()
+    ready = requests.get(f"{up['url']}/readyz", timeout=10).json()
+    assert ready["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+
+def test_text_job_with_prefer_wait(up):
+    resp = requests.post(f"{up['url']}/v1/jobs", headers={**up["headers"], "Prefer": "wait=60"},
+                         json={"model": "demo-text", "input": {"prompt": "Once upon a time", "max_new_tokens": 8, "seed": 1}},
+                         timeout=70)
+    job = resp.json()
+    assert resp.status_code == 200, job
+    assert job["status"] == "succeeded", ("\n".join(up["lines"]), job)
+    assert job["output"]["tokens"] >= 1
+
+
+def test_image_job_is_served_by_the_api_to_its_owner_only(up):
+    body = {"model": "demo-image", "input": {"prompt": "a blue circle", "width": 32, "height": 40, "num_inference_steps": 2, "seed": 5}}
+    job = wait(up, requests.post(f"{up['url']}/v1/jobs", headers=up["headers"], json=body, timeout=10).json()["id"])
+    assert job["status"] == "succeeded", ("\n".join(up["lines"]), job)
+    url = job["output"]["images"][0]["url"]
+    assert url.startswith(up["url"] + "/v1/jobs/")
+    png = requests.get(url, headers=up["headers"], timeout=10)
+    assert png.status_code == 200 and png.headers["Content-Type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size == (32, 40)
+    assert requests.get(url, timeout=10).status_code == 401
+    again = wait(up, requests.post(f"{up['url']}/v1/jobs", headers=up["headers"], json=body, timeout=10).json()["id"])
+    same = requests.get(again["output"]["images"][0]["url"], headers=up["headers"], timeout=10).content
+    assert same == png.content
+
+
+def test_sse_streams_events_until_completed(up):
+    job = requests.post(f"{up['url']}/v1/jobs", headers=up["headers"],
+                        json={"model": "demo-text", "input": {"prompt": "stream", "max_new_tokens": 8}}, timeout=10).json()
+    with requests.get(f"{up['url']}/v1/jobs/{job['id']}/events", headers={**up["headers"], "Accept": "text/event-stream"},
+                      stream=True, timeout=60) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        kinds = [line.split(": ", 1)[1] for line in resp.iter_lines(decode_unicode=True) if line.startswith("event: ")]
+    assert kinds[0] == "queued" and "start" in kinds and kinds[-1] == "completed"
+
+
+def test_ctrl_c_stops_api_and_worker(up):
+    proc = up["proc"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{up['url']}/healthz", timeout=2)
