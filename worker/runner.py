@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,53 +45,64 @@ class Row:
     finished: bool = False
 
 
-@dataclass
 class BatchTracker:
     """Progress, cancel checks and lease renewal for one running batch.
 
     The model calls on_progress / is_cancelled from its inner loop, many times
-    a second; this writes progress at most once per `progress_interval` and
-    reads cancel flags at most once per `cancel_poll_interval`. A heartbeat
-    thread renews the leases, so a long step cannot let them lapse."""
+    a second, so they only touch memory. A side thread does the database work
+    off the model's path: it writes progress at most once per
+    `progress_interval`, reads cancel flags every `cancel_poll_interval`
+    (finishing a cancelled job at once, so its batch-mates run on) and renews
+    the leases, so a long step cannot let them lapse."""
 
-    runner: "Runner"
-    rows: list[Row]
-    unit: str
-    _last_progress_write: float = 0.0
-    _last_cancel_poll: float = 0.0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __post_init__(self):
-        self._thread = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
+    def __init__(self, runner: "Runner", rows: list[Row], unit: str):
+        self.runner = runner
+        self.rows = rows
+        self.unit = unit
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="batch-tracker", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-
-    def _heartbeat(self) -> None:
-        interval = max(self.runner.settings.lease_seconds / 3, 0.2)
-        while not self._stop.wait(interval):
-            ids = [r.job.id for r in self.rows if not r.finished]
-            try:
-                with self.runner.sessions.begin() as session:
-                    held = joblib.renew_leases(session, ids, self.runner.owner, self.runner.settings.lease_seconds)
-                lost = set(ids) - held
-                if lost:
-                    log.warning("lost the lease on jobs %s; their results will not be written", sorted(lost))
-            except Exception:  # a missed renewal is retried next beat
-                log.exception("lease renewal failed")
+        self._thread.join(timeout=30)
 
     def on_progress(self, row: int, current: int, total: int) -> None:
         r = self.rows[row]
         r.progress = {"current": int(current), "total": int(total), "unit": self.unit}
         r.progress_dirty = True
-        now = time.monotonic()
-        if now - self._last_progress_write >= self.runner.settings.progress_interval:
-            self._last_progress_write = now
-            self.flush_progress()
+
+    def is_cancelled(self, row: int) -> bool:
+        return self.rows[row].cancelled
+
+    def _loop(self) -> None:
+        s = self.runner.settings
+        tick = max(min(s.cancel_poll_interval, s.progress_interval), 0.02)
+        renew_every = max(s.lease_seconds / 3, tick)
+        last_progress = last_renew = time.monotonic()
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            try:
+                self.poll_cancels()
+                if now - last_progress >= s.progress_interval:
+                    last_progress = now
+                    self.flush_progress()
+                if now - last_renew >= renew_every:
+                    last_renew = now
+                    self.renew()
+            except Exception:  # a missed beat is retried on the next one
+                log.exception("batch tracker: database write failed")
+
+    def poll_cancels(self) -> None:
+        live = [r for r in self.rows if not r.finished and not r.cancelled]
+        if not live:
+            return
+        with self.runner.sessions() as session:
+            flagged = joblib.cancel_requested(session, [r.job.id for r in live])
+        for r in live:
+            if r.job.id in flagged:
+                r.cancelled = True
+                self.runner.finish([(r, JobStatus.CANCELED, {})])
 
     def flush_progress(self) -> None:
         dirty = [r for r in self.rows if r.progress_dirty and not r.finished]
@@ -99,25 +110,15 @@ class BatchTracker:
             return
         with self.runner.sessions.begin() as session:
             for r in dirty:
-                joblib.set_progress(session, r.job.id, self.runner.owner, r.progress)
                 r.progress_dirty = False
+                joblib.set_progress(session, r.job.id, self.runner.owner, r.progress)
 
-    def is_cancelled(self, row: int) -> bool:
-        now = time.monotonic()
-        if now - self._last_cancel_poll >= self.runner.settings.cancel_poll_interval:
-            self._last_cancel_poll = now
-            self.poll_cancels()
-        return self.rows[row].cancelled
-
-    def poll_cancels(self) -> None:
-        live = [r for r in self.rows if not r.finished and not r.cancelled]
-        with self.runner.sessions() as session:
-            flagged = joblib.cancel_requested(session, [r.job.id for r in live])
-        for r in live:
-            if r.job.id in flagged:
-                # Canceled now, not when the batch ends: batch-mates run on.
-                r.cancelled = True
-                self.runner.finish(r, JobStatus.CANCELED)
+    def renew(self) -> None:
+        ids = [r.job.id for r in self.rows if not r.finished]
+        with self.runner.sessions.begin() as session:
+            held = joblib.renew_leases(session, ids, self.runner.owner, self.runner.settings.lease_seconds)
+        if lost := set(ids) - held:
+            log.warning("lost the lease on jobs %s; their results will not be written", sorted(lost))
 
 
 class Runner:
@@ -196,14 +197,15 @@ class Runner:
         rows = [Row(job) for job in batch]
         unit = "token" if spec.family == "text-generation" else "step"
         log.info("running batch of %d %s jobs: %s", len(rows), spec.name, [j.id for j in batch])
-        inputs, runnable = [], []
+        inputs, runnable, invalid = [], [], []
         for r in rows:
             try:
                 inputs.append(spec.validate(r.job.input))
                 runnable.append(r)
             except InputInvalid as exc:
                 # Validated at submit; only a registry change can make it fail here.
-                self.finish(r, JobStatus.FAILED, error={"code": "invalid_input", "message": str(exc)})
+                invalid.append((r, JobStatus.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}))
+        self.finish(invalid)
         if not runnable:
             return
         load_seconds = self.cache.last_load_seconds
@@ -215,19 +217,21 @@ class Runner:
             if len(results) != len(runnable):
                 raise GenqError(f"model returned {len(results)} results for {len(runnable)} jobs")
         except Exception as exc:
-            tracker.close()
             log.exception("batch of %s failed", spec.name)
             error = error_for(exc)
-            for r in runnable:
-                self.finish(r, JobStatus.FAILED, error=error)
-            return
+            results = None
         run_seconds = time.monotonic() - started
+        # The tracker stops before anything below writes, so no job is finished twice.
         tracker.close()
+        if results is None:
+            self.finish([(r, JobStatus.FAILED, {"error": error}) for r in runnable])
+            return
+        outcomes = []
         for r, result in zip(runnable, results):
             if r.finished:
-                continue
+                continue  # cancelled mid-run, already written
             if result is None or r.cancelled:
-                self.finish(r, JobStatus.CANCELED)
+                outcomes.append((r, JobStatus.CANCELED, {}))
                 continue
             metrics = {
                 "queue_seconds": round((r.job.started_at - r.job.created_at).total_seconds(), 4),
@@ -240,9 +244,11 @@ class Runner:
                 output = self.store(r.job.id, result)
             except Exception as exc:
                 log.exception("storing outputs of job %s failed", r.job.id)
-                self.finish(r, JobStatus.FAILED, error={"code": "storage_error", "message": f"could not store the outputs: {exc}"})
+                outcomes.append((r, JobStatus.FAILED, {"error": {"code": "storage_error",
+                                                                 "message": f"could not store the outputs: {exc}"}}))
                 continue
-            self.finish(r, JobStatus.SUCCEEDED, output=output, metrics=metrics)
+            outcomes.append((r, JobStatus.SUCCEEDED, {"output": output, "metrics": metrics}))
+        self.finish(outcomes)
 
     def store(self, job_id: str, result: Result) -> dict:
         """Put a result's files at deterministic keys and point the output at them."""
@@ -253,18 +259,21 @@ class Runner:
             keys[name] = key
         return _swap_files(result.output, keys)
 
-    def finish(self, row: Row, status: JobStatus, *, output=None, error=None, metrics=None) -> bool:
-        row.finished = True
+    def finish(self, outcomes: list[tuple[Row, JobStatus, dict]]) -> None:
+        """Write final states in one transaction; each counts only where this
+        worker still holds that job's lease."""
+        if not outcomes:
+            return
         with self.sessions.begin() as session:
-            done = joblib.finish(
-                session, row.job.id, self.owner, status, output=output, error=error,
-                metrics=metrics, progress=row.progress,
-            )
-        if not done:
-            log.warning("job %s: lease lost before it finished; result discarded", row.job.id)
-        else:
-            log.info("job %s %s", row.job.id, status.value)
-        return done
+            done = {}
+            for row, status, fields in outcomes:
+                row.finished = True
+                done[row.job.id] = joblib.finish(session, row.job.id, self.owner, status, progress=row.progress, **fields)
+        for row, status, _ in outcomes:
+            if done[row.job.id]:
+                log.info("job %s %s", row.job.id, status.value)
+            else:
+                log.warning("job %s: lease lost before it finished; result discarded", row.job.id)
 
     # --- failures before a claim ------------------------------------------------
 
@@ -272,9 +281,8 @@ class Runner:
         with self.sessions.begin() as session:
             batch = joblib.claim_batch(session, model=model, batch_key=session.get(Job, job_id).batch_key, limit=1000,
                                        owner=self.owner, lease_seconds=self.settings.lease_seconds)
-        for job in batch:
-            self.finish(Row(job), JobStatus.FAILED, error={
-                "code": "unknown_model", "message": f"model {model!r} is no longer in this worker's registry"})
+        error = {"code": "unknown_model", "message": f"model {model!r} is no longer in this worker's registry"}
+        self.finish([(Row(job), JobStatus.FAILED, {"error": error}) for job in batch])
 
     def _fail_queued(self, spec: ModelSpec, batch_key: str, exc: Exception) -> None:
         """The model cannot load: fail the waiting jobs with the reason rather
@@ -284,8 +292,7 @@ class Runner:
         with self.sessions.begin() as session:
             batch = joblib.claim_batch(session, model=spec.name, batch_key=batch_key, limit=1000,
                                        owner=self.owner, lease_seconds=self.settings.lease_seconds)
-        for job in batch:
-            self.finish(Row(job), JobStatus.FAILED, error=error)
+        self.finish([(Row(job), JobStatus.FAILED, {"error": error}) for job in batch])
 
 
 def error_for(exc: Exception, default_code: str = "model_error") -> dict:
