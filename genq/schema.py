@@ -135,3 +135,39 @@ class JobEvent(Base):
     type: Mapped[str] = mapped_column(String(32))
     at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class File(Base):
+    """An uploaded file (a fine-tuning dataset), stored in object storage."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_tenant_list", "tenant_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    # What validation found: row count and row format ("prompt_completion" | "text").
+    rows: Mapped[int] = mapped_column(Integer, default=0)
+    format: Mapped[str] = mapped_column(String(32), default="")
+    storage_key: Mapped[str] = mapped_column(String(300))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ModelVersion(Base):
+    """A model a tenant made by fine-tuning: weights in object storage, usable
+    by name (`<base>:ft-<suffix>-<short id>`) in that tenant's jobs only."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(300), unique=True)
+    base_model: Mapped[str] = mapped_column(String(200))
+    family: Mapped[str] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(16))
+    # Storage prefix holding the adapter (LoRA) or full weights, safetensors.
+    storage_prefix: Mapped[str] = mapped_column(String(300))
+    job_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
