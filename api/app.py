@@ -5,7 +5,7 @@ import logging
 
 from flask import Flask
 
-from api import catalog, errors, health, jobs
+from api import catalog, errors, files, health, jobs
 from api.context import Context
 from genq.db import make_engine, make_sessionmaker
 from genq.queue import make_celery
@@ -31,6 +31,6 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
         celery=overrides.get("celery") or make_celery(settings),
     )
     errors.register(app)
-    for blueprint in (health.bp, jobs.bp, catalog.bp):
+    for blueprint in (health.bp, jobs.bp, files.bp, catalog.bp):
         app.register_blueprint(blueprint)
     return app

@@ -3,17 +3,19 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from api.auth import require_key
+from api.auth import caller, require_key
 from api.context import ctx
 from api.errors import ApiError
+from genq import catalog
 from models.registry import ModelSpec
 
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
 
 
-def describe(spec: ModelSpec) -> dict:
+def describe(spec: ModelSpec, owned: bool = False) -> dict:
     return {
         "name": spec.name,
+        "owned_by": "you" if owned else "genq",
         "type": spec.family,
         "status": "ready",
         "description": spec.description,
@@ -28,13 +30,19 @@ def describe(spec: ModelSpec) -> dict:
 @bp.get("")
 @require_key
 def list_models():
-    return {"data": [describe(s) for s in sorted(ctx().registry, key=lambda s: s.name)], "next_cursor": None}
+    c = ctx()
+    with c.session() as session:
+        versions = catalog.tenant_versions(session, c.registry, caller().tenant_id)
+    shared = sorted(c.registry, key=lambda s: s.name)
+    return {"data": [describe(s) for s in shared] + [describe(v, owned=True) for v in versions], "next_cursor": None}
 
 
 @bp.get("/<path:name>")
 @require_key
 def get_model(name: str):
-    spec = ctx().registry.get(name)
+    c = ctx()
+    with c.session() as session:
+        spec = catalog.resolve(session, c.registry, name, caller().tenant_id)
     if spec is None:
         raise ApiError(404, f"no model {name!r}")
-    return describe(spec)
+    return describe(spec, owned=c.registry.get(name) is None)

@@ -15,16 +15,19 @@ from api import serialize
 from api.auth import caller, require_key
 from api.context import ctx
 from api.errors import ApiError, invalid
+from genq import catalog
 from genq import jobs as joblib
 from genq.errors import IllegalTransition
-from genq.schema import Job
+from genq.schema import File, Job
 from genq.states import JobStatus
 from genq.storage import NotFound, job_key
+from models import finetune
 from models.base import InputInvalid, pydantic_errors
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
 EVENT_TYPES = ("start", "progress", "completed")
+FINE_TUNE = "fine-tune"
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -34,7 +37,7 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=200, description="A model name from GET /v1/models.")
-    type: str | None = Field(default=None, description="Must match the model's type if given.")
+    type: str | None = Field(default=None, description="Must match the model's type if given; 'fine-tune' trains a new version of the model.")
     input: dict = Field(description="The model's input; its schema is in GET /v1/models/<name>.")
     priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first.")
     webhook: str | None = Field(default=None, max_length=2000, pattern=r"^https?://", description="URL to POST job events to.")
@@ -107,26 +110,34 @@ def create_job():
     except ValidationError as exc:
         errors = pydantic_errors(exc, prefix="")
         raise ApiError(422, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors) from None
-    spec = c.registry.get(req.model)
-    if spec is None:
-        raise invalid("model", f"unknown model {req.model!r}; GET /v1/models lists them")
-    if req.type is not None and req.type != spec.family:
-        raise invalid("type", f"model {req.model!r} runs {spec.family!r} jobs, not {req.type!r}")
-    try:
-        inp = spec.validate(req.input)
-    except InputInvalid as exc:
-        raise ApiError(422, str(exc), errors=exc.errors) from None
-    if getattr(inp, "seed", "absent") is None:
-        # Record the seed we chose so the job can be reproduced exactly.
-        inp = inp.model_copy(update={"seed": secrets.randbelow(2**32)})
+    if req.type == FINE_TUNE:
+        spec, inp, pool, batch_key = fine_tune_request(req)
+    else:
+        with c.session() as session:
+            spec = catalog.resolve(session, c.registry, req.model, caller().tenant_id)
+        if spec is None:
+            if catalog.FT_MARK in req.model:
+                # Another tenant's fine-tuned model does not exist for this caller.
+                raise ApiError(404, f"no model {req.model!r}")
+            raise invalid("model", f"unknown model {req.model!r}; GET /v1/models lists them")
+        if req.type is not None and req.type != spec.family:
+            raise invalid("type", f"model {req.model!r} runs {spec.family!r} jobs, not {req.type!r}")
+        try:
+            inp = spec.validate(req.input)
+        except InputInvalid as exc:
+            raise ApiError(422, str(exc), errors=exc.errors) from None
+        if getattr(inp, "seed", "absent") is None:
+            # Record the seed we chose so the job can be reproduced exactly.
+            inp = inp.model_copy(update={"seed": secrets.randbelow(2**32)})
+        pool, batch_key = spec.pool, spec.batch_key(inp)
     with c.session() as session, session.begin():
         job = joblib.submit(
             session,
             tenant_id=caller().tenant_id,
-            type_=spec.family,
+            type_=req.type or spec.family,
             model=spec.name,
-            pool=spec.pool,
-            batch_key=spec.batch_key(inp),
+            pool=pool,
+            batch_key=batch_key,
             input_=inp.model_dump(mode="json"),
             priority=req.priority,
             webhook=req.webhook,
@@ -144,6 +155,29 @@ def create_job():
     return render(job), status, {"Location": f"/v1/jobs/{job.id}"}
 
 
+def fine_tune_request(req: JobCreate):
+    """Check a fine-tune job: a text model from the registry as base, a valid
+    input, and a training file of the caller's."""
+    c = ctx()
+    spec = c.registry.get(req.model)
+    if spec is None:
+        raise invalid("model", f"unknown base model {req.model!r}; fine-tune a model from GET /v1/models")
+    if spec.family != "text-generation":
+        raise invalid("model", f"only text-generation models can be fine-tuned; {req.model!r} is {spec.family!r}")
+    try:
+        inp = finetune.validate(req.input, spec.limits)
+    except InputInvalid as exc:
+        raise ApiError(422, str(exc), errors=exc.errors) from None
+    with c.session() as session:
+        f = session.get(File, inp.training_file) if ID_RE.match(inp.training_file) else None
+        if f is None or f.tenant_id != caller().tenant_id:
+            raise invalid("input.training_file", f"no file {inp.training_file!r}; upload one with POST /v1/files")
+        if f.purpose != "fine-tune":
+            raise invalid("input.training_file", f"file {f.id} has purpose {f.purpose!r}, not 'fine-tune'")
+    # Never batched: one training job per claim, on the training pool.
+    return spec, inp, c.settings.training_pool, FINE_TUNE
+
+
 @bp.get("/<job_id>")
 @require_key
 def get_job(job_id: str):
@@ -155,17 +189,21 @@ def get_job(job_id: str):
     return render(job)
 
 
-def _limit() -> int:
+def page_args() -> tuple[int, str | None]:
+    """?limit= (1-100, default 20) and ?cursor= (an id this API returned)."""
     raw = request.args.get("limit", "20")
     if not raw.isdigit() or not 1 <= int(raw) <= 100:
         raise invalid("limit", f"must be an integer from 1 to 100, got {raw!r}")
-    return int(raw)
+    cursor = request.args.get("cursor") or None
+    if cursor is not None and not ID_RE.match(cursor):
+        raise invalid("cursor", "is not a cursor this API returned")
+    return int(raw), cursor
 
 
 @bp.get("")
 @require_key
 def list_jobs():
-    limit = _limit()
+    limit, cursor = page_args()
     query = select(Job).where(Job.tenant_id == caller().tenant_id)
     status = request.args.get("status")
     if status is not None:
@@ -176,10 +214,7 @@ def list_jobs():
         query = query.where(Job.model == model)
     if (type_ := request.args.get("type")) is not None:
         query = query.where(Job.type == type_)
-    cursor = request.args.get("cursor")
     if cursor:
-        if not ID_RE.match(cursor):
-            raise invalid("cursor", "is not a cursor this API returned")
         query = query.where(Job.id < cursor)
     with ctx().session() as session:
         rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))

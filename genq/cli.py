@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from genq.settings import Settings
@@ -77,10 +78,11 @@ def cmd_worker(settings: Settings, args) -> int:
     from models.registry import Registry
 
     registry = Registry.load(settings.registry_path)
-    pools = registry.pools() if args.pool == "all" else [p.strip() for p in args.pool.split(",") if p.strip()]
-    unknown = [p for p in pools if p not in registry.pools()]
+    known = registry.pools() + [settings.training_pool]
+    pools = known if args.pool == "all" else [p.strip() for p in args.pool.split(",") if p.strip()]
+    unknown = [p for p in pools if p not in known]
     if unknown:
-        print(f"genq worker: no model in the registry uses pool(s) {unknown}; pools: {registry.pools()}", file=sys.stderr)
+        print(f"genq worker: no model in the registry uses pool(s) {unknown}; pools: {known}", file=sys.stderr)
         return 2
 
     from worker.app import app
@@ -92,7 +94,7 @@ def cmd_worker(settings: Settings, args) -> int:
         r = runner()
         for spec in registry.in_pools(pools):
             r.cache.get(spec)
-    _ring_queued(settings, app, [s.name for s in registry.in_pools(pools)])
+    Reconciler(settings, pools).start()
     argv = ["worker", "-Q", ",".join(pools), "--loglevel", settings.log_level,
             "-n", f"{'+'.join(pools)}.{os.getpid()}@%h", "-c", str(args.concurrency),
             "--pool", "solo" if args.concurrency == 1 else "prefork"]
@@ -103,20 +105,40 @@ def cmd_worker(settings: Settings, args) -> int:
     return 0
 
 
-def _ring_queued(settings: Settings, app, models: list[str]) -> None:
-    """Jobs left queued with no message (a lost publish, a broker restart) get
-    a doorbell when a worker for their pool starts."""
-    from genq.db import make_engine
-    from genq.jobs import queued_heads
-    from genq.queue import publish
-    from sqlalchemy.orm import Session
+class Reconciler(threading.Thread):
+    """Beside every worker: jobs whose lease expired in these pools (a killed
+    worker) are queued again, and queued jobs that have waited past a grace
+    period get their doorbell rung again (a lost publish, a broker restart).
+    Duplicate doorbells are harmless; the job row decides."""
 
-    engine = make_engine(settings.database_url)
-    with Session(engine) as session:
-        heads = queued_heads(session, models)
-    engine.dispose()  # no connection may cross a fork into pool processes
-    for job_id, pool in heads:
-        publish(app, job_id, pool)
+    def __init__(self, settings: Settings, pools: list[str]):
+        super().__init__(name="reconciler", daemon=True)
+        self.settings, self.pools = settings, pools
+
+    def run(self) -> None:
+        import datetime as dt
+
+        from genq.db import make_engine, make_sessionmaker
+        from genq.jobs import queued_heads, requeue_expired
+        from genq.queue import make_celery, publish
+        from genq.schema import utcnow
+
+        sessions = make_sessionmaker(make_engine(self.settings.database_url))
+        app = make_celery(self.settings)
+        first = True
+        while True:
+            try:
+                with sessions.begin() as session:
+                    ring = requeue_expired(session, self.pools)
+                grace = dt.timedelta(seconds=0 if first else 2 * self.settings.reconcile_interval)
+                with sessions() as session:
+                    ring += queued_heads(session, self.pools, older_than=utcnow() - grace)
+                for job_id, pool in ring:
+                    publish(app, job_id, pool)
+            except Exception:  # the database may be down: try again next round
+                log.exception("reconciler round failed")
+            first = False
+            time.sleep(self.settings.reconcile_interval)
 
 
 def cmd_api(settings: Settings, args) -> int:

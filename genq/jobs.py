@@ -209,14 +209,40 @@ def events(session: Session, job_id: str, after_id: int = 0) -> list[JobEvent]:
     )
 
 
-def queued_heads(session: Session, models: list[str]) -> list[tuple[str, str]]:
-    """(job id, pool) of the first queued job of each model and batch key: the
-    doorbells to ring when messages may have been lost."""
-    if not models:
+def queued_heads(session: Session, pools: list[str], older_than: dt.datetime | None = None) -> list[tuple[str, str]]:
+    """(job id, pool) of the first queued job of each model and batch key in
+    these pools: the doorbells to ring when messages may have been lost."""
+    if not pools:
         return []
-    rows = session.execute(
-        select(func.min(Job.id), Job.pool)
-        .where(Job.status == JobStatus.QUEUED.value, Job.model.in_(models))
-        .group_by(Job.model, Job.batch_key, Job.pool)
-    ).all()
+    query = select(func.min(Job.id), Job.pool).where(Job.status == JobStatus.QUEUED.value, Job.pool.in_(pools))
+    if older_than is not None:
+        query = query.where(Job.created_at <= older_than)
+    rows = session.execute(query.group_by(Job.model, Job.batch_key, Job.pool)).all()
     return [(r[0], r[1]) for r in rows]
+
+
+def requeue_expired(session: Session, pools: list[str], now: dt.datetime | None = None) -> list[tuple[str, str]]:
+    """Running jobs whose lease ran out (their worker died or hung) go back to
+    queued for another attempt, or fail once they have had max_attempts.
+    Returns (job id, pool) of those requeued, to ring for. Each change is
+    conditional on the lease still being expired, so two reconcilers agree."""
+    now = now or utcnow()
+    expired = session.execute(
+        select(Job.id, Job.pool, Job.attempts, Job.max_attempts, Job.lease_owner)
+        .where(Job.status == JobStatus.RUNNING.value, Job.lease_until < now, Job.pool.in_(pools))
+    ).all()
+    requeued = []
+    for job_id, pool, attempts, max_attempts, owner in expired:
+        still = and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_until < now)
+        if attempts >= max_attempts:
+            error = {"code": "attempts_exhausted",
+                     "message": f"the job's worker stopped responding on each of {attempts} attempts "
+                                f"(last: {owner}); it may be crashing the worker, so it was not retried again"}
+            if session.execute(update(Job).where(still).values(
+                    status=JobStatus.FAILED.value, error=error, completed_at=now, updated_at=now, lease_until=None)).rowcount:
+                record_event(session, job_id, "completed", {"status": "failed", "error": error}, at=now)
+        elif session.execute(update(Job).where(still).values(
+                status=JobStatus.QUEUED.value, lease_owner=None, lease_until=None, updated_at=now)).rowcount:
+            record_event(session, job_id, "log", {"message": f"lease of {owner} expired; queued again", "attempt": attempts}, at=now)
+            requeued.append((job_id, pool))
+    return requeued

@@ -56,6 +56,15 @@ class Settings:
     progress_interval: float = 1.0
     # Cancel requests are read from the database at most this often per batch (seconds).
     cancel_poll_interval: float = 0.5
+    # The pool (Celery queue) fine-tune jobs run on, one job per worker process.
+    training_pool: str = "training"
+    # A fine-tune saves a resumable checkpoint to storage every this many steps.
+    checkpoint_every: int = 50
+    # Largest file POST /v1/files accepts (bytes) and most rows in a dataset.
+    max_file_bytes: int = 50 * 2**20
+    max_dataset_rows: int = 100_000
+    # Workers look for jobs whose lease expired (a killed worker) this often (seconds).
+    reconcile_interval: float = 30.0
     # Largest request body the API accepts; bigger is 413.
     max_body_bytes: int = 1_048_576
     # Longest `Prefer: wait=N` the API honours (seconds).
@@ -101,6 +110,11 @@ class Settings:
             max_attempts=num("max_attempts", 3, int),
             progress_interval=num("progress_interval", 1.0, float),
             cancel_poll_interval=num("cancel_poll_interval", 0.5, float),
+            training_pool=get("training_pool", "training"),
+            checkpoint_every=num("checkpoint_every", 50, int),
+            max_file_bytes=num("max_file_bytes", 50 * 2**20, int),
+            max_dataset_rows=num("max_dataset_rows", 100_000, int),
+            reconcile_interval=num("reconcile_interval", 30.0, float),
             max_body_bytes=num("max_body_bytes", 1_048_576, int),
             max_prefer_wait=num("max_prefer_wait", 60, int),
             api_host=get("api_host", "127.0.0.1"),

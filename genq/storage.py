@@ -24,6 +24,9 @@ class NotFound(KeyError):
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
     def get(self, key: str) -> bytes: ...
+    def list(self, prefix: str) -> list[str]:
+        """Keys under a prefix, sorted."""
+
     def presigned_url(self, key: str) -> str | None:
         """A URL anyone holding it can GET, or None when the API must serve the key."""
 
@@ -60,6 +63,13 @@ class LocalStorage:
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise NotFound(key) from None
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix.rstrip("/") + "/x").parent
+        if not base.is_dir():
+            return []
+        root = self.root.resolve()
+        return sorted(str(p.relative_to(root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
 
     def presigned_url(self, key: str) -> str | None:
         return None
@@ -99,6 +109,14 @@ class S3Storage:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except self.client.exceptions.NoSuchKey:
             raise NotFound(key) from None
+
+    def list(self, prefix: str) -> list[str]:
+        keys = []
+        full = self._key(prefix.rstrip("/") + "/")
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            for item in page.get("Contents", []):
+                keys.append(item["Key"][len(self.prefix) + 1:] if self.prefix else item["Key"])
+        return sorted(keys)
 
     def presigned_url(self, key: str) -> str | None:
         return self.client.generate_presigned_url(

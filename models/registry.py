@@ -37,6 +37,8 @@ class ModelSpec:
     max_wait_ms: int = 0
     limits: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    # For a fine-tuned version: the base model's checkpoint its weights build on.
+    base_checkpoint: str = ""
 
     @property
     def module(self) -> ModuleType:

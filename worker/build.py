@@ -10,10 +10,11 @@ from worker.runner import Runner
 
 
 def build_runner(settings: Settings) -> Runner:
+    storage = make_storage(settings)
     return Runner(
         settings=settings,
         sessions=make_sessionmaker(make_engine(settings.database_url)),
         registry=Registry.load(settings.registry_path),
-        storage=make_storage(settings),
-        cache=ModelCache(make_loader(settings), settings.model_cache_bytes),
+        storage=storage,
+        cache=ModelCache(make_loader(settings, storage), settings.model_cache_bytes),
     )

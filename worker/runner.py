@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from genq import catalog
 from genq import jobs as joblib
 from genq.errors import GenqError
 from genq.schema import Job, utcnow
@@ -28,6 +29,9 @@ from models.registry import ModelSpec, Registry
 from worker.cache import ModelCache
 
 log = logging.getLogger(__name__)
+
+# The batch key of fine-tune jobs: never batched, one per claim.
+FINE_TUNE = "fine-tune"
 
 
 def worker_name() -> str:
@@ -55,10 +59,13 @@ class BatchTracker:
     (finishing a cancelled job at once, so its batch-mates run on) and renews
     the leases, so a long step cannot let them lapse."""
 
-    def __init__(self, runner: "Runner", rows: list[Row], unit: str):
+    def __init__(self, runner: "Runner", rows: list[Row], unit: str, finish_cancelled: bool = True):
         self.runner = runner
         self.rows = rows
         self.unit = unit
+        # Inference rows are finished the moment their cancel is seen; a
+        # trainer finishes its own, after saving a last checkpoint.
+        self.finish_cancelled = finish_cancelled
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="batch-tracker", daemon=True)
         self._thread.start()
@@ -67,9 +74,9 @@ class BatchTracker:
         self._stop.set()
         self._thread.join(timeout=30)
 
-    def on_progress(self, row: int, current: int, total: int) -> None:
+    def on_progress(self, row: int, current: int, total: int, **extra) -> None:
         r = self.rows[row]
-        r.progress = {"current": int(current), "total": int(total), "unit": self.unit}
+        r.progress = {"current": int(current), "total": int(total), "unit": self.unit, **extra}
         r.progress_dirty = True
 
     def is_cancelled(self, row: int) -> bool:
@@ -102,7 +109,8 @@ class BatchTracker:
         for r in live:
             if r.job.id in flagged:
                 r.cancelled = True
-                self.runner.finish([(r, JobStatus.CANCELED, {})])
+                if self.finish_cancelled:
+                    self.runner.finish([(r, JobStatus.CANCELED, {})])
 
     def flush_progress(self) -> None:
         dirty = [r for r in self.rows if r.progress_dirty and not r.finished]
@@ -149,10 +157,15 @@ class Runner:
             log.info("doorbell for job %s: nothing to claim", job_id)
             return 0
         model, batch_key = key
-        spec = self.registry.get(model)
+        with self.sessions() as session:
+            spec = catalog.resolve(session, self.registry, model)
         if spec is None:
             self._fail_unknown_model(job_id, model)
             return 0
+        if batch_key == FINE_TUNE:
+            from worker.training import train_one
+
+            return train_one(self, spec)
         return self.drain(spec, batch_key)
 
     def drain(self, spec: ModelSpec, batch_key: str) -> int:

@@ -107,7 +107,8 @@ def test_cancel_one_running_job_in_a_batch_of_four(client, tenant, worker):
     ids = [post(client, tenant, prompt=f"row {i}", seed=i, **LONG) for i in range(4)]
     victim = ids[2]
     deadline = time.monotonic() + 30
-    while client.get(f"/v1/jobs/{victim}", headers=tenant).get_json()["status"] != "running":
+    # Cancel once the row is generating (progress shows), not merely claimed.
+    while not client.get(f"/v1/jobs/{victim}", headers=tenant).get_json()["progress"]:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     canceled_at = time.monotonic()

@@ -1,0 +1,90 @@
+"""The /v1/files routes: upload a fine-tuning dataset (checked before it is
+accepted), read its record and its content."""
+from __future__ import annotations
+
+from flask import Blueprint, Response, request
+from sqlalchemy import select
+
+from api import serialize
+from api.auth import caller, require_key
+from api.context import ctx
+from api.errors import ApiError, invalid
+from api.jobs import ID_RE, page_args
+from genq.schema import File, new_id
+from models.base import InputInvalid
+from models.finetune import parse_dataset
+
+bp = Blueprint("files", __name__, url_prefix="/v1/files")
+PURPOSES = ("fine-tune",)
+
+
+def describe(f: File) -> dict:
+    return {"id": f.id, "object": "file", "bytes": f.bytes, "filename": f.filename, "purpose": f.purpose,
+            "rows": f.rows, "format": f.format, "created_at": serialize.rfc3339(f.created_at)}
+
+
+def own_file(session, file_id: str) -> File:
+    f = session.get(File, file_id) if ID_RE.match(file_id) else None
+    if f is None or f.tenant_id != caller().tenant_id:
+        raise ApiError(404, f"no file {file_id!r}")
+    return f
+
+
+@bp.post("")
+@require_key
+def upload():
+    c = ctx()
+    # Datasets are bigger than JSON bodies: this route has its own limit.
+    request.max_content_length = c.settings.max_file_bytes
+    if not request.mimetype.startswith("multipart/form-data"):
+        raise ApiError(415, "send the file as multipart/form-data with fields 'file' and 'purpose'")
+    purpose = request.form.get("purpose")
+    if purpose not in PURPOSES:
+        raise invalid("purpose", f"must be one of {list(PURPOSES)}, got {purpose!r}")
+    upload = request.files.get("file")
+    if upload is None:
+        raise invalid("file", "is required: a JSONL file")
+    data = upload.read()
+    try:
+        dataset = parse_dataset(data, max_rows=c.settings.max_dataset_rows)
+    except InputInvalid as exc:
+        raise ApiError(422, str(exc), errors=exc.errors) from None
+    file_id = new_id()
+    name = (upload.filename or "dataset.jsonl").replace("/", "_")[-255:]
+    key = f"files/{file_id}/{name}"
+    # Stored before the row is committed: a row always has its content.
+    c.storage.put(key, data, "application/jsonl")
+    with c.session() as session, session.begin():
+        f = File(id=file_id, tenant_id=caller().tenant_id, purpose=purpose, filename=name, bytes=len(data),
+                 rows=len(dataset.rows), format=dataset.format, storage_key=key)
+        session.add(f)
+    return describe(f), 201, {"Location": f"/v1/files/{file_id}"}
+
+
+@bp.get("")
+@require_key
+def list_files():
+    limit, cursor = page_args()
+    query = select(File).where(File.tenant_id == caller().tenant_id)
+    if cursor:
+        query = query.where(File.id < cursor)
+    with ctx().session() as session:
+        rows = list(session.scalars(query.order_by(File.id.desc()).limit(limit + 1)))
+    page = rows[:limit]
+    return {"data": [describe(f) for f in page], "next_cursor": page[-1].id if len(rows) > limit else None}
+
+
+@bp.get("/<file_id>")
+@require_key
+def get_file(file_id: str):
+    with ctx().session() as session:
+        return describe(own_file(session, file_id))
+
+
+@bp.get("/<file_id>/content")
+@require_key
+def file_content(file_id: str):
+    with ctx().session() as session:
+        f = own_file(session, file_id)
+    return Response(ctx().storage.get(f.storage_key), mimetype="application/jsonl",
+                    headers={"Content-Disposition": f'attachment; filename="{f.filename}"'})

@@ -1,0 +1,117 @@
+"""A fine-tune job on the worker: claim it alone, train with checkpoints to
+object storage, resume from the last one on a later attempt, and publish the
+result as a new model version of the tenant's."""
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+
+from genq import catalog
+from genq import jobs as joblib
+from genq.schema import File, JobEvent, ModelVersion, new_id
+from genq.states import JobStatus
+from genq.storage import job_key
+from models import finetune
+from models.base import InputInvalid
+from models.demo import ensure_checkpoint
+from models.registry import ModelSpec
+from worker.cache import resolve_device
+from worker.runner import FINE_TUNE, BatchTracker, Row, Runner, error_for
+
+log = logging.getLogger(__name__)
+
+
+def train_one(runner: Runner, spec: ModelSpec) -> int:
+    """Claim one queued fine-tune of this base model and run it to the end."""
+    with runner.sessions.begin() as session:
+        claimed = joblib.claim_batch(session, model=spec.name, batch_key=FINE_TUNE, limit=1, owner=runner.owner,
+                                     lease_seconds=runner.settings.lease_seconds)
+    if not claimed:
+        return 0
+    row = Row(claimed[0])
+    tracker = BatchTracker(runner, [row], unit="step", finish_cancelled=False)
+    try:
+        outcome = _train(runner, spec, row, tracker)
+    except Exception as exc:
+        log.exception("fine-tune job %s failed", row.job.id)
+        outcome = (JobStatus.FAILED, {"error": error_for(exc, default_code="training_failed")})
+    finally:
+        tracker.close()
+    status, fields = outcome
+    if status == JobStatus.SUCCEEDED:
+        _publish(runner, row, fields)
+    else:
+        runner.finish([(row, status, fields)])
+    return 1
+
+
+def _train(runner: Runner, spec: ModelSpec, row: Row, tracker: BatchTracker):
+    job, settings, storage = row.job, runner.settings, runner.storage
+    try:
+        inp = finetune.validate(job.input, spec.limits)
+    except InputInvalid as exc:
+        return JobStatus.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}
+    with runner.sessions() as session:
+        f = session.get(File, inp.training_file)
+        latest = session.scalar(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.type == "checkpoint")
+                                .order_by(JobEvent.id.desc()).limit(1))
+    if f is None:
+        return JobStatus.FAILED, {"error": {"code": "file_missing", "message": f"training file {inp.training_file} is gone"}}
+    dataset = finetune.parse_dataset(storage.get(f.storage_key))
+    resume = storage.get(latest.data["key"]) if latest else None
+    if latest:
+        log.info("fine-tune job %s resumes from step %s", job.id, latest.data["step"])
+    checkpoints = [] if latest is None else _checkpoints(runner, job.id)
+
+    def save_checkpoint(step: int, blob: bytes) -> None:
+        key = job_key(job.id, f"checkpoints/step-{step:06d}.pt")
+        storage.put(key, blob, "application/octet-stream")
+        with runner.sessions.begin() as session:
+            # Recorded only while this worker holds the lease: a stale attempt's
+            # checkpoint must not become the one the next attempt resumes from.
+            if joblib.renew_leases(session, [job.id], runner.owner, settings.lease_seconds):
+                joblib.record_event(session, job.id, "checkpoint", {"step": step, "key": key})
+                checkpoints.append({"step": step, "key": key})
+
+    def on_step(step: int, total: int, epoch: int, loss: float) -> None:
+        tracker.on_progress(0, step, total, epoch=epoch, loss=loss)
+
+    result = finetune.train(
+        ensure_checkpoint(spec.checkpoint, settings.model_dir), dataset, inp, resolve_device(settings.device),
+        resume=resume, checkpoint_every=settings.checkpoint_every, on_step=on_step,
+        save_checkpoint=save_checkpoint, is_cancelled=lambda: row.cancelled,
+    )
+    if result.canceled:
+        return JobStatus.CANCELED, {"output": {"checkpoints": checkpoints, "metrics": result.metrics}}
+    return JobStatus.SUCCEEDED, {"result": result, "inp": inp, "checkpoints": checkpoints}
+
+
+def _checkpoints(runner: Runner, job_id: str) -> list[dict]:
+    with runner.sessions() as session:
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "checkpoint")
+                                 .order_by(JobEvent.id))
+        return [{"step": e.data["step"], "key": e.data["key"]} for e in events]
+
+
+def _publish(runner: Runner, row: Row, fields: dict) -> None:
+    """Upload the new version's weights, then in one transaction finish the job
+    and record the version: the model exists exactly when the job succeeded."""
+    job, result, inp = row.job, fields["result"], fields["inp"]
+    version_id = new_id()
+    prefix = f"models/{version_id}"
+    for name, data in result.files.items():
+        if name.endswith((".safetensors", ".json")):
+            runner.storage.put(f"{prefix}/{name}", data, "application/octet-stream")
+    name = catalog.version_name(job.model, inp.suffix, job.id)
+    output = {"model": name, "checkpoints": fields["checkpoints"], "metrics": result.metrics}
+    metrics = {"queue_seconds": round((job.started_at - job.created_at).total_seconds(), 4),
+               "train_steps": result.steps_done, "resumed_from_step": result.metrics["resumed_from_step"]}
+    row.finished = True
+    with runner.sessions.begin() as session:
+        done = joblib.finish(session, job.id, runner.owner, JobStatus.SUCCEEDED, output=output, metrics=metrics,
+                             progress=row.progress)
+        if done:
+            session.add(ModelVersion(id=version_id, tenant_id=job.tenant_id, name=name, base_model=job.model,
+                                     family="text-generation", method=inp.method, storage_prefix=prefix, job_id=job.id))
+    log.info("fine-tune job %s %s: model %s", job.id, "succeeded" if done else "lost its lease", name)
