@@ -1,19 +1,31 @@
-"""Builds a worker's Runner from settings: database, registry, storage, model cache."""
+"""Builds a worker's Runner and webhook Sender from settings: database,
+registry, storage, model cache."""
 from __future__ import annotations
 
+from genq import webhooks
 from genq.db import make_engine, make_sessionmaker
 from genq.settings import Settings
 from genq.storage import make_storage
 from models.registry import Registry
 from worker.cache import ModelCache, make_loader
 from worker.runner import Runner
+from worker.webhook_sender import Sender
 
 
-def build_runner(settings: Settings) -> Runner:
+def build_runner(settings: Settings, celery=None) -> Runner:
+    """With `celery`, webhook deliveries the runner's state changes enqueue
+    ring the sender at once; without it the sender's sweep finds them."""
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    if celery is not None:
+        webhooks.ring_after_commit(sessions, celery, settings.webhook_queue)
     return Runner(
         settings=settings,
-        sessions=make_sessionmaker(make_engine(settings.database_url)),
+        sessions=sessions,
         registry=Registry.load(settings.registry_path),
         storage=make_storage(settings),
         cache=ModelCache(make_loader(settings), settings.model_cache_bytes),
     )
+
+
+def build_sender(settings: Settings) -> Sender:
+    return Sender(settings, make_sessionmaker(make_engine(settings.database_url)), make_storage(settings))
