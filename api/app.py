@@ -5,8 +5,9 @@ import logging
 
 from flask import Flask
 
-from api import catalog, errors, health, jobs
+from api import catalog, errors, health, jobs, webhooks
 from api.context import Context
+from genq import webhooks as webhook_deliveries
 from genq.db import make_engine, make_sessionmaker
 from genq.queue import make_celery
 from genq.settings import Settings
@@ -30,7 +31,9 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
         storage=overrides.get("storage") or make_storage(settings),
         celery=overrides.get("celery") or make_celery(settings),
     )
+    c = app.extensions["genq"]
+    webhook_deliveries.ring_after_commit(c.sessions, c.celery, settings.webhook_queue)
     errors.register(app)
-    for blueprint in (health.bp, jobs.bp, catalog.bp):
+    for blueprint in (health.bp, jobs.bp, catalog.bp, webhooks.bp):
         app.register_blueprint(blueprint)
     return app

@@ -18,8 +18,10 @@ from api.errors import ApiError, invalid
 from genq import jobs as joblib
 from genq.errors import IllegalTransition
 from genq.schema import Job
+from genq.serialize import output_urls
 from genq.states import JobStatus
 from genq.storage import NotFound, job_key
+from genq.webhook_guard import Policy, WebhookRefused, check_at_submit
 from models.base import InputInvalid, pydantic_errors
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -55,17 +57,7 @@ def json_body() -> dict:
 
 
 def url_for_key(job_id: str):
-    storage = ctx().storage
-    base = request.host_url.rstrip("/")
-
-    def url(key: str) -> str:
-        presigned = storage.presigned_url(key)
-        if presigned:
-            return presigned
-        name = key.removeprefix(f"jobs/{job_id}/")
-        return f"{base}/v1/jobs/{job_id}/outputs/{name}"
-
-    return url
+    return output_urls(ctx().storage, request.host_url, job_id)
 
 
 def render(job: Job) -> dict:
@@ -116,6 +108,11 @@ def create_job():
         inp = spec.validate(req.input)
     except InputInvalid as exc:
         raise ApiError(422, str(exc), errors=exc.errors) from None
+    if req.webhook is not None:
+        try:
+            check_at_submit(req.webhook, Policy.from_settings(c.settings))
+        except WebhookRefused as exc:
+            raise invalid("webhook", exc.message) from None
     if getattr(inp, "seed", "absent") is None:
         # Record the seed we chose so the job can be reproduced exactly.
         inp = inp.model_copy(update={"seed": secrets.randbelow(2**32)})
