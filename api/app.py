@@ -5,9 +5,10 @@ import logging
 
 from flask import Flask
 
-from api import catalog, errors, health, jobs, webhooks
+from api import catalog, errors, health, jobs
 from api.context import Context
-from genq import webhooks as webhook_deliveries
+from api import webhooks as webhook_routes
+from genq import webhooks
 from genq.db import make_engine, make_sessionmaker
 from genq.queue import make_celery
 from genq.settings import Settings
@@ -31,9 +32,11 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
         storage=overrides.get("storage") or make_storage(settings),
         celery=overrides.get("celery") or make_celery(settings),
     )
-    c = app.extensions["genq"]
-    webhook_deliveries.ring_after_commit(c.sessions, c.celery, settings.webhook_queue)
+    context = app.extensions["genq"]
+    # Deliveries the API enqueues (cancel, redeliver) ring the sender once committed.
+    webhooks.ring_after_commit(context.sessions, context.celery, settings.webhook_queue)
     errors.register(app)
-    for blueprint in (health.bp, jobs.bp, catalog.bp, webhooks.bp):
+    for blueprint in (health.bp, jobs.bp, catalog.bp):
         app.register_blueprint(blueprint)
+    app.register_blueprint(webhook_routes.bp)
     return app

@@ -2,7 +2,6 @@
 registry, storage, model cache."""
 from __future__ import annotations
 
-from genq import webhooks
 from genq.db import make_engine, make_sessionmaker
 from genq.settings import Settings
 from genq.storage import make_storage
@@ -12,15 +11,10 @@ from worker.runner import Runner
 from worker.webhook_sender import Sender
 
 
-def build_runner(settings: Settings, celery=None) -> Runner:
-    """With `celery`, webhook deliveries the runner's state changes enqueue
-    ring the sender at once; without it the sender's sweep finds them."""
-    sessions = make_sessionmaker(make_engine(settings.database_url))
-    if celery is not None:
-        webhooks.ring_after_commit(sessions, celery, settings.webhook_queue)
+def build_runner(settings: Settings) -> Runner:
     return Runner(
         settings=settings,
-        sessions=sessions,
+        sessions=make_sessionmaker(make_engine(settings.database_url)),
         registry=Registry.load(settings.registry_path),
         storage=make_storage(settings),
         cache=ModelCache(make_loader(settings), settings.model_cache_bytes),

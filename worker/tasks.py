@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from genq import webhooks
 from genq.queue import DELIVER_TASK, RUN_TASK
 from worker.app import app, settings
 
@@ -20,7 +21,9 @@ def runner():
         if _runner is None:
             from worker.build import build_runner
 
-            _runner = build_runner(settings, celery=app)
+            _runner = build_runner(settings)
+            # Deliveries its state changes enqueue ring the sender once committed.
+            webhooks.ring_after_commit(_runner.sessions, app, settings.webhook_queue)
         return _runner
 
 
