@@ -171,7 +171,8 @@ def cmd_up(settings: Settings, args) -> int:
         print(f"genq up: cannot listen on {host}:{port}: {exc}. Pass --port or set GENQ_API_PORT.", file=sys.stderr)
         return 1
     port = server.server_port
-    env = {**os.environ, **settings.as_env()}
+    # The port actually bound, so URLs in webhook payloads point at this API.
+    env = {**os.environ, **settings.replace(api_host=host, api_port=port).as_env()}
     workers = [
         subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--pool", "all", "--preload"], env=env),
         # Its own process: a webhook must not wait behind a batch on the model worker.
