@@ -46,8 +46,16 @@ def post(url: str, body: bytes, headers: dict[str, str], *, policy: Policy, time
 
     try:
         target = parse(url, policy)
-        address = allowed_addresses(target, policy, resolver)[0]
-        status, location, retry_after, snippet = _post_pinned(target, address, body, headers, timeout, ca_certs)
+        addresses = allowed_addresses(target, policy, resolver)
+        for i, address in enumerate(addresses):
+            try:
+                status, location, retry_after, snippet = _post_pinned(target, address, body, headers, timeout, ca_certs)
+                break
+            except urllib3.exceptions.NewConnectionError:
+                # Refused or unreachable (say, an IPv6 address on a host without IPv6):
+                # the next checked address, as a browser would. A timeout is not retried.
+                if i == len(addresses) - 1:
+                    raise
     except WebhookRefused as exc:
         return done(None, f"refused: {exc.message}")
     except (socket.gaierror, UnicodeError) as exc:

@@ -101,6 +101,15 @@ def test_the_connection_goes_to_the_checked_address_with_the_name_kept(receiver)
     assert receiver.requests[0].headers["host"] == f"hooks.test:{receiver.port}"
 
 
+def test_an_address_that_refuses_falls_through_to_the_next_checked_one(receiver):
+    receiver.script("/h", 200)
+    # Nothing listens on ::1 (refused, or no IPv6 at all); the receiver is on 127.0.0.1.
+    policy = Policy(allow_http=True, allowed_hosts=frozenset({"hooks.test"}))
+    out = send(f"http://hooks.test:{receiver.port}/h", policy=policy, resolver=lambda h, p: ["::1", "127.0.0.1"])
+    assert out.ok, out.error
+    assert len(receiver.requests) == 1
+
+
 def self_signed(tmp_path, name: str):
     """A certificate for `name` (and its key), made here: no CA outside the test is involved."""
     from cryptography import x509
