@@ -75,7 +75,7 @@ class Settings:
     # Waits before each retry of a failed delivery (seconds), jittered by ±20%.
     # The Standard Webhooks schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h,
     # so eight attempts over about 27.6 hours before a delivery is marked failed.
-    webhook_backoff: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    webhook_backoff: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
     # After a secret is rotated, the old one keeps signing beside the new one this long (seconds).
     webhook_secret_grace: int = 24 * 3600
     # The sender looks for due retries and deliveries whose message was lost this often (seconds).
