@@ -109,10 +109,11 @@ def test_500_three_times_then_200_is_processed_once_after_four_attempts(stack, t
     assert [a["error"] for a in delivery["attempts"]] == ["HTTP 500: answer 500"] * 3 + [None]
     # Processed once, and the body is the job exactly as GET returns it.
     assert receiver.processed[msg_id] == done
-    # Each wait follows the schedule (±20% jitter), plus up to a sweep interval and the POST itself.
+    # Each wait follows the schedule (±20% jitter), plus a sweep interval, the doorbell and
+    # the POST itself (slack for a busy two-core CI machine).
     gaps = [b.at - a.at for a, b in zip(hits, hits[1:])]
     for gap, wait in zip(gaps, BACKOFF):
-        assert wait * 0.8 - 0.02 <= gap <= wait * 1.2 + 0.4, (gaps, BACKOFF)
+        assert wait * 0.8 - 0.02 <= gap <= wait * 1.2 + 0.75, (gaps, BACKOFF)
     time.sleep(BACKOFF[0] * 2)
     assert len(receiver.to("/retry")) == 4  # nothing after the success
     offsets = [round(h.at - hits[0].at, 3) for h in hits]
