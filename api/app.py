@@ -7,6 +7,8 @@ from flask import Flask
 
 from api import catalog, errors, files, health, jobs
 from api.context import Context
+from api import webhooks as webhook_routes
+from genq import webhooks
 from genq.db import make_engine, make_sessionmaker
 from genq.queue import make_celery
 from genq.settings import Settings
@@ -30,7 +32,11 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
         storage=overrides.get("storage") or make_storage(settings),
         celery=overrides.get("celery") or make_celery(settings),
     )
+    context = app.extensions["genq"]
+    # Deliveries the API enqueues (cancel, redeliver) ring the sender once committed.
+    webhooks.ring_after_commit(context.sessions, context.celery, settings.webhook_queue)
     errors.register(app)
     for blueprint in (health.bp, jobs.bp, files.bp, catalog.bp):
         app.register_blueprint(blueprint)
+    app.register_blueprint(webhook_routes.bp)
     return app

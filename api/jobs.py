@@ -19,8 +19,10 @@ from genq import catalog
 from genq import jobs as joblib
 from genq.errors import IllegalTransition
 from genq.schema import File, Job
+from genq.serialize import output_urls
 from genq.states import JobStatus
 from genq.storage import NotFound, job_key
+from genq.webhook_guard import Policy, WebhookRefused, check_at_submit
 from models import finetune
 from models.base import InputInvalid, pydantic_errors
 
@@ -58,17 +60,7 @@ def json_body() -> dict:
 
 
 def url_for_key(job_id: str):
-    storage = ctx().storage
-    base = request.host_url.rstrip("/")
-
-    def url(key: str) -> str:
-        presigned = storage.presigned_url(key)
-        if presigned:
-            return presigned
-        name = key.removeprefix(f"jobs/{job_id}/")
-        return f"{base}/v1/jobs/{job_id}/outputs/{name}"
-
-    return url
+    return output_urls(ctx().storage, request.host_url, job_id)
 
 
 def render(job: Job) -> dict:
@@ -130,6 +122,11 @@ def create_job():
             # Record the seed we chose so the job can be reproduced exactly.
             inp = inp.model_copy(update={"seed": secrets.randbelow(2**32)})
         pool, batch_key = spec.pool, spec.batch_key(inp)
+    if req.webhook is not None:
+        try:
+            check_at_submit(req.webhook, Policy.from_settings(c.settings))
+        except WebhookRefused as exc:
+            raise invalid("webhook", exc.message) from None
     with c.session() as session, session.begin():
         job = joblib.submit(
             session,

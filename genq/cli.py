@@ -28,9 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     api.add_argument("--bind", help="host:port (default GENQ_API_HOST:GENQ_API_PORT)")
     api.add_argument("--workers", type=int, default=2)
 
-    worker = sub.add_parser("worker", help="run a worker for one or more pools")
-    worker.add_argument("--pool", required=True, help="pool name(s), comma-separated; 'all' for every pool in the registry")
-    worker.add_argument("--concurrency", type=int, default=1, help="processes; 1 runs in-process (one GPU, one process)")
+    worker = sub.add_parser("worker", help="run a worker for one or more pools, or the webhook sender")
+    worker.add_argument("--pool", required=True, help="pool name(s), comma-separated; 'all' for every pool in the registry; "
+                                                      "the webhook queue (GENQ_WEBHOOK_QUEUE, 'webhooks') for the sender")
+    worker.add_argument("--concurrency", type=int, default=None,
+                        help="processes; 1 (the default) runs in-process (one GPU, one process). "
+                             "The webhook sender alone runs this many threads (default 8)")
     worker.add_argument("--preload", action="store_true", help="load the pools' models before taking jobs")
 
     sub.add_parser("migrate", help="bring the database schema up to date")
@@ -80,29 +83,53 @@ def cmd_worker(settings: Settings, args) -> int:
     registry = Registry.load(settings.registry_path)
     known = registry.pools() + [settings.training_pool]
     pools = known if args.pool == "all" else [p.strip() for p in args.pool.split(",") if p.strip()]
-    unknown = [p for p in pools if p not in known]
+    unknown = [p for p in pools if p not in known and p != settings.webhook_queue]
     if unknown:
-        print(f"genq worker: no model in the registry uses pool(s) {unknown}; pools: {known}", file=sys.stderr)
+        print(f"genq worker: no model in the registry uses pool(s) {unknown}; pools: {known}, "
+              f"and {settings.webhook_queue!r} for the webhook sender", file=sys.stderr)
         return 2
 
     from worker.app import app
 
-    if args.preload and args.concurrency == 1:
+    if pools == [settings.webhook_queue]:
+        # Posting is waiting on the network: threads, so one slow receiver does not hold up the rest.
+        concurrency, pool_kind = args.concurrency or 8, "threads"
+    else:
+        concurrency = args.concurrency or 1
+        pool_kind = "solo" if concurrency == 1 else "prefork"
+    if settings.webhook_queue in pools:
+        _sweep_when_ready(settings, app)
+    if args.preload and concurrency == 1:
         # In-process pool: models loaded now serve every job of this process.
         from worker.tasks import runner
 
         r = runner()
         for spec in registry.in_pools(pools):
             r.cache.get(spec)
-    Reconciler(settings, pools).start()
+    model_pools = [p for p in pools if p != settings.webhook_queue]
+    if model_pools:
+        Reconciler(settings, model_pools).start()
     argv = ["worker", "-Q", ",".join(pools), "--loglevel", settings.log_level,
-            "-n", f"{'+'.join(pools)}.{os.getpid()}@%h", "-c", str(args.concurrency),
-            "--pool", "solo" if args.concurrency == 1 else "prefork"]
+            "-n", f"{'+'.join(pools)}.{os.getpid()}@%h", "-c", str(concurrency), "--pool", pool_kind]
     if settings.embedded_broker:
         # The filesystem transport has no fanout exchange for worker gossip.
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
     app.worker_main(argv)
     return 0
+
+
+def _sweep_when_ready(settings: Settings, app) -> None:
+    """The webhook sender's sweep runs beside the worker, started once the
+    worker is up (after any pool processes are forked, so none inherits it)."""
+    from celery.signals import worker_ready
+
+    from genq.db import make_engine, make_sessionmaker
+    from worker.webhook_sender import Sweep
+
+    def start(**_):
+        Sweep(settings, make_sessionmaker(make_engine(settings.database_url)), app).start()
+
+    worker_ready.connect(start, weak=False)
 
 
 class Reconciler(threading.Thread):
@@ -150,8 +177,8 @@ def cmd_api(settings: Settings, args) -> int:
 
 def cmd_up(settings: Settings, args) -> int:
     """Everything on one machine: SQLite, a local storage folder and a broker in
-    files (unless GENQ_* says otherwise), the API in this process and a worker
-    for every pool beside it."""
+    files (unless GENQ_* says otherwise), the API in this process, a worker
+    for every pool and the webhook sender beside it."""
     from werkzeug.serving import make_server
 
     from api.app import create_app
@@ -168,8 +195,13 @@ def cmd_up(settings: Settings, args) -> int:
         print(f"genq up: cannot listen on {host}:{port}: {exc}. Pass --port or set GENQ_API_PORT.", file=sys.stderr)
         return 1
     port = server.server_port
-    env = {**os.environ, **settings.as_env()}
-    worker = subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--pool", "all", "--preload"], env=env)
+    # The port actually bound, so URLs in webhook payloads point at this API.
+    env = {**os.environ, **settings.replace(api_host=host, api_port=port).as_env()}
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--pool", "all", "--preload"], env=env),
+        # Its own process: a webhook must not wait behind a batch on the model worker.
+        subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--pool", settings.webhook_queue], env=env),
+    ]
     url = f"http://{host}:{port}"
     print(f"""
 genq is up (embedded: {redact(settings.database_url)}, {settings.storage_url}, broker {settings.broker_url.split(':')[0]})
@@ -177,7 +209,7 @@ genq is up (embedded: {redact(settings.database_url)}, {settings.storage_url}, b
   API key:  {key}
   try:      curl -s -H 'Authorization: Bearer {key}' -H 'Prefer: wait=30' \\
               -d '{{"model": "demo-text", "input": {{"prompt": "Once upon a time", "seed": 7}}}}' {url}/v1/jobs
-  Ctrl-C stops API and worker.
+  Ctrl-C stops API, worker and webhook sender.
 """, flush=True)
 
     stopping = threading.Event()
@@ -189,16 +221,18 @@ genq is up (embedded: {redact(settings.database_url)}, {settings.storage_url}, b
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    watcher = threading.Thread(target=_watch_worker, args=(worker, stop), daemon=True)
-    watcher.start()
+    for worker in workers:
+        threading.Thread(target=_watch_worker, args=(worker, stop), daemon=True).start()
     try:
         server.serve_forever()
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
     return 0
 
 

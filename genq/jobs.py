@@ -13,6 +13,7 @@ from typing import Any, Iterable
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
+from genq import webhooks
 from genq.errors import IllegalTransition
 from genq.schema import Job, JobEvent, utcnow
 from genq.states import JobStatus, check_transition
@@ -70,6 +71,7 @@ def cancel(session: Session, job: Job) -> Job:
             record_event(session, job.id, "completed", {"status": "canceled"}, at=now)
             session.flush()
             session.refresh(job)
+            webhooks.enqueue(session, job, "completed", now=now)
             return job
         session.refresh(job)  # a worker claimed it meanwhile: fall through to running
     if job.status == JobStatus.RUNNING.value:
@@ -133,6 +135,7 @@ def claim_batch(
     jobs = list(session.scalars(select(Job).where(Job.id.in_(claimed)).execution_options(populate_existing=True)))
     for job in jobs:
         record_event(session, job.id, "start", {"attempt": job.attempts, "worker": owner}, at=now)
+        webhooks.enqueue(session, job, "start", now=now)
     order = {jid: i for i, jid in enumerate(ids)}
     return sorted(jobs, key=lambda j: order[j.id])
 
@@ -160,6 +163,7 @@ def set_progress(session: Session, job_id: str, owner: str, progress: dict[str, 
     done = session.execute(update(Job).where(_held(job_id, owner)).values(progress=progress)).rowcount
     if done:
         record_event(session, job_id, "progress", progress)
+        webhooks.enqueue(session, job_id, "progress")
     return bool(done)
 
 
@@ -200,6 +204,7 @@ def finish(
         if error:
             data["error"] = error
         record_event(session, job_id, "completed", data, at=now)
+        webhooks.enqueue(session, job_id, "completed", now=now)
     return bool(done)
 
 
@@ -241,6 +246,7 @@ def requeue_expired(session: Session, pools: list[str], now: dt.datetime | None 
             if session.execute(update(Job).where(still).values(
                     status=JobStatus.FAILED.value, error=error, completed_at=now, updated_at=now, lease_until=None)).rowcount:
                 record_event(session, job_id, "completed", {"status": "failed", "error": error}, at=now)
+                webhooks.enqueue(session, job_id, "completed", now=now)
         elif session.execute(update(Job).where(still).values(
                 status=JobStatus.QUEUED.value, lease_owner=None, lease_until=None, updated_at=now)).rowcount:
             record_event(session, job_id, "log", {"message": f"lease of {owner} expired; queued again", "attempt": attempts}, at=now)

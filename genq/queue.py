@@ -15,6 +15,8 @@ from genq.settings import Settings
 log = logging.getLogger(__name__)
 
 RUN_TASK = "genq.run_job"
+# Its message carries a webhook delivery's id; the sender re-reads the row.
+DELIVER_TASK = "genq.deliver_webhook"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -24,12 +26,14 @@ def make_celery(settings: Settings) -> Celery:
         # Kombu's filesystem transport: messages are files in a shared folder,
         # so API and worker processes talk with no broker server running.
         folder = settings.home / "broker"
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "data_folder_processed": str(folder / "processed"),
+            # Broadcast (control) messages; kombu's default is ./control in the cwd.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             # The worker lists the folder this often when it is empty: 0.1 s
             # keeps submit-to-start latency low at the cost of a few stat calls.
@@ -62,17 +66,27 @@ def publish(app: Celery, job_id: str, pool: str) -> bool:
     """Ring the pool's doorbell for a committed job. Returns False when the broker
     is unreachable: the job stays queued in the database and a worker sweep
     picks it up, so the caller need not fail the request."""
+    return _ring(app, RUN_TASK, job_id, pool)
+
+
+def publish_delivery(app: Celery, delivery_id: str, queue: str) -> bool:
+    """Ring the webhook sender's doorbell for a committed delivery; when the
+    broker is down the sender's sweep finds the row instead."""
+    return _ring(app, DELIVER_TASK, delivery_id, queue)
+
+
+def _ring(app: Celery, task: str, row_id: str, queue: str) -> bool:
     try:
         app.send_task(
-            RUN_TASK,
-            args=[job_id],
-            queue=pool,
-            routing_key=pool,
+            task,
+            args=[row_id],
+            queue=queue,
+            routing_key=queue,
             retry=True,
             # Give up within about a second: the row is committed already.
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.3, "interval_max": 0.5},
         )
         return True
     except Exception as exc:  # broker down: the row is the truth, log and move on
-        log.warning("publish of job %s to pool %s failed: %s", job_id, pool, exc)
+        log.warning("publish of %s(%s) to queue %s failed: %s", task, row_id, queue, exc)
         return False

@@ -171,3 +171,66 @@ class ModelVersion(Base):
     storage_prefix: Mapped[str] = mapped_column(String(300))
     job_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class WebhookSecret(Base):
+    """A tenant's webhook signing secret. The current one has no expiry; a
+    rotated one keeps signing beside it until `expires_at`, so receivers can
+    switch keys without dropping a delivery."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    # "whsec_" + base64 of 32 random bytes. Kept as is: signing needs the key itself.
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+
+
+class WebhookDelivery(Base):
+    """One event of one job on its way to the job's webhook, written in the
+    same transaction as the state change that caused it and retried until it
+    succeeds or the schedule runs out."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # The sender's sweep: due pending rows, and in-flight rows whose lease lapsed.
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_job", "job_id", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(16))
+    # The Standard Webhooks message id: the same on every attempt (and on a
+    # redelivery) of one event, so a receiver can drop duplicates.
+    webhook_id: Mapped[str] = mapped_column(String(40))
+    url: Mapped[str] = mapped_column(Text)
+    # The job as GET returned it when the event happened (output URLs are
+    # rendered at send time: a presigned URL would expire before late retries).
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Pending: a doorbell went out and is not yet overdue. Delivering: the
+    # sender holding the row may post until then; past it the row is taken back.
+    lease_until: Mapped[dt.datetime | None] = mapped_column(default=None)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WebhookAttempt(Base):
+    """One POST of a delivery (or one the sender did not live to finish): the log."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)

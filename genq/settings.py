@@ -74,6 +74,29 @@ class Settings:
     api_port: int = 8000
     # Log level for every process.
     log_level: str = "INFO"
+    # Base URL the API is reached at from outside, for URLs inside webhook
+    # payloads (local-storage outputs); None means http://{api_host}:{api_port}.
+    public_url: str | None = None
+    # Celery queue the webhook sender consumes: `genq worker --pool webhooks`.
+    webhook_queue: str = "webhooks"
+    # One POST may wait this long to connect and as long again for the answer (seconds).
+    webhook_timeout: float = 15.0
+    # Waits before each retry of a failed delivery (seconds), jittered by ±20%.
+    # The Standard Webhooks schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h,
+    # so eight attempts over about 27.6 hours before a delivery is marked failed.
+    webhook_backoff: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+    # After a secret is rotated, the old one keeps signing beside the new one this long (seconds).
+    webhook_secret_grace: int = 24 * 3600
+    # The sender looks for due retries and deliveries whose message was lost this often (seconds).
+    webhook_sweep_interval: float = 1.0
+    # Webhook URLs must be https; true lets http:// through too (local use only).
+    webhook_allow_http: bool = False
+    # True turns off the address check for every host: only for a deployment
+    # whose receivers all sit on a private network the operator trusts.
+    webhook_allow_private: bool = False
+    # Hosts, exactly as written in the URL, exempt from the address check
+    # (e.g. "127.0.0.1" for a receiver on this machine). Comma-separated in the env.
+    webhook_allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -91,6 +114,25 @@ class Settings:
                 return kind(raw)
             except ValueError:
                 raise ConfigError(f"GENQ_{name.upper()} must be a {kind.__name__}, got {raw!r}") from None
+
+        def flag(name: str, default: bool) -> bool:
+            raw = get(name, None)
+            if raw is None or raw == "":
+                return default
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"GENQ_{name.upper()} must be true or false, got {raw!r}")
+
+        def items(name: str, default: tuple, kind) -> tuple:
+            raw = get(name, None)
+            if raw is None:
+                return default
+            try:
+                return tuple(kind(part.strip()) for part in raw.split(",") if part.strip())
+            except ValueError:
+                raise ConfigError(f"GENQ_{name.upper()} must be comma-separated {kind.__name__}s, got {raw!r}") from None
 
         values = dict(
             home=home,
@@ -120,6 +162,15 @@ class Settings:
             api_host=get("api_host", "127.0.0.1"),
             api_port=num("api_port", 8000, int),
             log_level=get("log_level", "INFO"),
+            public_url=get("public_url", None) or None,
+            webhook_queue=get("webhook_queue", "webhooks"),
+            webhook_timeout=num("webhook_timeout", 15.0, float),
+            webhook_backoff=items("webhook_backoff", cls.webhook_backoff, float),
+            webhook_secret_grace=num("webhook_secret_grace", 24 * 3600, int),
+            webhook_sweep_interval=num("webhook_sweep_interval", 1.0, float),
+            webhook_allow_http=flag("webhook_allow_http", False),
+            webhook_allow_private=flag("webhook_allow_private", False),
+            webhook_allowed_hosts=items("webhook_allowed_hosts", (), str),
         )
         values.update(overrides)
         return cls(**values)
@@ -134,6 +185,8 @@ class Settings:
             if f.name == "home":
                 continue
             value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
             if value is not None:
                 out[f"GENQ_{f.name.upper()}"] = str(value)
         out["GENQ_REGISTRY"] = str(self.registry_path)
@@ -143,3 +196,8 @@ class Settings:
     @property
     def embedded_broker(self) -> bool:
         return self.broker_url.startswith("filesystem://")
+
+    @property
+    def api_base_url(self) -> str:
+        """Where clients reach the API, for URLs the service hands out outside a request."""
+        return (self.public_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")

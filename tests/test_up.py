@@ -33,6 +33,8 @@ def up(tmp_path_factory, model_dir):
     # the embedded default a newcomer gets. No GENQ_DATABASE_URL, no broker URL.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
     env.update(GENQ_HOME=str(home), GENQ_MODEL_DIR=str(model_dir), GENQ_API_PORT=str(port), PYTHONUNBUFFERED="1")
+    # The one exception: the tests' webhook receiver listens on 127.0.0.1, over http.
+    env.update(GENQ_WEBHOOK_ALLOW_HTTP="true", GENQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
     proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "up"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: deque[str] = deque(maxlen=3000)
@@ -109,6 +111,26 @@ def test_sse_streams_events_until_completed(up):
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         kinds = [line.split(": ", 1)[1] for line in resp.iter_lines(decode_unicode=True) if line.startswith("event: ")]
     assert kinds[0] == "queued" and "start" in kinds and kinds[-1] == "completed"
+
+
+def test_webhook_is_delivered_signed_by_the_embedded_sender(up):
+    from standardwebhooks import Webhook
+
+    from tests.receiver import Receiver
+
+    secret = requests.get(f"{up['url']}/v1/webhooks/secret", headers=up["headers"], timeout=10).json()["key"]
+    receiver = Receiver()
+    try:
+        receiver.script("/up", 200, secret=secret)
+        job = requests.post(f"{up['url']}/v1/jobs", headers=up["headers"], timeout=10, json={
+            "model": "demo-text", "input": {"prompt": "hook", "max_new_tokens": 4}, "webhook": receiver.url("/up")}).json()
+        done = wait(up, job["id"])
+        receiver.wait_for(lambda: receiver.processed, timeout=60, what="webhook")
+        [hit] = receiver.to("/up")
+        assert hit.verify_error is None
+        assert Webhook(secret).verify(hit.body, hit.headers) == done
+    finally:
+        receiver.close()
 
 
 def test_ctrl_c_stops_api_and_worker(up):

@@ -1,4 +1,5 @@
-"""Builds a worker's Runner from settings: database, registry, storage, model cache."""
+"""Builds a worker's Runner and webhook Sender from settings: database,
+registry, storage, model cache."""
 from __future__ import annotations
 
 from genq.db import make_engine, make_sessionmaker
@@ -7,6 +8,7 @@ from genq.storage import make_storage
 from models.registry import Registry
 from worker.cache import ModelCache, make_loader
 from worker.runner import Runner
+from worker.webhook_sender import Sender
 
 
 def build_runner(settings: Settings) -> Runner:
@@ -18,3 +20,7 @@ def build_runner(settings: Settings) -> Runner:
         storage=storage,
         cache=ModelCache(make_loader(settings, storage), settings.model_cache_bytes),
     )
+
+
+def build_sender(settings: Settings) -> Sender:
+    return Sender(settings, make_sessionmaker(make_engine(settings.database_url)), make_storage(settings))

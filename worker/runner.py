@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from genq import catalog
 from genq import jobs as joblib
 from genq.errors import GenqError
-from genq.schema import Job, utcnow
+from genq.schema import Job
 from genq.settings import Settings
 from genq.states import JobStatus
 from genq.storage import Storage, job_key

@@ -1,12 +1,15 @@
-"""Thin Celery tasks over the runner: a message is a doorbell naming a job."""
+"""Thin Celery tasks over the runner and the webhook sender: a message is a
+doorbell naming a job or a webhook delivery."""
 from __future__ import annotations
 
 import threading
 
-from genq.queue import RUN_TASK
+from genq import webhooks
+from genq.queue import DELIVER_TASK, RUN_TASK
 from worker.app import app, settings
 
 _runner = None
+_sender = None
 _lock = threading.Lock()
 
 
@@ -19,10 +22,29 @@ def runner():
             from worker.build import build_runner
 
             _runner = build_runner(settings)
+            # Deliveries its state changes enqueue ring the sender once committed.
+            webhooks.ring_after_commit(_runner.sessions, app, settings.webhook_queue)
         return _runner
+
+
+def sender():
+    """One webhook Sender per worker process, built on first use like the runner."""
+    global _sender
+    with _lock:
+        if _sender is None:
+            from worker.build import build_sender
+
+            _sender = build_sender(settings)
+        return _sender
 
 
 @app.task(name=RUN_TASK, ignore_result=True)
 def run_job(job_id: str) -> int:
     # The world may have changed since the message was sent: the runner re-reads the row.
     return runner().on_doorbell(job_id)
+
+
+@app.task(name=DELIVER_TASK, ignore_result=True)
+def deliver_webhook(delivery_id: str) -> str | None:
+    # The delivery may be done, or taken by another sender, since the message was sent: claim re-reads the row.
+    return sender().deliver(delivery_id)

@@ -1,7 +1,6 @@
 """Claims, leases and finishes on the record of truth, on Postgres and SQLite."""
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import uuid
 

@@ -18,6 +18,7 @@ API_DOCKERFILE = ROOT / "infra" / "Dockerfile.api"
 WORKER_DOCKERFILE = ROOT / "infra" / "Dockerfile.worker"
 
 REQUIRED_SERVICES = {"postgres", "redis", "minio", "minio-init", "migrate", "api"}
+WEBHOOK_QUEUE = Settings.from_env({}).webhook_queue
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,15 @@ def test_worker_pools_exist_in_the_registry(services):
     workers = worker_services(services)
     assert workers
     for name, service in workers.items():
-        assert environment(service).get("GENQ_POOL") in pools, name
+        assert environment(service).get("GENQ_POOL") in pools or serves_pool(service, WEBHOOK_QUEUE), name
+
+
+def test_a_cpu_sender_serves_the_webhook_queue(services):
+    senders = {name: s for name, s in services.items() if serves_pool(s, WEBHOOK_QUEUE)}
+    assert senders, "no service runs the webhook sender: deliveries would wait forever"
+    for name, service in senders.items():
+        assert not reserves_nvidia_gpu(service), f"{name} posts webhooks; it needs no GPU"
+        assert service["image"] == services["api"]["image"], f"{name}: the API image (no torch) is enough"
 
 
 def test_workers_can_be_scaled(services):

@@ -1,0 +1,71 @@
+"""Jobs as the REST contract shows them, for the API's answers and for webhook
+payloads alike, so a webhook body is exactly what `GET /v1/jobs/<id>` returns."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Callable
+
+from genq.schema import Job
+from genq.storage import Storage
+
+UrlForKey = Callable[[str], str]
+
+
+def rfc3339(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def with_urls(value: Any, url_for_key: UrlForKey) -> Any:
+    """Swap every stored {"key": ...} in an output for a {"url": ...} the client can GET."""
+    if isinstance(value, dict):
+        out = {k: with_urls(v, url_for_key) for k, v in value.items() if k != "key"}
+        if "key" in value:
+            out = {"url": url_for_key(value["key"]), **out}
+        return out
+    if isinstance(value, list):
+        return [with_urls(v, url_for_key) for v in value]
+    return value
+
+
+def output_urls(storage: Storage, base_url: str, job_id: str) -> UrlForKey:
+    """Output URLs of one job: presigned for S3; for local storage, the API's
+    own route under `base_url`, which serves them to the job's owner."""
+    base = base_url.rstrip("/")
+
+    def url(key: str) -> str:
+        presigned = storage.presigned_url(key)
+        if presigned:
+            return presigned
+        name = key.removeprefix(f"jobs/{job_id}/")
+        return f"{base}/v1/jobs/{job_id}/outputs/{name}"
+
+    return url
+
+
+def job(j: Job, url_for_key: UrlForKey | None) -> dict[str, Any]:
+    """The job as GET shows it. With url_for_key None, outputs keep their
+    storage keys (a webhook payload frozen now, its URLs made when it is sent)."""
+    output = j.output
+    if output is not None and url_for_key is not None:
+        output = with_urls(output, url_for_key)
+    return {
+        "id": j.id,
+        "type": j.type,
+        "model": j.model,
+        "status": j.status,
+        "input": j.input,
+        "output": output,
+        "error": j.error,
+        "progress": j.progress,
+        "priority": j.priority,
+        "attempts": j.attempts,
+        "cancel_requested": j.cancel_requested,
+        "webhook": j.webhook,
+        "webhook_events_filter": j.webhook_events_filter,
+        "metrics": j.metrics or {},
+        "created_at": rfc3339(j.created_at),
+        "started_at": rfc3339(j.started_at),
+        "completed_at": rfc3339(j.completed_at),
+    }
