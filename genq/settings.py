@@ -65,6 +65,12 @@ class Settings:
     max_dataset_rows: int = 100_000
     # Workers look for jobs whose lease expired (a killed worker) this often (seconds).
     reconcile_interval: float = 30.0
+    # Requests per tenant (flask-limiter syntax, e.g. "1200/minute"); empty turns it off.
+    rate_limit: str = "1200/minute"
+    # Where request counts live; empty = the broker's Redis, or memory when embedded.
+    ratelimit_storage_url: str = ""
+    # Jobs a tenant may have queued or running at once (0 = no limit).
+    max_active_jobs: int = 200
     # Largest request body the API accepts; bigger is 413.
     max_body_bytes: int = 1_048_576
     # Longest `Prefer: wait=N` the API honours (seconds).
@@ -157,6 +163,9 @@ class Settings:
             max_file_bytes=num("max_file_bytes", 50 * 2**20, int),
             max_dataset_rows=num("max_dataset_rows", 100_000, int),
             reconcile_interval=num("reconcile_interval", 30.0, float),
+            rate_limit=get("rate_limit", "1200/minute"),
+            ratelimit_storage_url=get("ratelimit_storage_url", ""),
+            max_active_jobs=num("max_active_jobs", 200, int),
             max_body_bytes=num("max_body_bytes", 1_048_576, int),
             max_prefer_wait=num("max_prefer_wait", 60, int),
             api_host=get("api_host", "127.0.0.1"),

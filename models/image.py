@@ -11,6 +11,15 @@ from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bou
 
 FAMILY = "image-generation"
 SEED_MAX = 2**32 - 1
+# Registry limits as JSON-schema bounds of the input: (limit, field, keyword).
+SCHEMA_LIMITS = [
+    ("max_width", "width", "maximum"),
+    ("max_height", "height", "maximum"),
+    ("max_inference_steps", "num_inference_steps", "maximum"),
+    ("max_images", "num_images", "maximum"),
+    ("max_prompt_chars", "prompt", "maxLength"),
+    ("max_prompt_chars", "negative_prompt", "maxLength"),
+]
 
 
 class Input(BaseModel):
@@ -24,7 +33,7 @@ class Input(BaseModel):
     height: int = Field(64, ge=8, multiple_of=8, description="Image height in pixels, a multiple of 8.")
     num_inference_steps: int = Field(10, ge=1, description="Denoising steps; more is slower and usually finer.")
     guidance_scale: float = Field(
-        7.5, ge=0, description="Classifier-free guidance: how closely to follow the prompt; <= 1 turns it off."
+        7.5, ge=0, le=100, description="Classifier-free guidance: how closely to follow the prompt; <= 1 turns it off."
     )
     num_images: int = Field(1, ge=1, description="Images to make from this prompt; image k uses seed + k.")
     seed: int | None = Field(

@@ -110,8 +110,11 @@ def test_upload_validates_every_row_and_names_the_line(client, tenant):
 def test_fine_tune_input_is_checked_before_queueing(client, tenant, stack):
     other = make_key(stack["settings"], f"other-{secrets.token_hex(4)}")
     theirs = dataset(client, other)
+    foreign = client.post("/v1/jobs", json={"type": "fine-tune", "model": "demo-text", "input": {"training_file": theirs}},
+                          headers=tenant)
+    assert foreign.status_code == 404 and foreign.get_json()["errors"][0]["field"] == "input.training_file"
     for body, field in [
-        ({"training_file": theirs}, "input.training_file"),
+        ({"training_file": "not-an-id"}, "input.training_file"),
         ({"training_file": "0" * 32, "method": "qlora"}, "input.method"),
         ({"training_file": "0" * 32, "hyperparameters": {"epochs": 0}}, "input.hyperparameters.epochs"),
         ({"training_file": "0" * 32, "suffix": "Bad Suffix!"}, "input.suffix"),
