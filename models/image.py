@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, parse
+from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
 
 FAMILY = "image-generation"
 SEED_MAX = 2**32 - 1
@@ -58,16 +58,11 @@ def validate(raw: Any, limits: dict) -> Input:
     check_bound(errors, "input.height", inp.height, limits.get("max_height"))
     check_bound(errors, "input.num_inference_steps", inp.num_inference_steps, limits.get("max_inference_steps"))
     check_bound(errors, "input.num_images", inp.num_images, limits.get("max_images"))
-    _check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
-    _check_chars(errors, "input.negative_prompt", inp.negative_prompt, limits.get("max_prompt_chars"))
+    check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
+    check_chars(errors, "input.negative_prompt", inp.negative_prompt, limits.get("max_prompt_chars"))
     if errors:
         raise InputInvalid(errors)
     return inp
-
-
-def _check_chars(errors: list, fieldname: str, text: str, limit) -> None:
-    if limit is not None and len(text) > limit:
-        errors.append({"field": fieldname, "message": f"must be at most {limit} characters for this model, got {len(text)}"})
 
 
 def batch_key(inp: Input) -> str:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, parse
+from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
 
 FAMILY = "text-generation"
 # Registry limits as JSON-schema bounds of the input: (limit, field, keyword).
@@ -52,15 +52,10 @@ def validate(raw: Any, limits: dict) -> Input:
     inp = parse(Input, raw)
     errors: list[dict[str, str]] = []
     check_bound(errors, "input.max_new_tokens", inp.max_new_tokens, limits.get("max_new_tokens"))
-    _check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
+    check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
     if errors:
         raise InputInvalid(errors)
     return inp
-
-
-def _check_chars(errors: list, fieldname: str, text: str, limit) -> None:
-    if limit is not None and len(text) > limit:
-        errors.append({"field": fieldname, "message": f"must be at most {limit} characters for this model, got {len(text)}"})
 
 
 def batch_key(inp: Input) -> str:
