@@ -7,6 +7,8 @@ import logging
 from flask import Flask, Response, json
 from werkzeug.exceptions import HTTPException
 
+from genq.outage import RETRY_AFTER, unavailable
+
 log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
@@ -75,6 +77,16 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
+        # A dependency that cannot be reached is not our bug: 503 and when to
+        # come back, never a 500. A job is accepted only once its row is
+        # committed; if the database went away before the commit's answer
+        # came back, it may be recorded all the same, which is why a retry
+        # should carry the same Idempotency-Key.
+        if (down := unavailable(exc)) is not None:
+            log.warning("503, the %s is unreachable: %s", down, (str(exc) or type(exc).__name__).splitlines()[0][:300])
+            return problem(503, f"the {down} is unreachable; retry in {RETRY_AFTER} seconds (with the same "
+                                f"Idempotency-Key, a retry never makes a second job)",
+                           headers={"Retry-After": RETRY_AFTER}, extra={"unavailable": down})
         # The one broad catch in the API: log the trace, tell the client nothing of it.
         log.exception("unhandled error")
         return problem(500, "an internal error occurred; it has been logged")

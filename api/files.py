@@ -2,10 +2,12 @@
 accepted), read its record and its content."""
 from __future__ import annotations
 
+import hashlib
+
 from flask import Blueprint, Response, request
 from sqlalchemy import select
 
-from api import serialize
+from api import idempotency, serialize
 from api.auth import caller, require_key
 from api.context import ctx
 from api.errors import ApiError, invalid
@@ -45,20 +47,36 @@ def upload():
     if upload is None:
         raise invalid("file", "is required: a JSONL file")
     data = upload.read()
+    name = (upload.filename or "dataset.jsonl").replace("/", "_")[-255:]
+    # A retry with the same Idempotency-Key gets the file the first upload made.
+    idem = idempotency.from_request("file", {"purpose": purpose, "filename": name,
+                                             "sha256": hashlib.sha256(data).hexdigest()})
+    if idem is not None and (earlier := idem.earlier()) is not None:
+        return replay(earlier)
     try:
         dataset = parse_dataset(data, max_rows=c.settings.max_dataset_rows)
     except InputInvalid as exc:
         raise ApiError(422, str(exc), errors=exc.errors) from None
     file_id = new_id()
-    name = (upload.filename or "dataset.jsonl").replace("/", "_")[-255:]
     key = f"files/{file_id}/{name}"
     # Stored before the row is committed: a row always has its content.
     c.storage.put(key, data, "application/jsonl")
-    with c.session() as session, session.begin():
+    with idempotency.race(idem) as race, c.session() as session, session.begin():
         f = File(id=file_id, tenant_id=caller().tenant_id, purpose=purpose, filename=name, bytes=len(data),
                  rows=len(dataset.rows), format=dataset.format, storage_key=key)
         session.add(f)
+        race.record(session, file_id)
+    if race.winner is not None:
+        # A concurrent duplicate committed first; this upload's stored copy
+        # stays behind unreferenced (storage has no delete here).
+        return replay(race.winner)
     return describe(f), 201, {"Location": f"/v1/files/{file_id}"}
+
+
+def replay(file_id: str):
+    with ctx().session() as session:
+        f = session.get(File, file_id)
+    return describe(f), 201, {"Location": f"/v1/files/{file_id}", **idempotency.REPLAYED}
 
 
 @bp.get("")

@@ -6,6 +6,7 @@ from sqlalchemy import text
 
 from api.context import ctx
 from api.errors import problem
+from genq.outage import RETRY_AFTER
 
 bp = Blueprint("health", __name__)
 
@@ -43,5 +44,5 @@ def readyz():
             results[name] = f"down: {type(exc).__name__}: {str(exc)[:200]}"
             down.append(name)
     if down:
-        return problem(503, f"not ready: {', '.join(down)} unreachable", headers={"Retry-After": 5}, extra={"checks": results})
+        return problem(503, f"not ready: {', '.join(down)} unreachable", headers={"Retry-After": RETRY_AFTER}, extra={"checks": results})
     return {"status": "ready", "checks": results}

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
-from api import serialize
+from api import idempotency, serialize
 from api.auth import caller, require_key
 from api.context import ctx
 from api.errors import ApiError, invalid
@@ -134,6 +134,10 @@ def wait_for_terminal(job: Job, seconds: float) -> Job:
 def create_job():
     c = ctx()
     body = json_body()
+    # A retry with the same Idempotency-Key gets the job the first request made.
+    idem = idempotency.from_request("job", body)
+    if idem is not None and (earlier := idem.earlier()) is not None:
+        return respond(earlier, idempotency.REPLAYED)
     try:
         req = JobCreate.model_validate(body, strict=True)
     except ValidationError as exc:
@@ -164,7 +168,7 @@ def create_job():
             check_at_submit(req.webhook, Policy.from_settings(c.settings))
         except WebhookRefused as exc:
             raise invalid("webhook", exc.message) from None
-    with c.session() as session, session.begin():
+    with idempotency.race(idem) as race, c.session() as session, session.begin():
         check_active_jobs(session, caller().tenant_id, c.settings)
         job = joblib.submit(
             session,
@@ -179,15 +183,28 @@ def create_job():
             webhook_events_filter=list(req.webhook_events_filter) if req.webhook_events_filter is not None else None,
             max_attempts=c.settings.max_attempts,
         )
+        race.record(session, job.id)
+    if race.winner is not None:  # a concurrent request with the same key committed first
+        return respond(race.winner, idempotency.REPLAYED)
     # Publish only after the commit: a worker must find the row it is told about.
+    # A broker that is down is no failure: the job is recorded, and the
+    # reconciler beside every worker rings for it after a grace period.
     from genq.queue import publish
 
     publish(c.celery, job.id, job.pool)
+    return respond(job)
+
+
+def respond(job: Job | str, headers: dict | None = None):
+    """The reply to a submit: the job (after `Prefer: wait`), 200 once terminal, else 202."""
+    if isinstance(job, str):
+        with ctx().session() as session:
+            job = session.get(Job, job)
     wait = prefer_wait()
     if wait:
         job = wait_for_terminal(job, wait)
     status = 200 if JobStatus(job.status).terminal else 202
-    return render(job), status, {"Location": f"/v1/jobs/{job.id}"}
+    return render(job), status, {"Location": f"/v1/jobs/{job.id}", **(headers or {})}
 
 
 def fine_tune_request(req: JobCreate):

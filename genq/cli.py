@@ -109,6 +109,7 @@ def cmd_worker(settings: Settings, args) -> int:
     model_pools = [p for p in pools if p != settings.webhook_queue]
     if model_pools:
         Reconciler(settings, model_pools).start()
+        _stop_claiming_on_shutdown()
     argv = ["worker", "-Q", ",".join(pools), "--loglevel", settings.log_level,
             "-n", f"{'+'.join(pools)}.{os.getpid()}@%h", "-c", str(concurrency), "--pool", pool_kind]
     if settings.embedded_broker:
@@ -116,6 +117,17 @@ def cmd_worker(settings: Settings, args) -> int:
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
     app.worker_main(argv)
     return 0
+
+
+def _stop_claiming_on_shutdown() -> None:
+    """SIGTERM starts Celery's warm shutdown in the main process; the runner
+    (here, or in forked pool children through shared memory) then claims no
+    more batches and bounds the one in hand by GENQ_SHUTDOWN_TIMEOUT."""
+    from celery.signals import worker_shutting_down
+
+    from worker.shutdown import SHUTDOWN
+
+    worker_shutting_down.connect(lambda **_: SHUTDOWN.begin(), weak=False)
 
 
 def _sweep_when_ready(settings: Settings, app) -> None:
@@ -134,38 +146,57 @@ def _sweep_when_ready(settings: Settings, app) -> None:
 
 class Reconciler(threading.Thread):
     """Beside every worker: jobs whose lease expired in these pools (a killed
-    worker) are queued again, and queued jobs that have waited past a grace
-    period get their doorbell rung again (a lost publish, a broker restart).
-    Duplicate doorbells are harmless; the job row decides."""
+    worker) are queued again, or failed past max_attempts; queued jobs that
+    have waited past a grace period get their doorbell rung again (a lost
+    publish, a broker restart); Idempotency-Key records past their TTL are
+    purged. Duplicate doorbells are harmless; the job row decides. A round
+    that fails (the database or the broker is down) is tried again next
+    interval, so the thread outlives any outage."""
 
     def __init__(self, settings: Settings, pools: list[str]):
         super().__init__(name="reconciler", daemon=True)
         self.settings, self.pools = settings, pools
 
     def run(self) -> None:
-        import datetime as dt
-
         from genq.db import make_engine, make_sessionmaker
-        from genq.jobs import queued_heads, requeue_expired
-        from genq.queue import make_celery, publish
-        from genq.schema import utcnow
+        from genq.queue import make_celery
 
         sessions = make_sessionmaker(make_engine(self.settings.database_url))
         app = make_celery(self.settings)
         first = True
         while True:
             try:
-                with sessions.begin() as session:
-                    ring = requeue_expired(session, self.pools)
-                grace = dt.timedelta(seconds=0 if first else 2 * self.settings.reconcile_interval)
-                with sessions() as session:
-                    ring += queued_heads(session, self.pools, older_than=utcnow() - grace)
-                for job_id, pool in ring:
-                    publish(app, job_id, pool)
-            except Exception:  # the database may be down: try again next round
-                log.exception("reconciler round failed")
-            first = False
+                self.round(sessions, app, first)
+                first = False
+            except Exception as exc:
+                log.warning("reconciler round failed, trying again in %ss: %s", self.settings.reconcile_interval,
+                            (str(exc) or type(exc).__name__).splitlines()[0][:300])
             time.sleep(self.settings.reconcile_interval)
+
+    def round(self, sessions, app, first: bool = False) -> None:
+        import datetime as dt
+
+        from genq import idempotency
+        from genq.jobs import queued_heads, requeue_expired
+        from genq.queue import publish
+        from genq.schema import utcnow
+
+        with sessions.begin() as session:
+            ring = requeue_expired(session, self.pools)
+        requeued = len(ring)
+        # The first round after a start rings for everything queued: the
+        # broker may have lost every message while no worker was up.
+        grace = dt.timedelta(seconds=0 if first else 2 * self.settings.reconcile_interval)
+        with sessions() as session:
+            ring += queued_heads(session, self.pools, older_than=utcnow() - grace)
+        for job_id, pool in ring:
+            publish(app, job_id, pool)
+        if ring:
+            log.info("reconciler: rang %d doorbell(s), %d for jobs queued again after their lease expired",
+                     len(ring), requeued)
+        with sessions.begin() as session:
+            if purged := idempotency.purge(session, dt.timedelta(seconds=self.settings.idempotency_ttl)):
+                log.info("purged %d idempotency keys older than %ss", purged, self.settings.idempotency_ttl)
 
 
 def cmd_api(settings: Settings, args) -> int:

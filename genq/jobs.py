@@ -101,20 +101,30 @@ def claim_batch(
     owner: str,
     lease_seconds: float,
     now: dt.datetime | None = None,
+    top_up: bool = False,
 ) -> list[Job]:
     """Take up to `limit` queued jobs of one model and batch key, highest priority
     then oldest first, under a lease. SKIP LOCKED keeps two workers on Postgres
     from waiting on (or taking) the same rows; the status check in the UPDATE
-    makes the claim safe on SQLite too, where writers are serialised."""
+    makes the claim safe on SQLite too, where writers are serialised.
+
+    A job on its second or later attempt lost its last worker, and may be what
+    killed it: it is claimed alone, so a poison job takes no batch-mates down
+    with it (and fails alone after max_attempts). `top_up` fills a batch
+    already claimed: only jobs on their first attempt join it."""
     now = now or utcnow()
     candidates = (
-        select(Job.id)
+        select(Job.id, Job.attempts)
         .where(Job.status == JobStatus.QUEUED.value, Job.model == model, Job.batch_key == batch_key)
         .order_by(Job.priority.desc(), Job.created_at.asc(), Job.id.asc())
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    ids = list(session.scalars(candidates))
+    rows = session.execute(candidates).all()
+    if rows and rows[0].attempts > 0 and not top_up:
+        ids = [rows[0].id]
+    else:
+        ids = [r.id for r in rows if r.attempts == 0]
     if not ids:
         return []
     claimed = list(
@@ -157,6 +167,27 @@ def renew_leases(session: Session, job_ids: Iterable[str], owner: str, lease_sec
         .returning(Job.id)
     )
     return set(held)
+
+
+def hand_back(session: Session, job_ids: Iterable[str], owner: str, reason: str) -> list[str]:
+    """Running jobs this worker holds go back to the queue without counting the
+    attempt: the worker is shutting down, the job did nothing wrong. Returns
+    the ids handed back (those whose lease the worker still held)."""
+    ids = list(job_ids)
+    if not ids:
+        return []
+    check_transition(JobStatus.RUNNING, JobStatus.QUEUED)
+    now = utcnow()
+    back = list(session.scalars(
+        update(Job)
+        .where(Job.id.in_(ids), Job.status == JobStatus.RUNNING.value, Job.lease_owner == owner)
+        .values(status=JobStatus.QUEUED.value, lease_owner=None, lease_until=None, attempts=Job.attempts - 1,
+                updated_at=now)
+        .returning(Job.id)
+    ))
+    for job_id in back:
+        record_event(session, job_id, "log", {"message": reason, "worker": owner}, at=now)
+    return back
 
 
 def set_progress(session: Session, job_id: str, owner: str, progress: dict[str, Any]) -> bool:

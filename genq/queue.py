@@ -40,22 +40,55 @@ def make_celery(settings: Settings) -> Celery:
             "polling_interval": 0.1,
         }
     else:
-        # An unacked message comes back after visibility_timeout; the job row,
-        # not the message, decides whether anything runs, so a redelivery is a
-        # no-op. Keep it above the longest job anyway to avoid needless wakeups.
-        transport_options = {"visibility_timeout": 6 * 3600}
+        transport_options = {
+            # An unacknowledged message (acks_late: every message of a running
+            # batch) is delivered again once it is older than this. The job
+            # row, not the message, decides whether anything runs, so a
+            # redelivery is a no-op; set it above the longest job anyway, so a
+            # long batch does not wake another worker for nothing.
+            "visibility_timeout": settings.broker_visibility_timeout,
+            # Idle workers sweep for such messages this often (kombu scans on
+            # every Nth call of its timer; throttle 1 makes the interval exact).
+            "unacked_restore_interval": settings.broker_restore_interval,
+            "unacked_restore_throttle": 1,
+            # A publish to a Redis that is gone fails in seconds instead of
+            # hanging the request; the job is committed and the reconciler rings.
+            "socket_connect_timeout": 5,
+            "socket_timeout": 10,
+        }
     app.conf.update(
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        # A worker waits for a broker that went away for as long as it takes
+        # (the default gives up after 100 tries and the worker exits).
+        broker_connection_max_retries=None,
         task_serializer="json",
         accept_content=["json"],
         # Results live in the job row, never in a Celery backend.
         task_ignore_result=True,
-        # Ack after the doorbell is handled, and one message at a time per
-        # process: a worker busy with a batch must not hoard doorbells.
+        # Ack after the doorbell is handled: a worker killed mid-batch leaves
+        # its message unacked in Redis rather than lost. (The lease and the
+        # reconciler bring the job back anyway; this is the cheap first line.)
         task_acks_late=True,
+        # One message at a time per process: a worker busy with a batch must
+        # not hoard doorbells that an idle worker could answer.
         worker_prefetch_multiplier=1,
+        # A prefork child that dies (a segfault, the OOM killer) returns its
+        # message to the queue instead of acking it. A job that kills its
+        # worker every time cannot loop on this: attempts are counted on the
+        # job row and the reconciler fails it past max_attempts.
         task_reject_on_worker_lost=True,
+        # Keep running a batch when the broker connection drops: the job row
+        # and its lease decide what counts, not the message.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Soft shutdown for SIGQUIT (cold) and Kubernetes-style double
+        # signals: wait this long for running tasks before cancelling them.
+        # SIGTERM (warm) is bounded by the runner itself, which stops claiming
+        # and hands its batch back after the same timeout (worker/shutdown.py).
+        worker_soft_shutdown_timeout=settings.shutdown_timeout,
+        # No ETA or countdown messages here, so an idle worker has nothing to
+        # wait for: exit at once.
+        worker_enable_soft_shutdown_on_idle=False,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )

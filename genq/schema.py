@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -170,6 +171,29 @@ class ModelVersion(Base):
     # Storage prefix holding the adapter (LoRA) or full weights, safetensors.
     storage_prefix: Mapped[str] = mapped_column(String(300))
     job_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """An Idempotency-Key a tenant sent with a POST, the request it came with
+    (a hash) and what that request made. Inserted in the same transaction as
+    the job or file, so of two concurrent duplicates exactly one commits."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "key"),
+        # The purge: keys older than GENQ_IDEMPOTENCY_TTL.
+        Index("ix_idempotency_keys_created_at", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    # sha256 of the route and the request's content: a replay must match it.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    # What the first request made: "job" or "file", and its id.
+    resource: Mapped[str] = mapped_column(String(16))
+    resource_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 

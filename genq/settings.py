@@ -71,6 +71,24 @@ class Settings:
     ratelimit_storage_url: str = ""
     # Jobs a tenant may have queued or running at once (0 = no limit).
     max_active_jobs: int = 200
+    # After SIGTERM a worker claims nothing new and gives its batch this long to
+    # finish (seconds); then the batch's jobs are handed back to the queue at
+    # their next step, without counting an attempt. Keep it below the
+    # orchestrator's grace period (Compose's stop_grace_period, Kubernetes'
+    # terminationGracePeriodSeconds) minus SHUTDOWN_HARD_MARGIN.
+    shutdown_timeout: float = 240.0
+    # An unacknowledged Redis message is delivered again after this long
+    # (seconds). Keep it above the longest job: a redelivery is harmless (the
+    # job row decides), but each one wakes a worker for nothing.
+    broker_visibility_timeout: float = 6 * 3600
+    # How often a worker looks for unacknowledged messages older than the
+    # visibility timeout to put back (seconds; kombu's default is about 100).
+    broker_restore_interval: float = 100.0
+    # Idempotency-Key records are kept at least this long (seconds), then purged.
+    idempotency_ttl: int = 24 * 3600
+    # When set, workers append one JSON line per job execution (start and end,
+    # worker, attempt) to this file: an audit trail of what actually ran where.
+    execution_log: Path | None = None
     # Largest request body the API accepts; bigger is 413.
     max_body_bytes: int = 1_048_576
     # Longest `Prefer: wait=N` the API honours (seconds).
@@ -166,6 +184,11 @@ class Settings:
             rate_limit=get("rate_limit", "1200/minute"),
             ratelimit_storage_url=get("ratelimit_storage_url", ""),
             max_active_jobs=num("max_active_jobs", 200, int),
+            shutdown_timeout=num("shutdown_timeout", 240.0, float),
+            broker_visibility_timeout=num("broker_visibility_timeout", 6 * 3600, float),
+            broker_restore_interval=num("broker_restore_interval", 100.0, float),
+            idempotency_ttl=num("idempotency_ttl", 24 * 3600, int),
+            execution_log=Path(get("execution_log", "")) if get("execution_log", "") else None,
             max_body_bytes=num("max_body_bytes", 1_048_576, int),
             max_prefer_wait=num("max_prefer_wait", 60, int),
             api_host=get("api_host", "127.0.0.1"),

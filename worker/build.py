@@ -11,7 +11,8 @@ from worker.runner import Runner
 from worker.webhook_sender import Sender
 
 
-def build_runner(settings: Settings) -> Runner:
+def build_runner(settings: Settings, **extra) -> Runner:
+    """`extra`: the Runner's optional collaborators (shutdown, ring)."""
     storage = make_storage(settings)
     return Runner(
         settings=settings,
@@ -19,6 +20,7 @@ def build_runner(settings: Settings) -> Runner:
         registry=Registry.load(settings.registry_path),
         storage=storage,
         cache=ModelCache(make_loader(settings, storage), settings.model_cache_bytes),
+        **extra,
     )
 
 

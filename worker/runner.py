@@ -13,13 +13,14 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from genq import catalog
 from genq import jobs as joblib
 from genq.errors import GenqError
+from genq.outage import retry
 from genq.schema import Job
 from genq.settings import Settings
 from genq.states import JobStatus
@@ -27,11 +28,18 @@ from genq.storage import Storage, job_key
 from models.base import InputInvalid, Result
 from models.registry import ModelSpec, Registry
 from worker.cache import ModelCache
+from worker.executions import ExecutionLog
+from worker.shutdown import HARD_MARGIN, Shutdown
 
 log = logging.getLogger(__name__)
 
 # The batch key of fine-tune jobs: never batched, one per claim.
 FINE_TUNE = "fine-tune"
+# A batch whose leases could not be renewed for this share of the lease stops
+# its jobs, so they are no longer running here by the time the lease lapses
+# and another worker may take them; the rest of the lease is the model's time
+# to reach its next step.
+LEASE_SAFE_SHARE = 0.8
 
 
 def worker_name() -> str:
@@ -45,19 +53,29 @@ class Row:
     job: Job
     progress: dict[str, Any] | None = None
     progress_dirty: bool = False
+    # Asked to stop at the model's next step: by its owner, or for one of the two below.
     cancelled: bool = False
     finished: bool = False
+    # The worker is shutting down: stop and go back to the queue, uncounted.
+    handing_back: bool = False
+    # The lease is gone (or could not be renewed in time): stop, write nothing.
+    lost: bool = False
+    # An execution was recorded as started, and when the model saw the stop (wall clock).
+    executing: bool = False
+    stopped_at: float | None = None
 
 
 class BatchTracker:
-    """Progress, cancel checks and lease renewal for one running batch.
+    """Progress, cancel checks, lease renewal and shutdown for one running batch.
 
     The model calls on_progress / is_cancelled from its inner loop, many times
     a second, so they only touch memory. A side thread does the database work
     off the model's path: it writes progress at most once per
     `progress_interval`, reads cancel flags every `cancel_poll_interval`
     (finishing a cancelled job at once, so its batch-mates run on) and renews
-    the leases, so a long step cannot let them lapse."""
+    the leases, so a long step cannot let them lapse. The same thread stops
+    rows whose lease is lost, and every row once a shutdown has waited
+    GENQ_SHUTDOWN_TIMEOUT for the batch."""
 
     def __init__(self, runner: "Runner", rows: list[Row], unit: str, finish_cancelled: bool = True):
         self.runner = runner
@@ -66,6 +84,8 @@ class BatchTracker:
         # Inference rows are finished the moment their cancel is seen; a
         # trainer finishes its own, after saving a last checkpoint.
         self.finish_cancelled = finish_cancelled
+        # When the last renewal that succeeded was sent (the claim, at first).
+        self._lease_ok = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="batch-tracker", daemon=True)
         self._thread.start()
@@ -80,7 +100,10 @@ class BatchTracker:
         r.progress_dirty = True
 
     def is_cancelled(self, row: int) -> bool:
-        return self.rows[row].cancelled
+        r = self.rows[row]
+        if r.cancelled and r.stopped_at is None:
+            r.stopped_at = time.time()  # the model knows now, and stops spending on the row
+        return r.cancelled
 
     def _loop(self) -> None:
         s = self.runner.settings
@@ -89,6 +112,8 @@ class BatchTracker:
         last_progress = last_renew = time.monotonic()
         while not self._stop.wait(tick):
             now = time.monotonic()
+            self.check_shutdown()
+            self.check_lease(now)
             try:
                 self.poll_cancels()
                 if now - last_progress >= s.progress_interval:
@@ -99,6 +124,38 @@ class BatchTracker:
                     self.renew()
             except Exception:  # a missed beat is retried on the next one
                 log.exception("batch tracker: database write failed")
+
+    def live(self) -> list[Row]:
+        return [r for r in self.rows if not r.finished and not r.lost and not r.handing_back]
+
+    def check_shutdown(self) -> None:
+        runner, timeout = self.runner, self.runner.settings.shutdown_timeout
+        if runner.shutdown.past(timeout + HARD_MARGIN):
+            # The model has not come back from its step: nothing more can be
+            # done in this process. Record that the jobs stop running here, and go.
+            for r in self.rows:
+                if r.executing and not r.finished:
+                    runner.executions.ended(r.job.id, r.job.attempts, "abandoned")
+            log.error("shutdown: the model did not stop within %.0fs of being asked; exiting now, "
+                      "the leases of jobs %s will lapse and they will be queued again",
+                      HARD_MARGIN, [r.job.id for r in self.rows if not r.finished])
+            logging.shutdown()
+            os._exit(1)
+        live = self.live()
+        if live and runner.shutdown.past(timeout):
+            log.warning("shutdown: batch still running %.0fs after SIGTERM; handing jobs %s back at their next step",
+                        timeout, [r.job.id for r in live])
+            for r in live:
+                r.handing_back = r.cancelled = True
+
+    def check_lease(self, now: float) -> None:
+        lease = self.runner.settings.lease_seconds
+        live = [r for r in self.rows if not r.finished and not r.lost]
+        if live and now - self._lease_ok > LEASE_SAFE_SHARE * lease:
+            log.warning("could not renew the lease on jobs %s for %.1fs of %ss; stopping them before it lapses",
+                        [r.job.id for r in live], now - self._lease_ok, lease)
+            for r in live:
+                r.lost = r.cancelled = True
 
     def poll_cancels(self) -> None:
         live = [r for r in self.rows if not r.finished and not r.cancelled]
@@ -113,7 +170,7 @@ class BatchTracker:
                     self.runner.finish([(r, JobStatus.CANCELED, {})])
 
     def flush_progress(self) -> None:
-        dirty = [r for r in self.rows if r.progress_dirty and not r.finished]
+        dirty = [r for r in self.rows if r.progress_dirty and not r.finished and not r.lost]
         if not dirty:
             return
         with self.runner.sessions.begin() as session:
@@ -122,11 +179,19 @@ class BatchTracker:
                 joblib.set_progress(session, r.job.id, self.runner.owner, r.progress)
 
     def renew(self) -> None:
-        ids = [r.job.id for r in self.rows if not r.finished]
+        rows = [r for r in self.rows if not r.finished and not r.lost]
+        if not rows:
+            return
+        sent = time.monotonic()
         with self.runner.sessions.begin() as session:
-            held = joblib.renew_leases(session, ids, self.runner.owner, self.runner.settings.lease_seconds)
-        if lost := set(ids) - held:
-            log.warning("lost the lease on jobs %s; their results will not be written", sorted(lost))
+            held = joblib.renew_leases(session, [r.job.id for r in rows], self.runner.owner,
+                                       self.runner.settings.lease_seconds)
+        self._lease_ok = sent
+        if lost := [r for r in rows if r.job.id not in held]:
+            log.warning("lost the lease on jobs %s; stopping them, their results will not be written",
+                        [r.job.id for r in lost])
+            for r in lost:
+                r.lost = r.cancelled = True
 
 
 class Runner:
@@ -138,6 +203,8 @@ class Runner:
         storage: Storage,
         cache: ModelCache,
         owner: str | None = None,
+        shutdown: Shutdown | None = None,
+        ring: Callable[[str, str], object] | None = None,
     ):
         self.settings = settings
         self.sessions = sessions
@@ -145,6 +212,11 @@ class Runner:
         self.storage = storage
         self.cache = cache
         self.owner = owner or worker_name()
+        self.shutdown = shutdown or Shutdown()
+        # Rings a pool's doorbell for a job (job id, pool). Without it, jobs
+        # handed back wait for the reconciler's next round.
+        self.ring = ring or (lambda job_id, pool: None)
+        self.executions = ExecutionLog(settings.execution_log, self.owner)
 
     # --- entry points -------------------------------------------------------
 
@@ -165,15 +237,25 @@ class Runner:
         if batch_key == FINE_TUNE:
             from worker.training import train_one
 
-            return train_one(self, spec)
-        return self.drain(spec, batch_key)
+            ran = train_one(self, spec)
+        else:
+            ran = self.drain(spec, batch_key)
+        if self.shutdown.requested:
+            # Stopping: what this doorbell rang for may still be queued; ring
+            # for it now rather than leave it to the reconciler's grace period.
+            self.ring_if_queued(job_id)
+        return ran
 
     def drain(self, spec: ModelSpec, batch_key: str) -> int:
         """Run batches of one model and batch key until none is queued. The
         doorbell names one job, but whichever jobs are first in line run first,
-        so the loop goes on until the line is empty."""
+        so the loop goes on until the line is empty, or the worker is told to
+        shut down: then it claims nothing more."""
         ran = 0
         while True:
+            if self.shutdown.requested:
+                log.info("shutting down: claiming no more %s jobs", spec.name)
+                return ran
             try:
                 # Load before claiming: a lease should not tick away on a load.
                 loaded = self.cache.get(spec)
@@ -194,13 +276,16 @@ class Runner:
             )
         deadline = time.monotonic() + spec.max_wait_ms / 1000
         # A part-full batch waits a little for company: the forward pass costs
-        # nearly the same for one row as for several.
-        while batch and len(batch) < spec.max_batch_size and time.monotonic() < deadline:
+        # nearly the same for one row as for several. A job on a later attempt
+        # runs alone (claim_batch), so it gets none.
+        alone = bool(batch) and batch[0].attempts > 1
+        while (batch and not alone and len(batch) < spec.max_batch_size and time.monotonic() < deadline
+               and not self.shutdown.requested):
             time.sleep(min(0.01, max(deadline - time.monotonic(), 0)))
             with self.sessions.begin() as session:
                 batch += joblib.claim_batch(
                     session, model=spec.name, batch_key=batch_key, limit=spec.max_batch_size - len(batch),
-                    owner=self.owner, lease_seconds=self.settings.lease_seconds,
+                    owner=self.owner, lease_seconds=self.settings.lease_seconds, top_up=True,
                 )
         return batch
 
@@ -223,6 +308,8 @@ class Runner:
             return
         load_seconds = self.cache.last_load_seconds
         tracker = BatchTracker(self, runnable, unit)
+        for r in runnable:
+            self.started(r)
         started = time.monotonic()
         try:
             tracker.poll_cancels()
@@ -236,16 +323,23 @@ class Runner:
         run_seconds = time.monotonic() - started
         # The tracker stops before anything below writes, so no job is finished twice.
         tracker.close()
-        if results is None:
-            self.finish([(r, JobStatus.FAILED, {"error": error}) for r in runnable])
-            return
-        outcomes = []
-        for r, result in zip(runnable, results):
+        outcomes, back = [], []
+        for r, result in zip(runnable, results or [None] * len(runnable)):
             if r.finished:
-                continue  # cancelled mid-run, already written
-            if result is None or r.cancelled:
+                continue  # cancelled mid-run by its owner, already written
+            if r.lost:
+                self.executions.ended(r.job.id, r.job.attempts, "lease_lost", at=r.stopped_at)
+                continue
+            if results is None:
+                outcomes.append((r, JobStatus.FAILED, {"error": error}))
+                continue
+            if result is None and r.handing_back:
+                back.append(r)
+                continue
+            if result is None or (r.cancelled and not r.handing_back):
                 outcomes.append((r, JobStatus.CANCELED, {}))
                 continue
+            # Done (even if a shutdown asked it to stop after its last step): keep it.
             metrics = {
                 "queue_seconds": round((r.job.started_at - r.job.created_at).total_seconds(), 4),
                 "run_seconds": round(run_seconds, 4),
@@ -254,13 +348,17 @@ class Runner:
             if load_seconds is not None:
                 metrics["model_load_seconds"] = round(load_seconds, 4)
             try:
-                output = self.store(r.job.id, result)
+                # Storage that is down is waited for, within half the lease
+                # (renewed at most a third of a lease ago), then the job fails.
+                output = retry(lambda: self.store(r.job.id, result), within=self.settings.lease_seconds / 2,
+                               what=f"storing the outputs of job {r.job.id}")
             except Exception as exc:
                 log.exception("storing outputs of job %s failed", r.job.id)
                 outcomes.append((r, JobStatus.FAILED, {"error": {"code": "storage_error",
                                                                  "message": f"could not store the outputs: {exc}"}}))
                 continue
             outcomes.append((r, JobStatus.SUCCEEDED, {"output": output, "metrics": metrics}))
+        self.hand_back(back)
         self.finish(outcomes)
 
     def store(self, job_id: str, result: Result) -> dict:
@@ -272,40 +370,89 @@ class Runner:
             keys[name] = key
         return _swap_files(result.output, keys)
 
+    def started(self, row: Row) -> None:
+        row.executing = True
+        self.executions.started(row.job.id, row.job.attempts)
+
     def finish(self, outcomes: list[tuple[Row, JobStatus, dict]]) -> None:
         """Write final states in one transaction; each counts only where this
-        worker still holds that job's lease."""
+        worker still holds that job's lease. A database that is down is waited
+        for, up to a lease: past that the jobs are another worker's anyway."""
         if not outcomes:
             return
-        with self.sessions.begin() as session:
-            done = {}
-            for row, status, fields in outcomes:
-                row.finished = True
-                done[row.job.id] = joblib.finish(session, row.job.id, self.owner, status, progress=row.progress, **fields)
+        for row, _, _ in outcomes:
+            row.finished = True
+
+        def write() -> dict[str, bool]:
+            with self.sessions.begin() as session:
+                return {row.job.id: joblib.finish(session, row.job.id, self.owner, status, progress=row.progress, **fields)
+                        for row, status, fields in outcomes}
+
+        try:
+            done = retry(write, within=self.settings.lease_seconds, what=f"finishing {len(outcomes)} job(s)")
+        except Exception:
+            for row, _, _ in outcomes:
+                if row.executing:
+                    self.executions.ended(row.job.id, row.job.attempts, "not_written")
+            raise
         for row, status, _ in outcomes:
+            if row.executing:
+                self.executions.ended(row.job.id, row.job.attempts, status.value if done[row.job.id] else "not_written")
             if done[row.job.id]:
                 log.info("job %s %s", row.job.id, status.value)
             else:
                 log.warning("job %s: lease lost before it finished; result discarded", row.job.id)
 
+    def hand_back(self, rows: list[Row]) -> None:
+        """Shutting down: jobs stopped mid-run go back to the queue, the
+        attempt uncounted, and their pool's doorbell rings for another worker."""
+        if not rows:
+            return
+        for r in rows:
+            r.finished = True
+            # Before the commit: no other worker can start them until it lands.
+            self.executions.ended(r.job.id, r.job.attempts, "handed_back", at=r.stopped_at)
+
+        def write() -> list[str]:
+            with self.sessions.begin() as session:
+                return joblib.hand_back(session, [r.job.id for r in rows], self.owner,
+                                        f"worker {self.owner} shut down; queued again, attempt not counted")
+
+        back = retry(write, within=self.settings.lease_seconds, what=f"handing back {len(rows)} job(s)")
+        log.info("shutdown: handed jobs %s back to the queue", back)
+        for r in rows:
+            if r.job.id in back:
+                self.ring(r.job.id, r.job.pool)
+
+    def ring_if_queued(self, job_id: str) -> None:
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is not None and job.status == JobStatus.QUEUED.value:
+                self.ring(job.id, job.pool)
+
     # --- failures before a claim ------------------------------------------------
 
     def _fail_unknown_model(self, job_id: str, model: str) -> None:
-        with self.sessions.begin() as session:
-            batch = joblib.claim_batch(session, model=model, batch_key=session.get(Job, job_id).batch_key, limit=1000,
-                                       owner=self.owner, lease_seconds=self.settings.lease_seconds)
         error = {"code": "unknown_model", "message": f"model {model!r} is no longer in this worker's registry"}
-        self.finish([(Row(job), JobStatus.FAILED, {"error": error}) for job in batch])
+        with self.sessions() as session:
+            batch_key = session.get(Job, job_id).batch_key
+        self._fail_all_queued(model, batch_key, error)
 
     def _fail_queued(self, spec: ModelSpec, batch_key: str, exc: Exception) -> None:
         """The model cannot load: fail the waiting jobs with the reason rather
         than leave them queued forever."""
         log.exception("loading model %s failed", spec.name)
-        error = error_for(exc, default_code="model_load_failed")
-        with self.sessions.begin() as session:
-            batch = joblib.claim_batch(session, model=spec.name, batch_key=batch_key, limit=1000,
-                                       owner=self.owner, lease_seconds=self.settings.lease_seconds)
-        self.finish([(Row(job), JobStatus.FAILED, {"error": error}) for job in batch])
+        self._fail_all_queued(spec.name, batch_key, error_for(exc, default_code="model_load_failed"))
+
+    def _fail_all_queued(self, model: str, batch_key: str, error: dict) -> None:
+        # claim_batch takes a job on a later attempt alone: go on until none is left.
+        while True:
+            with self.sessions.begin() as session:
+                batch = joblib.claim_batch(session, model=model, batch_key=batch_key, limit=1000,
+                                           owner=self.owner, lease_seconds=self.settings.lease_seconds)
+            if not batch:
+                return
+            self.finish([(Row(job), JobStatus.FAILED, {"error": error}) for job in batch])
 
 
 def error_for(exc: Exception, default_code: str = "model_error") -> dict:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 
 from genq import webhooks
-from genq.queue import DELIVER_TASK, RUN_TASK
+from genq.queue import DELIVER_TASK, RUN_TASK, publish
 from worker.app import app, settings
+from worker.shutdown import SHUTDOWN
 
 _runner = None
 _sender = None
@@ -21,7 +22,9 @@ def runner():
         if _runner is None:
             from worker.build import build_runner
 
-            _runner = build_runner(settings)
+            # SHUTDOWN is set by cmd_worker's SIGTERM handling; jobs handed back
+            # on the way out ring their pool for another worker at once.
+            _runner = build_runner(settings, shutdown=SHUTDOWN, ring=lambda job_id, pool: publish(app, job_id, pool))
             # Deliveries its state changes enqueue ring the sender once committed.
             webhooks.ring_after_commit(_runner.sessions, app, settings.webhook_queue)
         return _runner

@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def train_one(runner: Runner, spec: ModelSpec) -> int:
-    """Claim one queued fine-tune of this base model and run it to the end."""
+    """Claim one queued fine-tune of this base model and run it to the end, or
+    until a shutdown hands it back (from a checkpoint saved on the way out)."""
+    if runner.shutdown.requested:
+        return 0
     with runner.sessions.begin() as session:
         claimed = joblib.claim_batch(session, model=spec.name, batch_key=FINE_TUNE, limit=1, owner=runner.owner,
                                      lease_seconds=runner.settings.lease_seconds)
@@ -31,6 +34,7 @@ def train_one(runner: Runner, spec: ModelSpec) -> int:
         return 0
     row = Row(claimed[0])
     tracker = BatchTracker(runner, [row], unit="step", finish_cancelled=False)
+    runner.started(row)
     try:
         outcome = _train(runner, spec, row, tracker)
     except Exception as exc:
@@ -39,7 +43,11 @@ def train_one(runner: Runner, spec: ModelSpec) -> int:
     finally:
         tracker.close()
     status, fields = outcome
-    if status == JobStatus.SUCCEEDED:
+    if row.lost:
+        runner.executions.ended(row.job.id, row.job.attempts, "lease_lost", at=row.stopped_at)
+    elif row.handing_back and status == JobStatus.CANCELED:
+        runner.hand_back([row])  # the next attempt resumes from the checkpoint just saved
+    elif status == JobStatus.SUCCEEDED:
         _publish(runner, row, fields)
     else:
         runner.finish([(row, status, fields)])
@@ -114,4 +122,5 @@ def _publish(runner: Runner, row: Row, fields: dict) -> None:
         if done:
             session.add(ModelVersion(id=version_id, tenant_id=job.tenant_id, name=name, base_model=job.model,
                                      family="text-generation", method=inp.method, storage_prefix=prefix, job_id=job.id))
+    runner.executions.ended(job.id, job.attempts, "succeeded" if done else "not_written")
     log.info("fine-tune job %s %s: model %s", job.id, "succeeded" if done else "lost its lease", name)

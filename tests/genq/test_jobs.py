@@ -146,3 +146,56 @@ def test_ids_sort_by_creation_time():
 
     time.sleep(0.002)
     assert new_id() > a and len(a) == 32
+
+
+def expire(sessions, job_ids):
+    import datetime as dt
+
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.id.in_(job_ids)).values(lease_until=joblib.utcnow() - dt.timedelta(seconds=1)))
+
+
+def test_a_job_whose_worker_died_runs_alone_next_time(sessions):
+    suspect, *mates = add_jobs(sessions, 4)
+    assert claim(sessions, owner="w1") == [suspect, *mates]
+    expire(sessions, [suspect, *mates])
+    with sessions.begin() as s:
+        assert sorted(j for j, _ in joblib.requeue_expired(s, ["p"])) == sorted([suspect, *mates])
+    fresh = add_jobs(sessions, 2)
+    # Oldest first, each alone: any of them may be what killed the worker.
+    assert claim(sessions, owner="w2") == [suspect]
+    with sessions.begin() as s:
+        # Topping up a batch takes only jobs on their first attempt.
+        assert [j.id for j in joblib.claim_batch(s, model=MODEL["name"], batch_key="k", limit=10, owner="w2",
+                                                 lease_seconds=30, top_up=True)] == fresh
+    assert claim(sessions, owner="w2") == [mates[0]]
+
+
+def test_requeue_counts_attempts_and_fails_past_max_attempts_saying_why(sessions):
+    [jid] = add_jobs(sessions, 1)
+    for attempt in (1, 2, 3):
+        assert claim(sessions, owner=f"w{attempt}") == [jid]
+        expire(sessions, [jid])
+        with sessions.begin() as s:
+            requeued = joblib.requeue_expired(s, ["p"])
+        assert requeued == ([(jid, "p")] if attempt < 3 else [])
+    with sessions() as s:
+        job = s.get(Job, jid)
+        assert (job.status, job.attempts, job.error["code"]) == ("failed", 3, "attempts_exhausted")
+        assert "on each of 3 attempts (last: w3)" in job.error["message"]
+
+
+def test_hand_back_requeues_without_counting_the_attempt_and_only_under_the_lease(sessions):
+    a, b = add_jobs(sessions, 2)
+    claim(sessions, owner="w1")
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == b).values(lease_owner="w2"))
+    with sessions.begin() as s:
+        assert joblib.hand_back(s, [a, b], "w1", "shutting down") == [a]
+    with sessions() as s:
+        job = s.get(Job, a)
+        assert (job.status, job.attempts, job.lease_owner, job.lease_until) == ("queued", 0, None, None)
+        assert joblib.events(s, a)[-1].data == {"message": "shutting down", "worker": "w1"}
+        assert s.get(Job, b).status == "running"
+    # Back to a first attempt: it batches again like any fresh job.
+    assert claim(sessions, owner="w3") == [a]

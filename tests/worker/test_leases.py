@@ -1,0 +1,144 @@
+"""A running batch and its leases, with the runner in this process on Postgres
+(reached through a proxy that can be cut): a lease taken away stops the job and
+writes nothing; a database out of reach stops the batch before its leases
+lapse; a short outage at the end is waited out and the result kept."""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+
+import pytest
+import yaml
+from sqlalchemy import update
+from sqlalchemy.engine import make_url
+
+from genq import jobs as joblib
+from genq.db import make_engine, make_sessionmaker
+from genq.keys import get_or_create_tenant
+from genq.schema import Job
+from genq.settings import Settings
+from models.registry import Registry
+from tests.faults.harness import TcpProxy, wait_for
+from worker import executions
+from worker.build import build_runner
+
+
+@pytest.fixture
+def proxy(pg_url):
+    p = TcpProxy(make_url(pg_url).port or 5432).start()
+    yield p
+    p.cut()
+
+
+@pytest.fixture
+def make_settings(tmp_path, pg_url, proxy):
+    def make(**changes) -> Settings:
+        model, pool = f"lease-{secrets.token_hex(3)}", f"leases-{secrets.token_hex(3)}"
+        registry = tmp_path / f"{model}.yaml"
+        registry.write_text(yaml.safe_dump({"models": {model: {"family": "tests.faults.family", "checkpoint": "none",
+                                                               "pool": pool}}}))
+        through_proxy = make_url(pg_url).set(port=proxy.port).render_as_string(hide_password=False)
+        values = dict(home=tmp_path / "home", registry_path=registry, database_url=through_proxy, device="cpu",
+                      storage_url=(tmp_path / "storage").as_uri(), execution_log=tmp_path / f"{model}.jsonl",
+                      progress_interval=0.05, cancel_poll_interval=0.05, lease_seconds=2)
+        return Settings.from_env({}, **{**values, **changes})
+
+    return make
+
+
+@pytest.fixture
+def direct(pg_url):
+    engine = make_engine(pg_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def submit(direct, settings: Settings, steps: int, step_seconds: float) -> str:
+    [spec] = Registry.load(settings.registry_path)
+    with direct.begin() as session:
+        tenant = get_or_create_tenant(session, f"leases-{secrets.token_hex(3)}")
+        job = joblib.submit(session, tenant_id=tenant.id, type_=spec.family, model=spec.name, pool=spec.pool,
+                            batch_key=spec.batch_key(spec.validate({"prompt": "x"})),
+                            input_={"prompt": "lease", "steps": steps, "step_seconds": step_seconds})
+        return job.id
+
+
+def run_in_thread(runner, job_id: str) -> threading.Thread:
+    """The doorbell's task, as Celery runs it; an error it raises (the next
+    claim while the database is still away) is kept, as Celery would log it."""
+    thread = threading.Thread(target=lambda: _keep_error(thread, runner.on_doorbell, job_id), daemon=True)
+    thread.error = None
+    thread.start()
+    return thread
+
+
+def _keep_error(thread, fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:
+        thread.error = exc
+
+
+def job(direct, job_id: str) -> Job:
+    with direct() as session:
+        return session.get(Job, job_id)
+
+
+def ended(settings: Settings, job_id: str) -> dict:
+    [end] = [r for r in executions.read(settings.execution_log) if r["job"] == job_id and r["event"] == "end"]
+    return end
+
+
+def test_a_lease_taken_away_stops_the_job_and_writes_nothing(make_settings, direct):
+    settings = make_settings()
+    job_id = submit(direct, settings, steps=60, step_seconds=0.05)  # 3 s if left alone
+    started = time.time()
+    thread = run_in_thread(build_runner(settings), job_id)
+    wait_for(lambda: job(direct, job_id).status == "running", 10, "the job running")
+    with direct.begin() as session:  # as a reconciler that thought this worker dead, and another worker's claim
+        session.execute(update(Job).where(Job.id == job_id).values(lease_owner="another-worker"))
+    thread.join(10)
+    j = job(direct, job_id)
+    assert (j.status, j.lease_owner, j.output) == ("running", "another-worker", None)
+    end = ended(settings, job_id)
+    # Stopped at the model's next step after the next renewal (every lease/3), long before the 3 s it would take.
+    assert end["outcome"] == "lease_lost" and end["at"] - started < 2
+
+
+def test_cut_off_from_the_database_the_batch_stops_before_its_lease_lapses(make_settings, direct, proxy):
+    settings = make_settings()
+    job_id = submit(direct, settings, steps=100, step_seconds=0.05)  # 5 s if left alone
+    thread = run_in_thread(build_runner(settings), job_id)
+    wait_for(lambda: job(direct, job_id).status == "running", 10, "the job running")
+    time.sleep(0.3)
+    proxy.cut()
+    thread.join(10)
+    assert thread.error is None or "Connection refused" in str(thread.error)
+    lease_until = job(direct, job_id).lease_until.timestamp()
+    end = ended(settings, job_id)
+    assert end["outcome"] == "lease_lost"
+    # No longer running here when the lease ran out, so another worker taking it
+    # then never runs it beside this one.
+    assert end["at"] < lease_until, (end["at"], lease_until)
+    pool = job(direct, job_id).pool
+    wait_for(lambda: time.time() > lease_until, 5, "the lease to lapse")
+    with direct.begin() as session:
+        assert joblib.requeue_expired(session, [pool]) == [(job_id, pool)]
+
+
+def test_a_short_outage_at_the_finish_is_waited_out(make_settings, direct, proxy):
+    settings = make_settings(lease_seconds=4)
+    job_id = submit(direct, settings, steps=20, step_seconds=0.05)  # 1 s
+    thread = run_in_thread(build_runner(settings), job_id)
+    wait_for(lambda: job(direct, job_id).status == "running", 10, "the job running")
+    time.sleep(0.6)
+    proxy.cut()  # the job ends while the database is out of reach
+    time.sleep(1.5)
+    proxy.restore()
+    thread.join(15)
+    assert thread.error is None
+    j = job(direct, job_id)
+    assert (j.status, j.attempts) == ("succeeded", 1)
+    assert j.output["text"] == "lease after 20 steps"
+    assert ended(settings, job_id)["outcome"] == "succeeded"
