@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from genq import webhooks
 from genq.errors import IllegalTransition
-from genq.schema import Job, JobEvent, utcnow
+from genq.schema import Job, JobEvent, Pool, utcnow
 from genq.states import JobStatus, check_transition
 
 
@@ -105,11 +105,14 @@ def claim_batch(
     """Take up to `limit` queued jobs of one model and batch key, highest priority
     then oldest first, under a lease. SKIP LOCKED keeps two workers on Postgres
     from waiting on (or taking) the same rows; the status check in the UPDATE
-    makes the claim safe on SQLite too, where writers are serialised."""
+    makes the claim safe on SQLite too, where writers are serialised. Jobs
+    of a paused pool are not claimable: they wait, queued, for a resume."""
     now = now or utcnow()
+    paused = select(Pool.name).where(Pool.paused.is_(True))
     candidates = (
         select(Job.id)
-        .where(Job.status == JobStatus.QUEUED.value, Job.model == model, Job.batch_key == batch_key)
+        .where(Job.status == JobStatus.QUEUED.value, Job.model == model, Job.batch_key == batch_key,
+               Job.pool.not_in(paused))
         .order_by(Job.priority.desc(), Job.created_at.asc(), Job.id.asc())
         .limit(limit)
         .with_for_update(skip_locked=True)
