@@ -20,7 +20,8 @@ from genq.states import JobStatus
 log = logging.getLogger(__name__)
 
 # Probes and documents are never limited: a load balancer must always see them.
-EXEMPT_ENDPOINTS = {"health.healthz", "health.readyz", "docs.openapi", "docs.docs", "docs.docs_asset", "static"}
+EXEMPT_ENDPOINTS = {"health.healthz", "health.readyz", "docs.openapi", "docs.docs", "docs.docs_asset", "static",
+                    "metrics.metrics"}
 
 
 def limit_key() -> str:

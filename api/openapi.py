@@ -173,6 +173,26 @@ def build(registry: Registry) -> dict:
                       "properties": {"key": {"type": "string"}, "prefix": {"type": "string"},
                                      "tenant": {"type": "string"}, "role": {"type": "string"}}}
     schemas["TenantList"] = listing({"type": "object"})
+    nullable_number = {"anyOf": [{"type": "number"}, {"type": "null"}]}
+    schemas["Pool"] = {"type": "object", "required": ["name", "models", "paused", "paused_at", "queued", "running",
+                                                      "oldest_queued_seconds", "workers", "succeeded_last_5m",
+                                                      "throughput_per_minute"],
+                       "properties": {"name": {"type": "string"}, "models": {"type": "array", "items": {"type": "string"}},
+                                      "paused": {"type": "boolean"}, "paused_at": TIME_OR_NULL,
+                                      "queued": {"type": "integer"}, "running": {"type": "integer"},
+                                      "oldest_queued_seconds": nullable_number, "workers": {"type": "integer"},
+                                      "succeeded_last_5m": {"type": "integer"},
+                                      "throughput_per_minute": {"type": "number"}}}
+    schemas["PoolList"] = listing(ref("Pool"))
+    schemas["Worker"] = {"type": "object", "required": ["name", "pools", "hostname", "pid", "alive", "draining",
+                                                        "running_jobs", "started_at", "last_seen_at", "drain_requested_at"],
+                         "properties": {"name": {"type": "string", "description": "The Celery node name (-n)."},
+                                        "pools": {"type": "array", "items": {"type": "string"}},
+                                        "hostname": {"type": "string"}, "pid": {"type": "integer"},
+                                        "alive": {"type": "boolean"}, "draining": {"type": "boolean"},
+                                        "running_jobs": {"type": "integer"}, "started_at": TIME,
+                                        "last_seen_at": TIME, "drain_requested_at": TIME_OR_NULL}}
+    schemas["WorkerList"] = listing(ref("Worker"))
     job_bodies = input_schemas(schemas, registry)
     schemas["JobCreate"] = {"oneOf": job_bodies}
 
@@ -289,6 +309,26 @@ def build(registry: Registry) -> dict:
         "/v1/admin/keys/{prefix}/revoke": {"post": op(
             "Revoke keys by prefix (admin).", [resp(200, None, "Revoked.")], [401, 403, 404],
             params=[path_param("prefix", {"type": "string"})], tag="admin")},
+        "/v1/admin/pools": {"get": op("Pools: queue, workers, throughput (admin).", [resp(200, "PoolList", "Pools.")],
+                                      [401, 403], tag="admin")},
+        "/v1/admin/pools/{name}/pause": {"post": op(
+            "Pause a pool: jobs are accepted and queued, none starts (admin).", [resp(200, "Pool", "Paused.")],
+            [401, 403, 404], params=[path_param("name", {"type": "string"})], tag="admin")},
+        "/v1/admin/pools/{name}/resume": {"post": op(
+            "Resume a pool and ring for its queued jobs (admin).", [resp(200, "Pool", "Running.")],
+            [401, 403, 404], params=[path_param("name", {"type": "string"})], tag="admin")},
+        "/v1/admin/workers": {"get": op("Workers by heartbeat, with the jobs they hold (admin).",
+                                        [resp(200, "WorkerList", "Workers.")], [401, 403], tag="admin")},
+        "/v1/admin/workers/{name}/drain": {"post": op(
+            "Drain a worker: it finishes its batch and claims nothing new (admin).", [resp(200, "Worker", "Draining.")],
+            [401, 403, 404], params=[path_param("name", {"type": "string"})], tag="admin")},
+        "/v1/admin/jobs/{job_id}/retry": {"post": op(
+            "Queue a failed job again with fresh attempts (admin).", [resp(200, "Job", "Queued again.")],
+            [401, 403, 404, 409], params=[path_param("job_id")], tag="admin")},
+        "/metrics": {"get": op(
+            "Prometheus metrics: jobs by state and pool, queue depth and age, API requests.",
+            [("200", {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}})],
+            [], tag="service", auth=False)},
     }
     for name in [n for n in schemas if n.startswith(("Input_", "JobCreate", "KeyCreate", "Hyperparameters"))]:
         _no_nul(schemas[name])

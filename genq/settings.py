@@ -98,6 +98,18 @@ class Settings:
     api_port: int = 8000
     # Log level for every process.
     log_level: str = "INFO"
+    # "text" for people at a terminal; "json" for a log pipeline: one object a
+    # line, with the job id on every line about a job.
+    log_format: str = "text"
+    # Port a worker serves Prometheus /metrics on (0 = off). The API serves its
+    # own at /metrics on the API port.
+    metrics_port: int = 0
+    # Set by `genq worker` to its Celery node name (the -n value), the name
+    # /v1/admin/workers lists and drains; empty outside a worker.
+    worker_name: str = ""
+    # A worker writes "still alive" to the database this often (seconds); one
+    # silent for three intervals is listed as gone.
+    heartbeat_interval: float = 5.0
     # Base URL the API is reached at from outside, for URLs inside webhook
     # payloads (local-storage outputs); None means http://{api_host}:{api_port}.
     public_url: str | None = None
@@ -194,6 +206,10 @@ class Settings:
             api_host=get("api_host", "127.0.0.1"),
             api_port=num("api_port", 8000, int),
             log_level=get("log_level", "INFO"),
+            log_format=get("log_format", "text"),
+            metrics_port=num("metrics_port", 0, int),
+            worker_name=get("worker_name", ""),
+            heartbeat_interval=num("heartbeat_interval", 5.0, float),
             public_url=get("public_url", None) or None,
             webhook_queue=get("webhook_queue", "webhooks"),
             webhook_timeout=num("webhook_timeout", 15.0, float),
@@ -205,6 +221,8 @@ class Settings:
             webhook_allowed_hosts=items("webhook_allowed_hosts", (), str),
         )
         values.update(overrides)
+        if values["log_format"] not in ("text", "json"):
+            raise ConfigError(f"GENQ_LOG_FORMAT must be text or json, got {values['log_format']!r}")
         return cls(**values)
 
     def replace(self, **changes) -> "Settings":
