@@ -1,7 +1,6 @@
 """The Flask app factory: one place builds the API from settings."""
 from __future__ import annotations
 
-
 from flask import Flask
 
 from api import admin, catalog, errors, files, health, jobs, metrics, openapi
