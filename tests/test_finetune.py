@@ -45,9 +45,10 @@ def stack(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
     shutil.copytree(model_dir / "demo-text", settings.model_dir / "demo-text")
     text = WorkerProcess(settings, [f"text-{tag}"]).start()
     trainer = WorkerProcess(settings, [settings.training_pool], preload=False).start()
-    yield {"settings": settings, "client": create_app(settings).test_client(), "trainer": trainer}
+    stack = {"settings": settings, "client": create_app(settings).test_client(), "trainer": trainer}
+    yield stack
     text.stop()
-    trainer.stop()
+    stack["trainer"].stop()  # the kill test replaces the first trainer
 
 
 @pytest.fixture
