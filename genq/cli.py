@@ -108,8 +108,15 @@ def cmd_worker(settings: Settings, args) -> int:
             r.cache.get(spec)
     model_pools = [p for p in pools if p != settings.webhook_queue]
     if model_pools:
+        from worker.shutdown import begin_on_signals
+
         Reconciler(settings, model_pools).start()
-        _stop_claiming_on_shutdown()
+        # SIGTERM: claim nothing new, bound the batch in hand, hand it back past the timeout.
+        begin_on_signals()
+        if pool_kind == "solo":
+            # Celery's soft-shutdown wait would run in the signal handler, on the
+            # thread running the batch: it would pause the batch, not let it finish.
+            app.conf.worker_soft_shutdown_timeout = 0.0
     argv = ["worker", "-Q", ",".join(pools), "--loglevel", settings.log_level,
             "-n", f"{'+'.join(pools)}.{os.getpid()}@%h", "-c", str(concurrency), "--pool", pool_kind]
     if settings.embedded_broker:
@@ -117,17 +124,6 @@ def cmd_worker(settings: Settings, args) -> int:
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
     app.worker_main(argv)
     return 0
-
-
-def _stop_claiming_on_shutdown() -> None:
-    """SIGTERM starts Celery's warm shutdown in the main process; the runner
-    (here, or in forked pool children through shared memory) then claims no
-    more batches and bounds the one in hand by GENQ_SHUTDOWN_TIMEOUT."""
-    from celery.signals import worker_shutting_down
-
-    from worker.shutdown import SHUTDOWN
-
-    worker_shutting_down.connect(lambda **_: SHUTDOWN.begin(), weak=False)
 
 
 def _sweep_when_ready(settings: Settings, app) -> None:
