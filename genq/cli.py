@@ -165,8 +165,13 @@ class Reconciler(threading.Thread):
                 self.round(sessions, app, first)
                 first = False
             except Exception as exc:
-                log.warning("reconciler round failed, trying again in %ss: %s", self.settings.reconcile_interval,
-                            (str(exc) or type(exc).__name__).splitlines()[0][:300])
+                from genq.outage import unavailable
+
+                if (down := unavailable(exc)) is None:
+                    log.exception("reconciler round failed; trying again in %ss", self.settings.reconcile_interval)
+                else:
+                    log.warning("reconciler round failed, the %s is unreachable; trying again in %ss",
+                                down, self.settings.reconcile_interval)
             time.sleep(self.settings.reconcile_interval)
 
     def round(self, sessions, app, first: bool = False) -> None:
