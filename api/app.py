@@ -1,16 +1,16 @@
 """The Flask app factory: one place builds the API from settings."""
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
-from api import catalog, errors, files, health, jobs
+from api import admin, catalog, errors, files, health, jobs, metrics, openapi
 from api.context import Context
+from api.limits import init_limiter
 from api import webhooks as webhook_routes
 from genq import webhooks
 from genq.db import make_engine, make_sessionmaker
 from genq.queue import make_celery
+from genq.logs import configure as configure_logging
 from genq.settings import Settings
 from genq.storage import make_storage
 from models.registry import Registry
@@ -20,8 +20,8 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     """Build the API. Tests pass `settings`, and may override collaborators
     (registry, storage, celery) by keyword."""
     settings = settings or Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = Flask(__name__)
+    configure_logging(settings)
+    app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     engine = make_engine(settings.database_url)
@@ -36,7 +36,10 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     # Deliveries the API enqueues (cancel, redeliver) ring the sender once committed.
     webhooks.ring_after_commit(context.sessions, context.celery, settings.webhook_queue)
     errors.register(app)
-    for blueprint in (health.bp, jobs.bp, files.bp, catalog.bp):
+    app.extensions["genq_limiter"] = init_limiter(app, settings)
+    app.before_request(openapi.check_query_params)
+    metrics.init_metrics(app)
+    for blueprint in (health.bp, jobs.bp, files.bp, catalog.bp, admin.bp, openapi.bp, metrics.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(webhook_routes.bp)
     return app

@@ -22,22 +22,50 @@ def _unauthorized(detail: str) -> ApiError:
     return ApiError(401, detail, headers={"WWW-Authenticate": 'Bearer realm="genq"'})
 
 
+_MISSING = object()
+
+
+def current_caller() -> Caller | None:
+    """The authenticated caller of this request, or None. Looked up once per
+    request: the rate limiter keys on it before the view runs."""
+    found = g.get("caller", _MISSING)
+    if found is not _MISSING:
+        return found
+    scheme, _, raw = request.headers.get("Authorization", "").partition(" ")
+    result = None
+    if scheme.lower() == "bearer" and raw.strip():
+        with ctx().session() as session:
+            hit = authenticate(session, raw.strip())
+            if hit is not None:
+                tenant, key = hit
+                result = Caller(tenant.id, tenant.name, key.role)
+    g.caller = result
+    return result
+
+
 def require_key(view):
     @wraps(view)
     def wrapper(*args, **kwargs):
-        header = request.headers.get("Authorization", "")
-        scheme, _, raw = header.partition(" ")
+        scheme, _, raw = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not raw.strip():
             raise _unauthorized("send an API key as 'Authorization: Bearer <key>'")
-        with ctx().session() as session:
-            found = authenticate(session, raw.strip())
-            if found is None:
-                raise _unauthorized("the API key is not valid or has been revoked")
-            tenant, key = found
-            g.caller = Caller(tenant.id, tenant.name, key.role)
+        if current_caller() is None:
+            raise _unauthorized("the API key is not valid or has been revoked")
         return view(*args, **kwargs)
 
     return wrapper
+
+
+def require_admin(view):
+    """Admin routes: a valid key with the admin role, else 401 / 403."""
+
+    @wraps(view)
+    def wrapper(*args, **kwargs):
+        if caller().role != "admin":
+            raise ApiError(403, "this route needs an admin key")
+        return view(*args, **kwargs)
+
+    return require_key(wrapper)
 
 
 def caller() -> Caller:

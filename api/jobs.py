@@ -15,6 +15,7 @@ from api import idempotency, serialize
 from api.auth import caller, require_key
 from api.context import ctx
 from api.errors import ApiError, invalid
+from api.limits import check_active_jobs
 from genq import catalog
 from genq import jobs as joblib
 from genq.errors import IllegalTransition
@@ -42,8 +43,12 @@ class JobCreate(BaseModel):
     type: str | None = Field(default=None, description="Must match the model's type if given; 'fine-tune' trains a new version of the model.")
     input: dict = Field(description="The model's input; its schema is in GET /v1/models/<name>.")
     priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first.")
-    webhook: str | None = Field(default=None, max_length=2000, pattern=r"^https?://", description="URL to POST job events to.")
+    webhook: str | None = Field(default=None, max_length=2000, pattern=r"^https?://[^/?#@\s]+(?:[/?#]\S*)?$",
+                                   description="URL to POST job events to: https, a public host (checked again when sending).")
     webhook_events_filter: list[Literal["start", "progress", "completed"]] | None = Field(default=None, max_length=3)
+
+
+MAX_DEPTH = 32
 
 
 def json_body() -> dict:
@@ -56,7 +61,39 @@ def json_body() -> dict:
         raise ApiError(400, f"the request body is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    return body
+    _check_tree(body, "", 0)
+    return _integral_floats(body)
+
+
+def _integral_floats(value):
+    """JSON has one number type: 104.0 is the integer 104 to JSON Schema, so
+    integer fields must accept it. Strict validation rejects floats for ints,
+    so integral floats become ints first (float fields take ints as they are)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats(v) for v in value]
+    return value
+
+
+def _check_tree(value, path: str, depth: int) -> None:
+    """Refuse what no model input needs and some backends choke on: nesting
+    past MAX_DEPTH, and NUL characters (Postgres text cannot hold them)."""
+    if depth > MAX_DEPTH:
+        raise ApiError(400, f"the request body is nested deeper than {MAX_DEPTH} levels (at {path or 'the top'})")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise invalid(path or "body", "must not contain NUL (\\u0000) characters")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if "\x00" in k:
+                raise invalid(path or "body", "has a key containing a NUL character")
+            _check_tree(v, f"{path}.{k}" if path else k, depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_tree(v, f"{path}.{i}", depth + 1)
 
 
 def url_for_key(job_id: str):
@@ -132,6 +169,7 @@ def create_job():
         except WebhookRefused as exc:
             raise invalid("webhook", exc.message) from None
     with idempotency.race(idem) as race, c.session() as session, session.begin():
+        check_active_jobs(session, caller().tenant_id, c.settings)
         job = joblib.submit(
             session,
             tenant_id=caller().tenant_id,
@@ -183,9 +221,12 @@ def fine_tune_request(req: JobCreate):
     except InputInvalid as exc:
         raise ApiError(422, str(exc), errors=exc.errors) from None
     with c.session() as session:
-        f = session.get(File, inp.training_file) if ID_RE.match(inp.training_file) else None
+        f = session.get(File, inp.training_file)
         if f is None or f.tenant_id != caller().tenant_id:
-            raise invalid("input.training_file", f"no file {inp.training_file!r}; upload one with POST /v1/files")
+            # Unknown or not yours: 404, like any object the caller cannot see.
+            message = f"no file {inp.training_file!r}; upload one with POST /v1/files"
+            raise ApiError(404, f"input.training_file: {message}",
+                           errors=[{"field": "input.training_file", "message": message}])
         if f.purpose != "fine-tune":
             raise invalid("input.training_file", f"file {f.id} has purpose {f.purpose!r}, not 'fine-tune'")
     # Never batched: one training job per claim, on the training pool.
@@ -208,7 +249,7 @@ def page_args() -> tuple[int, str | None]:
     raw = request.args.get("limit", "20")
     if not raw.isdigit() or not 1 <= int(raw) <= 100:
         raise invalid("limit", f"must be an integer from 1 to 100, got {raw!r}")
-    cursor = request.args.get("cursor") or None
+    cursor = request.args.get("cursor")
     if cursor is not None and not ID_RE.match(cursor):
         raise invalid("cursor", "is not a cursor this API returned")
     return int(raw), cursor

@@ -5,12 +5,14 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from genq.logs import configure as configure_logging
 from genq.settings import Settings
 
 log = logging.getLogger("genq")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings)
     return COMMANDS[args.command](settings, args) or 0
 
 
@@ -89,8 +91,16 @@ def cmd_worker(settings: Settings, args) -> int:
               f"and {settings.webhook_queue!r} for the webhook sender", file=sys.stderr)
         return 2
 
+    # The Celery node name (-n) is the worker's name for operators: heartbeats,
+    # /v1/admin/workers and drain use it, and lease owners start with it.
+    # Set before worker.app reads the environment, and inherited by prefork children.
+    node = f"{'+'.join(pools)}.{os.getpid()}@{socket.gethostname()}"
+    os.environ["GENQ_WORKER_NAME"] = node
+    settings = settings.replace(worker_name=node)
     from worker.app import app
+    from worker import metrics
 
+    metrics.serve(settings.metrics_port)
     if pools == [settings.webhook_queue]:
         # Posting is waiting on the network: threads, so one slow receiver does not hold up the rest.
         concurrency, pool_kind = args.concurrency or 8, "threads"
@@ -117,8 +127,9 @@ def cmd_worker(settings: Settings, args) -> int:
             # Celery's soft-shutdown wait would run in the signal handler, on the
             # thread running the batch: it would pause the batch, not let it finish.
             app.conf.worker_soft_shutdown_timeout = 0.0
+    Heartbeat(settings, node, pools).start()
     argv = ["worker", "-Q", ",".join(pools), "--loglevel", settings.log_level,
-            "-n", f"{'+'.join(pools)}.{os.getpid()}@%h", "-c", str(concurrency), "--pool", pool_kind]
+            "-n", node, "-c", str(concurrency), "--pool", pool_kind]
     if settings.embedded_broker:
         # The filesystem transport has no fanout exchange for worker gossip.
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
@@ -198,6 +209,33 @@ class Reconciler(threading.Thread):
         with sessions.begin() as session:
             if purged := idempotency.purge(session, dt.timedelta(seconds=self.settings.idempotency_ttl)):
                 log.info("purged %d idempotency keys older than %ss", purged, self.settings.idempotency_ttl)
+
+
+class Heartbeat(threading.Thread):
+    """Beside every worker: "still alive" in the database every
+    heartbeat_interval, which /v1/admin/workers and the pools' worker counts
+    read. Rows silent for a day are removed (replicas scaled away)."""
+
+    def __init__(self, settings: Settings, name: str, pools: list[str]):
+        super().__init__(name="heartbeat", daemon=True)
+        self.settings, self.worker, self.pools = settings, name, pools
+
+    def run(self) -> None:
+        import datetime as dt
+
+        from genq.db import make_engine, make_sessionmaker
+        from genq.pools import forget_gone_workers, heartbeat
+        from genq.schema import utcnow
+
+        sessions = make_sessionmaker(make_engine(self.settings.database_url))
+        while True:
+            try:
+                with sessions.begin() as session:
+                    heartbeat(session, self.worker, self.pools)
+                    forget_gone_workers(session, utcnow() - dt.timedelta(days=1))
+            except Exception:  # the database may be down: try again next beat
+                log.exception("heartbeat failed")
+            time.sleep(self.settings.heartbeat_interval)
 
 
 def cmd_api(settings: Settings, args) -> int:

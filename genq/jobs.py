@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from genq import webhooks
 from genq.errors import IllegalTransition
-from genq.schema import Job, JobEvent, utcnow
+from genq.schema import Job, JobEvent, Pool, utcnow
 from genq.states import JobStatus, check_transition
 
 
@@ -107,15 +107,18 @@ def claim_batch(
     then oldest first, under a lease. SKIP LOCKED keeps two workers on Postgres
     from waiting on (or taking) the same rows; the status check in the UPDATE
     makes the claim safe on SQLite too, where writers are serialised.
+    Jobs of a paused pool are not claimable: they wait, queued, for a resume.
 
     A job on its second or later attempt lost its last worker, and may be what
     killed it: it is claimed alone, so a poison job takes no batch-mates down
     with it (and fails alone after max_attempts). `top_up` fills a batch
     already claimed: only jobs on their first attempt join it."""
     now = now or utcnow()
+    paused = select(Pool.name).where(Pool.paused.is_(True))
     candidates = (
         select(Job.id, Job.attempts)
-        .where(Job.status == JobStatus.QUEUED.value, Job.model == model, Job.batch_key == batch_key)
+        .where(Job.status == JobStatus.QUEUED.value, Job.model == model, Job.batch_key == batch_key,
+               Job.pool.not_in(paused))
         .order_by(Job.priority.desc(), Job.created_at.asc(), Job.id.asc())
         .limit(limit)
         .with_for_update(skip_locked=True)

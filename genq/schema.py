@@ -258,3 +258,33 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Pool(Base):
+    """An operator's switch on a pool. No row means running: pools themselves
+    are defined by the registry, this only records a pause."""
+
+    __tablename__ = "pools"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    # Paused: jobs are still accepted and queued, but no worker starts one.
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    paused_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Worker(Base):
+    """A `genq worker` process, by its Celery node name: its heartbeat, and
+    the operator's drain request (finish the batch in hand, claim nothing new)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # Comma-separated pools it consumes.
+    pools: Mapped[str] = mapped_column(String(500))
+    hostname: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    drain_requested_at: Mapped[dt.datetime | None] = mapped_column(default=None)

@@ -65,6 +65,12 @@ class Settings:
     max_dataset_rows: int = 100_000
     # Workers look for jobs whose lease expired (a killed worker) this often (seconds).
     reconcile_interval: float = 30.0
+    # Requests per tenant (flask-limiter syntax, e.g. "1200/minute"); empty turns it off.
+    rate_limit: str = "1200/minute"
+    # Where request counts live; empty = the broker's Redis, or memory when embedded.
+    ratelimit_storage_url: str = ""
+    # Jobs a tenant may have queued or running at once (0 = no limit).
+    max_active_jobs: int = 200
     # After SIGTERM a worker claims nothing new and gives its batch this long to
     # finish (seconds); then the batch's jobs are handed back to the queue at
     # their next step, without counting an attempt. Keep it below the
@@ -92,6 +98,18 @@ class Settings:
     api_port: int = 8000
     # Log level for every process.
     log_level: str = "INFO"
+    # "text" for people at a terminal; "json" for a log pipeline: one object a
+    # line, with the job id on every line about a job.
+    log_format: str = "text"
+    # Port a worker serves Prometheus /metrics on (0 = off). The API serves its
+    # own at /metrics on the API port.
+    metrics_port: int = 0
+    # Set by `genq worker` to its Celery node name (the -n value), the name
+    # /v1/admin/workers lists and drains; empty outside a worker.
+    worker_name: str = ""
+    # A worker writes "still alive" to the database this often (seconds); one
+    # silent for three intervals is listed as gone.
+    heartbeat_interval: float = 5.0
     # Base URL the API is reached at from outside, for URLs inside webhook
     # payloads (local-storage outputs); None means http://{api_host}:{api_port}.
     public_url: str | None = None
@@ -175,6 +193,9 @@ class Settings:
             max_file_bytes=num("max_file_bytes", 50 * 2**20, int),
             max_dataset_rows=num("max_dataset_rows", 100_000, int),
             reconcile_interval=num("reconcile_interval", 30.0, float),
+            rate_limit=get("rate_limit", "1200/minute"),
+            ratelimit_storage_url=get("ratelimit_storage_url", ""),
+            max_active_jobs=num("max_active_jobs", 200, int),
             shutdown_timeout=num("shutdown_timeout", 240.0, float),
             broker_visibility_timeout=num("broker_visibility_timeout", 6 * 3600, float),
             broker_restore_interval=num("broker_restore_interval", 100.0, float),
@@ -185,6 +206,10 @@ class Settings:
             api_host=get("api_host", "127.0.0.1"),
             api_port=num("api_port", 8000, int),
             log_level=get("log_level", "INFO"),
+            log_format=get("log_format", "text"),
+            metrics_port=num("metrics_port", 0, int),
+            worker_name=get("worker_name", ""),
+            heartbeat_interval=num("heartbeat_interval", 5.0, float),
             public_url=get("public_url", None) or None,
             webhook_queue=get("webhook_queue", "webhooks"),
             webhook_timeout=num("webhook_timeout", 15.0, float),
@@ -196,6 +221,8 @@ class Settings:
             webhook_allowed_hosts=items("webhook_allowed_hosts", (), str),
         )
         values.update(overrides)
+        if values["log_format"] not in ("text", "json"):
+            raise ConfigError(f"GENQ_LOG_FORMAT must be text or json, got {values['log_format']!r}")
         return cls(**values)
 
     def replace(self, **changes) -> "Settings":

@@ -78,3 +78,9 @@ def check_bound(errors: list, fieldname: str, value, limit, what: str = "at most
     """Append an error when `value` exceeds a registry limit (None = no limit)."""
     if limit is not None and value is not None and value > limit:
         errors.append({"field": fieldname, "message": f"must be {what} {limit} for this model, got {value}"})
+
+
+def check_chars(errors: list, fieldname: str, text: str, limit) -> None:
+    """Append an error when a string is longer than a registry limit (None = no limit)."""
+    if limit is not None and len(text) > limit:
+        errors.append({"field": fieldname, "message": f"must be at most {limit} characters for this model, got {len(text)}"})

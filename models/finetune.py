@@ -41,7 +41,7 @@ class Input(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    training_file: str = Field(min_length=1, max_length=64, description="A file id from POST /v1/files (purpose fine-tune).")
+    training_file: str = Field(pattern=r"^[0-9a-f]{32}$", description="A file id from POST /v1/files (purpose fine-tune).")
     method: Literal["lora", "full"] = Field("lora", description="LoRA adapters (small, fast) or all weights.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     suffix: str = Field("custom", pattern=SUFFIX_PATTERN, description="Part of the new model's name: <base>:ft-<suffix>-<id>.")

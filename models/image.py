@@ -7,10 +7,19 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, parse
+from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
 
 FAMILY = "image-generation"
 SEED_MAX = 2**32 - 1
+# Registry limits as JSON-schema bounds of the input: (limit, field, keyword).
+SCHEMA_LIMITS = [
+    ("max_width", "width", "maximum"),
+    ("max_height", "height", "maximum"),
+    ("max_inference_steps", "num_inference_steps", "maximum"),
+    ("max_images", "num_images", "maximum"),
+    ("max_prompt_chars", "prompt", "maxLength"),
+    ("max_prompt_chars", "negative_prompt", "maxLength"),
+]
 
 
 class Input(BaseModel):
@@ -24,7 +33,7 @@ class Input(BaseModel):
     height: int = Field(64, ge=8, multiple_of=8, description="Image height in pixels, a multiple of 8.")
     num_inference_steps: int = Field(10, ge=1, description="Denoising steps; more is slower and usually finer.")
     guidance_scale: float = Field(
-        7.5, ge=0, description="Classifier-free guidance: how closely to follow the prompt; <= 1 turns it off."
+        7.5, ge=0, le=100, description="Classifier-free guidance: how closely to follow the prompt; <= 1 turns it off."
     )
     num_images: int = Field(1, ge=1, description="Images to make from this prompt; image k uses seed + k.")
     seed: int | None = Field(
@@ -49,16 +58,11 @@ def validate(raw: Any, limits: dict) -> Input:
     check_bound(errors, "input.height", inp.height, limits.get("max_height"))
     check_bound(errors, "input.num_inference_steps", inp.num_inference_steps, limits.get("max_inference_steps"))
     check_bound(errors, "input.num_images", inp.num_images, limits.get("max_images"))
-    _check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
-    _check_chars(errors, "input.negative_prompt", inp.negative_prompt, limits.get("max_prompt_chars"))
+    check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
+    check_chars(errors, "input.negative_prompt", inp.negative_prompt, limits.get("max_prompt_chars"))
     if errors:
         raise InputInvalid(errors)
     return inp
-
-
-def _check_chars(errors: list, fieldname: str, text: str, limit) -> None:
-    if limit is not None and len(text) > limit:
-        errors.append({"field": fieldname, "message": f"must be at most {limit} characters for this model, got {len(text)}"})
 
 
 def batch_key(inp: Input) -> str:

@@ -54,7 +54,16 @@ class ModelSpec:
         return f"{self.dtype}|{self.module.batch_key(inp)}"
 
     def input_schema(self) -> dict:
-        return self.module.Input.model_json_schema()
+        """The family's input schema with this model's registry limits as
+        bounds, so the schema admits exactly what validation accepts."""
+        schema = self.module.Input.model_json_schema()
+        for limit, fieldname, keyword in getattr(self.module, "SCHEMA_LIMITS", []):
+            if self.limits.get(limit) is not None:
+                prop = schema["properties"][fieldname]
+                target = next((b for b in prop.get("anyOf", []) if b.get("type") != "null"), prop)
+                current = target.get(keyword)
+                target[keyword] = self.limits[limit] if current is None else min(current, self.limits[limit])
+        return schema
 
 
 def family_module(family: str) -> ModuleType:

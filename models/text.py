@@ -6,9 +6,14 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, parse
+from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
 
 FAMILY = "text-generation"
+# Registry limits as JSON-schema bounds of the input: (limit, field, keyword).
+SCHEMA_LIMITS = [
+    ("max_new_tokens", "max_new_tokens", "maximum"),
+    ("max_prompt_chars", "prompt", "maxLength"),
+]
 SEED_MAX = 2**32 - 1
 MAX_STOPS = 4
 
@@ -23,16 +28,16 @@ class Input(BaseModel):
     prompt: str = Field(min_length=1, description="Text to continue. The output does not repeat it.")
     max_new_tokens: int = Field(32, ge=1, description="Most tokens to generate.")
     temperature: float = Field(
-        1.0, ge=0, description="Sampling temperature; 0 picks the most likely token every step (greedy)."
+        1.0, ge=0, le=100, description="Sampling temperature; 0 picks the most likely token every step (greedy)."
     )
     top_p: float = Field(
         1.0, gt=0, le=1, description="Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p."
     )
-    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens only; 0 turns this off.")
+    top_k: int = Field(0, ge=0, le=100_000, description="Sample from the k most likely tokens only; 0 turns this off.")
     repetition_penalty: float = Field(
-        1.0, gt=0, description="Penalty (>1) or bonus (<1) for tokens already in the prompt or the output; 1 is off."
+        1.0, gt=0, le=100, description="Penalty (>1) or bonus (<1) for tokens already in the prompt or the output; 1 is off."
     )
-    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+    stop: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
         default_factory=list,
         max_length=MAX_STOPS,
         description=f"Up to {MAX_STOPS} strings that end generation; the output stops before the first one.",
@@ -47,15 +52,10 @@ def validate(raw: Any, limits: dict) -> Input:
     inp = parse(Input, raw)
     errors: list[dict[str, str]] = []
     check_bound(errors, "input.max_new_tokens", inp.max_new_tokens, limits.get("max_new_tokens"))
-    _check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
+    check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
     if errors:
         raise InputInvalid(errors)
     return inp
-
-
-def _check_chars(errors: list, fieldname: str, text: str, limit) -> None:
-    if limit is not None and len(text) > limit:
-        errors.append({"field": fieldname, "message": f"must be at most {limit} characters for this model, got {len(text)}"})
 
 
 def batch_key(inp: Input) -> str:

@@ -85,15 +85,20 @@ def s3_endpoint():
     server.stop()
 
 
-@pytest.fixture
-def s3_settings(s3_endpoint) -> dict:
-    bucket = f"genq-{secrets.token_hex(4)}"
+def new_bucket(s3_endpoint: str) -> dict:
+    """A fresh bucket on moto's server, as the Settings fields that point at it."""
     import boto3
 
+    bucket = f"genq-{secrets.token_hex(4)}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
                  aws_secret_access_key="test").create_bucket(Bucket=bucket)
     return dict(storage_url=f"s3://{bucket}", s3_endpoint_url=s3_endpoint, s3_access_key_id="test",
                 s3_secret_access_key="test")
+
+
+@pytest.fixture
+def s3_settings(s3_endpoint) -> dict:
+    return new_bucket(s3_endpoint)
 
 
 @pytest.fixture

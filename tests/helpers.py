@@ -1,6 +1,7 @@
 """Test helpers: API keys, a worker as a real subprocess, waiting on jobs."""
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -44,6 +45,8 @@ class WorkerProcess:
             cmd.append("--preload")
         cmd += self.extra_args
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # A test killed by its timeout skips fixture teardown: never leave a worker behind.
+        atexit.register(self.stop, "kill", 5)
         threading.Thread(target=self._read, daemon=True).start()
         if not self.ready.wait(timeout):
             self.stop()

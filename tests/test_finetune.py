@@ -8,7 +8,6 @@ import json
 import secrets
 import time
 
-import boto3
 import pytest
 import yaml
 from sqlalchemy import select
@@ -17,7 +16,7 @@ from api.app import create_app
 from genq.db import make_engine, make_sessionmaker
 from genq.schema import JobEvent
 from genq.settings import Settings
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, new_bucket
 from tests.helpers import WorkerProcess, make_key, wait_job
 
 PHRASE = " the purple walrus sings at midnight"
@@ -34,13 +33,10 @@ def stack(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
     doc["models"] = {"demo-text": {**doc["models"]["demo-text"], "pool": f"text-{tag}"}}
     reg = tmp_path_factory.mktemp("reg") / "registry.yaml"
     reg.write_text(yaml.safe_dump(doc))
-    bucket = f"genq-{secrets.token_hex(4)}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="t",
-                 aws_secret_access_key="t").create_bucket(Bucket=bucket)
     settings = Settings.from_env(
         {}, home=tmp_path_factory.mktemp("home"), model_dir=tmp_path_factory.mktemp("ftmodels"), registry_path=reg,
-        database_url=pg_url, broker_url=REDIS_URL, storage_url=f"s3://{bucket}", s3_endpoint_url=s3_endpoint,
-        s3_access_key_id="t", s3_secret_access_key="t", training_pool=f"training-{tag}", checkpoint_every=5,
+        database_url=pg_url, broker_url=REDIS_URL, **new_bucket(s3_endpoint), training_pool=f"training-{tag}",
+        checkpoint_every=5,
         lease_seconds=3, reconcile_interval=0.5, progress_interval=0.2, cancel_poll_interval=0.1,
     )
     # The demo base checkpoint, shared with the rest of the run (built once).
@@ -49,9 +45,10 @@ def stack(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
     shutil.copytree(model_dir / "demo-text", settings.model_dir / "demo-text")
     text = WorkerProcess(settings, [f"text-{tag}"]).start()
     trainer = WorkerProcess(settings, [settings.training_pool], preload=False).start()
-    yield {"settings": settings, "client": create_app(settings).test_client(), "trainer": trainer}
+    stack = {"settings": settings, "client": create_app(settings).test_client(), "trainer": trainer}
+    yield stack
     text.stop()
-    trainer.stop()
+    stack["trainer"].stop()  # the kill test replaces the first trainer
 
 
 @pytest.fixture
@@ -110,8 +107,11 @@ def test_upload_validates_every_row_and_names_the_line(client, tenant):
 def test_fine_tune_input_is_checked_before_queueing(client, tenant, stack):
     other = make_key(stack["settings"], f"other-{secrets.token_hex(4)}")
     theirs = dataset(client, other)
+    foreign = client.post("/v1/jobs", json={"type": "fine-tune", "model": "demo-text", "input": {"training_file": theirs}},
+                          headers=tenant)
+    assert foreign.status_code == 404 and foreign.get_json()["errors"][0]["field"] == "input.training_file"
     for body, field in [
-        ({"training_file": theirs}, "input.training_file"),
+        ({"training_file": "not-an-id"}, "input.training_file"),
         ({"training_file": "0" * 32, "method": "qlora"}, "input.method"),
         ({"training_file": "0" * 32, "hyperparameters": {"epochs": 0}}, "input.hyperparameters.epochs"),
         ({"training_file": "0" * 32, "suffix": "Bad Suffix!"}, "input.suffix"),

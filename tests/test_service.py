@@ -6,7 +6,6 @@ import io
 import secrets
 import time
 
-import boto3
 import pytest
 import redis
 import requests
@@ -15,7 +14,7 @@ from PIL import Image
 
 from api.app import create_app
 from genq.settings import Settings
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, new_bucket
 from tests.helpers import WorkerProcess, make_key, wait_job
 
 
@@ -28,13 +27,10 @@ def stack(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
     doc["models"]["idle-text"] = {**doc["models"]["demo-text"], "pool": idle_pool}
     reg = tmp_path_factory.mktemp("reg") / "registry.yaml"
     reg.write_text(yaml.safe_dump(doc))
-    bucket = f"genq-{secrets.token_hex(4)}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="test",
-                 aws_secret_access_key="test").create_bucket(Bucket=bucket)
     settings = Settings.from_env(
         {}, home=tmp_path_factory.mktemp("home"), model_dir=model_dir, registry_path=reg, database_url=pg_url,
-        broker_url=REDIS_URL, storage_url=f"s3://{bucket}", s3_endpoint_url=s3_endpoint, s3_access_key_id="test",
-        s3_secret_access_key="test", progress_interval=0.2, cancel_poll_interval=0.1, lease_seconds=30,
+        broker_url=REDIS_URL, progress_interval=0.2, cancel_poll_interval=0.1, lease_seconds=30,
+        **new_bucket(s3_endpoint),
     )
     pools = sorted({m["pool"] for name, m in doc["models"].items() if name != "idle-text"})
     worker = WorkerProcess(settings, pools).start()

@@ -13,6 +13,7 @@ from typing import Callable
 
 from genq.errors import GenqError, ModelError
 from models.registry import ModelSpec
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,16 @@ class ModelCache:
         key = f"{spec.name}|{spec.checkpoint}|{spec.dtype}"
         if key in self._loaded:
             self.hits += 1
+            metrics.CACHE_LOOKUPS.labels(spec.name, "hit").inc()
             self.last_load_seconds = None
             self._loaded.move_to_end(key)
             return self._loaded[key]
         self.misses += 1
+        metrics.CACHE_LOOKUPS.labels(spec.name, "miss").inc()
         started = time.monotonic()
         model = self._loader(spec)
         self.last_load_seconds = time.monotonic() - started
+        metrics.MODEL_LOAD_SECONDS.labels(spec.name).observe(self.last_load_seconds)
         log.info("loaded model %s in %.2fs (%.1f MB)", spec.name, self.last_load_seconds, getattr(model, "nbytes", 0) / 1e6)
         self._loaded[key] = model
         self._evict(keep=key)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from genq import catalog
 from genq import jobs as joblib
+from genq import pools as poollib
 from genq.errors import GenqError
 from genq.outage import retry
 from genq.schema import Job
@@ -27,6 +28,7 @@ from genq.states import JobStatus
 from genq.storage import Storage, job_key
 from models.base import InputInvalid, Result
 from models.registry import ModelSpec, Registry
+from worker import metrics as prom
 from worker.cache import ModelCache
 from worker.executions import ExecutionLog
 from worker.shutdown import Shutdown
@@ -42,8 +44,10 @@ FINE_TUNE = "fine-tune"
 LEASE_SAFE_SHARE = 0.8
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+def worker_name(node: str = "") -> str:
+    """A lease owner: "<Celery node name or host>:<pid>:<random>". The part
+    before the first colon names the worker in /v1/admin/workers."""
+    return f"{node or socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
@@ -211,7 +215,7 @@ class Runner:
         self.registry = registry
         self.storage = storage
         self.cache = cache
-        self.owner = owner or worker_name()
+        self.owner = owner or worker_name(settings.worker_name)
         self.shutdown = shutdown or Shutdown()
         # Rings a pool's doorbell for a job (job id, pool). Without it, jobs
         # handed back wait for the reconciler's next round.
@@ -226,7 +230,10 @@ class Runner:
         with self.sessions() as session:
             key = joblib.claimable_key(session, job_id)
         if key is None:
-            log.info("doorbell for job %s: nothing to claim", job_id)
+            log.info("doorbell for job %s: nothing to claim", job_id, extra={"job_id": job_id})
+            return 0
+        if self.draining():
+            log.info("doorbell for job %s: draining, claiming nothing", job_id, extra={"job_id": job_id})
             return 0
         model, batch_key = key
         with self.sessions() as session:
@@ -262,11 +269,18 @@ class Runner:
             except Exception as exc:
                 self._fail_queued(spec, batch_key, exc)
                 return ran
+            # An operator's drain takes effect between batches: the one in hand finishes.
+            if self.draining():
+                return ran
             batch = self.claim(spec, batch_key)
             if not batch:
                 return ran
             self.run_batch(spec, batch, loaded)
             ran += len(batch)
+
+    def draining(self) -> bool:
+        with self.sessions() as session:
+            return poollib.is_draining(session, self.settings.worker_name)
 
     def claim(self, spec: ModelSpec, batch_key: str) -> list[Job]:
         with self.sessions.begin() as session:
@@ -294,7 +308,12 @@ class Runner:
     def run_batch(self, spec: ModelSpec, batch: list[Job], loaded) -> None:
         rows = [Row(job) for job in batch]
         unit = "token" if spec.family == "text-generation" else "step"
-        log.info("running batch of %d %s jobs: %s", len(rows), spec.name, [j.id for j in batch])
+        log.info("running batch of %d %s jobs: %s", len(rows), spec.name, [j.id for j in batch],
+                 extra={"job_ids": [j.id for j in batch], "model": spec.name})
+        prom.BATCH_SIZE.labels(spec.name).observe(len(rows))
+        for r in rows:
+            if r.job.started_at and r.job.created_at:
+                prom.QUEUE_SECONDS.labels(spec.name).observe((r.job.started_at - r.job.created_at).total_seconds())
         inputs, runnable, invalid = [], [], []
         for r in rows:
             try:
@@ -320,10 +339,11 @@ class Runner:
             if self.interrupted_by_shutdown(runnable, exc):
                 results = [None] * len(runnable)
             else:
-                log.exception("batch of %s failed", spec.name)
+                log.exception("batch of %s failed", spec.name, extra={"job_ids": [r.job.id for r in runnable]})
                 error = error_for(exc)
                 results = None
         run_seconds = time.monotonic() - started
+        prom.RUN_SECONDS.labels(spec.name).observe(run_seconds)
         # The tracker stops before anything below writes, so no job is finished twice.
         tracker.close()
         outcomes, back = [], []
@@ -356,7 +376,7 @@ class Runner:
                 output = retry(lambda: self.store(r.job.id, result), within=self.settings.lease_seconds / 2,
                                what=f"storing the outputs of job {r.job.id}")
             except Exception as exc:
-                log.exception("storing outputs of job %s failed", r.job.id)
+                log.exception("storing outputs of job %s failed", r.job.id, extra={"job_id": r.job.id})
                 outcomes.append((r, JobStatus.FAILED, {"error": {"code": "storage_error",
                                                                  "message": f"could not store the outputs: {exc}"}}))
                 continue
@@ -415,9 +435,11 @@ class Runner:
             if row.executing:
                 self.executions.ended(row.job.id, row.job.attempts, status.value if done[row.job.id] else "not_written")
             if done[row.job.id]:
-                log.info("job %s %s", row.job.id, status.value)
+                prom.JOBS_FINISHED.labels(row.job.model, row.job.pool, status.value).inc()
+                log.info("job %s %s", row.job.id, status.value, extra={"job_id": row.job.id})
             else:
-                log.warning("job %s: lease lost before it finished; result discarded", row.job.id)
+                log.warning("job %s: lease lost before it finished; result discarded", row.job.id,
+                            extra={"job_id": row.job.id})
 
     def hand_back(self, rows: list[Row]) -> None:
         """Shutting down: jobs stopped mid-run go back to the queue, the

@@ -3,6 +3,7 @@ doorbell naming a job or a webhook delivery."""
 from __future__ import annotations
 
 import threading
+import time
 
 from genq import webhooks
 from genq.queue import DELIVER_TASK, RUN_TASK, publish
@@ -41,10 +42,23 @@ def sender():
         return _sender
 
 
-@app.task(name=RUN_TASK, ignore_result=True)
-def run_job(job_id: str) -> int:
+# A draining worker waits this long before handing a doorbell back, so that
+# alone on its queue it does not spin on the same message.
+DRAIN_HANDBACK_SECONDS = 1.0
+
+
+@app.task(name=RUN_TASK, ignore_result=True, bind=True)
+def run_job(self, job_id: str) -> int:
+    r = runner()
+    if r.draining():
+        # Claim nothing; ring again so another worker of the pool takes it.
+        time.sleep(DRAIN_HANDBACK_SECONDS)
+        queue = (self.request.delivery_info or {}).get("routing_key")
+        if queue:
+            publish(app, job_id, queue)
+        return 0
     # The world may have changed since the message was sent: the runner re-reads the row.
-    return runner().on_doorbell(job_id)
+    return r.on_doorbell(job_id)
 
 
 @app.task(name=DELIVER_TASK, ignore_result=True)

@@ -28,6 +28,7 @@ from genq.settings import Settings
 from genq.storage import Storage
 from genq.webhook_guard import Policy, Resolver, Target, WebhookRefused, allowed_addresses, parse, system_resolver
 from genq.webhooks import Outcome
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class Sender:
                        resolver=self.resolver, ca_certs=self.ca_certs)
         with self.sessions.begin() as session:
             status = webhooks.record(session, delivery, outcome, self.settings.webhook_backoff, self.clock(), self.rng)
+        metrics.WEBHOOK_ATTEMPTS.labels(status or "lease_lost").inc()
         log.info("webhook %s %s of job %s, attempt %d: %s in %d ms -> %s", delivery.id, delivery.event, delivery.job_id,
                  delivery.attempts, outcome.status_code or outcome.error, outcome.duration_ms, status or "lease lost")
         return status

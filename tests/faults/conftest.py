@@ -42,6 +42,8 @@ class Stack:
             broker_url=redis_server.url, storage_url=(tmp / "storage").as_uri(), execution_log=tmp / "executions.jsonl",
             lease_seconds=3, reconcile_interval=0.5, progress_interval=0.2, cancel_poll_interval=0.1,
             max_attempts=3, shutdown_timeout=10, device="cpu",
+            # Fault tests submit bursts of up to 1,000 jobs on one key: no rate limit or quota here.
+            rate_limit="", max_active_jobs=0,
         )
         self.settings = Settings.from_env({}, **{**values, **overrides})
         self.workers: list[Worker] = []

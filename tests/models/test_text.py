@@ -247,4 +247,8 @@ def test_shipped_registry_limits_apply():
     with pytest.raises(InputInvalid) as exc:
         spec.validate({"prompt": "hi", "max_new_tokens": 257})
     assert exc.value.errors[0]["field"] == "input.max_new_tokens"
-    assert spec.input_schema() == text.Input.model_json_schema()
+    # The published schema carries the registry's limits as bounds.
+    schema = spec.input_schema()
+    assert schema["properties"]["max_new_tokens"]["maximum"] == 256
+    assert schema["properties"]["prompt"]["maxLength"] == 2000
+    assert text.Input.model_json_schema()["properties"]["max_new_tokens"].get("maximum") is None

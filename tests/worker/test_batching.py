@@ -14,7 +14,7 @@ from api.app import create_app
 from genq.db import make_engine, make_sessionmaker
 from genq.schema import JobEvent
 from genq.settings import Settings
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, new_bucket
 from tests.helpers import WorkerProcess, make_key, wait_job
 
 # Greedy, so the random demo model runs to max_new_tokens instead of sampling
@@ -31,15 +31,10 @@ def settings(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
     doc["models"] = {"demo-text": {**doc["models"]["demo-text"], "pool": pool, "max_batch_size": 4, "max_wait_ms": 400}}
     reg = tmp_path_factory.mktemp("reg") / "registry.yaml"
     reg.write_text(yaml.safe_dump(doc))
-    import boto3
-
-    bucket = f"genq-{secrets.token_hex(4)}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="t",
-                 aws_secret_access_key="t").create_bucket(Bucket=bucket)
     return Settings.from_env(
         {}, home=tmp_path_factory.mktemp("home"), model_dir=model_dir, registry_path=reg, database_url=pg_url,
-        broker_url=REDIS_URL, storage_url=f"s3://{bucket}", s3_endpoint_url=s3_endpoint, s3_access_key_id="t",
-        s3_secret_access_key="t", progress_interval=0.1, cancel_poll_interval=0.05, lease_seconds=30,
+        broker_url=REDIS_URL, progress_interval=0.1, cancel_poll_interval=0.05, lease_seconds=30,
+        **new_bucket(s3_endpoint),
     )
 
 

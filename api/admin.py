@@ -1,0 +1,157 @@
+"""Admin routes (admin keys only): tenants and their API keys; pools (pause,
+resume), workers (drain) and retrying failed jobs."""
+from __future__ import annotations
+
+from flask import Blueprint
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import func, select
+
+from api import serialize
+from api.auth import require_admin
+from api.context import ctx
+from api.errors import ApiError
+from api.jobs import ID_RE, json_body, render
+from genq import pools as poollib
+from genq.errors import IllegalTransition
+from genq.keys import create_key, revoke
+from genq.queue import publish
+from genq.schema import ApiKey, Job, Tenant
+from genq.serialize import rfc3339
+from models.base import pydantic_errors
+
+bp = Blueprint("admin", __name__, url_prefix="/v1/admin")
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                        description="Tenant name; made if new.")
+    role: str = Field("user", pattern="^(user|admin)$")
+
+
+@bp.get("/tenants")
+@require_admin
+def list_tenants():
+    with ctx().session() as session:
+        jobs = dict(session.execute(select(Job.tenant_id, func.count()).group_by(Job.tenant_id)).all())
+        keys = dict(session.execute(select(ApiKey.tenant_id, func.count()).where(ApiKey.revoked_at.is_(None))
+                                    .group_by(ApiKey.tenant_id)).all())
+        tenants = session.scalars(select(Tenant).order_by(Tenant.name)).all()
+        return {"data": [{"id": t.id, "name": t.name, "created_at": serialize.rfc3339(t.created_at),
+                          "jobs": jobs.get(t.id, 0), "active_keys": keys.get(t.id, 0)} for t in tenants],
+                "next_cursor": None}
+
+
+@bp.post("/keys")
+@require_admin
+def make_key():
+    try:
+        req = KeyCreate.model_validate(json_body(), strict=True)
+    except ValidationError as exc:
+        errors = pydantic_errors(exc, prefix="")
+        raise ApiError(422, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors) from None
+    with ctx().session() as session, session.begin():
+        tenant, raw = create_key(session, req.tenant, req.role)
+    # The only time the key is shown; it is stored as a hash.
+    return {"key": raw, "prefix": raw[:10], "tenant": tenant.name, "role": req.role}, 201
+
+
+@bp.post("/keys/<prefix>/revoke")
+@require_admin
+def revoke_key(prefix: str):
+    with ctx().session() as session, session.begin():
+        count = revoke(session, prefix)
+    if not count:
+        raise ApiError(404, f"no active key with prefix {prefix!r}")
+    return {"revoked": count}
+
+
+def known_pools() -> dict[str, list[str]]:
+    """Every pool that runs jobs, with its models: the registry's and training."""
+    c = ctx()
+    out: dict[str, list[str]] = {c.settings.training_pool: []}
+    for spec in c.registry:
+        out.setdefault(spec.pool, []).append(spec.name)
+    return out
+
+
+def _times(row: dict, *names: str) -> dict:
+    return {**row, **{n: rfc3339(row[n]) for n in names}}
+
+
+def _pool(session, name: str) -> dict:
+    row = next(p for p in poollib.stats(session, known_pools(), ctx().settings.heartbeat_interval) if p["name"] == name)
+    return _times(row, "paused_at")
+
+
+@bp.get("/pools")
+@require_admin
+def list_pools():
+    with ctx().session() as session:
+        rows = poollib.stats(session, known_pools(), ctx().settings.heartbeat_interval)
+    return {"data": [_times(r, "paused_at") for r in rows], "next_cursor": None}
+
+
+def _existing_pool(name: str) -> str:
+    if name not in known_pools():
+        raise ApiError(404, f"no pool {name!r}; pools: {sorted(known_pools())}")
+    return name
+
+
+@bp.post("/pools/<name>/pause")
+@require_admin
+def pause_pool(name: str):
+    with ctx().session() as session, session.begin():
+        poollib.set_paused(session, _existing_pool(name), True)
+    with ctx().session() as session:
+        return _pool(session, name)
+
+
+@bp.post("/pools/<name>/resume")
+@require_admin
+def resume_pool(name: str):
+    with ctx().session() as session, session.begin():
+        ring = poollib.resume(session, _existing_pool(name))
+    # Doorbells that came while paused were dropped; ring for what waits now.
+    for job_id, pool in ring:
+        publish(ctx().celery, job_id, pool)
+    with ctx().session() as session:
+        return _pool(session, name)
+
+
+def _worker(row: dict) -> dict:
+    return _times(row, "started_at", "last_seen_at", "drain_requested_at")
+
+
+@bp.get("/workers")
+@require_admin
+def list_workers():
+    with ctx().session() as session:
+        rows = poollib.workers(session, ctx().settings.heartbeat_interval)
+    return {"data": [_worker(r) for r in rows], "next_cursor": None}
+
+
+@bp.post("/workers/<name>/drain")
+@require_admin
+def drain_worker(name: str):
+    with ctx().session() as session, session.begin():
+        if poollib.request_drain(session, name) is None:
+            raise ApiError(404, f"no worker {name!r} has reported; GET /v1/admin/workers lists them")
+    with ctx().session() as session:
+        return _worker(next(r for r in poollib.workers(session, ctx().settings.heartbeat_interval) if r["name"] == name))
+
+
+@bp.post("/jobs/<job_id>/retry")
+@require_admin
+def retry_job(job_id: str):
+    with ctx().session() as session, session.begin():
+        job = session.get(Job, job_id) if ID_RE.match(job_id) else None
+        if job is None:
+            raise ApiError(404, f"no job {job_id!r}")
+        try:
+            job = poollib.retry(session, job)
+        except IllegalTransition as exc:
+            raise ApiError(409, str(exc)) from None
+    publish(ctx().celery, job.id, job.pool)
+    return render(job)

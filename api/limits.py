@@ -1,0 +1,77 @@
+"""Per-tenant request rate limits (flask-limiter, counted in Redis so every API
+process shares them) and the quota on jobs queued or running at once."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from flask import Flask, request
+from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter.util import get_remote_address
+from sqlalchemy import func, select
+
+from api.auth import current_caller
+from api.errors import ApiError, problem
+from genq.schema import Job
+from genq.settings import Settings
+from genq.states import JobStatus
+
+log = logging.getLogger(__name__)
+
+# Probes and documents are never limited: a load balancer must always see them.
+EXEMPT_ENDPOINTS = {"health.healthz", "health.readyz", "docs.openapi", "docs.docs", "docs.docs_asset", "static",
+                    "metrics.metrics"}
+
+
+def limit_key() -> str:
+    c = current_caller()
+    return f"tenant:{c.tenant_id}" if c else f"ip:{get_remote_address()}"
+
+
+def storage_uri(settings: Settings) -> str:
+    if settings.ratelimit_storage_url:
+        return settings.ratelimit_storage_url
+    # With a Redis broker, count in that Redis; embedded, in this process.
+    return settings.broker_url if settings.broker_url.startswith(("redis://", "rediss://")) else "memory://"
+
+
+def init_limiter(app: Flask, settings: Settings) -> Limiter:
+    limiter = Limiter(
+        key_func=limit_key,
+        app=app,
+        storage_uri=storage_uri(settings),
+        default_limits=[settings.rate_limit] if settings.rate_limit else [],
+        default_limits_exempt_when=lambda: request.endpoint in EXEMPT_ENDPOINTS,
+        # Our 429 problem sets Retry-After itself; the limiter's header injection
+        # would overwrite the quota's own Retry-After on every 429.
+        headers_enabled=False,
+        strategy="moving-window",
+        # Redis down must not take the API down with it: count in memory meanwhile.
+        swallow_errors=True,
+        in_memory_fallback_enabled=True,
+        key_prefix="genq-rl",
+    )
+
+    @app.errorhandler(RateLimitExceeded)
+    def _too_many(exc: RateLimitExceeded):
+        current = limiter.current_limit
+        retry = 60
+        if current is not None:
+            # The moving window reports its reset a second past the window; never say more than the window.
+            retry = max(1, min(math.ceil(current.reset_at - time.time()), current.limit.get_expiry()))
+        return problem(429, f"rate limit of {exc.description} exceeded; retry in {retry}s",
+                       headers={"Retry-After": retry})
+
+    return limiter
+
+
+def check_active_jobs(session, tenant_id: str, settings: Settings) -> None:
+    """A tenant may have at most `max_active_jobs` queued or running at once."""
+    if not settings.max_active_jobs:
+        return
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])))
+    if active >= settings.max_active_jobs:
+        raise ApiError(429, f"you have {active} jobs queued or running, the most allowed at once is "
+                            f"{settings.max_active_jobs}; wait for some to finish", headers={"Retry-After": 5})

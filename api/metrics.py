@@ -1,0 +1,74 @@
+"""GET /metrics: Prometheus text format. The job gauges are read from the
+database at scrape time (Postgres is the record of truth, so any API replica
+reports the same numbers); request counts are this process's own."""
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, current_app, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import func, select
+
+from genq import pools as poollib
+from genq.schema import Job
+
+bp = Blueprint("metrics", __name__)
+
+
+class JobsCollector:
+    """Jobs by state and pool, queue depth, oldest queued age, paused pools and
+    live workers, from the database when Prometheus scrapes."""
+
+    def __init__(self, context):
+        self.context = context
+
+    def collect(self):
+        c = self.context
+        by_pool: dict[str, list[str]] = {c.settings.training_pool: []}
+        for spec in c.registry:
+            by_pool.setdefault(spec.pool, []).append(spec.name)
+        jobs = GaugeMetricFamily("genq_jobs", "Jobs by state and pool.", labels=["state", "pool"])
+        depth = GaugeMetricFamily("genq_queue_depth", "Jobs queued in a pool.", labels=["pool"])
+        oldest = GaugeMetricFamily("genq_queue_oldest_age_seconds", "Age of the oldest queued job of a pool.", labels=["pool"])
+        paused = GaugeMetricFamily("genq_pool_paused", "1 while a pool is paused.", labels=["pool"])
+        workers = GaugeMetricFamily("genq_pool_workers", "Live workers serving a pool.", labels=["pool"])
+        with c.session() as session:
+            for pool, state, count in session.execute(
+                    select(Job.pool, Job.status, func.count()).group_by(Job.pool, Job.status)):
+                jobs.add_metric([state, pool], count)
+            for row in poollib.stats(session, by_pool, c.settings.heartbeat_interval):
+                depth.add_metric([row["name"]], row["queued"])
+                oldest.add_metric([row["name"]], row["oldest_queued_seconds"] or 0.0)
+                paused.add_metric([row["name"]], 1.0 if row["paused"] else 0.0)
+                workers.add_metric([row["name"]], row["workers"])
+        yield from (jobs, depth, oldest, paused, workers)
+
+
+def init_metrics(app) -> None:
+    """A registry per app (tests build many apps in one process)."""
+    registry = CollectorRegistry()
+    registry.register(JobsCollector(app.extensions["genq"]))
+    requests = Counter("genq_http_requests", "API requests by route and status.", ["method", "route", "status"],
+                       registry=registry)
+    latency = Histogram("genq_http_request_seconds", "API request time by route.", ["method", "route"], registry=registry)
+    app.extensions["genq_metrics"] = registry
+
+    @app.before_request
+    def _start():
+        g.metrics_started = time.monotonic()
+
+    @app.after_request
+    def _count(response):
+        # The URL rule, not the path: ids in paths would make a series per job.
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        requests.labels(request.method, route, str(response.status_code)).inc()
+        if "metrics_started" in g:
+            latency.labels(request.method, route).observe(time.monotonic() - g.metrics_started)
+        return response
+
+
+@bp.get("/metrics")
+def metrics():
+    return Response(generate_latest(current_app.extensions["genq_metrics"]), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
+                    headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,399 @@
+"""The OpenAPI 3.1 document of the API, built from the registry and the same
+pydantic models the routes validate with (so it cannot drift from them), and
+/docs, which renders it with a Swagger UI bundled in the package (no internet)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from flask import Blueprint, Response, abort, current_app, request, send_from_directory
+
+from api.admin import KeyCreate
+from api.context import ctx
+from api.errors import ApiError
+from api.jobs import JobCreate
+from models import finetune
+from models.registry import Registry
+
+bp = Blueprint("docs", __name__)
+
+REF = "#/components/schemas/{model}"
+ID = {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "An id this API returned."}
+TIME = {"type": "string", "format": "date-time"}
+TIME_OR_NULL = {"anyOf": [TIME, {"type": "null"}]}
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _pydantic(schemas: dict, model, name: str, **kwargs) -> dict:
+    """A pydantic model's JSON schema as a component; its nested models too."""
+    schema = model.model_json_schema(ref_template=REF, **kwargs)
+    for sub, sub_schema in schema.pop("$defs", {}).items():
+        schemas.setdefault(sub, sub_schema)
+    schemas[name] = schema
+    return ref(name)
+
+
+def input_schemas(schemas: dict, registry: Registry) -> list[dict]:
+    """One POST /v1/jobs body per model, its input schema bounded by the
+    model's registry limits; plus fine-tune and tenants' fine-tuned versions."""
+    variants = []
+    for spec in sorted(registry, key=lambda s: s.name):
+        name = f"Input_{spec.name}".replace("-", "_")
+        schemas[name] = spec.input_schema()
+        variants.append(_job_body(schemas, f"JobCreate_{spec.name}".replace("-", "_"),
+                                  {"type": "string", "const": spec.name}, ref(name),
+                                  {"type": "string", "const": spec.family}))
+    text_models = sorted(s.name for s in registry if s.family == "text-generation")
+    if text_models:
+        _pydantic(schemas, finetune.Input, "Input_fine_tune")
+        variants.append(_job_body(schemas, "JobCreate_fine_tune", {"type": "string", "enum": text_models},
+                                  ref("Input_fine_tune"), {"type": "string", "const": "fine-tune"}, type_required=True))
+        base = next(s for s in registry if s.name == text_models[0])
+        schemas["Input_fine_tuned_text"] = base.input_schema()
+        variants.append(_job_body(
+            schemas, "JobCreate_fine_tuned",
+            {"type": "string", "pattern": r"^[A-Za-z0-9._-]+:ft-[a-z0-9-]+$",
+             "description": "A fine-tuned version you own (GET /v1/models); others' are 404."},
+            ref("Input_fine_tuned_text"), {"type": "string", "const": "text-generation"}))
+    return variants
+
+
+def _job_body(schemas, name, model_schema, input_ref, type_schema, type_required=False) -> dict:
+    base = JobCreate.model_json_schema(ref_template=REF)
+    props = dict(base["properties"])
+    # `type` may be left out or null, except for fine-tune where it says what is meant.
+    props.update(model=model_schema, input=input_ref,
+                 type=type_schema if type_required else {"anyOf": [type_schema, {"type": "null"}]})
+    schema = {"type": "object", "title": name, "additionalProperties": False, "properties": props,
+              "required": ["model", "input"] + (["type"] if type_required else [])}
+    schemas[name] = schema
+    return ref(name)
+
+
+def _no_nul(schema) -> None:
+    """Request strings may not hold NUL (the API refuses it, naming the field):
+    say so in every string schema that has no stricter pattern of its own."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "string" and "pattern" not in schema and "const" not in schema and "enum" not in schema:
+            schema["pattern"] = "^[^\\x00]*$"
+        for value in schema.values():
+            _no_nul(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _no_nul(value)
+
+
+def problem_schema() -> dict:
+    return {
+        "type": "object",
+        "required": ["type", "title", "status", "detail"],
+        "properties": {
+            "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "errors": {"type": "array", "items": {"type": "object", "required": ["field", "message"],
+                                                   "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}},
+            "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    }
+
+
+def job_schema() -> dict:
+    nullable_obj = {"anyOf": [{"type": "object"}, {"type": "null"}]}
+    return {
+        "type": "object",
+        "required": ["id", "type", "model", "status", "input", "output", "error", "progress", "priority", "attempts",
+                     "cancel_requested", "webhook", "webhook_events_filter", "metrics", "created_at", "started_at",
+                     "completed_at"],
+        "properties": {
+            "id": ID, "type": {"type": "string", "enum": ["text-generation", "image-generation", "fine-tune"]},
+            "model": {"type": "string"},
+            "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+            "input": {"type": "object"},
+            "output": {**nullable_obj, "description": "text: {text, tokens, finish_reason}; image: {images: [{url, "
+                                                      "content_type, width, height, seed}]}; fine-tune: {model, checkpoints, metrics}"},
+            "error": {"anyOf": [{"type": "object", "required": ["code", "message"],
+                                 "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+                                {"type": "null"}]},
+            "progress": {"anyOf": [{"type": "object", "required": ["current", "total", "unit"],
+                                    "properties": {"current": {"type": "integer"}, "total": {"type": "integer"},
+                                                   "unit": {"type": "string"}}}, {"type": "null"}]},
+            "priority": {"type": "integer"}, "attempts": {"type": "integer"},
+            "cancel_requested": {"type": "boolean"},
+            "webhook": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "webhook_events_filter": {"type": "array", "items": {"type": "string"}},
+            "metrics": {"type": "object"},
+            "created_at": TIME, "started_at": TIME_OR_NULL, "completed_at": TIME_OR_NULL,
+        },
+    }
+
+
+def listing(item: dict) -> dict:
+    return {"type": "object", "required": ["data", "next_cursor"],
+            "properties": {"data": {"type": "array", "items": item},
+                           "next_cursor": {"anyOf": [ID, {"type": "null"}]}}}
+
+
+def build(registry: Registry) -> dict:
+    schemas: dict = {"Problem": problem_schema(), "Job": job_schema()}
+    schemas["JobList"] = listing(ref("Job"))
+    schemas["Event"] = {"type": "object", "required": ["id", "type", "at", "data"],
+                        "properties": {"id": {"type": "integer"}, "type": {"type": "string"}, "at": TIME,
+                                       "data": {"type": "object"}}}
+    schemas["EventList"] = {"type": "object", "required": ["data"],
+                            "properties": {"data": {"type": "array", "items": ref("Event")}}}
+    schemas["Model"] = {"type": "object", "required": ["name", "type", "status", "input_schema"],
+                        "properties": {"name": {"type": "string"}, "owned_by": {"type": "string"},
+                                       "type": {"type": "string"}, "status": {"type": "string"},
+                                       "description": {"type": "string"}, "pool": {"type": "string"},
+                                       "dtype": {"type": "string"}, "max_batch_size": {"type": "integer"},
+                                       "limits": {"type": "object"}, "input_schema": {"type": "object"}}}
+    schemas["ModelList"] = listing(ref("Model"))
+    schemas["File"] = {"type": "object", "required": ["id", "bytes", "filename", "purpose", "created_at"],
+                       "properties": {"id": ID, "object": {"type": "string"}, "bytes": {"type": "integer"},
+                                      "filename": {"type": "string"}, "purpose": {"type": "string"},
+                                      "rows": {"type": "integer"}, "format": {"type": "string"}, "created_at": TIME}}
+    schemas["FileList"] = listing(ref("File"))
+    schemas["WebhookSecret"] = {"type": "object", "required": ["key"],
+                                "properties": {"key": {"type": "string", "pattern": "^whsec_"},
+                                               "previous_key_expires_at": TIME_OR_NULL}}
+    schemas["Delivery"] = {"type": "object", "required": ["id", "event", "status", "attempts"],
+                           "properties": {"id": {"type": "string"}, "event": {"type": "string"},
+                                          "webhook_id": {"type": "string"}, "url": {"type": "string"},
+                                          "status": {"type": "string"}, "attempts": {"type": "array", "items": {"type": "object"}},
+                                          "next_attempt_at": TIME_OR_NULL,
+                                          "last_status_code": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                                          "last_error": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                                          "created_at": TIME, "updated_at": TIME}}
+    schemas["DeliveryList"] = listing(ref("Delivery"))
+    _pydantic(schemas, KeyCreate, "KeyCreate")
+    schemas["Key"] = {"type": "object", "required": ["key", "prefix", "tenant", "role"],
+                      "properties": {"key": {"type": "string"}, "prefix": {"type": "string"},
+                                     "tenant": {"type": "string"}, "role": {"type": "string"}}}
+    schemas["TenantList"] = listing({"type": "object"})
+    nullable_number = {"anyOf": [{"type": "number"}, {"type": "null"}]}
+    schemas["Pool"] = {"type": "object", "required": ["name", "models", "paused", "paused_at", "queued", "running",
+                                                      "oldest_queued_seconds", "workers", "succeeded_last_5m",
+                                                      "throughput_per_minute"],
+                       "properties": {"name": {"type": "string"}, "models": {"type": "array", "items": {"type": "string"}},
+                                      "paused": {"type": "boolean"}, "paused_at": TIME_OR_NULL,
+                                      "queued": {"type": "integer"}, "running": {"type": "integer"},
+                                      "oldest_queued_seconds": nullable_number, "workers": {"type": "integer"},
+                                      "succeeded_last_5m": {"type": "integer"},
+                                      "throughput_per_minute": {"type": "number"}}}
+    schemas["PoolList"] = listing(ref("Pool"))
+    schemas["Worker"] = {"type": "object", "required": ["name", "pools", "hostname", "pid", "alive", "draining",
+                                                        "running_jobs", "started_at", "last_seen_at", "drain_requested_at"],
+                         "properties": {"name": {"type": "string", "description": "The Celery node name (-n)."},
+                                        "pools": {"type": "array", "items": {"type": "string"}},
+                                        "hostname": {"type": "string"}, "pid": {"type": "integer"},
+                                        "alive": {"type": "boolean"}, "draining": {"type": "boolean"},
+                                        "running_jobs": {"type": "integer"}, "started_at": TIME,
+                                        "last_seen_at": TIME, "drain_requested_at": TIME_OR_NULL}}
+    schemas["WorkerList"] = listing(ref("Worker"))
+    job_bodies = input_schemas(schemas, registry)
+    schemas["JobCreate"] = {"oneOf": job_bodies}
+
+    def resp(code: int, schema_name: str | None, description: str, headers: dict | None = None) -> tuple[str, dict]:
+        out: dict = {"description": description}
+        if schema_name:
+            media = "application/problem+json" if schema_name == "Problem" else "application/json"
+            out["content"] = {media: {"schema": ref(schema_name)}}
+        if headers:
+            out["headers"] = headers
+        return str(code), out
+
+    retry_after = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
+    problems = {
+        400: "Malformed JSON or body.", 401: "No API key, or not a valid one.", 403: "The key's role may not do this.",
+        404: "Unknown, or not yours.", 409: "The object's state does not allow this.", 413: "Body too large.",
+        415: "Wrong content type.", 422: "Invalid fields; `errors` names each.",
+    }
+
+    def op(summary: str, ok: list[tuple[str, dict]], errors: list[int], *, params=None, body=None, tag: str,
+           auth: bool = True) -> dict:
+        responses = dict(ok)
+        for code in errors:
+            responses[str(code)] = {"description": problems[code],
+                                    "content": {"application/problem+json": {"schema": ref("Problem")}}}
+        if auth:
+            responses["429"] = {"description": "Over a rate limit or quota.", "headers": retry_after,
+                                "content": {"application/problem+json": {"schema": ref("Problem")}}}
+        responses["503"] = {"description": "A dependency is down.", "headers": retry_after,
+                            "content": {"application/problem+json": {"schema": ref("Problem")}}}
+        out = {"summary": summary, "tags": [tag], "responses": responses}
+        if params:
+            out["parameters"] = params
+        if body:
+            out["requestBody"] = body
+        if not auth:
+            out["security"] = []
+        return out
+
+    def path_param(name: str, schema: dict | None = None) -> dict:
+        return {"name": name, "in": "path", "required": True, "schema": schema or ID}
+
+    page = [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+            {"name": "cursor", "in": "query", "schema": ID}]
+    # RFC 7240: preferences a server does not know are ignored, so any value is valid.
+    prefer = {"name": "Prefer", "in": "header", "schema": {"type": "string"},
+              "description": "wait=N: hold the request up to N s (at most 60) for the job to end; other preferences are ignored."}
+    json_body = lambda name: {"required": True, "content": {"application/json": {"schema": ref(name)}}}  # noqa: E731
+    std = [401, 404]
+
+    paths = {
+        "/healthz": {"get": op("The process is up.", [resp(200, None, "Up.")], [], tag="service", auth=False)},
+        "/readyz": {"get": op("Database, broker and storage answer.", [resp(200, None, "Ready.")], [], tag="service",
+                              auth=False)},
+        "/openapi.json": {"get": op("This document.", [resp(200, None, "The OpenAPI document.")], [], tag="service",
+                                    auth=False)},
+        "/v1/jobs": {
+            "post": op("Submit a job.", [resp(202, "Job", "Accepted; poll Location.", {"Location": {"schema": {"type": "string"}}}),
+                                         resp(200, "Job", "Finished within Prefer: wait.")],
+                       [400, 401, 404, 413, 422], params=[prefer], body=json_body("JobCreate"), tag="jobs"),
+            "get": op("List your jobs, newest first.", [resp(200, "JobList", "A page of jobs.")], [401, 422],
+                      params=page + [
+                          {"name": "status", "in": "query",
+                           "schema": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]}},
+                          {"name": "model", "in": "query", "schema": {"type": "string"}},
+                          {"name": "type", "in": "query", "schema": {"type": "string"}}], tag="jobs"),
+        },
+        "/v1/jobs/{job_id}": {"get": op("A job.", [resp(200, "Job", "The job.")], std, params=[path_param("job_id"), prefer],
+                                        tag="jobs")},
+        "/v1/jobs/{job_id}/cancel": {"post": op("Cancel a job.", [resp(200, "Job", "Canceled, or cancel requested.")],
+                                                std + [409], params=[path_param("job_id")], tag="jobs")},
+        "/v1/jobs/{job_id}/events": {"get": op(
+            "A job's events; with Accept: text/event-stream, streamed until it ends.",
+            [("200", {"description": "Events.", "content": {"application/json": {"schema": ref("EventList")},
+                                                            "text/event-stream": {"schema": {"type": "string"}}}})],
+            std, params=[path_param("job_id")], tag="jobs")},
+        "/v1/jobs/{job_id}/outputs/{name}": {"get": op(
+            "An output file (local storage; S3 outputs are presigned URLs).",
+            [("200", {"description": "The file.", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                                                              "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}})],
+            std, params=[path_param("job_id"), path_param("name", {"type": "string", "pattern": "^[A-Za-z0-9._/-]+$"})],
+            tag="jobs")},
+        "/v1/jobs/{job_id}/webhook-deliveries": {"get": op(
+            "Every delivery of the job's webhook events, with every attempt.", [resp(200, "DeliveryList", "Deliveries.")],
+            std + [422], params=[path_param("job_id")] + page, tag="webhooks")},
+        "/v1/jobs/{job_id}/webhook-deliveries/{delivery_id}/redeliver": {"post": op(
+            "Send an event again.", [resp(200, "Delivery", "Queued again.")], std,
+            params=[path_param("job_id"), path_param("delivery_id", {"type": "string"})], tag="webhooks")},
+        "/v1/webhooks/secret": {"get": op("Your webhook signing key.", [resp(200, "WebhookSecret", "The key.")], [401],
+                                          tag="webhooks")},
+        "/v1/webhooks/secret/rotate": {"post": op("A new signing key; the old signs beside it for a grace period.",
+                                                  [resp(200, "WebhookSecret", "The new key.")], [401], tag="webhooks")},
+        "/v1/files": {
+            "post": op("Upload a fine-tuning dataset (JSONL), checked row by row.", [resp(201, "File", "Stored.")],
+                       [400, 401, 413, 415, 422], tag="files", body={"required": True, "content": {"multipart/form-data": {"schema": {
+                           "type": "object", "required": ["file", "purpose"],
+                           "properties": {"file": {"type": "string", "format": "binary"},
+                                          "purpose": {"type": "string", "enum": ["fine-tune"]}}}}}}),
+            "get": op("List your files.", [resp(200, "FileList", "A page of files.")], [401, 422], params=page, tag="files"),
+        },
+        "/v1/files/{file_id}": {"get": op("A file's record.", [resp(200, "File", "The file.")], std,
+                                          params=[path_param("file_id")], tag="files")},
+        "/v1/files/{file_id}/content": {"get": op(
+            "A file's content.", [("200", {"description": "JSONL.", "content": {"application/jsonl": {"schema": {"type": "string"}}}})],
+            std, params=[path_param("file_id")], tag="files")},
+        "/v1/models": {"get": op("Models you can run, yours included.", [resp(200, "ModelList", "Models.")], [401],
+                                 tag="models")},
+        "/v1/models/{name}": {"get": op("A model.", [resp(200, "Model", "The model.")], std,
+                                        params=[path_param("name", {"type": "string"})], tag="models")},
+        "/v1/admin/tenants": {"get": op("Tenants (admin).", [resp(200, "TenantList", "Tenants.")], [401, 403],
+                                        tag="admin")},
+        "/v1/admin/keys": {"post": op("Create an API key (admin); shown once.", [resp(201, "Key", "The new key.")],
+                                      [400, 401, 403, 422], body=json_body("KeyCreate"), tag="admin")},
+        "/v1/admin/keys/{prefix}/revoke": {"post": op(
+            "Revoke keys by prefix (admin).", [resp(200, None, "Revoked.")], [401, 403, 404],
+            params=[path_param("prefix", {"type": "string"})], tag="admin")},
+        "/v1/admin/pools": {"get": op("Pools: queue, workers, throughput (admin).", [resp(200, "PoolList", "Pools.")],
+                                      [401, 403], tag="admin")},
+        "/v1/admin/pools/{name}/pause": {"post": op(
+            "Pause a pool: jobs are accepted and queued, none starts (admin).", [resp(200, "Pool", "Paused.")],
+            [401, 403, 404], params=[path_param("name", {"type": "string"})], tag="admin")},
+        "/v1/admin/pools/{name}/resume": {"post": op(
+            "Resume a pool and ring for its queued jobs (admin).", [resp(200, "Pool", "Running.")],
+            [401, 403, 404], params=[path_param("name", {"type": "string"})], tag="admin")},
+        "/v1/admin/workers": {"get": op("Workers by heartbeat, with the jobs they hold (admin).",
+                                        [resp(200, "WorkerList", "Workers.")], [401, 403], tag="admin")},
+        "/v1/admin/workers/{name}/drain": {"post": op(
+            "Drain a worker: it finishes its batch and claims nothing new (admin).", [resp(200, "Worker", "Draining.")],
+            [401, 403, 404], params=[path_param("name", {"type": "string"})], tag="admin")},
+        "/v1/admin/jobs/{job_id}/retry": {"post": op(
+            "Queue a failed job again with fresh attempts (admin).", [resp(200, "Job", "Queued again.")],
+            [401, 403, 404, 409], params=[path_param("job_id")], tag="admin")},
+        "/metrics": {"get": op(
+            "Prometheus metrics: jobs by state and pool, queue depth and age, API requests.",
+            [("200", {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}})],
+            [], tag="service", auth=False)},
+    }
+    for name in [n for n in schemas if n.startswith(("Input_", "JobCreate", "KeyCreate", "Hyperparameters"))]:
+        _no_nul(schemas[name])
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "genq", "version": "1.0.0",
+                 "description": "A job queue for generative models. Every 4xx/5xx is application/problem+json."},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": schemas},
+        "paths": paths,
+    }
+
+
+def document() -> dict:
+    doc = current_app.extensions.get("genq_openapi")
+    if doc is None:
+        doc = current_app.extensions["genq_openapi"] = build(ctx().registry)
+    return doc
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return document()
+
+
+def check_query_params() -> None:
+    """Unknown query parameters are refused (422 naming them), as unknown body
+    fields are; what each route takes is read from this document."""
+    rule = request.url_rule
+    if rule is None or not request.args:
+        return
+    path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
+    operation = document()["paths"].get(path, {}).get(request.method.lower())
+    if operation is None:
+        return
+    known = {p["name"] for p in operation.get("parameters", []) if p["in"] == "query"}
+    unknown = sorted(set(request.args) - known)
+    if unknown:
+        raise ApiError(422, f"unknown query parameter(s) {unknown}; this route takes {sorted(known) or 'none'}",
+                       errors=[{"field": name, "message": "is not a known query parameter"} for name in unknown])
+
+
+DOCS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>genq API</title>
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
+<body><div id="ui"></div>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+</body></html>"""
+
+
+def _assets() -> Path:
+    import swagger_ui_bundle
+
+    return Path(swagger_ui_bundle.swagger_ui_path)
+
+
+@bp.get("/docs")
+def docs():
+    return Response(DOCS_PAGE, mimetype="text/html")
+
+
+@bp.get("/docs/assets/<name>")
+def docs_asset(name: str):
+    if name not in ("swagger-ui.css", "swagger-ui-bundle.js"):
+        abort(404)
+    return send_from_directory(_assets(), name)
