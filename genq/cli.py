@@ -118,8 +118,15 @@ def cmd_worker(settings: Settings, args) -> int:
             r.cache.get(spec)
     model_pools = [p for p in pools if p != settings.webhook_queue]
     if model_pools:
+        from worker.shutdown import begin_on_signals
+
         Reconciler(settings, model_pools).start()
-        _stop_claiming_on_shutdown()
+        # SIGTERM: claim nothing new, bound the batch in hand, hand it back past the timeout.
+        begin_on_signals()
+        if pool_kind == "solo":
+            # Celery's soft-shutdown wait would run in the signal handler, on the
+            # thread running the batch: it would pause the batch, not let it finish.
+            app.conf.worker_soft_shutdown_timeout = 0.0
     Heartbeat(settings, node, pools).start()
     argv = ["worker", "-Q", ",".join(pools), "--loglevel", settings.log_level,
             "-n", node, "-c", str(concurrency), "--pool", pool_kind]
@@ -128,17 +135,6 @@ def cmd_worker(settings: Settings, args) -> int:
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
     app.worker_main(argv)
     return 0
-
-
-def _stop_claiming_on_shutdown() -> None:
-    """SIGTERM starts Celery's warm shutdown in the main process; the runner
-    (here, or in forked pool children through shared memory) then claims no
-    more batches and bounds the one in hand by GENQ_SHUTDOWN_TIMEOUT."""
-    from celery.signals import worker_shutting_down
-
-    from worker.shutdown import SHUTDOWN
-
-    worker_shutting_down.connect(lambda **_: SHUTDOWN.begin(), weak=False)
 
 
 def _sweep_when_ready(settings: Settings, app) -> None:
@@ -180,8 +176,13 @@ class Reconciler(threading.Thread):
                 self.round(sessions, app, first)
                 first = False
             except Exception as exc:
-                log.warning("reconciler round failed, trying again in %ss: %s", self.settings.reconcile_interval,
-                            (str(exc) or type(exc).__name__).splitlines()[0][:300])
+                from genq.outage import unavailable
+
+                if (down := unavailable(exc)) is None:
+                    log.exception("reconciler round failed; trying again in %ss", self.settings.reconcile_interval)
+                else:
+                    log.warning("reconciler round failed, the %s is unreachable; trying again in %ss",
+                                down, self.settings.reconcile_interval)
             time.sleep(self.settings.reconcile_interval)
 
     def round(self, sessions, app, first: bool = False) -> None:

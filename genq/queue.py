@@ -81,11 +81,14 @@ def make_celery(settings: Settings) -> Celery:
         # Keep running a batch when the broker connection drops: the job row
         # and its lease decide what counts, not the message.
         worker_cancel_long_running_tasks_on_connection_loss=False,
-        # Soft shutdown for SIGQUIT (cold) and Kubernetes-style double
-        # signals: wait this long for running tasks before cancelling them.
-        # SIGTERM (warm) is bounded by the runner itself, which stops claiming
-        # and hands its batch back after the same timeout (worker/shutdown.py).
-        worker_soft_shutdown_timeout=settings.shutdown_timeout,
+        # Soft shutdown: on a cold shutdown (SIGQUIT, a second Ctrl-C) wait
+        # this long for running tasks before cancelling them. A prefork
+        # worker's children use it to finish or hand back their batch (they
+        # stop claiming at once; worker/shutdown.py). `genq worker` turns it
+        # off for the solo pool: there Celery's wait runs inside the signal
+        # handler, on the very thread running the batch, and only pauses it.
+        # SIGTERM (warm) needs none of this: the runner bounds it itself.
+        worker_soft_shutdown_timeout=settings.shutdown_deadline,
         # No ETA or countdown messages here, so an idle worker has nothing to
         # wait for: exit at once.
         worker_enable_soft_shutdown_on_idle=False,

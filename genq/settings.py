@@ -75,7 +75,7 @@ class Settings:
     # finish (seconds); then the batch's jobs are handed back to the queue at
     # their next step, without counting an attempt. Keep it below the
     # orchestrator's grace period (Compose's stop_grace_period, Kubernetes'
-    # terminationGracePeriodSeconds) minus SHUTDOWN_HARD_MARGIN.
+    # terminationGracePeriodSeconds) by 10 s (see shutdown_deadline).
     shutdown_timeout: float = 240.0
     # An unacknowledged Redis message is delivered again after this long
     # (seconds). Keep it above the longest job: a redelivery is harmless (the
@@ -242,6 +242,12 @@ class Settings:
         out["GENQ_REGISTRY"] = str(self.registry_path)
         out.pop("GENQ_REGISTRY_PATH", None)
         return out
+
+    @property
+    def shutdown_deadline(self) -> float:
+        """The longest a worker takes to stop after SIGTERM: the shutdown
+        timeout, then 10 s for the model to reach its next step and stop."""
+        return self.shutdown_timeout + 10.0
 
     @property
     def embedded_broker(self) -> bool:

@@ -27,11 +27,13 @@ def make_key(settings: Settings, tenant: str, role: str = "user") -> dict[str, s
 class WorkerProcess:
     """`genq worker --pool ...` in its own process, as production runs it."""
 
-    def __init__(self, settings: Settings, pools: list[str], *, preload: bool = True, extra_env: dict | None = None):
+    def __init__(self, settings: Settings, pools: list[str], *, preload: bool = True, extra_env: dict | None = None,
+                 extra_args: list[str] | None = None):
         self.settings = settings
         self.pools = pools
         self.preload = preload
         self.extra_env = extra_env or {}
+        self.extra_args = extra_args or []
         self.lines: deque[str] = deque(maxlen=2000)
         self.ready = threading.Event()
         self.proc: subprocess.Popen | None = None
@@ -41,6 +43,7 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "genq.cli", "worker", "--pool", ",".join(self.pools)]
         if self.preload:
             cmd.append("--preload")
+        cmd += self.extra_args
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         # A test killed by its timeout skips fixture teardown: never leave a worker behind.
         atexit.register(self.stop, "kill", 5)

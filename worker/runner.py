@@ -31,7 +31,7 @@ from models.registry import ModelSpec, Registry
 from worker import metrics as prom
 from worker.cache import ModelCache
 from worker.executions import ExecutionLog
-from worker.shutdown import HARD_MARGIN, Shutdown
+from worker.shutdown import Shutdown
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ class BatchTracker:
         return [r for r in self.rows if not r.finished and not r.lost and not r.handing_back]
 
     def check_shutdown(self) -> None:
-        runner, timeout = self.runner, self.runner.settings.shutdown_timeout
-        if runner.shutdown.past(timeout + HARD_MARGIN):
+        runner, settings = self.runner, self.runner.settings
+        if runner.shutdown.past(settings.shutdown_deadline):
             # The model has not come back from its step: nothing more can be
             # done in this process. Record that the jobs stop running here, and go.
             for r in self.rows:
@@ -142,13 +142,13 @@ class BatchTracker:
                     runner.executions.ended(r.job.id, r.job.attempts, "abandoned")
             log.error("shutdown: the model did not stop within %.0fs of being asked; exiting now, "
                       "the leases of jobs %s will lapse and they will be queued again",
-                      HARD_MARGIN, [r.job.id for r in self.rows if not r.finished])
+                      settings.shutdown_deadline - settings.shutdown_timeout, [r.job.id for r in self.rows if not r.finished])
             logging.shutdown()
             os._exit(1)
         live = self.live()
-        if live and runner.shutdown.past(timeout):
-            log.warning("shutdown: batch still running %.0fs after SIGTERM; handing jobs %s back at their next step",
-                        timeout, [r.job.id for r in live])
+        if live and runner.shutdown.past(settings.shutdown_timeout):
+            log.warning("shutdown: batch still running %.0fs after the signal; handing jobs %s back at their next step",
+                        settings.shutdown_timeout, [r.job.id for r in live])
             for r in live:
                 r.handing_back = r.cancelled = True
 
@@ -336,9 +336,12 @@ class Runner:
             if len(results) != len(runnable):
                 raise GenqError(f"model returned {len(results)} results for {len(runnable)} jobs")
         except Exception as exc:
-            log.exception("batch of %s failed", spec.name, extra={"job_ids": [r.job.id for r in runnable]})
-            error = error_for(exc)
-            results = None
+            if self.interrupted_by_shutdown(runnable, exc):
+                results = [None] * len(runnable)
+            else:
+                log.exception("batch of %s failed", spec.name, extra={"job_ids": [r.job.id for r in runnable]})
+                error = error_for(exc)
+                results = None
         run_seconds = time.monotonic() - started
         prom.RUN_SECONDS.labels(spec.name).observe(run_seconds)
         # The tracker stops before anything below writes, so no job is finished twice.
@@ -380,6 +383,19 @@ class Runner:
             outcomes.append((r, JobStatus.SUCCEEDED, {"output": output, "metrics": metrics}))
         self.hand_back(back)
         self.finish(outcomes)
+
+    def interrupted_by_shutdown(self, rows: list[Row], exc: Exception) -> bool:
+        """A batch that raised during a shutdown was most likely cut short by
+        it (a cold shutdown cancels tasks from its signal handler, inside the
+        model; Celery's solo pool, unable to, raises right there). Its jobs did
+        nothing wrong: they are marked to be handed back, not failed."""
+        if not self.shutdown.requested:
+            return False
+        log.warning("batch interrupted by the shutdown (%s: %s); handing its jobs back", type(exc).__name__, exc)
+        for r in rows:
+            if not r.finished and not r.lost:
+                r.handing_back = r.cancelled = True
+        return True
 
     def store(self, job_id: str, result: Result) -> dict:
         """Put a result's files at deterministic keys and point the output at them."""

@@ -2,16 +2,16 @@
 the worker claims nothing new and gives the batch in hand GENQ_SHUTDOWN_TIMEOUT
 to finish; past it the batch's jobs are asked to stop at their next step and
 handed back to the queue without counting an attempt, and the worker exits.
-A model that does not come back from its step within HARD_MARGIN after that
-is abandoned: the process exits and the jobs' leases lapse (the reconciler
-queues them again, counting the attempt, as for a crash)."""
+A model that has not stopped by Settings.shutdown_deadline (10 s later) is
+abandoned: the process exits and the jobs' leases lapse (the reconciler queues
+them again, counting the attempt, as for a crash).
+
+A cold shutdown (SIGQUIT, a second Ctrl-C) stops claiming the same way; what
+Celery then interrupts is handed back rather than failed (worker/runner.py)."""
 from __future__ import annotations
 
 import time
 from multiprocessing.sharedctypes import RawValue
-
-# Seconds past the shutdown timeout that a model gets to reach its next step.
-HARD_MARGIN = 10.0
 
 
 class Shutdown:
@@ -36,5 +36,34 @@ class Shutdown:
         return self.requested and (now or time.time()) >= self._began.value + timeout
 
 
-# The worker process's own; cmd_worker connects it to Celery's worker_shutting_down.
+# The worker process's own; `genq worker` sets it from the shutdown signals.
 SHUTDOWN = Shutdown()
+
+
+def begin_on_signals() -> None:
+    """Begin SHUTDOWN on any of Celery's shutdown signals, before Celery acts
+    on it: on SIGTERM through worker_shutting_down (sent before the warm
+    shutdown starts); on SIGQUIT and SIGINT by running first in their handlers,
+    since for a cold shutdown Celery cancels running tasks before it sends
+    worker_shutting_down, and the runner must know why its batch was cut."""
+    from celery import platforms
+    from celery.signals import worker_ready, worker_shutting_down
+
+    worker_shutting_down.connect(lambda **_: SHUTDOWN.begin(), weak=False)
+
+    def wrap_handlers(**_) -> None:
+        # worker_ready comes after Celery installed its handlers (main process only).
+        for name in ("SIGTERM", "SIGQUIT", "SIGINT"):
+            celery_handler = platforms.signals[name]
+            if callable(celery_handler):
+                platforms.signals[name] = _first_begin(celery_handler)
+
+    worker_ready.connect(wrap_handlers, weak=False)
+
+
+def _first_begin(handler):
+    def begin_then(signum, frame):
+        SHUTDOWN.begin()
+        return handler(signum, frame)
+
+    return begin_then

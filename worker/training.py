@@ -38,8 +38,11 @@ def train_one(runner: Runner, spec: ModelSpec) -> int:
     try:
         outcome = _train(runner, spec, row, tracker)
     except Exception as exc:
-        log.exception("fine-tune job %s failed", row.job.id)
-        outcome = (JobStatus.FAILED, {"error": error_for(exc, default_code="training_failed")})
+        if runner.interrupted_by_shutdown([row], exc):
+            outcome = (JobStatus.CANCELED, {})  # handed back below; resumes from its last checkpoint
+        else:
+            log.exception("fine-tune job %s failed", row.job.id)
+            outcome = (JobStatus.FAILED, {"error": error_for(exc, default_code="training_failed")})
     finally:
         tracker.close()
     status, fields = outcome

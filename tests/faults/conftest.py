@@ -57,8 +57,8 @@ class Stack:
             self._app = create_app(self.settings)
         return self._app
 
-    def worker(self, start: bool = True, **changes) -> Worker:
-        w = Worker(self.settings.replace(**changes), [self.pool], preload=False)
+    def worker(self, start: bool = True, args: list[str] | None = None, **changes) -> Worker:
+        w = Worker(self.settings.replace(**changes), [self.pool], preload=False, extra_args=args)
         self.workers.append(w)
         return w.start() if start else w
 

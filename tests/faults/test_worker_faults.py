@@ -88,6 +88,48 @@ def test_sigterm_past_the_timeout_hands_the_batch_back_uncounted(stack):
     assert figures.succeeded == 4 and figures.rerun == 4
 
 
+def test_sigterm_reaches_the_children_of_a_prefork_worker(stack):
+    # Only the main process gets the signal; its children learn through shared memory.
+    leaving = stack.worker(args=["--concurrency", "2"], shutdown_timeout=1)
+    ids = [stack.submit(prompt=f"child {i}", steps=50, step_seconds=0.1) for i in range(8)]  # 5 s
+    wait_for(lambda: len(running(stack, ids)) == 8, 30, "a batch running in each child")
+    leaving.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert leaving.wait_exit(30) == 0
+    exited = since(signalled)
+    # Handed back by both children, not run to the end.
+    assert set(statuses(stack.settings, ids).values()) == {"queued"}, leaving.log()[-2000:]
+    stack.worker()
+    stack.worker()
+    done = stack.wait(ids, 60)
+    figures = stack.check(ids, Figures("SIGTERM to a prefork worker (2 children), batches handed back",
+                                       recovery_seconds=done - signalled,
+                                       notes={"worker exited after": f"{exited}s"}))
+    assert figures.succeeded == 8
+
+
+def test_sigquit_hands_the_batch_back_at_once_instead_of_failing_it(stack):
+    # A cold shutdown cancels running tasks; Celery's solo pool cannot, and
+    # raises inside the model. The runner knows the shutdown began: it hands back.
+    leaving = stack.worker()
+    ids = [stack.submit(prompt=f"cut {i}", steps=60, step_seconds=0.1) for i in range(4)]  # 6 s
+    wait_for(lambda: len(running(stack, ids)) == 4, 30, "the batch running")
+    leaving.proc.send_signal(signal.SIGQUIT)
+    signalled = time.monotonic()
+    leaving.wait_exit(30)
+    exited = since(signalled)
+    assert exited < 3, "a cold shutdown does not wait for the batch"
+    assert set(statuses(stack.settings, ids).values()) == {"queued"}, leaving.log()[-2000:]
+    stack.worker()
+    done = stack.wait(ids, 60)
+    figures = stack.check(ids, Figures("SIGQUIT (cold shutdown) mid-batch: handed back, not failed",
+                                       recovery_seconds=done - signalled,
+                                       notes={"worker exited after": f"{exited}s"}))
+    client = stack.app.test_client()
+    assert [client.get(f"/v1/jobs/{j}", headers=stack.tenant).get_json()["attempts"] for j in ids] == [1] * 4
+    assert figures.succeeded == 4
+
+
 def test_a_job_longer_than_the_visibility_timeout_runs_once(stack):
     # Redis hands an unacked message out again after 2 s; the job takes 5 s.
     # The reconcilers' later rounds are out of the way, so the only doorbell

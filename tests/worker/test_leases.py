@@ -1,7 +1,8 @@
 """A running batch and its leases, with the runner in this process on Postgres
 (reached through a proxy that can be cut): a lease taken away stops the job and
 writes nothing; a database out of reach stops the batch before its leases
-lapse; a short outage at the end is waited out and the result kept."""
+lapse; a short outage of the database or of S3 at the end is waited out and
+the result kept."""
 from __future__ import annotations
 
 import secrets
@@ -142,3 +143,24 @@ def test_a_short_outage_at_the_finish_is_waited_out(make_settings, direct, proxy
     assert (j.status, j.attempts) == ("succeeded", 1)
     assert j.output["text"] == "lease after 20 steps"
     assert ended(settings, job_id)["outcome"] == "succeeded"
+
+
+def test_a_storage_outage_at_the_store_is_waited_out(make_settings, direct, s3_settings, caplog):
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(s3_settings["s3_endpoint_url"])
+    s3 = TcpProxy(endpoint.port, endpoint.hostname).start()
+    settings = make_settings(lease_seconds=6, **{**s3_settings, "s3_endpoint_url": f"http://127.0.0.1:{s3.port}"})
+    job_id = submit(direct, settings, steps=20, step_seconds=0.05)  # 1 s
+    s3.cut()  # down before the job ends, up again a moment after
+    thread = run_in_thread(build_runner(settings), job_id)
+    wait_for(lambda: job(direct, job_id).status == "running", 10, "the job running")
+    time.sleep(2)
+    s3.restore()
+    thread.join(15)
+    s3.cut()
+    assert thread.error is None
+    j = job(direct, job_id)
+    assert (j.status, j.attempts) == ("succeeded", 1), j.error
+    assert j.output["artifact"]["key"] == f"jobs/{job_id}/out.txt"
+    assert f"storing the outputs of job {job_id}: the storage is unreachable" in caplog.text
