@@ -252,3 +252,65 @@ def test_shipped_registry_limits_apply():
     assert schema["properties"]["max_new_tokens"]["maximum"] == 256
     assert schema["properties"]["prompt"]["maxLength"] == 2000
     assert text.Input.model_json_schema()["properties"]["max_new_tokens"].get("maximum") is None
+
+
+def _sampler(rows):
+    state = text._RowState(rows=rows, prompt_width=1, pads=[0] * len(rows), limits=[1] * len(rows), eos_ids=set(),
+                           tokenizer=None, on_progress=ignore, is_cancelled=never)
+    return text.RowSampler(state, "cpu")
+
+
+def _draws(rows, logits, steps):
+    """Tokens each row picks over `steps` calls of one sampler (one generator per row, advancing)."""
+    import torch
+
+    sampler = _sampler(rows)
+    ids = torch.zeros((len(rows), 1), dtype=torch.long)
+    picks = [sampler(ids, logits.clone()).argmax(-1).tolist() for _ in range(steps)]
+    return [[p[r] for p in picks] for r in range(len(rows))]
+
+
+def test_sampler_follows_each_rows_settings():
+    """Synthetic logits with known probabilities: every row keeps to its own top-k,
+    top-p and temperature while sharing one call, and samples in proportion."""
+    import torch
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05] + [0.0] * 4)
+    logits = torch.log(probs).expand(5, -1).contiguous()
+    rows = [
+        text.Input(prompt="x", seed=1),  # plain sampling over the 4 live tokens
+        text.Input(prompt="x", seed=2, top_k=2),  # only tokens 0 and 1
+        text.Input(prompt="x", seed=3, top_p=0.75),  # 0.5 < 0.75, 0.8 >= 0.75: tokens 0 and 1
+        text.Input(prompt="x", seed=4, temperature=0),  # greedy: token 0
+        text.Input(prompt="x", seed=5, top_k=1),  # top-1 is greedy too
+    ]
+    n = 2000
+    plain, k2, p75, greedy, k1 = _draws(rows, logits, n)
+    counts = [plain.count(t) / n for t in range(8)]
+    assert all(abs(c - p) < 0.04 for c, p in zip(counts, probs.tolist())), counts
+    assert set(k2) == {0, 1} and abs(k2.count(0) / n - 0.5 / 0.8) < 0.04
+    assert set(p75) == {0, 1} and abs(p75.count(0) / n - 0.5 / 0.8) < 0.04
+    assert set(greedy) == {0} and set(k1) == {0}
+
+
+def test_sampler_rows_alone_equal_rows_together():
+    """The same draws for a row whether it is sampled alone or beside others (bit-for-bit picks)."""
+    import torch
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 400) * 3
+    rows = [text.Input(prompt="x", seed=s, top_k=k, top_p=p, temperature=t)
+            for s, k, p, t in [(1, 0, 1.0, 1.0), (2, 50, 0.9, 0.7), (3, 0, 0.3, 1.5), (4, 5, 1.0, 2.0)]]
+    together = _draws(rows, logits, 50)
+    alone = [_draws([row], logits[r:r + 1], 50)[0] for r, row in enumerate(rows)]
+    assert together == alone
+
+
+def test_temperature_sharpens_the_distribution():
+    import torch
+
+    logits = torch.log(torch.tensor([0.6, 0.4]))[None, :].expand(2, -1).contiguous()
+    cold, hot = _draws([text.Input(prompt="x", seed=1, temperature=0.25), text.Input(prompt="x", seed=1, temperature=4.0)],
+                       logits, 1000)
+    # p0 ∝ 0.6^(1/T): 0.835 at T=0.25, 0.525 at T=4.
+    assert abs(cold.count(0) / 1000 - 0.835) < 0.04 and abs(hot.count(0) / 1000 - 0.525) < 0.04
