@@ -421,7 +421,8 @@ class Runner:
 
         def write() -> dict[str, bool]:
             with self.sessions.begin() as session:
-                return {row.job.id: joblib.finish(session, row.job.id, self.owner, status, progress=row.progress, **fields)
+                return {row.job.id: joblib.finish(session, row.job.id, self.owner, status, progress=row.progress,
+                                                  webhook=bool(row.job.webhook), **fields)
                         for row, status, fields in outcomes}
 
         try:
