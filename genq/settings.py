@@ -45,6 +45,11 @@ class Settings:
     model_dir: Path = Path(".")
     # torch device for workers: "cpu", "cuda", "cuda:1", or "auto" (cuda when present).
     device: str = "auto"
+    # Threads a worker process gives torch for work on the CPU; 0 keeps torch's
+    # default (one per core). A CPU worker sharing its cores with the API, the
+    # database or other workers runs steadier with fewer: torch's threads wait
+    # for each other at every operation, so one preempted thread stalls them all.
+    torch_threads: int = 0
     # Memory a worker process may spend on loaded models before evicting the
     # least recently used one (bytes of parameters and buffers).
     model_cache_bytes: int = 8 * 2**30
@@ -183,6 +188,7 @@ class Settings:
             registry_path=Path(get("registry", DEFAULT_REGISTRY)),
             model_dir=Path(get("model_dir", home / "models")),
             device=get("device", "auto"),
+            torch_threads=num("torch_threads", 0, int),
             model_cache_bytes=num("model_cache_bytes", 8 * 2**30, int),
             lease_seconds=num("lease_seconds", 120, int),
             max_attempts=num("max_attempts", 3, int),
@@ -223,6 +229,8 @@ class Settings:
         values.update(overrides)
         if values["log_format"] not in ("text", "json"):
             raise ConfigError(f"GENQ_LOG_FORMAT must be text or json, got {values['log_format']!r}")
+        if values["torch_threads"] < 0:
+            raise ConfigError(f"GENQ_TORCH_THREADS must be 0 (torch's default) or more, got {values['torch_threads']}")
         return cls(**values)
 
     def replace(self, **changes) -> "Settings":

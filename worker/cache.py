@@ -93,6 +93,10 @@ def make_loader(settings, storage=None) -> Callable[[ModelSpec], object]:
     """Load a model for this worker: fetch or build its checkpoint, then the
     family's from_pretrained path on the configured device and dtype."""
     device = resolve_device(settings.device)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
 
     def load(spec: ModelSpec):
         from models.demo import ensure_checkpoint

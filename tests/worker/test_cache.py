@@ -67,3 +67,35 @@ def test_missing_checkpoint_names_it(loader, tmp_path):
     missing = str(tmp_path / "nowhere")
     with pytest.raises(ModelError, match="could not load model 'gone'"):
         loader(spec("gone", "text-generation", missing))
+
+
+def test_torch_threads_setting_reaches_the_worker_process():
+    """GENQ_TORCH_THREADS is applied when a worker builds its loader, and 0 leaves
+    torch's default (checked in child processes: the count is per process)."""
+    import os
+    import subprocess
+    import sys
+
+    def threads(setting: str) -> tuple[int, int]:
+        code = ("import torch; from genq.settings import Settings; from worker.cache import make_loader; "
+                "before = torch.get_num_threads(); "
+                f"make_loader(Settings.from_env({{'GENQ_TORCH_THREADS': '{setting}', 'GENQ_DEVICE': 'cpu'}})); "
+                "print(before, torch.get_num_threads())")
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        before, after = out.stdout.split()
+        return int(before), int(after)
+
+    default, unchanged = threads("0")
+    assert unchanged == default
+    assert threads("1") == (default, 1)
+    assert threads("3") == (default, 3)
+
+
+def test_negative_torch_threads_is_a_clear_error():
+    from genq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="GENQ_TORCH_THREADS must be 0.*got -2"):
+        Settings.from_env({"GENQ_TORCH_THREADS": "-2"})
+    with pytest.raises(ConfigError, match="GENQ_TORCH_THREADS must be a int, got 'two'"):
+        Settings.from_env({"GENQ_TORCH_THREADS": "two"})
