@@ -5,7 +5,8 @@
 - the same model called directly in a loop at the same batch sizes, and service / direct;
 - queue latency (submit -> start) p50 / p99 with an idle worker.
 
-    .venv/bin/python bench/batching.py [--jobs 64] [--tokens 64] [--image-jobs 16] [--embedded]
+    .venv/bin/python bench/batching.py [--jobs 64] [--tokens 64] [--image-jobs 16] [--repeats 3]
+                                       [--threads N] [--embedded]
 
 By default it uses Postgres and Redis on 127.0.0.1 when they answer (a
 database of its own, dropped afterwards) and local storage; --embedded uses
@@ -14,9 +15,19 @@ SQLite and the filesystem broker instead.
 Service throughput is a burst of N jobs submitted over HTTP while the worker
 is held, then drained: jobs over the span from the first start to the last
 completion, as the database recorded them. Holding the worker keeps the
-burst's submission work (on the API's own machine in production) off the two
-cores the model runs on here. "in model" is the share of that span the worker
-spent inside the model call; the rest is claims, storage, status writes.
+burst's submission work (on the API's own machine in production) off the
+cores the model runs on here, and the harness learns that the burst is done
+from one count query a quarter second, reading the jobs through the API only
+afterwards. "in model" is the share of that span the worker spent inside the
+model call; the rest is claims, storage, status writes.
+
+The machines this runs on are shared: the same loop can run 20% slower from
+one minute to the next. So the measurements are interleaved in rounds (each
+round runs every batch size through the service and directly, alternating
+which goes first) and every ratio is the median of the ratios within each
+round, measured seconds apart, never of figures taken minutes apart. Rates
+are the medians over rounds. --threads (default 1) sets torch's threads for
+the worker (GENQ_TORCH_THREADS) and for the direct loop alike.
 """
 from __future__ import annotations
 
@@ -93,7 +104,7 @@ class Service:
         from genq.db import make_engine, make_sessionmaker
 
         self.settings = settings
-        engine = make_engine(settings.database_url)
+        self.engine = engine = make_engine(settings.database_url)
         with make_sessionmaker(engine).begin() as s:
             _, raw = create_key(s, "bench")
         self.headers = {"Authorization": f"Bearer {raw}"}
@@ -109,7 +120,7 @@ class Service:
                 break
         else:
             raise RuntimeError("worker exited before it was ready")
-        threading.Thread(target=lambda: [None for _ in self.worker.stdout], daemon=True).start()
+        threading.Thread(target=lambda: [print(l, end="") for l in self.worker.stdout if "TIMING" in l], daemon=True).start()
         self.http = requests.Session()
 
     @contextmanager
@@ -135,22 +146,27 @@ class Service:
             return list(pool.map(post, inputs))
 
     def wait(self, ids: list[str], timeout: float = 600) -> list[dict]:
+        """The jobs once all have ended. Until then, one count query every quarter
+        second: polling each job over HTTP would run the API beside the model."""
+        from sqlalchemy import func, select
+
+        from genq.schema import Job
+
         deadline = time.monotonic() + timeout
-        done: dict[str, dict] = {}
-        while len(done) < len(ids):
-            for jid in ids:
-                if jid not in done:
-                    job = self.http.get(f"{self.url}/v1/jobs/{jid}", headers=self.headers, timeout=30).json()
-                    if job["status"] in ("succeeded", "failed", "canceled"):
-                        if job["status"] != "succeeded":
-                            raise RuntimeError(f"job {jid} {job['status']}: {job['error']}")
-                        done[jid] = job
-                        continue
-                    break  # the rest are later still
+        ended = select(func.count()).select_from(Job).where(
+            Job.id.in_(ids), Job.status.in_(("succeeded", "failed", "canceled")))
+        while True:
+            with self.engine.connect() as conn:
+                if conn.scalar(ended) == len(ids):
+                    break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(ids) - len(done)} jobs unfinished")
-            time.sleep(0.5)  # seldom: the bench's own polling shares the cores with the worker
-        return [done[i] for i in ids]
+                raise TimeoutError(f"jobs unfinished after {timeout}s")
+            time.sleep(0.25)
+        jobs = [self.http.get(f"{self.url}/v1/jobs/{jid}", headers=self.headers, timeout=30).json() for jid in ids]
+        for job in jobs:
+            if job["status"] != "succeeded":
+                raise RuntimeError(f"job {job['id']} {job['status']}: {job['error']}")
+        return jobs
 
     def close(self) -> None:
         self.worker.terminate()
@@ -191,11 +207,71 @@ def direct(family: str, checkpoint_dir: Path, inputs: list[dict], batch: int) ->
     units = 0
     for k in range(0, len(parsed), batch):
         for result in model.run(parsed[k:k + batch], lambda *a: None, lambda r: False):
-            units += result.output["tokens"] if family == "text" else len(result.output["images"])
+            units += units_of(family, result.output)
     return time.perf_counter() - started, units
 
 
 direct.cache = {}
+
+
+def units_of(family: str, output: dict) -> int:
+    return output["tokens"] if family == "text" else len(output["images"])
+
+
+def service_run(svc: Service, family: str, b: int, inputs: list[dict]) -> dict:
+    with svc.held():
+        ids = svc.submit(f"{family}-b{b}", inputs)
+    jobs = svc.wait(ids)
+    seconds = span(jobs, "started_at")
+    return {
+        "rate": sum(units_of(family, j["output"]) for j in jobs) / seconds,
+        "jobs_per_s": len(jobs) / seconds,
+        "units": sum(units_of(family, j["output"]) for j in jobs),
+        "mean_batch": statistics.mean(j["metrics"]["batch_size"] for j in jobs),
+        # Share of the span the worker spent inside the model call.
+        "in_model": sum(j["metrics"]["run_seconds"] / j["metrics"]["batch_size"] for j in jobs) / seconds,
+    }
+
+
+def measure(svc: Service, family: str, inputs: list[dict], model_dir: Path, repeats: int) -> list[dict]:
+    """Rounds of every batch size, service and direct side by side; a row per
+    batch size with medians over the rounds and the median within-round ratios."""
+    rounds: list[dict[int, tuple[dict, float]]] = []
+    for r in range(repeats):
+        this: dict[int, tuple[dict, float]] = {}
+        for b in BATCH_SIZES:
+            # Alternate which goes first, so a machine slowing down or speeding
+            # up within a round does not favour one side.
+            if r % 2:
+                d_seconds, d_units = direct(family, model_dir, inputs, b)
+                svc_run = service_run(svc, family, b, inputs)
+            else:
+                svc_run = service_run(svc, family, b, inputs)
+                d_seconds, d_units = direct(family, model_dir, inputs, b)
+            if svc_run["units"] != d_units:
+                print(f"warning: the service made {svc_run['units']} units, the direct loop {d_units}")
+            this[b] = (svc_run, d_units / d_seconds)
+        rounds.append(this)
+        print(f"  {family} round {r + 1}/{repeats}: " + ", ".join(
+            f"b{b} {run['rate']:.1f}/{d:.1f}" for b, (run, d) in this.items()) + " (service/direct units per s)",
+            flush=True)
+    med = statistics.median
+    rows = []
+    for b in BATCH_SIZES:
+        runs = [rd[b][0] for rd in rounds]
+        paired = [rd[b][0]["rate"] / rd[b][1] for rd in rounds]
+        rows.append({
+            "family": family, "batch": b,
+            "mean_batch": med(x["mean_batch"] for x in runs),
+            "jobs_per_s": med(x["jobs_per_s"] for x in runs),
+            "rate": med(x["rate"] for x in runs),
+            "vs_b1": med(rd[b][0]["rate"] / rd[1][0]["rate"] for rd in rounds),
+            "direct": med(rd[b][1] for rd in rounds),
+            "direct_vs_b1": med(rd[b][1] / rd[1][1] for rd in rounds),
+            "svc_direct": med(paired), "svc_direct_range": (min(paired), max(paired)),
+            "in_model": med(x["in_model"] for x in runs),
+        })
+    return rows
 
 
 def main() -> int:
@@ -205,13 +281,20 @@ def main() -> int:
     ap.add_argument("--image-jobs", type=int, default=16)
     ap.add_argument("--latency-jobs", type=int, default=40)
     ap.add_argument("--families", default="text,image")
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is kept")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of every measurement; medians are reported")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for the worker and the direct loop alike (0: torch's default); "
+                         "1 by default: on two cores the worker shares them with the API, Postgres, Redis and this harness")
     ap.add_argument("--embedded", action="store_true", help="SQLite + filesystem broker even if services answer")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
 
+    import torch
+
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access log lines between the figures
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     home = Path(tempfile.mkdtemp(prefix="genq-bench-"))
     pool = f"bench-{secrets.token_hex(3)}"
@@ -222,52 +305,29 @@ def main() -> int:
 
     with (postgres_db() if use_services else _nothing()) as pg:
         overrides = dict(home=home, registry_path=home / "registry.yaml", model_dir=model_dir, device="cpu",
-                         progress_interval=1.0, log_level="WARNING")
+                         progress_interval=1.0, log_level="WARNING", torch_threads=args.threads)
         if use_services:
             overrides.update(database_url=pg, broker_url="redis://127.0.0.1:6379/0")
         settings = Settings.from_env({}, **overrides)
         upgrade(settings.database_url)
         print(f"stack: {'Postgres + Redis' if use_services else 'SQLite + filesystem broker'}, local storage; "
-              f"torch threads per process: default; {os.cpu_count()} cores")
+              f"torch threads per process: {args.threads or f'default ({torch.get_num_threads()})'}; "
+              f"{os.cpu_count()} cores; {args.repeats} rounds", flush=True)
         svc = Service(settings, pool)
         try:
             rows = []
-            for family, n, inputs, unit in (("text", args.jobs, text_inputs(args.jobs, args.tokens), "tokens"),
-                                            ("image", args.image_jobs, image_inputs(args.image_jobs), "images")):
-                if family not in args.families.split(","):
-                    continue
-                base = None
-                for b in BATCH_SIZES:
-                    # This machine's neighbours make timings jitter by 10-20%: each
-                    # measurement runs `--repeats` times, interleaved, best kept.
-                    best = None
-                    for _ in range(args.repeats):
-                        with svc.held():
-                            ids = svc.submit(f"{family}-b{b}", inputs)
-                        jobs = svc.wait(ids)
-                        seconds = span(jobs, "started_at")
-                        units = sum(j["output"]["tokens"] if family == "text" else len(j["output"]["images"]) for j in jobs)
-                        d_seconds, d_units = direct(family, model_dir, inputs, b)
-                        if units != d_units:
-                            print(f"warning: service made {units} {unit}, direct {d_units}")
-                        mean_batch = statistics.mean(j["metrics"]["batch_size"] for j in jobs)
-                        # Share of the span the worker spent inside the model call.
-                        in_model = sum(j["metrics"]["run_seconds"] / j["metrics"]["batch_size"] for j in jobs) / seconds
-                        svc_rate, direct_rate = units / seconds, d_units / d_seconds
-                        if best is None:
-                            best = [mean_batch, n / seconds, svc_rate, direct_rate, in_model]
-                        elif svc_rate > best[2]:
-                            best[:3], best[4] = [mean_batch, n / seconds, svc_rate], in_model
-                        best[3] = max(best[3], direct_rate)
-                    mean_batch, jps, svc_rate, direct_rate, in_model = best
-                    base = base or svc_rate
-                    rows.append((family, b, mean_batch, jps, svc_rate, svc_rate / base, direct_rate,
-                                 svc_rate / direct_rate, in_model, unit))
+            for family, inputs in (("text", text_inputs(args.jobs, args.tokens)),
+                                   ("image", image_inputs(args.image_jobs))):
+                if family in args.families.split(","):
+                    rows += measure(svc, family, inputs, model_dir, args.repeats)
             print(f"\n{'family':7} {'batch':>5} {'mean':>5} {'jobs/s':>8} {'units/s':>9} {'vs b1':>6} "
-                  f"{'direct/s':>9} {'svc/direct':>10} {'in model':>8}")
-            for fam, b, mb, jps, rate, vs1, drate, ratio, busy, unit in rows:
-                print(f"{fam:7} {b:>5} {mb:>5.1f} {jps:>8.2f} {rate:>9.1f} {vs1:>5.2f}x {drate:>9.1f} {ratio:>10.2f} "
-                      f"{busy:>7.0%}  ({unit})")
+                  f"{'direct/s':>9} {'(vs b1)':>7} {'svc/direct':>10} {'(range)':>11} {'in model':>8}")
+            for x in rows:
+                lo, hi = x["svc_direct_range"]
+                print(f"{x['family']:7} {x['batch']:>5} {x['mean_batch']:>5.1f} {x['jobs_per_s']:>8.2f} "
+                      f"{x['rate']:>9.1f} {x['vs_b1']:>5.2f}x {x['direct']:>9.1f} {x['direct_vs_b1']:>6.2f}x "
+                      f"{x['svc_direct']:>10.2f} {lo:>5.2f}-{hi:<5.2f} {x['in_model']:>7.0%}  "
+                      f"({'tokens' if x['family'] == 'text' else 'images'})")
 
             lat = []
             for i in range(args.latency_jobs if "text" in args.families else 0):
