@@ -296,11 +296,18 @@ class Runner:
         while (batch and not alone and len(batch) < spec.max_batch_size and time.monotonic() < deadline
                and not self.shutdown.requested):
             time.sleep(min(0.01, max(deadline - time.monotonic(), 0)))
-            with self.sessions.begin() as session:
-                batch += joblib.claim_batch(
-                    session, model=spec.name, batch_key=batch_key, limit=spec.max_batch_size - len(batch),
-                    owner=self.owner, lease_seconds=self.settings.lease_seconds, top_up=True,
-                )
+            try:
+                with self.sessions.begin() as session:
+                    batch += joblib.claim_batch(
+                        session, model=spec.name, batch_key=batch_key, limit=spec.max_batch_size - len(batch),
+                        owner=self.owner, lease_seconds=self.settings.lease_seconds, top_up=True,
+                    )
+            except Exception as exc:
+                # The jobs in hand are ours under their lease: run them rather than
+                # strand them until it lapses for want of company.
+                log.warning("topping up the batch of %s failed (%s); running the %d job(s) claimed",
+                            spec.name, exc, len(batch))
+                break
         return batch
 
     # --- one batch ----------------------------------------------------------
@@ -329,9 +336,16 @@ class Runner:
         tracker = BatchTracker(self, runnable, unit)
         for r in runnable:
             self.started(r)
+        try:
+            # A cancel that came between the claim and now keeps its row out of the forward pass.
+            tracker.poll_cancels()
+        except Exception as exc:
+            # Reading the flags is not the batch's work: a database blip here must not
+            # fail it. The tracker reads them again at its next tick.
+            log.warning("could not read cancel requests before batch %s (%s); reading them while it runs",
+                        [r.job.id for r in runnable], exc)
         started = time.monotonic()
         try:
-            tracker.poll_cancels()
             results = loaded.run(inputs, tracker.on_progress, tracker.is_cancelled)
             if len(results) != len(runnable):
                 raise GenqError(f"model returned {len(results)} results for {len(runnable)} jobs")

@@ -164,3 +164,59 @@ def test_a_storage_outage_at_the_store_is_waited_out(make_settings, direct, s3_s
     assert (j.status, j.attempts) == ("succeeded", 1), j.error
     assert j.output["artifact"]["key"] == f"jobs/{job_id}/out.txt"
     assert f"storing the outputs of job {job_id}: the storage is unreachable" in caplog.text
+
+
+def test_an_outage_right_after_the_claim_does_not_fail_the_batch(make_settings, direct, proxy):
+    """The database goes away between the claim and the model's start (where the
+    runner reads cancel requests once): the batch runs, and is written when it is back."""
+    settings = make_settings(lease_seconds=4)
+    job_id = submit(direct, settings, steps=10, step_seconds=0.05)
+    runner = build_runner(settings)
+    claim = runner.claim
+
+    def claim_then_cut(*args, **kwargs):
+        batch = claim(*args, **kwargs)
+        if batch:
+            proxy.cut()
+            threading.Timer(1.0, proxy.restore).start()
+        return batch
+
+    runner.claim = claim_then_cut
+    thread = run_in_thread(runner, job_id)
+    thread.join(15)
+    j = job(direct, job_id)
+    assert (j.status, j.error, j.attempts) == ("succeeded", None, 1)
+    assert ended(settings, job_id)["outcome"] == "succeeded"
+
+
+def test_an_outage_while_a_batch_waits_for_company_runs_the_jobs_in_hand(make_settings, direct, proxy, tmp_path,
+                                                                          monkeypatch):
+    """The first claim took a job; the database goes away while the worker waits
+    up to max_wait_ms for more: it runs the job it holds instead of stranding it
+    until its lease lapses."""
+    settings = make_settings(lease_seconds=4)
+    spec = yaml.safe_load(settings.registry_path.read_text())
+    [entry] = spec["models"].values()
+    entry.update(max_batch_size=4, max_wait_ms=3000)
+    settings.registry_path.write_text(yaml.safe_dump(spec))
+    job_id = submit(direct, settings, steps=10, step_seconds=0.05)
+    from worker import runner as runner_module
+
+    claim_batch = joblib.claim_batch
+
+    def claim_then_cut(session, **kwargs):
+        claimed = claim_batch(session, **kwargs)
+        if claimed and not kwargs.get("top_up"):
+            session.commit()  # the claim lands; then the connection goes
+            proxy.cut()
+            threading.Timer(1.5, proxy.restore).start()
+        return claimed
+
+    monkeypatch.setattr(runner_module.joblib, "claim_batch", claim_then_cut)
+    started = time.monotonic()
+    thread = run_in_thread(build_runner(settings), job_id)
+    thread.join(15)
+    j = job(direct, job_id)
+    assert (j.status, j.attempts, j.metrics["batch_size"]) == ("succeeded", 1, 1)
+    # Not after the 4 s lease and a requeue: once the database was back.
+    assert time.monotonic() - started < 4
