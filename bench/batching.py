@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import requests
@@ -56,21 +56,12 @@ from genq.settings import DEFAULT_REGISTRY, Settings  # noqa: E402
 BATCH_SIZES = (1, 4, 8)
 
 
-@contextmanager
 def postgres_db():
-    from sqlalchemy import create_engine, text
+    """A database of the bench's own on the local Postgres server, dropped afterwards."""
+    from genq.db import temporary_database
 
     admin_url = os.environ.get("GENQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    name = f"genq_bench_{secrets.token_hex(4)}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    return temporary_database(admin_url, f"genq_bench_{secrets.token_hex(4)}")
 
 
 def services_up() -> bool:
@@ -223,10 +214,11 @@ def service_run(svc: Service, family: str, b: int, inputs: list[dict]) -> dict:
         ids = svc.submit(f"{family}-b{b}", inputs)
     jobs = svc.wait(ids)
     seconds = span(jobs, "started_at")
+    units = sum(units_of(family, j["output"]) for j in jobs)
     return {
-        "rate": sum(units_of(family, j["output"]) for j in jobs) / seconds,
+        "rate": units / seconds,
         "jobs_per_s": len(jobs) / seconds,
-        "units": sum(units_of(family, j["output"]) for j in jobs),
+        "units": units,
         "mean_batch": statistics.mean(j["metrics"]["batch_size"] for j in jobs),
         # Share of the span the worker spent inside the model call.
         "in_model": sum(j["metrics"]["run_seconds"] / j["metrics"]["batch_size"] for j in jobs) / seconds,
@@ -303,7 +295,7 @@ def main() -> int:
     use_services = services_up() and not args.embedded
     from genq.migrate import upgrade
 
-    with (postgres_db() if use_services else _nothing()) as pg:
+    with (postgres_db() if use_services else nullcontext()) as pg:
         overrides = dict(home=home, registry_path=home / "registry.yaml", model_dir=model_dir, device="cpu",
                          progress_interval=1.0, log_level="WARNING", torch_threads=args.threads)
         if use_services:
@@ -342,11 +334,6 @@ def main() -> int:
         finally:
             svc.close()
     return 0
-
-
-@contextmanager
-def _nothing():
-    yield None
 
 
 if __name__ == "__main__":

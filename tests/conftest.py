@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import secrets
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import create_engine, text
 
+from genq.db import temporary_database
 from genq.settings import DEFAULT_REGISTRY, Settings
 
 PG_ADMIN_URL = os.environ.get("GENQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -47,20 +46,9 @@ def registry_path(tmp_path_factory) -> Path:
     return path
 
 
-@contextmanager
 def temp_pg_database(suffix: str = ""):
     """A database of its own on the local Postgres server, dropped afterwards."""
-    name = f"genq_test_{RUN_ID}{suffix}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    return temporary_database(PG_ADMIN_URL, f"genq_test_{RUN_ID}{suffix}")
 
 
 @pytest.fixture(scope="session")

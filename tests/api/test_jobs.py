@@ -17,16 +17,6 @@ PROBLEM = "application/problem+json"
 
 
 @pytest.fixture
-def app(embedded_settings):
-    return create_app(embedded_settings)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture
 def alice(embedded_settings):
     return make_key(embedded_settings, "alice")
 

@@ -19,16 +19,6 @@ from tests.helpers import make_key
 PROBLEM = "application/problem+json"
 
 
-@pytest.fixture
-def app(embedded_settings):
-    return create_app(embedded_settings)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
 def submit(client, headers, **inp):
     return client.post("/v1/jobs", json={"model": "demo-text", "input": {"prompt": "hi", **inp}}, headers=headers)
 

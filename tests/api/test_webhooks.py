@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from api.app import create_app
 from tests.helpers import make_key
 
 PROBLEM = "application/problem+json"
-
-
-@pytest.fixture
-def client(embedded_settings):
-    return create_app(embedded_settings).test_client()
 
 
 @pytest.fixture

@@ -15,6 +15,23 @@ def running(stack, ids) -> list[str]:
     return [j for j, s in statuses(stack.settings, ids).items() if s == "running"]
 
 
+def finished_after_hand_back(stack, ids, scenario: str, signalled: float, exited: float, workers: int = 1,
+                             log: str = "") -> Figures:
+    """The jobs a leaving worker handed back are all queued; `workers` fresh
+    workers then finish them. The scenario's figures, checked."""
+    assert set(statuses(stack.settings, ids).values()) == {"queued"}, log
+    for _ in range(workers):
+        stack.worker()
+    done = stack.wait(ids, 60)
+    return stack.check(ids, Figures(scenario, recovery_seconds=done - signalled,
+                                    notes={"worker exited after": f"{exited}s"}))
+
+
+def attempts(stack, ids) -> list[int]:
+    client = stack.app.test_client()
+    return [client.get(f"/v1/jobs/{j}", headers=stack.tenant).get_json()["attempts"] for j in ids]
+
+
 def test_sigkill_during_a_batch_then_restart_completes_every_job(stack):
     first = stack.worker()
     ids = [stack.submit(prompt=f"job {i}", steps=10, step_seconds=0.1) for i in range(12)]
@@ -76,15 +93,10 @@ def test_sigterm_past_the_timeout_hands_the_batch_back_uncounted(stack):
     assert leaving.wait_exit(30) == 0
     exited = since(signalled)
     assert exited < 4.5, "the worker exits soon after the 1 s shutdown timeout, not after the 6 s batch"
-    assert set(statuses(stack.settings, ids).values()) == {"queued"}
-    stack.worker()
-    done = stack.wait(ids, 60)
-    figures = stack.check(ids, Figures("SIGTERM, batch longer than the timeout: handed back",
-                                       recovery_seconds=done - signalled,
-                                       notes={"worker exited after": f"{exited}s"}))
-    client = stack.app.test_client()
+    figures = finished_after_hand_back(stack, ids, "SIGTERM, batch longer than the timeout: handed back",
+                                       signalled, exited)
     # Handed back, not failed: each job's one counted attempt is the one that finished it.
-    assert [client.get(f"/v1/jobs/{j}", headers=stack.tenant).get_json()["attempts"] for j in ids] == [1] * 4
+    assert attempts(stack, ids) == [1] * 4
     assert figures.succeeded == 4 and figures.rerun == 4
 
 
@@ -98,13 +110,8 @@ def test_sigterm_reaches_the_children_of_a_prefork_worker(stack):
     assert leaving.wait_exit(30) == 0
     exited = since(signalled)
     # Handed back by both children, not run to the end.
-    assert set(statuses(stack.settings, ids).values()) == {"queued"}, leaving.log()[-2000:]
-    stack.worker()
-    stack.worker()
-    done = stack.wait(ids, 60)
-    figures = stack.check(ids, Figures("SIGTERM to a prefork worker (2 children), batches handed back",
-                                       recovery_seconds=done - signalled,
-                                       notes={"worker exited after": f"{exited}s"}))
+    figures = finished_after_hand_back(stack, ids, "SIGTERM to a prefork worker (2 children), batches handed back",
+                                       signalled, exited, workers=2, log=leaving.log()[-2000:])
     assert figures.succeeded == 8
 
 
@@ -119,14 +126,9 @@ def test_sigquit_hands_the_batch_back_at_once_instead_of_failing_it(stack):
     leaving.wait_exit(30)
     exited = since(signalled)
     assert exited < 3, "a cold shutdown does not wait for the batch"
-    assert set(statuses(stack.settings, ids).values()) == {"queued"}, leaving.log()[-2000:]
-    stack.worker()
-    done = stack.wait(ids, 60)
-    figures = stack.check(ids, Figures("SIGQUIT (cold shutdown) mid-batch: handed back, not failed",
-                                       recovery_seconds=done - signalled,
-                                       notes={"worker exited after": f"{exited}s"}))
-    client = stack.app.test_client()
-    assert [client.get(f"/v1/jobs/{j}", headers=stack.tenant).get_json()["attempts"] for j in ids] == [1] * 4
+    figures = finished_after_hand_back(stack, ids, "SIGQUIT (cold shutdown) mid-batch: handed back, not failed",
+                                       signalled, exited, log=leaving.log()[-2000:])
+    assert attempts(stack, ids) == [1] * 4
     assert figures.succeeded == 4
 
 

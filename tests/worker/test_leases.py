@@ -189,8 +189,7 @@ def test_an_outage_right_after_the_claim_does_not_fail_the_batch(make_settings, 
     assert ended(settings, job_id)["outcome"] == "succeeded"
 
 
-def test_an_outage_while_a_batch_waits_for_company_runs_the_jobs_in_hand(make_settings, direct, proxy, tmp_path,
-                                                                          monkeypatch):
+def test_an_outage_while_a_batch_waits_for_company_runs_the_jobs_in_hand(make_settings, direct, proxy, monkeypatch):
     """The first claim took a job; the database goes away while the worker waits
     up to max_wait_ms for more: it runs the job it holds instead of stranding it
     until its lease lapses."""
@@ -200,8 +199,6 @@ def test_an_outage_while_a_batch_waits_for_company_runs_the_jobs_in_hand(make_se
     entry.update(max_batch_size=4, max_wait_ms=3000)
     settings.registry_path.write_text(yaml.safe_dump(spec))
     job_id = submit(direct, settings, steps=10, step_seconds=0.05)
-    from worker import runner as runner_module
-
     claim_batch = joblib.claim_batch
 
     def claim_then_cut(session, **kwargs):
@@ -212,7 +209,7 @@ def test_an_outage_while_a_batch_waits_for_company_runs_the_jobs_in_hand(make_se
             threading.Timer(1.5, proxy.restore).start()
         return claimed
 
-    monkeypatch.setattr(runner_module.joblib, "claim_batch", claim_then_cut)
+    monkeypatch.setattr(joblib, "claim_batch", claim_then_cut)  # the runner's claims, on the real database
     started = time.monotonic()
     thread = run_in_thread(build_runner(settings), job_id)
     thread.join(15)
