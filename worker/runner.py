@@ -333,19 +333,26 @@ class Runner:
         if not runnable:
             return
         load_seconds = self.cache.last_load_seconds
-        tracker = BatchTracker(self, runnable, unit)
-        for r in runnable:
-            self.started(r)
-        try:
-            # A cancel that came between the claim and now keeps its row out of the forward pass.
-            tracker.poll_cancels()
-        except Exception as exc:
-            # Reading the flags is not the batch's work: a database blip here must not
-            # fail it. The tracker reads them again at its next tick.
-            log.warning("could not read cancel requests before batch %s (%s); reading them while it runs",
-                        [r.job.id for r in runnable], exc)
+        tracker = None
         started = time.monotonic()
         try:
+            # Set-up is inside the try too: a cold shutdown raises from its signal
+            # handler wherever the main thread is, and a batch claimed but not yet
+            # running must be handed back like one cut short in the model.
+            tracker = BatchTracker(self, runnable, unit)
+            for r in runnable:
+                self.started(r)
+            try:
+                # A cancel that came between the claim and now keeps its row out of the forward pass.
+                tracker.poll_cancels()
+            except Exception as exc:
+                if self.shutdown.requested:
+                    raise
+                # Reading the flags is not the batch's work: a database blip here must not
+                # fail it. The tracker reads them again at its next tick.
+                log.warning("could not read cancel requests before batch %s (%s); reading them while it runs",
+                            [r.job.id for r in runnable], exc)
+            started = time.monotonic()
             results = loaded.run(inputs, tracker.on_progress, tracker.is_cancelled)
             if len(results) != len(runnable):
                 raise GenqError(f"model returned {len(results)} results for {len(runnable)} jobs")
@@ -359,7 +366,8 @@ class Runner:
         run_seconds = time.monotonic() - started
         prom.RUN_SECONDS.labels(spec.name).observe(run_seconds)
         # The tracker stops before anything below writes, so no job is finished twice.
-        tracker.close()
+        if tracker is not None:
+            tracker.close()
         outcomes, back = [], []
         for r, result in zip(runnable, results or [None] * len(runnable)):
             if r.finished:
@@ -464,7 +472,8 @@ class Runner:
         for r in rows:
             r.finished = True
             # Before the commit: no other worker can start them until it lands.
-            self.executions.ended(r.job.id, r.job.attempts, "handed_back", at=r.stopped_at)
+            if r.executing:
+                self.executions.ended(r.job.id, r.job.attempts, "handed_back", at=r.stopped_at)
 
         def write() -> list[str]:
             with self.sessions.begin() as session:
