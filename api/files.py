@@ -1,8 +1,13 @@
 """The /v1/files routes: upload a fine-tuning dataset (checked before it is
-accepted), read its record and its content."""
+accepted), read its record and its content.
+
+A file's content is stored at `files/<id>/content`: the name the client gave
+is never part of a storage key, only shown back (cleaned of control
+characters) in the record and in the download's Content-Disposition."""
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 
 from flask import Blueprint, Response, request
 from sqlalchemy import select
@@ -47,7 +52,7 @@ def upload():
     if upload is None:
         raise invalid("file", "is required: a JSONL file")
     data = upload.read()
-    name = (upload.filename or "dataset.jsonl").replace("/", "_")[-255:]
+    name = display_name(upload.filename)
     # A retry with the same Idempotency-Key gets the file the first upload made.
     idem = idempotency.from_request("file", {"purpose": purpose, "filename": name,
                                              "sha256": hashlib.sha256(data).hexdigest()})
@@ -58,7 +63,7 @@ def upload():
     except InputInvalid as exc:
         raise ApiError(422, str(exc), errors=exc.errors) from None
     file_id = new_id()
-    key = f"files/{file_id}/{name}"
+    key = f"files/{file_id}/content"
     # Stored before the row is committed: a row always has its content.
     c.storage.put(key, data, "application/jsonl")
     with idempotency.race(idem) as race, c.session() as session, session.begin():
@@ -71,6 +76,16 @@ def upload():
         # stays behind unreferenced (storage has no delete here).
         return replay(race.winner)
     return describe(f), 201, {"Location": f"/v1/files/{file_id}"}
+
+
+def display_name(raw: str | None) -> str:
+    """The client's file name as the record shows it: path separators made
+    `_`, control and format characters (NUL, CR/LF, bidi overrides) made `_`,
+    at most the last 255 characters; a name that is nothing but dots (or
+    nothing) becomes "dataset.jsonl"."""
+    name = "".join("_" if ch in "/\\" or unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch
+                   for ch in raw or "")[-255:]
+    return name if name.strip(". ") else "dataset.jsonl"
 
 
 def replay(file_id: str):

@@ -22,7 +22,7 @@ from genq.errors import IllegalTransition
 from genq.schema import File, Job
 from genq.serialize import output_urls
 from genq.states import JobStatus
-from genq.storage import NotFound, job_key
+from genq.storage import NotFound, UnsafeKey, job_key
 from genq.webhook_guard import Policy, WebhookRefused, check_at_submit
 from models import finetune
 from models.base import InputInvalid, pydantic_errors
@@ -334,8 +334,10 @@ def job_output(job_id: str, name: str):
     with ctx().session() as session:
         own_job(session, job_id)
     try:
+        # job_key keeps the name under this job's prefix: `..` and the like
+        # name no output, rather than another job's (or tenant's) object.
         data = ctx().storage.get(job_key(job_id, name))
-    except NotFound:
+    except (NotFound, UnsafeKey):
         raise ApiError(404, f"job {job_id} has no output {name!r}") from None
     mimetype = "image/png" if name.endswith(".png") else "application/octet-stream"
     return Response(data, mimetype=mimetype)

@@ -4,6 +4,13 @@ folder for the embedded default.
 Keys are deterministic (`jobs/<id>/<name>`), so a re-run overwrites rather
 than adds. S3 outputs are handed out as presigned GET URLs; local ones are
 served by the API to the job's owner only.
+
+A name a client chose (an output's name in a URL) becomes a key only through
+`child_key`, which keeps it under its owner's prefix; both storages refuse
+any key that could step out of where it is put (`..`, `.`, empty segments,
+backslashes, control characters, absolute names) as a second line: a local
+path would resolve them, and an HTTP client or an S3-compatible server may
+normalise `..` in a URL.
 """
 from __future__ import annotations
 
@@ -21,6 +28,32 @@ class NotFound(KeyError):
     pass
 
 
+class UnsafeKey(ValueError):
+    """A key, or a name meant to become part of one, that could step out of
+    its prefix. No object can have it: to a client it is just not found."""
+
+
+def check_key(key: str) -> str:
+    """`key` if every `/`-separated segment of it is a plain name: not empty
+    (no leading, trailing or doubled `/`), not `.` or `..`, with no backslash
+    and no control character. Raises UnsafeKey otherwise."""
+    if not isinstance(key, str) or not key:
+        raise UnsafeKey(f"a storage key must be a non-empty string, got {key!r}")
+    if "\\" in key or any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in key):
+        raise UnsafeKey(f"a storage key must not hold a backslash or a control character, got {key!r}")
+    for segment in key.split("/"):
+        if segment in ("", ".", ".."):
+            raise UnsafeKey(f"a storage key must not hold an empty, '.' or '..' segment, got {key!r}")
+    return key
+
+
+def child_key(prefix: str, name: str) -> str:
+    """The key of `name` (which a user may have chosen, and which may hold
+    `/` for nested names) under `prefix`: always inside it, or UnsafeKey."""
+    check_key(name)
+    return check_key(f"{prefix.rstrip('/')}/{name}")
+
+
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
     def get(self, key: str) -> bytes: ...
@@ -35,7 +68,7 @@ class Storage(Protocol):
 
 
 def job_key(job_id: str, name: str) -> str:
-    return f"jobs/{job_id}/{name}"
+    return child_key(f"jobs/{job_id}", name)
 
 
 class LocalStorage:
@@ -43,8 +76,9 @@ class LocalStorage:
         self.root = Path(root)
 
     def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        # Keys come from our own code, but never let one escape the root.
+        path = (self.root / check_key(key)).resolve()
+        # check_key leaves nothing to resolve upwards; a symbolic link inside
+        # the root could still point out of it.
         if self.root.resolve() not in path.parents:
             raise NotFound(key)
         return path
@@ -61,17 +95,18 @@ class LocalStorage:
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # a folder is no object either
             raise NotFound(key) from None
 
     def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix.rstrip("/") + "/x").parent
+        base = self._path(prefix.rstrip("/"))
         if not base.is_dir():
             return []
         root = self.root.resolve()
         return sorted(str(p.relative_to(root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
 
     def presigned_url(self, key: str) -> str | None:
+        check_key(key)
         return None
 
     def check(self) -> None:
@@ -99,6 +134,7 @@ class S3Storage:
         )
 
     def _key(self, key: str) -> str:
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
@@ -112,7 +148,7 @@ class S3Storage:
 
     def list(self, prefix: str) -> list[str]:
         keys = []
-        full = self._key(prefix.rstrip("/") + "/")
+        full = self._key(prefix.rstrip("/")) + "/"
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             for item in page.get("Contents", []):
                 keys.append(item["Key"][len(self.prefix) + 1:] if self.prefix else item["Key"])
