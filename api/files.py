@@ -7,7 +7,9 @@ characters) in the record and in the download's Content-Disposition."""
 from __future__ import annotations
 
 import hashlib
+import re
 import unicodedata
+from urllib.parse import quote
 
 from flask import Blueprint, Response, request
 from sqlalchemy import select
@@ -17,6 +19,7 @@ from api.auth import caller, require_key
 from api.context import ctx
 from api.errors import ApiError, invalid
 from api.jobs import ID_RE, page_args
+from api.limits import check_file_quota
 from genq.schema import File, new_id
 from models.base import InputInvalid
 from models.finetune import parse_dataset
@@ -58,6 +61,10 @@ def upload():
                                              "sha256": hashlib.sha256(data).hexdigest()})
     if idem is not None and (earlier := idem.earlier()) is not None:
         return replay(earlier)
+    # Cheap and early, so a tenant over quota stores nothing; checked again
+    # under a lock below, where two concurrent uploads are told apart.
+    with c.session() as session:
+        check_file_quota(session, caller().tenant_id, len(data), c.settings)
     try:
         dataset = parse_dataset(data, max_rows=c.settings.max_dataset_rows)
     except InputInvalid as exc:
@@ -67,13 +74,15 @@ def upload():
     # Stored before the row is committed: a row always has its content.
     c.storage.put(key, data, "application/jsonl")
     with idempotency.race(idem) as race, c.session() as session, session.begin():
+        check_file_quota(session, caller().tenant_id, len(data), c.settings, lock=True)
         f = File(id=file_id, tenant_id=caller().tenant_id, purpose=purpose, filename=name, bytes=len(data),
                  rows=len(dataset.rows), format=dataset.format, storage_key=key)
         session.add(f)
         race.record(session, file_id)
     if race.winner is not None:
         # A concurrent duplicate committed first; this upload's stored copy
-        # stays behind unreferenced (storage has no delete here).
+        # stays behind unreferenced (storage has no delete here), as it does
+        # when a concurrent upload took the last of the quota.
         return replay(race.winner)
     return describe(f), 201, {"Location": f"/v1/files/{file_id}"}
 
@@ -86,6 +95,18 @@ def display_name(raw: str | None) -> str:
     name = "".join("_" if ch in "/\\" or unicodedata.category(ch) in ("Cc", "Cf", "Cs") else ch
                    for ch in raw or "")[-255:]
     return name if name.strip(". ") else "dataset.jsonl"
+
+
+def attachment(filename: str) -> str:
+    """Content-Disposition for a download (RFC 6266): the name in UTF-8 as
+    `filename*` (RFC 8187), which current browsers use, and an ASCII stand-in
+    as `filename` for older clients, with nothing in either that could end
+    the value or start another parameter (quotes, backslashes, `;`, CR/LF)."""
+    ascii_name = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode("ascii")
+    fallback = re.sub(r"[^A-Za-z0-9._ ()+=,@-]", "_", ascii_name).strip() or "dataset.jsonl"
+    # RFC 8187 attr-char: the only characters filename* may carry unencoded.
+    encoded = quote(filename, safe="!#$&+-.^_`|~")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 def replay(file_id: str):
@@ -120,4 +141,4 @@ def file_content(file_id: str):
     with ctx().session() as session:
         f = own_file(session, file_id)
     return Response(ctx().storage.get(f.storage_key), mimetype="application/jsonl",
-                    headers={"Content-Disposition": f'attachment; filename="{f.filename}"'})
+                    headers={"Content-Disposition": attachment(f.filename)})

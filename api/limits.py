@@ -1,5 +1,6 @@
 """Per-tenant request rate limits (flask-limiter, counted in Redis so every API
-process shares them) and the quota on jobs queued or running at once."""
+process shares them), the quota on jobs queued or running at once and the
+quota on bytes of uploaded files."""
 from __future__ import annotations
 
 import logging
@@ -9,11 +10,11 @@ import time
 from flask import Flask, request
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from api.auth import current_caller
 from api.errors import ApiError, problem
-from genq.schema import Job
+from genq.schema import File, Job, Tenant
 from genq.settings import Settings
 from genq.states import JobStatus
 
@@ -75,3 +76,20 @@ def check_active_jobs(session, tenant_id: str, settings: Settings) -> None:
     if active >= settings.max_active_jobs:
         raise ApiError(429, f"you have {active} jobs queued or running, the most allowed at once is "
                             f"{settings.max_active_jobs}; wait for some to finish", headers={"Retry-After": 5})
+
+
+def check_file_quota(session, tenant_id: str, new_bytes: int, settings: Settings, *, lock: bool = False) -> None:
+    """A tenant's uploaded files may total at most `max_tenant_file_bytes`.
+    With `lock`, first take the tenant's row for the rest of the transaction
+    (a row lock on Postgres, the write lock on SQLite), so two concurrent
+    uploads count each other: the second sums only after the first commits."""
+    quota = settings.max_tenant_file_bytes
+    if not quota:
+        return
+    if lock:
+        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
+    used = session.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.tenant_id == tenant_id))
+    if used + new_bytes > quota:
+        message = (f"is {new_bytes} bytes; with the {used} bytes of files you have stored it would pass your "
+                   f"quota of {quota} bytes (GENQ_MAX_TENANT_FILE_BYTES)")
+        raise ApiError(413, f"file: {message}", errors=[{"field": "file", "message": message}])

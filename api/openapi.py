@@ -208,7 +208,8 @@ def build(registry: Registry) -> dict:
     retry_after = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
     problems = {
         400: "Malformed JSON or body.", 401: "No API key, or not a valid one.", 403: "The key's role may not do this.",
-        404: "Unknown, or not yours.", 409: "The object's state does not allow this.", 413: "Body too large.",
+        404: "Unknown, or not yours.", 409: "The object's state does not allow this.",
+        413: "Body too large (a file: or past your stored-files quota).",
         415: "Wrong content type.", 422: "Invalid fields; `errors` names each.",
     }
 

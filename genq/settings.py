@@ -68,6 +68,10 @@ class Settings:
     # Largest file POST /v1/files accepts (bytes) and most rows in a dataset.
     max_file_bytes: int = 50 * 2**20
     max_dataset_rows: int = 100_000
+    # Bytes of uploaded files a tenant may have stored in all (0 = no limit).
+    # Outputs need no quota of their own: they are bounded by each model's
+    # input limits and the active-jobs quota.
+    max_tenant_file_bytes: int = 2**30
     # Workers look for jobs whose lease expired (a killed worker) this often (seconds).
     reconcile_interval: float = 30.0
     # Requests per tenant (flask-limiter syntax, e.g. "1200/minute"); empty turns it off.
@@ -198,6 +202,7 @@ class Settings:
             checkpoint_every=num("checkpoint_every", 50, int),
             max_file_bytes=num("max_file_bytes", 50 * 2**20, int),
             max_dataset_rows=num("max_dataset_rows", 100_000, int),
+            max_tenant_file_bytes=num("max_tenant_file_bytes", 2**30, int),
             reconcile_interval=num("reconcile_interval", 30.0, float),
             rate_limit=get("rate_limit", "1200/minute"),
             ratelimit_storage_url=get("ratelimit_storage_url", ""),
@@ -231,6 +236,8 @@ class Settings:
             raise ConfigError(f"GENQ_LOG_FORMAT must be text or json, got {values['log_format']!r}")
         if values["torch_threads"] < 0:
             raise ConfigError(f"GENQ_TORCH_THREADS must be 0 (torch's default) or more, got {values['torch_threads']}")
+        if values["max_tenant_file_bytes"] < 0:
+            raise ConfigError(f"GENQ_MAX_TENANT_FILE_BYTES must be 0 (no limit) or more, got {values['max_tenant_file_bytes']}")
         return cls(**values)
 
     def replace(self, **changes) -> "Settings":

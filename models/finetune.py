@@ -105,8 +105,12 @@ def parse_dataset(data: bytes, max_rows: int | None = None) -> Dataset:
 def _check_row(line: str) -> tuple[str | None, dict]:
     try:
         row = json.loads(line)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return f"is not valid JSON: {exc.msg} at column {exc.colno}", {}
+    except RecursionError:  # nesting deeper than the interpreter's stack
+        return "is JSON nested too deeply to be a row", {}
+    except ValueError as exc:  # valid JSON Python will not read, e.g. a number of 5,000 digits
+        return f"is JSON that cannot be read: {str(exc)[:200]}", {}
     if not isinstance(row, dict):
         return f"must be a JSON object, got {type(row).__name__}", {}
     keys = set(row)

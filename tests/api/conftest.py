@@ -14,3 +14,11 @@ def app(embedded_settings):
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_db(request, embedded_settings):
+    """The embedded settings, on SQLite and again on the run's Postgres database."""
+    if request.param == "postgres":
+        return embedded_settings.replace(database_url=request.getfixturevalue("pg_url"))
+    return embedded_settings
