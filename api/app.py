@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import admin, catalog, errors, files, health, jobs, metrics, openapi
+from api import admin, catalog, errors, files, health, jobs, metrics, openapi, params
 from api.context import Context
 from api.limits import init_limiter
 from api import webhooks as webhook_routes
@@ -36,6 +36,8 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     # Deliveries the API enqueues (cancel, redeliver) ring the sender once committed.
     webhooks.ring_after_commit(context.sessions, context.celery, settings.webhook_queue)
     errors.register(app)
+    # First of all: a key in the URL is refused before the limiter looks the caller up.
+    app.before_request(params.check_url_params)
     app.extensions["genq_limiter"] = init_limiter(app, settings)
     app.before_request(openapi.check_query_params)
     metrics.init_metrics(app)

@@ -244,6 +244,11 @@ def get_job(job_id: str):
     return render(job)
 
 
+def job_types(registry) -> list[str]:
+    """The job types there are: the registry's model families, and fine-tune."""
+    return sorted({spec.family for spec in registry} | {FINE_TUNE})
+
+
 def page_args() -> tuple[int, str | None]:
     """?limit= (1-100, default 20) and ?cursor= (an id this API returned)."""
     raw = request.args.get("limit", "20")
@@ -268,6 +273,8 @@ def list_jobs():
     if (model := request.args.get("model")) is not None:
         query = query.where(Job.model == model)
     if (type_ := request.args.get("type")) is not None:
+        if type_ not in (types := job_types(ctx().registry)):
+            raise invalid("type", f"must be one of {types}, got {type_!r}")
         query = query.where(Job.type == type_)
     if cursor:
         query = query.where(Job.id < cursor)

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, abort, current_app, request, send_from_di
 from api.admin import KeyCreate
 from api.context import ctx
 from api.errors import ApiError
-from api.jobs import JobCreate
+from api.jobs import JobCreate, job_types
 from models import finetune
 from models.registry import Registry
 
@@ -207,8 +207,8 @@ def build(registry: Registry) -> dict:
 
     retry_after = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
     problems = {
-        400: "Malformed JSON or body.", 401: "No API key, or not a valid one.", 403: "The key's role may not do this.",
-        404: "Unknown, or not yours.", 409: "The object's state does not allow this.",
+        400: "Malformed JSON or body, or an API key in the URL.", 401: "No API key, or not a valid one.",
+        403: "The key's role may not do this.", 404: "Unknown, or not yours.", 409: "The object's state does not allow this.",
         413: "Body too large (a file: or past your stored-files quota).",
         415: "Wrong content type.", 422: "Invalid fields; `errors` names each.",
     }
@@ -216,7 +216,11 @@ def build(registry: Registry) -> dict:
     def op(summary: str, ok: list[tuple[str, dict]], errors: list[int], *, params=None, body=None, tag: str,
            auth: bool = True) -> dict:
         responses = dict(ok)
-        for code in errors:
+        # Any route: 400 for a key in the query string; with parameters, 422 for a NUL in one.
+        params_in_url = [p for p in params or [] if p["in"] in ("path", "query")]
+        for p in params_in_url:
+            _no_nul(p["schema"])
+        for code in sorted({400, *errors, *([422] if params_in_url else [])}):
             responses[str(code)] = {"description": problems[code],
                                     "content": {"application/problem+json": {"schema": ref("Problem")}}}
         if auth:
@@ -259,7 +263,8 @@ def build(registry: Registry) -> dict:
                           {"name": "status", "in": "query",
                            "schema": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]}},
                           {"name": "model", "in": "query", "schema": {"type": "string"}},
-                          {"name": "type", "in": "query", "schema": {"type": "string"}}], tag="jobs"),
+                          {"name": "type", "in": "query", "schema": {"type": "string", "enum": job_types(registry)}}],
+                      tag="jobs"),
         },
         "/v1/jobs/{job_id}": {"get": op("A job.", [resp(200, "Job", "The job.")], std, params=[path_param("job_id"), prefer],
                                         tag="jobs")},

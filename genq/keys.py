@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 from sqlalchemy import select
@@ -12,6 +13,12 @@ from genq.schema import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "gq_"
 ROLES = ("user", "admin")
+# A key inside other text (a URL, a log line): the prefix, its `_` perhaps
+# percent-encoded, and at least 16 of the URL-safe characters a key is made of
+# (a key's 10-character display prefix, as `genq keys revoke` takes, is not one).
+KEY_IN_TEXT = re.compile(r"gq(?:_|%5[Ff])[A-Za-z0-9_-]{16,}")
+# Query parameters clients commonly put API keys in.
+KEY_PARAMS = ("api_key", "apikey", "key", "token", "access_token")
 
 
 def hash_key(raw: str) -> str:
