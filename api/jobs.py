@@ -97,7 +97,9 @@ def _check_tree(value, path: str, depth: int) -> None:
 
 
 def url_for_key(job_id: str):
-    return output_urls(ctx().storage, request.host_url, job_id)
+    # The configured public URL, never the request's Host header: a client
+    # must not be able to choose where the links in its answer point.
+    return output_urls(ctx().storage, ctx().settings.api_base_url, job_id)
 
 
 def render(job: Job) -> dict:

@@ -10,5 +10,14 @@ from genq.serialize import job, rfc3339, with_urls
 __all__ = ["event", "job", "rfc3339", "with_urls"]
 
 
+# Which worker ran a job is for operators (the events in the database, logs,
+# /v1/admin/workers), never for tenants: a worker's name holds its host name
+# and process id.
+WORKER_ONLY = ("worker",)
+
+
 def event(e: JobEvent, url_for_key: Callable[[str], str]) -> dict[str, Any]:
-    return {"id": e.id, "type": e.type, "at": rfc3339(e.at), "data": with_urls(e.data, url_for_key)}
+    data = e.data
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in WORKER_ONLY}
+    return {"id": e.id, "type": e.type, "at": rfc3339(e.at), "data": with_urls(data, url_for_key)}

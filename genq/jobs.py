@@ -289,14 +289,14 @@ def requeue_expired(session: Session, pools: list[str], now: dt.datetime | None 
         still = and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_until < now)
         if attempts >= max_attempts:
             error = {"code": "attempts_exhausted",
-                     "message": f"the job's worker stopped responding on each of {attempts} attempts "
-                                f"(last: {owner}); it may be crashing the worker, so it was not retried again"}
+                     "message": f"the job's worker stopped responding on each of {attempts} attempts; "
+                                "it may be crashing the worker, so it was not retried again"}
             if session.execute(update(Job).where(still).values(
                     status=JobStatus.FAILED.value, error=error, completed_at=now, updated_at=now, lease_until=None)).rowcount:
-                record_event(session, job_id, "completed", {"status": "failed", "error": error}, at=now)
+                record_event(session, job_id, "completed", {"status": "failed", "error": error, "worker": owner}, at=now)
                 webhooks.enqueue(session, job_id, "completed", now=now)
         elif session.execute(update(Job).where(still).values(
                 status=JobStatus.QUEUED.value, lease_owner=None, lease_until=None, updated_at=now)).rowcount:
-            record_event(session, job_id, "log", {"message": f"lease of {owner} expired; queued again", "attempt": attempts}, at=now)
+            record_event(session, job_id, "log", {"message": "its worker stopped responding (lease expired); queued again", "attempt": attempts, "worker": owner}, at=now)
             requeued.append((job_id, pool))
     return requeued

@@ -92,3 +92,20 @@ def wait_job(get, job_id: str, headers: dict, timeout: float = 60, until=TERMINA
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {body['status']} after {timeout}s: {body}")
         time.sleep(0.1)
+
+
+def finish_with_outputs(settings: Settings, job_id: str, owner: str) -> None:
+    """Claim a queued image job and finish it with one output key, as a
+    worker would, without running a model."""
+    from genq import jobs as joblib
+    from genq.schema import Job
+    from genq.states import JobStatus
+
+    engine = make_engine(settings.database_url)
+    with make_sessionmaker(engine).begin() as session:
+        job = session.get(Job, job_id)
+        [claimed] = joblib.claim_batch(session, model=job.model, batch_key=job.batch_key, limit=1, owner=owner,
+                                       lease_seconds=30)
+        joblib.finish(session, claimed.id, owner, JobStatus.SUCCEEDED,
+                      output={"images": [{"key": f"jobs/{job_id}/0.png", "content_type": "image/png"}]})
+    engine.dispose()

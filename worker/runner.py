@@ -478,7 +478,7 @@ class Runner:
         def write() -> list[str]:
             with self.sessions.begin() as session:
                 return joblib.hand_back(session, [r.job.id for r in rows], self.owner,
-                                        f"worker {self.owner} shut down; queued again, attempt not counted")
+                                        "its worker shut down; queued again, attempt not counted")
 
         back = retry(write, within=self.settings.lease_seconds, what=f"handing back {len(rows)} job(s)")
         log.info("shutdown: handed jobs %s back to the queue", back)

@@ -1,15 +1,28 @@
-"""What the API accepts at its edges: API keys refused in URLs, NUL refused
-in path and query parameters (on Postgres too), unknown job types named."""
+"""What the API accepts and shows at its edges: API keys refused in URLs,
+NUL refused in path and query parameters (on Postgres too), unknown job
+types named, dependency errors kept to the log, output URLs from the
+configured public URL, worker names kept from tenants."""
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import secrets
 
 import pytest
+from sqlalchemy import select, update
+
 from api.app import create_app
-from tests.helpers import make_key
+from genq import jobs as joblib
+from genq.db import make_engine, make_sessionmaker
+from genq.schema import Job, JobEvent
+from tests.helpers import finish_with_outputs, make_key
 
 PROBLEM = "application/problem+json"
+
+
+def sessions_for(settings):
+    return make_sessionmaker(make_engine(settings.database_url))
 
 
 # --- API keys in URLs ---------------------------------------------------------
@@ -66,7 +79,81 @@ def test_nul_in_a_path_or_query_parameter_is_422_naming_it(any_db, method, path,
     assert resp.get_json()["errors"][0]["field"] == field
 
 
-# --- job types ------------------------------------------------------------------
+# --- readiness, public URLs, worker names, job types ---------------------------
+
+
+def test_readyz_says_down_without_the_error_text(embedded_settings, caplog):
+    app = create_app(embedded_settings.replace(database_url="postgresql+psycopg://nobody:hunter2@127.0.0.1:1/none"))
+    caplog.set_level(logging.WARNING)
+    resp = app.test_client().get("/readyz")
+    assert resp.status_code == 503
+    body = resp.get_data(as_text=True)
+    assert resp.get_json()["checks"] == {"database": "down", "broker": "ok", "storage": "ok"}
+    for leak in ("OperationalError", "127.0.0.1", "nobody", "connection", "psycopg"):
+        assert leak not in body
+    assert "readyz: the database is down: OperationalError" in caplog.text
+
+
+def test_output_urls_use_the_public_url_not_the_host_header(embedded_settings):
+    settings = embedded_settings.replace(public_url="https://genq.example.com/api")
+    client = create_app(settings).test_client()
+    headers = make_key(settings, "urls")
+    job_id = client.post("/v1/jobs", json={"model": "demo-image", "input": {"prompt": "x"}}, headers=headers).get_json()["id"]
+    finish_with_outputs(settings, job_id, "w")
+    expected = f"https://genq.example.com/api/v1/jobs/{job_id}/outputs/0.png"
+    for host in ("evil.example", "127.0.0.1:1"):
+        job = client.get(f"/v1/jobs/{job_id}", headers={**headers, "Host": host}).get_json()
+        assert job["output"]["images"][0]["url"] == expected
+        listed = client.get("/v1/jobs", headers={**headers, "Host": host}).get_json()["data"][0]
+        assert listed["output"]["images"][0]["url"] == expected
+        events = client.get(f"/v1/jobs/{job_id}/events", headers={**headers, "Host": host}).get_json()["data"]
+        assert [e["data"]["images"][0]["url"] for e in events if e["type"] == "output"] == [expected]
+
+
+def test_tenants_never_see_the_worker_host_or_pid(embedded_settings):
+    client = create_app(embedded_settings).test_client()
+    headers = make_key(embedded_settings, "curious")
+    owner = "gpu-text.4242@gpu-host-7.internal:4242:abc123"
+    sessions = sessions_for(embedded_settings)
+    job_id = client.post("/v1/jobs", json={"model": "demo-text", "input": {"prompt": "x"}},
+                         headers=headers).get_json()["id"]
+    with sessions.begin() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(max_attempts=2))
+
+    def claim():
+        with sessions.begin() as session:
+            job = session.get(Job, job_id)
+            assert joblib.claim_batch(session, model=job.model, batch_key=job.batch_key, limit=1, owner=owner,
+                                      lease_seconds=30)
+
+    def lapse():
+        with sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(
+                lease_until=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)))
+            joblib.requeue_expired(session, [session.get(Job, job_id).pool])
+
+    claim()  # handed back by a shutdown, the attempt not counted
+    with sessions.begin() as session:
+        assert joblib.hand_back(session, [job_id], owner, "its worker shut down; queued again") == [job_id]
+    claim()  # its lease lapses: queued again
+    lapse()
+    claim()  # its lease lapses again: attempts exhausted
+    lapse()
+    seen = [client.get(f"/v1/jobs/{job_id}", headers=headers).get_data(as_text=True),
+            client.get(f"/v1/jobs/{job_id}/events", headers=headers).get_data(as_text=True),
+            client.get(f"/v1/jobs/{job_id}/events", headers={**headers, "Accept": "text/event-stream"}).get_data(as_text=True)]
+    job = json.loads(seen[0])
+    assert job["status"] == "failed" and job["error"]["code"] == "attempts_exhausted", job
+    types = [e["type"] for e in json.loads(seen[1])["data"]]
+    assert "start" in types and "log" in types and types[-1] == "completed"
+    for text in seen:
+        for leak in ("gpu-host-7", "4242", "abc123", '"worker"'):
+            assert leak not in text, (leak, text)
+    # Operators keep it: the events in the database name the worker.
+    with sessions() as session:
+        recorded = [e.data.get("worker") for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id))
+                    if e.type in ("start", "log", "completed") and e.data.get("worker")]
+    assert recorded and set(recorded) == {owner}
 
 
 def test_an_unknown_job_type_is_422_naming_type(client, embedded_settings):

@@ -40,7 +40,7 @@ def test_database_down_is_503_on_every_route(embedded_settings):
     assert_503(client.get("/v1/jobs", headers=key), "database")
     assert_503(client.get(f"/v1/jobs/{'0' * 32}", headers=key), "database")
     ready = client.get("/readyz")
-    assert ready.status_code == 503 and ready.get_json()["checks"]["database"].startswith("down: OperationalError")
+    assert ready.status_code == 503 and ready.get_json()["checks"]["database"] == "down"
 
 
 def test_storage_down_is_503_and_no_file_is_recorded(embedded_settings):
@@ -53,7 +53,7 @@ def test_storage_down_is_503_and_no_file_is_recorded(embedded_settings):
     assert_503(resp, "storage")
     assert client.get("/v1/files", headers=key).get_json()["data"] == []
     ready = client.get("/readyz").get_json()
-    assert ready["checks"]["storage"].startswith("down:") and ready["checks"]["database"] == "ok"
+    assert ready["checks"]["storage"] == "down" and ready["checks"]["database"] == "ok"
     assert "storage" in ready["detail"]
 
 
@@ -69,4 +69,4 @@ def test_broker_down_at_publish_still_accepts_and_records_the_job(embedded_setti
     with make_sessionmaker(engine)() as session:
         assert session.scalar(select(Job.status).where(Job.id == resp.get_json()["id"])) == "queued"
     engine.dispose()
-    assert client.get("/readyz").get_json()["checks"]["broker"].startswith("down:")
+    assert client.get("/readyz").get_json()["checks"]["broker"] == "down"
