@@ -1,16 +1,35 @@
 """Engine and session factory for the record of truth (Postgres or SQLite)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+
+def private_sqlite_file(url: str) -> None:
+    """An SQLite database file holds every tenant's jobs, files' records and
+    key hashes: when genq makes it, its folder (GENQ_HOME by default) is made
+    0700 and the file 0600. SQLite gives its -wal and -shm files the main
+    file's mode. Existing files and folders keep the mode they have."""
+    database = make_url(url).database
+    if not url.startswith("sqlite") or not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # an empty file is an empty database
+    except FileExistsError:
+        pass
 
 
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        private_sqlite_file(url)
         # API threads and worker processes share one file: WAL lets readers run
         # beside the writer, and busy_timeout waits for the write lock instead
         # of failing at once.

@@ -15,6 +15,8 @@ from typing import Mapping
 from genq.errors import ConfigError
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "registry.yaml"
+# A presigned URL (signature version 4) is valid for at most 7 days.
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
 
 def _home(env: Mapping[str, str]) -> Path:
@@ -37,7 +39,8 @@ class Settings:
     # Explicit S3 credentials; None lets boto3 find them (instance role, ~/.aws, ...).
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
-    # How long a presigned output URL stays valid.
+    # How long a presigned output URL stays valid (seconds): 1 to 604800, the
+    # 7 days S3's signature version 4 allows at most.
     presign_seconds: int = 3600
     # The model registry: which models exist, their family, checkpoint, pool and limits.
     registry_path: Path = DEFAULT_REGISTRY
@@ -236,6 +239,9 @@ class Settings:
             raise ConfigError(f"GENQ_LOG_FORMAT must be text or json, got {values['log_format']!r}")
         if values["torch_threads"] < 0:
             raise ConfigError(f"GENQ_TORCH_THREADS must be 0 (torch's default) or more, got {values['torch_threads']}")
+        if not 1 <= values["presign_seconds"] <= MAX_PRESIGN_SECONDS:
+            raise ConfigError(f"GENQ_PRESIGN_SECONDS must be from 1 to {MAX_PRESIGN_SECONDS} (7 days, the longest "
+                              f"S3 allows), got {values['presign_seconds']}")
         if values["max_tenant_file_bytes"] < 0:
             raise ConfigError(f"GENQ_MAX_TENANT_FILE_BYTES must be 0 (no limit) or more, got {values['max_tenant_file_bytes']}")
         return cls(**values)

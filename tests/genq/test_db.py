@@ -1,0 +1,34 @@
+"""The embedded database file is its owner's only."""
+from __future__ import annotations
+
+import stat
+
+from sqlalchemy import text
+
+from genq.db import make_engine
+from genq.migrate import upgrade
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_new_sqlite_database_and_its_folder_are_private(tmp_path):
+    home = tmp_path / "home"
+    url = f"sqlite:///{home / 'genq.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:  # a write, with the connection open: the -wal and -shm files exist
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        conn.execute(text("INSERT INTO t VALUES (1)"))
+        files = {p.name: mode(p) for p in home.iterdir()}
+    engine.dispose()
+    assert mode(home) == 0o700
+    assert {"genq.db", "genq.db-wal", "genq.db-shm"} <= set(files)
+    assert set(files.values()) == {0o600}, files
+
+
+def test_an_existing_folder_keeps_its_mode(tmp_path):
+    tmp_path.chmod(0o755)
+    make_engine(f"sqlite:///{tmp_path / 'x.db'}").dispose()
+    assert mode(tmp_path) == 0o755 and mode(tmp_path / "x.db") == 0o600

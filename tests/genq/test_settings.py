@@ -1,0 +1,26 @@
+"""Settings read from the environment refuse values that cannot work, naming
+the variable and the value."""
+from __future__ import annotations
+
+import pytest
+
+from genq.errors import ConfigError
+from genq.settings import Settings
+
+
+@pytest.mark.parametrize("raw", ["-5", "0", "604801", str(365 * 24 * 3600)])
+def test_presign_lifetime_outside_1_to_7_days_is_refused(raw):
+    with pytest.raises(ConfigError, match=rf"GENQ_PRESIGN_SECONDS must be from 1 to 604800 .*got {raw}"):
+        Settings.from_env({"GENQ_PRESIGN_SECONDS": raw})
+
+
+@pytest.mark.parametrize("raw, seconds", [("1", 1), ("604800", 604800), ("", 3600)])
+def test_presign_lifetime_within_limits_is_taken(raw, seconds):
+    assert Settings.from_env({"GENQ_PRESIGN_SECONDS": raw}).presign_seconds == seconds
+
+
+def test_tenant_file_quota_is_a_non_negative_byte_count():
+    assert Settings.from_env({}).max_tenant_file_bytes == 2**30
+    assert Settings.from_env({"GENQ_MAX_TENANT_FILE_BYTES": "0"}).max_tenant_file_bytes == 0
+    with pytest.raises(ConfigError, match="GENQ_MAX_TENANT_FILE_BYTES must be 0 .*got -1"):
+        Settings.from_env({"GENQ_MAX_TENANT_FILE_BYTES": "-1"})
