@@ -240,8 +240,16 @@ class Heartbeat(threading.Thread):
 
 def cmd_api(settings: Settings, args) -> int:
     bind = args.bind or f"{settings.api_host}:{settings.api_port}"
+    host, _, port = bind.rpartition(":")
+    if settings.public_url is None and port.isdigit():
+        # Without GENQ_PUBLIC_URL, the URLs the API hands out name the port it
+        # listens on, and its host unless that is every interface.
+        os.environ["GENQ_API_PORT"] = port
+        if host not in ("", "0.0.0.0", "[::]"):
+            os.environ["GENQ_API_HOST"] = host
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(args.workers),
                                "--worker-class", "gthread", "--threads", "8", "--access-logfile", "-",
+                               "--logger-class", "genq.serving.GunicornLogger",
                                "api.app:create_app()"])
 
 
@@ -249,24 +257,27 @@ def cmd_up(settings: Settings, args) -> int:
     """Everything on one machine: SQLite, a local storage folder and a broker in
     files (unless GENQ_* says otherwise), the API in this process, a worker
     for every pool and the webhook sender beside it."""
-    from werkzeug.serving import make_server
-
     from api.app import create_app
     from genq.migrate import upgrade
+    from genq.serving import bind_dev_server
 
     host = args.host or settings.api_host
-    port = args.port or settings.api_port
-    settings.home.mkdir(parents=True, exist_ok=True)
+    port = args.port if args.port is not None else settings.api_port
+    # GENQ_HOME holds the database, the API key and the storage: the owner's only.
+    settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
     upgrade(settings.database_url)
     key = _local_key(settings)
     try:
-        server = make_server(host, port, create_app(settings), threaded=True)
+        server = bind_dev_server(host, port)
     except OSError as exc:
         print(f"genq up: cannot listen on {host}:{port}: {exc}. Pass --port or set GENQ_API_PORT.", file=sys.stderr)
         return 1
+    # The port actually bound (port 0 picks one), so the URLs the API and the
+    # webhook payloads hand out point at this API.
     port = server.server_port
-    # The port actually bound, so URLs in webhook payloads point at this API.
-    env = {**os.environ, **settings.replace(api_host=host, api_port=port).as_env()}
+    settings = settings.replace(api_host=host, api_port=port)
+    server.app = create_app(settings)
+    env = {**os.environ, **settings.as_env()}
     workers = [
         subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--pool", "all", "--preload"], env=env),
         # Its own process: a webhook must not wait behind a batch on the model worker.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import os
 import re
+import secrets
 import signal
-import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -19,20 +20,14 @@ from PIL import Image
 
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def up(tmp_path_factory, model_dir):
-    home = tmp_path_factory.mktemp("up-home")
-    port = free_port()
+    home = tmp_path_factory.mktemp("up") / "genq-home"  # made by genq up
     # Only GENQ_HOME and the prebuilt demo checkpoints: every other setting is
     # the embedded default a newcomer gets. No GENQ_DATABASE_URL, no broker URL.
+    # Port 0: genq up listens on a free port, and every URL it hands out names it.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    env.update(GENQ_HOME=str(home), GENQ_MODEL_DIR=str(model_dir), GENQ_API_PORT=str(port), PYTHONUNBUFFERED="1")
+    env.update(GENQ_HOME=str(home), GENQ_MODEL_DIR=str(model_dir), GENQ_API_PORT="0", PYTHONUNBUFFERED="1")
     # The one exception: the tests' webhook receiver listens on 127.0.0.1, over http.
     env.update(GENQ_WEBHOOK_ALLOW_HTTP="true", GENQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
     proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "up"], env=env, stdout=subprocess.PIPE,
@@ -74,6 +69,9 @@ def test_embedded_defaults_are_in_use(up):
     home = up["home"]
     assert (home / "genq.db").exists()
     assert (home / "broker").is_dir()
+    # The database, the API key and the outputs are the owner's only.
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / "genq.db").stat().st_mode) == 0o600
     ready = requests.get(f"{up['url']}/readyz", timeout=10).json()
     assert ready["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
 
@@ -131,6 +129,25 @@ def test_webhook_is_delivered_signed_by_the_embedded_sender(up):
         assert Webhook(secret).verify(hit.body, hit.headers) == done
     finally:
         receiver.close()
+
+
+def test_keys_in_urls_are_refused_and_never_logged(up):
+    from genq.settings import Settings
+    from tests.helpers import make_key
+
+    # A key of its own: the one up's banner printed is in its output already.
+    key = make_key(Settings.from_env({"GENQ_HOME": str(up["home"])}), "careless")["Authorization"].split(" ", 1)[1]
+    marker = secrets.token_hex(6)
+    for query in (f"api_key={key}", f"token={key}", f"x={key}&m={marker}"):
+        resp = requests.get(f"{up['url']}/v1/jobs?{query}", timeout=10)
+        assert resp.status_code == 400 and "Authorization header" in resp.json()["detail"]
+        assert resp.headers["Server"] == "genq"
+    deadline = time.monotonic() + 30
+    while not any(marker in line for line in list(up["lines"])):
+        assert time.monotonic() < deadline, "\n".join(up["lines"])
+        time.sleep(0.1)
+    assert key not in "\n".join(up["lines"])
+    assert requests.get(f"{up['url']}/healthz", timeout=10).headers["Server"] == "genq"
 
 
 def test_ctrl_c_stops_api_and_worker(up):

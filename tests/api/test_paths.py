@@ -5,7 +5,6 @@ storage and on S3 (moto over HTTP)."""
 from __future__ import annotations
 
 import http.client
-import io
 import threading
 from urllib.parse import quote
 

@@ -1,0 +1,116 @@
+"""The API's HTTP servers as genq runs them, over real connections: gunicorn
+(`genq api`, its own process) and werkzeug's (`genq up`'s server, in a
+thread). Both say `Server: genq` and keep API keys out of their access logs."""
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+import pytest
+
+from api.app import create_app
+from genq.serving import bind_dev_server
+from tests.helpers import finish_with_outputs, make_key
+
+SAFETY = 60  # seconds; a net for a loaded machine, not a measurement
+
+
+def get(port: int, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def leaky_requests(key: str, marker: str) -> list[str]:
+    """Paths a careless client sends a key in; the last one carries `marker`."""
+    return [f"/v1/jobs?api_key={key}", f"/v1/jobs?token={key}", f"/v1/models/{key}", f"/v1/jobs?x={key}&m={marker}"]
+
+
+def test_werkzeug_says_genq_and_logs_no_key(embedded_settings, caplog):
+    caplog.set_level(logging.INFO)
+    server = bind_dev_server("127.0.0.1", 0)
+    server.app = create_app(embedded_settings)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        key = make_key(embedded_settings, "w")["Authorization"].split(" ", 1)[1]
+        marker = secrets.token_hex(6)
+        statuses = [get(server.server_port, path)[0] for path in leaky_requests(key, marker)]
+        status, headers, _ = get(server.server_port, "/healthz")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert statuses == [400, 400, 401, 400]
+    assert (status, headers["server"]) == (200, "genq")
+    assert marker in caplog.text and "api_key=[redacted]" in caplog.text
+    assert key not in caplog.text
+
+
+@pytest.fixture
+def gunicorn(embedded_settings):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env.update(embedded_settings.as_env(), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: deque[str] = deque(maxlen=5000)
+    threading.Thread(target=lambda: [lines.append(line.rstrip()) for line in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + SAFETY
+    while True:
+        try:
+            if get(port, "/healthz")[0] == 200:
+                break
+        except OSError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "\n".join(lines)
+        time.sleep(0.2)
+    yield {"port": port, "lines": lines}
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_gunicorn_says_genq_and_logs_no_key(gunicorn, embedded_settings):
+    key = make_key(embedded_settings, "g")["Authorization"].split(" ", 1)[1]
+    marker = secrets.token_hex(6)
+    answers = [get(gunicorn["port"], path) for path in leaky_requests(key, marker)]
+    assert [status for status, _, _ in answers] == [400, 400, 401, 400]
+    assert all(headers["server"] == "genq" for _, headers, _ in answers)
+    assert all(key not in body.decode() for _, _, body in answers)
+    # The access log line of the last request, then every line so far.
+    deadline = time.monotonic() + SAFETY
+    while not any(marker in line for line in gunicorn["lines"]):
+        assert time.monotonic() < deadline, "\n".join(gunicorn["lines"])
+        time.sleep(0.1)
+    log = "\n".join(gunicorn["lines"])
+    assert "api_key=[redacted]" in log and "/v1/models/gq_[redacted]" in log
+    assert key not in log
+
+
+def test_gunicorn_output_urls_name_the_bound_port(gunicorn, embedded_settings):
+    headers = make_key(embedded_settings, "u")
+    conn = http.client.HTTPConnection("127.0.0.1", gunicorn["port"], timeout=30)
+    conn.request("POST", "/v1/jobs", body=b'{"model": "demo-image", "input": {"prompt": "x"}}',
+                 headers={**headers, "Content-Type": "application/json"})
+    job_id = json.loads(conn.getresponse().read())["id"]
+    conn.close()
+    finish_with_outputs(embedded_settings, job_id, "w")
+    status, _, body = get(gunicorn["port"], f"/v1/jobs/{job_id}", {**headers, "Host": "elsewhere.example"})
+    url = json.loads(body)["output"]["images"][0]["url"]
+    assert url == f"http://127.0.0.1:{gunicorn['port']}/v1/jobs/{job_id}/outputs/0.png"
