@@ -167,6 +167,58 @@ def test_api_serves_port_8000_with_a_healthcheck(services):
     assert "/healthz" in test and "curl" not in test  # python:3.11-slim has no curl
 
 
+def published(service: dict) -> list[tuple[str, str]]:
+    """(host address, container port) of each port a service publishes; an
+    empty address means every interface."""
+    out = []
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):  # the long syntax
+            out.append((str(port.get("host_ip", "")), str(port["target"])))
+            continue
+        parts = str(port).split(":")
+        out.append((parts[0] if len(parts) == 3 else "", parts[-1].split("/")[0]))
+    return out
+
+
+def test_minio_is_published_on_this_host_only(services):
+    ports = published(services["minio"])
+    assert {target for _, target in ports} == {"9000", "9001"}
+    assert all(address == "127.0.0.1" for address, _ in ports), ports
+    # Only the API is for the world; every backing service stays on this host or the compose network.
+    for name, service in services.items():
+        if name != "api":
+            assert all(address in ("127.0.0.1", "::1") for address, _ in published(service)), name
+
+
+CREDENTIALS = ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
+
+
+def test_credentials_come_from_the_users_env_file_with_no_defaults():
+    text = COMPOSE.read_text()
+    for name in CREDENTIALS:
+        uses = re.findall(r"\$\{" + name + r"([^}]*)\}", text)
+        assert uses, f"{name} is not used in docker-compose.yml"
+        # ${NAME:?message}: Compose refuses to start while it is unset or empty.
+        assert all(use.startswith(":?") for use in uses), f"{name} has a default or no check: {uses}"
+    for old_default in ("genq-minio-secret", "${POSTGRES_PASSWORD:-", "${MINIO_ROOT_USER:-"):
+        assert old_default not in text
+    environments = [environment(s) for s in yaml.safe_load(text)["services"].values()]
+    for env in environments:
+        for key in ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "GENQ_S3_SECRET_ACCESS_KEY"):
+            if key in env:
+                assert env[key].startswith("${") and ":?" in env[key], (key, env[key])
+
+
+def test_an_env_example_names_every_credential_and_holds_none():
+    example = ROOT / ".env.example"
+    values = dict(line.split("=", 1) for line in example.read_text().splitlines()
+                  if line.strip() and not line.lstrip().startswith("#"))
+    assert set(values) == set(CREDENTIALS)
+    assert all(value.strip() == "" for value in values.values()), "the example must not ship real values"
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    assert ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
 class RecordingEnv(dict):
     """An empty environment that notes every name Settings.from_env looks up."""
 
