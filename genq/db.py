@@ -16,8 +16,10 @@ def private_sqlite_file(url: str) -> None:
     key hashes: when genq makes it, its folder (GENQ_HOME by default) is made
     0700 and the file 0600. SQLite gives its -wal and -shm files the main
     file's mode. Existing files and folders keep the mode they have."""
+    if not url.startswith("sqlite"):
+        return
     database = make_url(url).database
-    if not url.startswith("sqlite") or not database or database == ":memory:" or database.startswith("file:"):
+    if not database or database == ":memory:" or database.startswith("file:"):
         return
     path = Path(database)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -53,5 +53,6 @@ def bind_dev_server(host: str, port: int) -> BaseWSGIServer:
 
 
 def _no_app(environ, start_response):
+    """The app until the real one is set; nothing is served before serve_forever, so in practice never."""
     start_response("503 Service Unavailable", [("Content-Type", "text/plain"), ("Retry-After", "1")])
     return [b"starting\n"]
