@@ -285,7 +285,8 @@ def build(registry: Registry) -> dict:
             "Every delivery of the job's webhook events, with every attempt.", [resp(200, "DeliveryList", "Deliveries.")],
             std + [422], params=[path_param("job_id")] + page, tag="webhooks")},
         "/v1/jobs/{job_id}/webhook-deliveries/{delivery_id}/redeliver": {"post": op(
-            "Send an event again.", [resp(200, "Delivery", "Queued again.")], std,
+            "Send an event again (409 while the same event is still on its way, or past the job's redelivery limit).",
+            [resp(202, "Delivery", "Queued again.")], std + [409],
             params=[path_param("job_id"), path_param("delivery_id", {"type": "string"})], tag="webhooks")},
         "/v1/webhooks/secret": {"get": op("Your webhook signing key.", [resp(200, "WebhookSecret", "The key.")], [401],
                                           tag="webhooks")},

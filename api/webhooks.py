@@ -78,5 +78,8 @@ def redeliver(job_id: str, delivery_id: str):
         delivery = session.get(WebhookDelivery, delivery_id) if ID_RE.match(delivery_id) else None
         if delivery is None or delivery.job_id != job.id:
             raise ApiError(404, f"job {job_id} has no webhook delivery {delivery_id!r}")
-        again = webhooks.redeliver(session, delivery)
+        try:
+            again = webhooks.redeliver(session, delivery, ctx().settings.webhook_max_redeliveries)
+        except webhooks.RedeliveryRefused as exc:
+            raise ApiError(409, exc.message) from None
     return describe(again, []), 202

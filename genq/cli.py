@@ -109,13 +109,23 @@ def cmd_worker(settings: Settings, args) -> int:
         pool_kind = "solo" if concurrency == 1 else "prefork"
     if settings.webhook_queue in pools:
         _sweep_when_ready(settings, app)
-    if args.preload and concurrency == 1:
-        # In-process pool: models loaded now serve every job of this process.
+    model_errors = lambda: {}  # noqa: E731 - models this process could not load, for the heartbeat
+    if concurrency == 1 and pools != [settings.webhook_queue]:
+        # In-process pool: the runner (and its model cache) is this process's.
+        from worker import tasks
         from worker.tasks import runner
 
-        r = runner()
-        for spec in registry.in_pools(pools):
-            r.cache.get(spec)
+        model_errors = lambda: dict(tasks._runner.cache.load_errors) if tasks._runner else {}  # noqa: E731
+        if args.preload:
+            # Models loaded now serve every job of this process. One that cannot
+            # load must not take the others down: its jobs fail with the reason
+            # when they are claimed, and operators see it in /v1/admin/workers.
+            for spec in registry.in_pools(pools):
+                try:
+                    runner().cache.get(spec)
+                except Exception as exc:
+                    log.error("model %s could not be loaded (%s); its jobs will fail with model_load_failed, "
+                              "the other models run on", spec.name, getattr(exc, "message", exc))
     model_pools = [p for p in pools if p != settings.webhook_queue]
     if model_pools:
         from worker.shutdown import begin_on_signals
@@ -127,7 +137,7 @@ def cmd_worker(settings: Settings, args) -> int:
             # Celery's soft-shutdown wait would run in the signal handler, on the
             # thread running the batch: it would pause the batch, not let it finish.
             app.conf.worker_soft_shutdown_timeout = 0.0
-    Heartbeat(settings, node, pools).start()
+    Heartbeat(settings, node, pools, model_errors).start()
     argv = ["worker", "-Q", ",".join(pools), "--loglevel", settings.log_level,
             "-n", node, "-c", str(concurrency), "--pool", pool_kind]
     if settings.embedded_broker:
@@ -216,9 +226,10 @@ class Heartbeat(threading.Thread):
     heartbeat_interval, which /v1/admin/workers and the pools' worker counts
     read. Rows silent for a day are removed (replicas scaled away)."""
 
-    def __init__(self, settings: Settings, name: str, pools: list[str]):
+    def __init__(self, settings: Settings, name: str, pools: list[str], model_errors=lambda: {}):
         super().__init__(name="heartbeat", daemon=True)
         self.settings, self.worker, self.pools = settings, name, pools
+        self.model_errors = model_errors
 
     def run(self) -> None:
         import datetime as dt
@@ -231,7 +242,7 @@ class Heartbeat(threading.Thread):
         while True:
             try:
                 with sessions.begin() as session:
-                    heartbeat(session, self.worker, self.pools)
+                    heartbeat(session, self.worker, self.pools, model_errors=self.model_errors())
                     forget_gone_workers(session, utcnow() - dt.timedelta(days=1))
             except Exception:  # the database may be down: try again next beat
                 log.exception("heartbeat failed")
@@ -278,10 +289,13 @@ def cmd_up(settings: Settings, args) -> int:
     settings = settings.replace(api_host=host, api_port=port)
     server.app = create_app(settings)
     env = {**os.environ, **settings.as_env()}
+    # Two processes, two metrics ports: the model worker on GENQ_METRICS_PORT,
+    # the webhook sender on the next one.
+    sender_env = {**env, "GENQ_METRICS_PORT": str(settings.metrics_port + 1)} if settings.metrics_port else env
     workers = [
         subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--pool", "all", "--preload"], env=env),
         # Its own process: a webhook must not wait behind a batch on the model worker.
-        subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--pool", settings.webhook_queue], env=env),
+        subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--pool", settings.webhook_queue], env=sender_env),
     ]
     url = f"http://{host}:{port}"
     print(f"""
@@ -291,7 +305,9 @@ genq is up (embedded: {redact(settings.database_url)}, {settings.storage_url}, b
   try:      curl -s -H 'Authorization: Bearer {key}' -H 'Prefer: wait=30' \\
               -d '{{"model": "demo-text", "input": {{"prompt": "Once upon a time", "seed": 7}}}}' {url}/v1/jobs
   Ctrl-C stops API, worker and webhook sender.
-""", flush=True)
+""" + (f"""  metrics:  {url}/metrics (API), http://{host}:{settings.metrics_port}/metrics (worker), \
+            http://{host}:{settings.metrics_port + 1}/metrics (webhook sender)
+""" if settings.metrics_port else ""), flush=True)
 
     stopping = threading.Event()
 

@@ -49,8 +49,10 @@ def paused_pools(session: Session) -> set[str]:
     return set(session.scalars(select(Pool.name).where(Pool.paused.is_(True))))
 
 
-def heartbeat(session: Session, name: str, pools: list[str], now: dt.datetime | None = None) -> bool:
-    """Record that worker `name` is alive; returns whether it has been asked to drain."""
+def heartbeat(session: Session, name: str, pools: list[str], now: dt.datetime | None = None,
+              model_errors: dict[str, str] | None = None) -> bool:
+    """Record that worker `name` is alive, and the models it could not load;
+    returns whether it has been asked to drain."""
     now = now or utcnow()
     worker = session.get(Worker, name)
     if worker is None:
@@ -58,6 +60,7 @@ def heartbeat(session: Session, name: str, pools: list[str], now: dt.datetime | 
                         started_at=now, draining=False)
         session.add(worker)
     worker.last_seen_at = now
+    worker.model_errors = dict(model_errors) if model_errors else None
     session.flush()
     return worker.draining
 
@@ -116,6 +119,7 @@ def workers(session: Session, heartbeat_interval: float, now: dt.datetime | None
         alive = now - w.last_seen_at <= gone_after
         out.append({"name": w.name, "pools": [p for p in w.pools.split(",") if p], "hostname": w.hostname,
                     "pid": w.pid, "alive": alive, "draining": w.draining, "running_jobs": running.get(w.name, 0),
+                    "model_errors": w.model_errors or {},
                     "started_at": w.started_at, "last_seen_at": w.last_seen_at,
                     "drain_requested_at": w.drain_requested_at})
     return out
@@ -146,6 +150,13 @@ def stats(session: Session, pools: dict[str, list[str]], heartbeat_interval: flo
     paused = {p.name: p for p in session.scalars(select(Pool))}
     live = [w for w in workers(session, heartbeat_interval, now) if w["alive"]]
     out = []
+    # Models of a pool that a live worker of it could not load, with the reason.
+    errors: dict[str, dict[str, str]] = {}
+    for w in live:
+        for model, reason in w["model_errors"].items():
+            for pool in w["pools"]:
+                if model in pools.get(pool, []):
+                    errors.setdefault(pool, {})[model] = reason
     for name in names:
         first = oldest.get(name)
         if first is not None and first.tzinfo is None:  # SQLite's aggregate loses the type decorator
@@ -162,5 +173,6 @@ def stats(session: Session, pools: dict[str, list[str]], heartbeat_interval: flo
             "workers": sum(1 for w in live if name in w["pools"]),
             "succeeded_last_5m": finished.get(name, 0),
             "throughput_per_minute": round(finished.get(name, 0) / (THROUGHPUT_WINDOW.total_seconds() / 60), 3),
+            "model_errors": errors.get(name, {}),
         })
     return out

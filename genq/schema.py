@@ -288,3 +288,6 @@ class Worker(Base):
     last_seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     draining: Mapped[bool] = mapped_column(Boolean, default=False)
     drain_requested_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # Models this worker failed to load, {model: reason}, as of its last heartbeat:
+    # their jobs fail with model_load_failed while its other models run on.
+    model_errors: Mapped[dict[str, Any] | None] = mapped_column(default=None)

@@ -145,6 +145,13 @@ class Settings:
     # Hosts, exactly as written in the URL, exempt from the address check
     # (e.g. "127.0.0.1" for a receiver on this machine). Comma-separated in the env.
     webhook_allowed_hosts: tuple[str, ...] = ()
+    # Deliveries of one tenant being posted at once, across every sender. Keep
+    # it below the sender's threads (8): a tenant whose receiver hangs then
+    # holds only this many, and the other tenants' deliveries go on.
+    webhook_tenant_concurrency: int = 4
+    # Times a job's events may be sent again on request (each one a new
+    # schedule of up to eight POSTs); past it, redeliver answers 409.
+    webhook_max_redeliveries: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -233,6 +240,8 @@ class Settings:
             webhook_allow_http=flag("webhook_allow_http", False),
             webhook_allow_private=flag("webhook_allow_private", False),
             webhook_allowed_hosts=items("webhook_allowed_hosts", (), str),
+            webhook_tenant_concurrency=num("webhook_tenant_concurrency", 4, int),
+            webhook_max_redeliveries=num("webhook_max_redeliveries", 10, int),
         )
         values.update(overrides)
         if values["log_format"] not in ("text", "json"):

@@ -13,13 +13,18 @@ import datetime as dt
 import json
 import os
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
 from genq.schema import Tenant, WebhookSecret, utcnow
 
 PREFIX = "whsec_"
+# Rotated-out secrets that keep signing during their grace period, at most.
+# Each one is a signature on every delivery; a rotation past this ends the
+# grace of the oldest at once (the tenant rotated again since, so its
+# receivers have had two newer keys to move to).
+MAX_PREVIOUS = 2
 
 
 def new_secret() -> str:
@@ -27,10 +32,17 @@ def new_secret() -> str:
     return PREFIX + base64.b64encode(os.urandom(32)).decode()
 
 
-def _lock_tenant(session: Session, tenant_id: str) -> None:
-    # Two first requests at once must not both make a "current" secret: the
-    # tenant row serialises them on Postgres (SQLite serialises all writers).
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Serialise this transaction with every other that locks the same tenant,
+    until it ends: for a check that must see what the others wrote (two first
+    requests making a "current" secret each, a count against a limit).
+    Postgres: the tenant's row, locked. SQLite serialises writers, but its
+    driver reads outside a write transaction until the first write: a no-op
+    write of the row takes the database's write lock now."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    else:
+        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
 
 
 def _current(session: Session, tenant_id: str) -> WebhookSecret | None:
@@ -47,7 +59,7 @@ def current(session: Session, tenant_id: str) -> WebhookSecret:
     found = _current(session, tenant_id)
     if found is not None:
         return found
-    _lock_tenant(session, tenant_id)
+    lock_tenant(session, tenant_id)
     found = _current(session, tenant_id)
     if found is None:
         found = WebhookSecret(tenant_id=tenant_id, secret=new_secret())
@@ -58,15 +70,25 @@ def current(session: Session, tenant_id: str) -> WebhookSecret:
 
 def rotate(session: Session, tenant_id: str, grace_seconds: float, now: dt.datetime | None = None) -> tuple[WebhookSecret, dt.datetime]:
     """Make a new current secret; the old one signs beside it until the
-    returned time. Secrets whose grace has run out are deleted."""
+    returned time. Secrets whose grace has run out are deleted, and so are
+    the oldest in grace beyond MAX_PREVIOUS, so rotating in a loop never
+    piles up signing keys."""
     now = now or utcnow()
-    _lock_tenant(session, tenant_id)
+    lock_tenant(session, tenant_id)
     old = current(session, tenant_id)
     until = now + dt.timedelta(seconds=grace_seconds)
     old.expires_at = until
     session.execute(
         delete(WebhookSecret).where(WebhookSecret.tenant_id == tenant_id, WebhookSecret.expires_at <= now)
     )
+    session.flush()
+    in_grace = session.scalars(
+        select(WebhookSecret.id)
+        .where(WebhookSecret.tenant_id == tenant_id, WebhookSecret.expires_at.is_not(None))
+        .order_by(WebhookSecret.created_at.desc(), WebhookSecret.id.desc())
+    ).all()
+    if len(in_grace) > MAX_PREVIOUS:
+        session.execute(delete(WebhookSecret).where(WebhookSecret.id.in_(in_grace[MAX_PREVIOUS:])))
     new = WebhookSecret(tenant_id=tenant_id, secret=new_secret(), created_at=now)
     session.add(new)
     session.flush()

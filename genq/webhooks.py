@@ -18,10 +18,12 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from sqlalchemy import event as sa_event, select, update
+from sqlalchemy import event as sa_event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from genq import serialize
+from genq.errors import GenqError
+from genq.webhook_secrets import lock_tenant
 from genq.queue import publish_delivery
 from genq.schema import Job, WebhookAttempt, WebhookDelivery, new_id, utcnow
 
@@ -136,10 +138,44 @@ class Outcome:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-def claim(session: Session, delivery_id: str, lease_seconds: float, now: dt.datetime | None = None) -> WebhookDelivery | None:
+def in_flight(session: Session, now: dt.datetime, tenant_id: str | None = None) -> dict[str, int]:
+    """Deliveries per tenant that a sender is posting now, or whose doorbell
+    the sweep has rung and not yet seen answered."""
+    query = (
+        select(WebhookDelivery.tenant_id, func.count())
+        .where(WebhookDelivery.status.in_([DeliveryStatus.DELIVERING.value, DeliveryStatus.PENDING.value]),
+               WebhookDelivery.lease_until > now)
+        .group_by(WebhookDelivery.tenant_id)
+    )
+    if tenant_id is not None:
+        query = query.where(WebhookDelivery.tenant_id == tenant_id)
+    return dict(session.execute(query).all())
+
+
+def claim(session: Session, delivery_id: str, lease_seconds: float, now: dt.datetime | None = None,
+          tenant_limit: int = 0) -> WebhookDelivery | None:
     """Take a due delivery for one attempt, until now + lease_seconds. None when
-    it is not due or another sender has it: the message was stale or a duplicate."""
+    it is not due or another sender has it: the message was stale or a duplicate.
+
+    With `tenant_limit`, a tenant already posting that many deliveries gets
+    no more threads: the delivery stays pending, its doorbell mark cleared,
+    and the sweep rings for it once one of the tenant's POSTs has ended. So a
+    tenant whose receiver hangs holds at most `tenant_limit` sender threads."""
     now = now or utcnow()
+    if tenant_limit:
+        tenant_id = session.scalar(select(WebhookDelivery.tenant_id).where(WebhookDelivery.id == delivery_id))
+        if tenant_id is None:
+            return None
+        # Senders claiming for one tenant at once take turns, so each counts what the last one took.
+        lock_tenant(session, tenant_id)
+        posting = session.scalar(select(func.count()).where(
+            WebhookDelivery.tenant_id == tenant_id, WebhookDelivery.status == DeliveryStatus.DELIVERING.value,
+            WebhookDelivery.lease_until > now))
+        if posting >= tenant_limit:
+            session.execute(update(WebhookDelivery).where(
+                WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.PENDING.value)
+                .values(lease_until=None))
+            return None
     taken = session.execute(
         update(WebhookDelivery)
         .where(
@@ -267,22 +303,45 @@ def take_back_stale(session: Session, backoff: Sequence[float], now: dt.datetime
     return [d.id for d in stale]
 
 
-def due(session: Session, now: dt.datetime | None = None, limit: int = 500) -> list[str]:
+def due(session: Session, now: dt.datetime | None = None, limit: int = 500, tenant_limit: int = 0) -> list[str]:
     """Pending deliveries whose attempt is due and whose doorbell is not
     already out (or is overdue): marked rung until now + DOORBELL_PATIENCE,
-    so two sweeps never ring for the same row at once."""
+    so two sweeps never ring for the same row at once.
+
+    Fair across tenants: rows are taken round robin (each tenant's oldest due
+    row, then each one's second, ...), so one tenant's backlog of thousands
+    does not push everyone else's behind it; and with `tenant_limit`, a
+    tenant gets no more doorbells than it has free places (the limit less
+    what it has in flight)."""
     now = now or utcnow()
-    ids = list(session.scalars(
-        select(WebhookDelivery.id)
+    ranked = (
+        select(WebhookDelivery.id, WebhookDelivery.tenant_id,
+               func.row_number().over(partition_by=WebhookDelivery.tenant_id,
+                                      order_by=(WebhookDelivery.next_attempt_at, WebhookDelivery.id)).label("place"))
         .where(
             WebhookDelivery.status == DeliveryStatus.PENDING.value,
             WebhookDelivery.next_attempt_at <= now,
             (WebhookDelivery.lease_until.is_(None)) | (WebhookDelivery.lease_until < now),
         )
-        .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)
+        .subquery()
+    )
+    query = select(ranked.c.id, ranked.c.tenant_id, ranked.c.place)
+    if tenant_limit:
+        query = query.where(ranked.c.place <= tenant_limit)
+    candidates = session.execute(query.order_by(ranked.c.place, ranked.c.id).limit(limit)).all()
+    if tenant_limit and candidates:
+        busy = in_flight(session, now)
+        candidates = [c for c in candidates if c.place <= tenant_limit - busy.get(c.tenant_id, 0)]
+    if not candidates:
+        return []
+    # Postgres refuses FOR UPDATE beside a window function: the chosen rows
+    # are locked by id, skipping any another sweep holds.
+    locked = set(session.scalars(
+        select(WebhookDelivery.id)
+        .where(WebhookDelivery.id.in_([c.id for c in candidates]), WebhookDelivery.status == DeliveryStatus.PENDING.value)
         .with_for_update(skip_locked=True)
     ))
+    ids = [c.id for c in candidates if c.id in locked]
     if ids:
         session.execute(
             update(WebhookDelivery).where(WebhookDelivery.id.in_(ids), WebhookDelivery.status == DeliveryStatus.PENDING.value)
@@ -313,11 +372,43 @@ def attempts(session: Session, delivery_ids: Sequence[str]) -> dict[str, list[We
     return out
 
 
-def redeliver(session: Session, delivery: WebhookDelivery, now: dt.datetime | None = None) -> WebhookDelivery:
+class RedeliveryRefused(GenqError):
+    """A redelivery that would only add load: one of the same event is still
+    on its way, or the job has had its share of redeliveries."""
+
+    code = "redelivery_refused"
+
+
+def redeliveries(session: Session, job_id: str) -> int:
+    """How many times the job's events were sent again on request: every
+    delivery beyond the first of each webhook-id."""
+    total, distinct = session.execute(
+        select(func.count(), func.count(func.distinct(WebhookDelivery.webhook_id))).where(WebhookDelivery.job_id == job_id)
+    ).one()
+    return total - distinct
+
+
+def redeliver(session: Session, delivery: WebhookDelivery, max_redeliveries: int,
+              now: dt.datetime | None = None) -> WebhookDelivery:
     """Send an event again, as asked by its tenant: a new delivery of the same
     frozen payload with the same webhook-id (it is the same event, so a
-    receiver that already has it may drop it), on a fresh schedule."""
+    receiver that already has it may drop it), on a fresh schedule.
+
+    Bounded, because each one is a new schedule of up to len(backoff) + 1
+    POSTs: refused while a delivery of the same event is still pending or
+    being sent, and once the job has been redelivered `max_redeliveries` times."""
     now = now or utcnow()
+    busy = session.scalar(
+        select(WebhookDelivery.id).where(
+            WebhookDelivery.job_id == delivery.job_id, WebhookDelivery.webhook_id == delivery.webhook_id,
+            WebhookDelivery.status.in_([DeliveryStatus.PENDING.value, DeliveryStatus.DELIVERING.value])).limit(1))
+    if busy is not None:
+        raise RedeliveryRefused(f"delivery {busy} of this event is still on its way; "
+                                "redeliver it once it has succeeded or failed")
+    done = redeliveries(session, delivery.job_id)
+    if done >= max_redeliveries:
+        raise RedeliveryRefused(f"job {delivery.job_id} has been redelivered {done} times, the most allowed "
+                                f"(GENQ_WEBHOOK_MAX_REDELIVERIES={max_redeliveries})")
     again = WebhookDelivery(
         job_id=delivery.job_id,
         tenant_id=delivery.tenant_id,

@@ -39,6 +39,9 @@ class Receiver:
         # webhook-id -> payload, for each event processed (verified and answered 2xx); once each.
         self.processed: dict[str, dict] = {}
         self.duplicates = 0
+        # Requests being answered now, and the most at once, per path.
+        self.busy: dict[str, int] = {}
+        self.most_busy: dict[str, int] = {}
         self._scripts: dict[str, list[Answer]] = {}
         self._secrets: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -109,10 +112,15 @@ class Receiver:
                 answer, error = receiver._answer(self.path, headers, body)
                 with receiver._lock:
                     receiver.requests.append(Received(self.path, arrived, headers, body, error, answer.status))
+                    receiver.busy[self.path] = receiver.busy.get(self.path, 0) + 1
+                    receiver.most_busy[self.path] = max(receiver.most_busy.get(self.path, 0), receiver.busy[self.path])
                 if answer.delay:
                     time.sleep(answer.delay)
                 if error is None and 200 <= answer.status < 300:
                     receiver._process(headers, body)
+                with receiver._lock:
+                    # Before the answer leaves: a sender cannot have seen it and sent more yet.
+                    receiver.busy[self.path] -= 1
                 try:
                     self.send_response(answer.status)
                     for k, v in answer.headers.items():

@@ -156,3 +156,81 @@ def test_ctrl_c_stops_api_and_worker(up):
     assert proc.wait(60) == 0
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{up['url']}/healthz", timeout=2)
+
+
+@pytest.fixture(scope="module")
+def up_with_a_broken_model(tmp_path_factory, model_dir):
+    """`genq up` whose registry has a model that cannot load beside demo-text,
+    with worker metrics on."""
+    import yaml
+
+    from genq.settings import DEFAULT_REGISTRY
+
+    home = tmp_path_factory.mktemp("up-broken-home")
+    doc = yaml.safe_load(DEFAULT_REGISTRY.read_text())
+    doc["models"]["broken-text"] = {**doc["models"]["demo-text"], "checkpoint": str(home / "no-such-checkpoint")}
+    registry = home / "registry.yaml"
+    registry.write_text(yaml.safe_dump(doc))
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env.update(GENQ_HOME=str(home), GENQ_MODEL_DIR=str(model_dir), GENQ_API_PORT=str(port), PYTHONUNBUFFERED="1",
+               GENQ_REGISTRY=str(registry), GENQ_METRICS_PORT=str(metrics_port), GENQ_HEARTBEAT_INTERVAL="0.5")
+    proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "up"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: deque[str] = deque(maxlen=3000)
+    both_ready = threading.Semaphore(0)
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if " ready." in line:
+                both_ready.release()
+
+    threading.Thread(target=read, daemon=True).start()
+    # The model worker and the webhook sender each say they are ready.
+    assert both_ready.acquire(timeout=180) and both_ready.acquire(timeout=60), "\n".join(lines)
+    text = "\n".join(lines)
+    url = re.search(r"API:\s+(http://\S+)", text).group(1)
+    key = re.search(r"API key:\s+(gq_\S+)", text).group(1)
+    yield {"url": url, "headers": {"Authorization": f"Bearer {key}"}, "proc": proc, "lines": lines,
+           "metrics_port": metrics_port}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_a_model_that_cannot_load_fails_its_jobs_and_the_rest_runs_on(up_with_a_broken_model):
+    up = up_with_a_broken_model
+    assert up["proc"].poll() is None, "\n".join(up["lines"])
+    post = lambda model: requests.post(f"{up['url']}/v1/jobs", headers=up["headers"], timeout=10,  # noqa: E731
+                                       json={"model": model, "input": {"prompt": "hi", "max_new_tokens": 4}}).json()
+    broken = wait(up, post("broken-text")["id"])
+    assert broken["status"] == "failed" and broken["error"]["code"] == "model_load_failed", broken
+    assert wait(up, post("demo-text")["id"])["status"] == "succeeded"
+    assert up["proc"].poll() is None
+
+    def reported() -> list[dict]:
+        workers = requests.get(f"{up['url']}/v1/admin/workers", headers=up["headers"], timeout=10).json()["data"]
+        return [w for w in workers if w["alive"] and "broken-text" in w["model_errors"]]
+
+    deadline = time.monotonic() + 30
+    while not reported():
+        assert time.monotonic() < deadline, requests.get(f"{up['url']}/v1/admin/workers", headers=up["headers"]).json()
+        time.sleep(0.2)
+    [worker] = reported()
+    assert "no-such-checkpoint" in worker["model_errors"]["broken-text"] and "demo-text" not in worker["model_errors"]
+    pools = requests.get(f"{up['url']}/v1/admin/pools", headers=up["headers"], timeout=10).json()["data"]
+    assert [p["model_errors"] for p in pools if "broken-text" in p["models"]][0].keys() == {"broken-text"}
+
+
+def test_worker_metrics_port_serves_the_worker_and_the_sender(up_with_a_broken_model):
+    up = up_with_a_broken_model
+    port = up["metrics_port"]
+    worker = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    sender = requests.get(f"http://127.0.0.1:{port + 1}/metrics", timeout=10)
+    assert worker.status_code == sender.status_code == 200
+    assert "genq_model_cache_lookups_total" in worker.text and "genq_webhook_attempts_total" in sender.text
+    assert f":{port}/metrics" in "\n".join(up["lines"]) and up["proc"].poll() is None

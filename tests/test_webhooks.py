@@ -36,6 +36,8 @@ def stack(tmp_path_factory, model_dir, registry_path, pg_url):
         # This run's own queue on the shared Redis; the receiver on 127.0.0.1 over plain http.
         webhook_queue=f"webhooks-{RUN_ID}", webhook_allow_http=True, webhook_allowed_hosts=("127.0.0.1",),
         webhook_backoff=BACKOFF, webhook_timeout=2.0, webhook_sweep_interval=0.1,
+        # The sender runs 8 threads; a tenant may hold 2 of them.
+        webhook_tenant_concurrency=2,
     )
     text_pool = yaml.safe_load(registry_path.read_text())["models"]["demo-text"]["pool"]
     worker = WorkerProcess(settings, [text_pool]).start()
@@ -275,3 +277,37 @@ def test_redeliver_sends_the_same_event_again(stack, tenant):
     hits = receiver.to("/again")
     assert len(hits) == 2 and {h.headers["webhook-id"] for h in hits} == {delivery["webhook_id"]}
     assert all(h.verify_error is None for h in hits)
+
+
+def test_a_tenant_with_a_slow_receiver_holds_only_its_share_of_the_sender(stack):
+    """Six deliveries to a receiver that takes 1.5 s each, and one of another
+    tenant: the first tenant never has more than its share (2) of POSTs in
+    flight, whatever the sender's threads could take, and the other's event
+    goes out beside them."""
+    receiver = stack["receiver"]
+    slow, other = (Tenant(h, stack["client"].get("/v1/webhooks/secret", headers=h).get_json()["key"])
+                   for h in (make_key(stack["settings"], f"slow-{secrets.token_hex(4)}"),
+                             make_key(stack["settings"], f"other-{secrets.token_hex(4)}")))
+    receiver.script("/slow", Answer(200, delay=1.5), secret=slow.secret)
+    receiver.script("/other", 200, secret=other.secret)
+    slow_jobs = [submit(stack, slow, "/slow") for _ in range(6)]
+    other_job = submit(stack, other, "/other")
+    for job in slow_jobs:
+        settle(stack, slow, job["id"], timeout=60)
+    [delivered] = settle(stack, other, other_job["id"], timeout=60)
+    assert delivered["status"] == "succeeded"
+    assert len(receiver.to("/slow")) >= 6
+    assert receiver.most_busy["/slow"] <= 2, receiver.most_busy
+
+
+def test_redeliver_is_refused_while_the_event_is_on_its_way(stack, tenant):
+    receiver = stack["receiver"]
+    receiver.script("/busy-again", Answer(200, delay=1.0), secret=tenant.secret)
+    job = submit(stack, tenant, "/busy-again")
+    finished(stack, tenant, job)
+    [delivery] = settle(stack, tenant, job["id"])
+    url = f"/v1/jobs/{job['id']}/webhook-deliveries/{delivery['id']}/redeliver"
+    assert stack["client"].post(url, headers=tenant.headers).status_code == 202
+    again = stack["client"].post(url, headers=tenant.headers)
+    assert again.status_code == 409 and "still on its way" in again.get_json()["detail"]
+    settle(stack, tenant, job["id"], count=2)

@@ -45,6 +45,9 @@ class ModelCache:
         self.hits = 0
         self.misses = 0
         self.last_load_seconds: float | None = None
+        # The last load of each model that failed, {model: reason}; cleared when
+        # one succeeds. The worker's heartbeat shows it to operators.
+        self.load_errors: dict[str, str] = {}
 
     def get(self, spec: ModelSpec):
         key = f"{spec.name}|{spec.checkpoint}|{spec.dtype}"
@@ -57,7 +60,12 @@ class ModelCache:
         self.misses += 1
         metrics.CACHE_LOOKUPS.labels(spec.name, "miss").inc()
         started = time.monotonic()
-        model = self._loader(spec)
+        try:
+            model = self._loader(spec)
+        except Exception as exc:
+            self.load_errors[spec.name] = (getattr(exc, "message", None) or str(exc) or type(exc).__name__)[:500]
+            raise
+        self.load_errors.pop(spec.name, None)
         self.last_load_seconds = time.monotonic() - started
         metrics.MODEL_LOAD_SECONDS.labels(spec.name).observe(self.last_load_seconds)
         log.info("loaded model %s in %.2fs (%.1f MB)", spec.name, self.last_load_seconds, getattr(model, "nbytes", 0) / 1e6)

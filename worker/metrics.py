@@ -53,7 +53,13 @@ def serve(port: int) -> None:
     global _served
     if not port or _served:
         return
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        # Metrics are for operators; a port taken must not stop the jobs.
+        log.error("cannot serve metrics on port %d (%s); this worker runs without them. Give each worker "
+                  "process its own GENQ_METRICS_PORT", port, exc)
+        return
     REGISTRY.register(GpuMemoryCollector())
-    start_http_server(port)
     _served = True
     log.info("metrics on :%d/metrics", port)

@@ -129,9 +129,11 @@ class Sender:
         """One attempt at a due delivery; returns its new status, or None when
         there was nothing to do (not due, or another sender has it)."""
         with self.sessions.begin() as session:
-            delivery = webhooks.claim(session, delivery_id, self.lease_seconds, self.clock())
+            delivery = webhooks.claim(session, delivery_id, self.lease_seconds, self.clock(),
+                                      tenant_limit=self.settings.webhook_tenant_concurrency)
             if delivery is None:
-                log.info("webhook delivery %s: nothing to send", delivery_id)
+                log.info("webhook delivery %s: nothing to send now (not due, taken, or its tenant's "
+                         "deliveries in flight are at the limit)", delivery_id)
                 return None
             keys = webhook_secrets.signing_keys(session, delivery.tenant_id, self.clock())
         url_for_key = serialize.output_urls(self.storage, self.settings.api_base_url, delivery.job_id)
@@ -166,7 +168,7 @@ class Sweep:
         if taken_back:
             log.warning("webhook deliveries %s: their sender stopped mid-attempt; sending again", taken_back)
         with self.sessions.begin() as session:
-            ring = webhooks.due(session)
+            ring = webhooks.due(session, tenant_limit=self.settings.webhook_tenant_concurrency)
         for delivery_id in ring:
             publish_delivery(self.celery, delivery_id, self.settings.webhook_queue)
         return ring

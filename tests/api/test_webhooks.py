@@ -4,6 +4,9 @@ and tenant isolation."""
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import update
+
+from genq.schema import WebhookDelivery
 
 from tests.helpers import make_key
 
@@ -70,7 +73,7 @@ def test_a_public_https_webhook_is_accepted(client, alice):
     assert resp.get_json()["webhook_events_filter"] == ["start", "completed"]
 
 
-def test_cancel_enqueues_a_completed_delivery_that_the_log_shows_and_redeliver_repeats(client, alice, bob):
+def test_cancel_enqueues_a_completed_delivery_that_the_log_shows_and_redeliver_repeats(app, client, alice, bob):
     job = submit(client, alice, "https://93.184.216.34/hook").get_json()
     assert client.get(f"/v1/jobs/{job['id']}/webhook-deliveries", headers=alice).get_json() == {"data": [], "next_cursor": None}
     client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
@@ -79,6 +82,11 @@ def test_cancel_enqueues_a_completed_delivery_that_the_log_shows_and_redeliver_r
     assert (delivery["event"], delivery["status"], delivery["attempts"]) == ("completed", "pending", [])
     assert delivery["url"] == "https://93.184.216.34/hook" and delivery["webhook_id"].startswith("msg_")
     assert delivery["next_attempt_at"].endswith("Z")
+    # Still on its way (no sender runs here): a redelivery would only add load.
+    early = client.post(f"/v1/jobs/{job['id']}/webhook-deliveries/{delivery['id']}/redeliver", headers=alice)
+    assert early.status_code == 409 and early.mimetype == PROBLEM and "still on its way" in early.get_json()["detail"]
+    with app.extensions["genq"].session() as session, session.begin():  # its schedule ran out
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery["id"]).values(status="failed"))
     again = client.post(f"/v1/jobs/{job['id']}/webhook-deliveries/{delivery['id']}/redeliver", headers=alice)
     assert again.status_code == 202
     assert again.get_json()["webhook_id"] == delivery["webhook_id"] and again.get_json()["id"] != delivery["id"]

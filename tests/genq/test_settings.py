@@ -1,11 +1,18 @@
-"""Settings read from the environment refuse values that cannot work, naming
-the variable and the value."""
+"""Settings read from the environment: every knob is documented where users
+look for it, and values that cannot work are refused, naming the variable and
+the value."""
 from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 
 from genq.errors import ConfigError
 from genq.settings import Settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.mark.parametrize("raw", ["-5", "0", "604801", str(365 * 24 * 3600)])
@@ -24,3 +31,14 @@ def test_tenant_file_quota_is_a_non_negative_byte_count():
     assert Settings.from_env({"GENQ_MAX_TENANT_FILE_BYTES": "0"}).max_tenant_file_bytes == 0
     with pytest.raises(ConfigError, match="GENQ_MAX_TENANT_FILE_BYTES must be 0 .*got -1"):
         Settings.from_env({"GENQ_MAX_TENANT_FILE_BYTES": "-1"})
+
+
+def env_name(field: dataclasses.Field) -> str:
+    return "GENQ_REGISTRY" if field.name == "registry_path" else f"GENQ_{field.name.upper()}"
+
+
+def test_every_setting_is_in_a_readme_table():
+    rows = "\n".join(line for line in README.read_text().splitlines() if line.startswith("|"))
+    named = set(re.findall(r"GENQ_[A-Z0-9_]+", rows))
+    missing = [env_name(f) for f in dataclasses.fields(Settings) if env_name(f) not in named]
+    assert missing == [], f"settings missing from the README's tables: {missing}"

@@ -8,7 +8,7 @@ import json
 import uuid
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from genq import jobs as joblib
@@ -16,7 +16,7 @@ from genq import webhook_secrets, webhooks
 from genq.db import make_engine, make_sessionmaker
 from genq.keys import get_or_create_tenant
 from genq.migrate import upgrade
-from genq.schema import Job, WebhookAttempt, WebhookDelivery, utcnow
+from genq.schema import Job, WebhookAttempt, WebhookDelivery, WebhookSecret, utcnow
 from genq.states import JobStatus
 from genq.webhooks import Outcome
 
@@ -35,11 +35,11 @@ def sessions(request, tmp_path):
     engine.dispose()
 
 
-def add_job(sessions, events=None, webhook="https://hooks.example.com/h") -> str:
+def add_job(sessions, events=None, webhook="https://hooks.example.com/h", tenant: str | None = None) -> str:
     # Each test its own model and tenant: the Postgres database is shared by the run.
     name = f"m-{uuid.uuid4().hex[:8]}"
     with sessions.begin() as s:
-        tenant = get_or_create_tenant(s, f"t-{name}")
+        tenant = get_or_create_tenant(s, tenant or f"t-{name}")
         job = joblib.submit(s, tenant_id=tenant.id, type_="text-generation", model=name, pool="p", batch_key="k",
                             input_={"prompt": "hi"}, webhook=webhook, webhook_events_filter=events)
         return job.id
@@ -131,8 +131,8 @@ def record(sessions, d, outcome, now=None):
         return webhooks.record(s, d, outcome, BACKOFF, now=now, rng=lambda: 0.5)
 
 
-def completed_delivery(sessions) -> WebhookDelivery:
-    job_id = add_job(sessions)
+def completed_delivery(sessions, tenant: str | None = None) -> WebhookDelivery:
+    job_id = add_job(sessions, tenant=tenant)
     run_to_end(sessions, job_id)
     return deliveries_of(sessions, job_id)[0]
 
@@ -221,8 +221,76 @@ def test_redeliver_sends_the_same_event_again(sessions):
     taken = claim(sessions, d.id)
     record(sessions, taken, Outcome(200, None, 4))
     with sessions.begin() as s:
-        again = webhooks.redeliver(s, s.get(WebhookDelivery, d.id))
+        again = webhooks.redeliver(s, s.get(WebhookDelivery, d.id), max_redeliveries=10)
     assert (again.webhook_id, again.payload, again.status, again.attempts) == (d.webhook_id, d.payload, "pending", 0)
+
+
+def test_redeliveries_are_bounded_one_at_a_time_and_per_job(sessions):
+    d = completed_delivery(sessions)
+    record(sessions, claim(sessions, d.id), Outcome(200, None, 4))
+    with sessions.begin() as s:
+        again = webhooks.redeliver(s, s.get(WebhookDelivery, d.id), max_redeliveries=2)
+    # The same event is still on its way: another redelivery would add only load.
+    with sessions.begin() as s, pytest.raises(webhooks.RedeliveryRefused, match="still on its way"):
+        webhooks.redeliver(s, s.get(WebhookDelivery, d.id), max_redeliveries=2)
+    record(sessions, claim(sessions, again.id), Outcome(200, None, 4))
+    with sessions.begin() as s:
+        third = webhooks.redeliver(s, s.get(WebhookDelivery, d.id), max_redeliveries=2)
+    record(sessions, claim(sessions, third.id), Outcome(200, None, 4))
+    with sessions.begin() as s, pytest.raises(webhooks.RedeliveryRefused, match="redelivered 2 times"):
+        webhooks.redeliver(s, s.get(WebhookDelivery, d.id), max_redeliveries=2)
+    with sessions() as s:
+        assert webhooks.redeliveries(s, d.job_id) == 2
+
+
+def test_rotating_in_a_loop_keeps_at_most_two_previous_keys(sessions):
+    job_id = add_job(sessions)
+    with sessions() as s:
+        tenant_id = s.get(Job, job_id).tenant_id
+    now = utcnow()
+    made = []
+    for i in range(60):
+        with sessions.begin() as s:
+            made.append(webhook_secrets.rotate(s, tenant_id, grace_seconds=3600, now=now + dt.timedelta(seconds=i))[0].secret)
+    with sessions.begin() as s:
+        keys = webhook_secrets.signing_keys(s, tenant_id, now + dt.timedelta(seconds=60))
+        stored = s.scalar(select(func.count()).select_from(WebhookSecret).where(WebhookSecret.tenant_id == tenant_id))
+    assert keys == [made[-1], made[-2], made[-3]] and stored == 3
+
+
+def test_due_takes_tenants_round_robin_and_no_more_than_their_free_places(sessions):
+    flood_tenant = f"flood-{uuid.uuid4().hex[:8]}"
+    flood = [completed_delivery(sessions, tenant=flood_tenant) for _ in range(6)]
+    lone = completed_delivery(sessions)  # another tenant's, due after all of the flood's
+    now = utcnow() + dt.timedelta(seconds=1)
+    with sessions.begin() as s:
+        rung = webhooks.due(s, now, limit=500, tenant_limit=2)
+    flood_ids = {d.id for d in flood}
+    # The flood gets its 2 places; each tenant's first goes before anyone's second.
+    flooded = [i for i in rung if i in flood_ids]
+    assert len(flooded) == 2 and rung.index(lone.id) < rung.index(flooded[1])
+    # Its two doorbells are out: no free place for the flood until one is answered.
+    with sessions.begin() as s:
+        assert flood_ids.isdisjoint(webhooks.due(s, now, limit=100, tenant_limit=2))
+    # Without a limit, everything due is rung, still each tenant's first first.
+    with sessions.begin() as s:
+        assert set(webhooks.due(s, now + webhooks.DOORBELL_PATIENCE * 2, limit=100)) >= flood_ids
+
+
+def test_a_tenant_at_its_limit_is_not_given_another_sender(sessions):
+    tenant = f"busy-{uuid.uuid4().hex[:8]}"
+    a, b, c = (completed_delivery(sessions, tenant=tenant) for _ in range(3))
+    now = utcnow()
+    with sessions.begin() as s:
+        assert webhooks.claim(s, a.id, 10, now, tenant_limit=2) is not None
+        assert webhooks.claim(s, b.id, 10, now, tenant_limit=2) is not None
+        assert webhooks.claim(s, c.id, 10, now, tenant_limit=2) is None
+    with sessions() as s:
+        assert s.get(WebhookDelivery, c.id).status == "pending"
+    # Another tenant is not held back by this one.
+    other = completed_delivery(sessions)
+    with sessions.begin() as s:
+        assert webhooks.claim(s, other.id, 10, utcnow(), tenant_limit=2) is not None
 
 
 def test_secret_made_once_rotated_with_grace_and_expired(sessions):
