@@ -1,9 +1,10 @@
 """The fine-tune family without a worker: the workload a submit may ask for is
 bounded; the trainer, on the demo model, skips rows it cannot learn from and
-says so, stops when its loss stops being finite, and refuses a max_seq_len its
-base model cannot hold."""
+says so, stops when its loss stops being finite, refuses a max_seq_len its base
+model cannot hold, and resumes from a checkpoint bit for bit."""
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -146,3 +147,51 @@ def test_max_seq_len_beyond_the_base_models_positions_fails_naming_the_field(tex
     assert caught.value.code == "invalid_input"
     assert caught.value.message == ("input.hyperparameters.max_seq_len: must be at most 512 for this base model "
                                     "(it has 512 positions), got 1024")
+
+
+# --- resume ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(text_checkpoint, method):
+    """The README's promise: a job stopped at a checkpoint (its worker killed,
+    or handed back at a shutdown) and resumed from it ends with exactly the
+    weights and losses of a run never stopped."""
+    import torch
+    from safetensors.torch import load
+
+    data = rows(PROMPT, PROMPT + " now", "Say it:", "Once more:", "Again:")
+    # 5 rows at batch 2: 3 steps an epoch (the last one short), 10 steps over 4 epochs.
+    job = inp(method, epochs=4, batch_size=2, max_steps=10, learning_rate=5e-3, seed=7)
+    whole = Run(text_checkpoint, data, job, checkpoint_every=4, notices=False)
+    assert sorted(whole.checkpoints) == [4, 8]
+    # Killed after step 5: the next attempt resumes from the checkpoint at step 4.
+    from_periodic = Run(text_checkpoint, data, job, resume=whole.checkpoints[4], checkpoint_every=4, notices=False)
+    # Cancelled (or handed back) mid-epoch at step 5, from the checkpoint saved on the way out.
+    stopped = Run(text_checkpoint, data, job, checkpoint_every=4, stop_after=5, notices=False)
+    assert stopped.result.canceled and sorted(stopped.checkpoints) == [4, 5]
+    from_stop = Run(text_checkpoint, data, job, resume=stopped.checkpoints[5], checkpoint_every=4, notices=False)
+
+    expected = _tensors(whole.result.files, load)
+    assert expected and all(t.is_floating_point() for t in expected.values())
+    for resumed, at in [(from_periodic, 4), (from_stop, 5)]:
+        assert resumed.result.metrics["resumed_from_step"] == at
+        assert resumed.result.losses == whole.result.losses
+        assert [s for s, _, _ in resumed.steps] == list(range(at + 1, 11))
+        got = _tensors(resumed.result.files, load)
+        assert got.keys() == expected.keys()
+        different = [name for name in expected if not torch.equal(got[name], expected[name])]
+        assert different == [], f"{len(different)} of {len(expected)} tensors differ after resuming at step {at}"
+    # The checkpoint itself holds every trainable tensor, and they match too.
+    state = torch.load(io.BytesIO(from_periodic.checkpoints[8]), weights_only=True)
+    reference = torch.load(io.BytesIO(whole.checkpoints[8]), weights_only=True)
+    assert state["weights"].keys() == reference["weights"].keys()
+    assert all(torch.equal(state["weights"][n], reference["weights"][n]) for n in reference["weights"])
+
+
+def _tensors(files: dict[str, bytes], load) -> dict:
+    out = {}
+    for name, data in files.items():
+        if name.endswith(".safetensors"):
+            out.update({f"{name}:{k}": v for k, v in load(data).items()})
+    return out
