@@ -211,7 +211,7 @@ def respond(job: Job | str, headers: dict | None = None):
 
 def fine_tune_request(req: JobCreate):
     """Check a fine-tune job: a text model from the registry as base, a valid
-    input, and a training file of the caller's."""
+    input, a training file of the caller's, and no more work than the limits allow."""
     c = ctx()
     spec = c.registry.get(req.model)
     if spec is None:
@@ -231,6 +231,13 @@ def fine_tune_request(req: JobCreate):
                            errors=[{"field": "input.training_file", "message": message}])
         if f.purpose != "fine-tune":
             raise invalid("input.training_file", f"file {f.id} has purpose {f.purpose!r}, not 'fine-tune'")
+        rows = f.rows
+    try:
+        # The dataset's size is known from its upload: bound the whole run now, not after hours of it.
+        finetune.check_workload(inp, rows, spec.limits, max_train_steps=c.settings.max_train_steps,
+                                max_train_examples=c.settings.max_train_examples)
+    except InputInvalid as exc:
+        raise ApiError(422, str(exc), errors=exc.errors) from None
     # Never batched: one training job per claim, on the training pool.
     return spec, inp, c.settings.training_pool, FINE_TUNE
 

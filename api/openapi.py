@@ -3,6 +3,7 @@ pydantic models the routes validate with (so it cannot drift from them), and
 /docs, which renders it with a Swagger UI bundled in the package (no internet)."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from api.admin import KeyCreate
 from api.context import ctx
 from api.errors import ApiError
 from api.jobs import JobCreate, job_types
+from genq.settings import Settings
 from models import finetune
 from models.registry import Registry
 
@@ -36,9 +38,10 @@ def _pydantic(schemas: dict, model, name: str, **kwargs) -> dict:
     return ref(name)
 
 
-def input_schemas(schemas: dict, registry: Registry) -> list[dict]:
+def input_schemas(schemas: dict, registry: Registry, max_train_steps: int = 0) -> list[dict]:
     """One POST /v1/jobs body per model, its input schema bounded by the
-    model's registry limits; plus fine-tune and tenants' fine-tuned versions."""
+    model's registry limits; plus fine-tune (one body per set of bounds its
+    base models' limits make) and tenants' fine-tuned versions."""
     variants = []
     for spec in sorted(registry, key=lambda s: s.name):
         name = f"Input_{spec.name}".replace("-", "_")
@@ -48,9 +51,16 @@ def input_schemas(schemas: dict, registry: Registry) -> list[dict]:
                                   {"type": "string", "const": spec.family}))
     text_models = sorted(s.name for s in registry if s.family == "text-generation")
     if text_models:
-        _pydantic(schemas, finetune.Input, "Input_fine_tune")
-        variants.append(_job_body(schemas, "JobCreate_fine_tune", {"type": "string", "enum": text_models},
-                                  ref("Input_fine_tune"), {"type": "string", "const": "fine-tune"}, type_required=True))
+        groups: dict[str, tuple[list[str], dict]] = {}
+        for name in text_models:
+            ft = finetune.input_schema(registry.get(name).limits, max_train_steps)
+            groups.setdefault(json.dumps(ft, sort_keys=True), ([], ft))[0].append(name)
+        for i, (names, ft) in enumerate(groups.values()):
+            suffix = "" if len(groups) == 1 else f"_{i + 1}"
+            schemas[f"Input_fine_tune{suffix}"] = ft
+            variants.append(_job_body(schemas, f"JobCreate_fine_tune{suffix}", {"type": "string", "enum": names},
+                                      ref(f"Input_fine_tune{suffix}"), {"type": "string", "const": "fine-tune"},
+                                      type_required=True))
         base = next(s for s in registry if s.name == text_models[0])
         schemas["Input_fine_tuned_text"] = base.input_schema()
         variants.append(_job_body(
@@ -136,7 +146,7 @@ def listing(item: dict) -> dict:
                            "next_cursor": {"anyOf": [ID, {"type": "null"}]}}}
 
 
-def build(registry: Registry) -> dict:
+def build(registry: Registry, settings: Settings | None = None) -> dict:
     schemas: dict = {"Problem": problem_schema(), "Job": job_schema()}
     schemas["JobList"] = listing(ref("Job"))
     schemas["Event"] = {"type": "object", "required": ["id", "type", "at", "data"],
@@ -193,7 +203,7 @@ def build(registry: Registry) -> dict:
                                         "running_jobs": {"type": "integer"}, "started_at": TIME,
                                         "last_seen_at": TIME, "drain_requested_at": TIME_OR_NULL}}
     schemas["WorkerList"] = listing(ref("Worker"))
-    job_bodies = input_schemas(schemas, registry)
+    job_bodies = input_schemas(schemas, registry, settings.max_train_steps if settings else 0)
     schemas["JobCreate"] = {"oneOf": job_bodies}
 
     def resp(code: int, schema_name: str | None, description: str, headers: dict | None = None) -> tuple[str, dict]:
@@ -353,7 +363,7 @@ def build(registry: Registry) -> dict:
 def document() -> dict:
     doc = current_app.extensions.get("genq_openapi")
     if doc is None:
-        doc = current_app.extensions["genq_openapi"] = build(ctx().registry)
+        doc = current_app.extensions["genq_openapi"] = build(ctx().registry, ctx().settings)
     return doc
 
 

@@ -8,6 +8,8 @@ worker whose lease has expired, changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
 from typing import Any, Iterable
 
 from sqlalchemy import and_, func, select, update
@@ -17,6 +19,8 @@ from genq import webhooks
 from genq.errors import IllegalTransition
 from genq.schema import Job, JobEvent, Pool, utcnow
 from genq.states import JobStatus, check_transition
+
+log = logging.getLogger(__name__)
 
 
 def record_event(session: Session, job_id: str, type_: str, data: dict | None = None, at: dt.datetime | None = None) -> None:
@@ -194,7 +198,34 @@ def hand_back(session: Session, job_ids: Iterable[str], owner: str, reason: str)
     return back
 
 
+def json_safe(job_id: str, name: str, value: Any) -> Any:
+    """`value` with every non-finite number (NaN, ±infinity) made null, and a
+    warning naming where each was. JSON has no such numbers: SQLite stores them
+    as bare `NaN`, which every reader but Python rejects, and Postgres refuses
+    the whole write. Null rather than an error, because refusing a job's final
+    write would leave it running until its lease lapsed and then run it again,
+    blaming a dead worker; a number a model could not compute is no number."""
+    bad: list[str] = []
+    clean = _finite(value, name, bad)
+    if bad:
+        log.warning("job %s: non-finite numbers written as null at %s", job_id, ", ".join(bad[:10]),
+                    extra={"job_id": job_id})
+    return clean
+
+
+def _finite(value: Any, path: str, bad: list[str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(path)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{path}.{k}", bad) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{path}[{i}]", bad) for i, v in enumerate(value)]
+    return value
+
+
 def set_progress(session: Session, job_id: str, owner: str, progress: dict[str, Any]) -> bool:
+    progress = json_safe(job_id, "progress", progress)
     done = session.execute(update(Job).where(_held(job_id, owner)).values(progress=progress)).rowcount
     if done:
         record_event(session, job_id, "progress", progress)
@@ -229,6 +260,8 @@ def finish(
     the batch's events go to the database in one insert at the commit."""
     check_transition(JobStatus.RUNNING, status)
     now = utcnow()
+    output, error = json_safe(job_id, "output", output), json_safe(job_id, "error", error)
+    metrics, progress = json_safe(job_id, "metrics", metrics), json_safe(job_id, "progress", progress)
     values: dict[str, Any] = dict(
         status=status.value, output=output, error=error, completed_at=now, updated_at=now, lease_until=None
     )

@@ -75,6 +75,15 @@ class Settings:
     # Outputs need no quota of their own: they are bounded by each model's
     # input limits and the active-jobs quota.
     max_tenant_file_bytes: int = 2**30
+    # The most work one fine-tune may ask for, where its base model's registry
+    # entry sets no `max_train_steps` / `max_train_examples` (0 = no limit):
+    # optimizer steps, and examples trained on (rows × epochs, or what
+    # max_steps leaves of that). 10,000 steps is over a hundred times what the
+    # demo needs to learn a phrase, yet a bound on how long one job holds a
+    # training worker; 200,000 examples is the largest dataset accepted
+    # (max_dataset_rows) for two epochs. Raise them per model in the registry.
+    max_train_steps: int = 10_000
+    max_train_examples: int = 200_000
     # Workers look for jobs whose lease expired (a killed worker) this often (seconds).
     reconcile_interval: float = 30.0
     # Requests per tenant (flask-limiter syntax, e.g. "1200/minute"); empty turns it off.
@@ -213,6 +222,8 @@ class Settings:
             max_file_bytes=num("max_file_bytes", 50 * 2**20, int),
             max_dataset_rows=num("max_dataset_rows", 100_000, int),
             max_tenant_file_bytes=num("max_tenant_file_bytes", 2**30, int),
+            max_train_steps=num("max_train_steps", 10_000, int),
+            max_train_examples=num("max_train_examples", 200_000, int),
             reconcile_interval=num("reconcile_interval", 30.0, float),
             rate_limit=get("rate_limit", "1200/minute"),
             ratelimit_storage_url=get("ratelimit_storage_url", ""),
@@ -246,6 +257,9 @@ class Settings:
         values.update(overrides)
         if values["log_format"] not in ("text", "json"):
             raise ConfigError(f"GENQ_LOG_FORMAT must be text or json, got {values['log_format']!r}")
+        for name in ("max_train_steps", "max_train_examples"):
+            if values[name] < 0:
+                raise ConfigError(f"GENQ_{name.upper()} must be 0 (no limit) or more, got {values[name]}")
         if values["torch_threads"] < 0:
             raise ConfigError(f"GENQ_TORCH_THREADS must be 0 (torch's default) or more, got {values['torch_threads']}")
         if not 1 <= values["presign_seconds"] <= MAX_PRESIGN_SECONDS:

@@ -21,6 +21,9 @@ from models.base import InputInvalid, check_bound, parse
 
 FAMILY = "fine-tune"
 SUFFIX_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
+# The most max_steps may ever say. A deployment's real bound is lower: the base
+# model's `max_train_steps`, else GENQ_MAX_TRAIN_STEPS (check_workload).
+MAX_STEPS_CEILING = 1_000_000
 
 
 class Hyperparameters(BaseModel):
@@ -31,8 +34,10 @@ class Hyperparameters(BaseModel):
     batch_size: int = Field(4, ge=1, le=64, description="Rows per optimizer step.")
     lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank (method=lora).")
     lora_alpha: int = Field(16, ge=1, le=1024, description="LoRA alpha (method=lora).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps, whatever the epochs.")
-    max_seq_len: int = Field(128, ge=8, le=2048, description="Tokens per row; longer rows are cut.")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS_CEILING,
+                                  description="Stop after this many optimizer steps, whatever the epochs.")
+    max_seq_len: int = Field(128, ge=8, le=2048, description="Tokens per row; longer rows are cut. Rows with no "
+                             "completion token left within it are skipped.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds initialisation and data order: the same seed trains the same model.")
 
 
@@ -48,15 +53,66 @@ class Input(BaseModel):
 
 
 def validate(raw: Any, limits: dict) -> Input:
+    """The input checked against the base model's registry limits; the work it
+    asks for depends on the dataset too, and is checked by check_workload."""
     inp = parse(Input, raw)
     errors: list[dict[str, str]] = []
     hp = inp.hyperparameters
     check_bound(errors, "input.hyperparameters.epochs", hp.epochs, limits.get("max_epochs"))
-    check_bound(errors, "input.hyperparameters.max_steps", hp.max_steps, limits.get("max_train_steps"))
     check_bound(errors, "input.hyperparameters.max_seq_len", hp.max_seq_len, limits.get("max_seq_len"))
     if errors:
         raise InputInvalid(errors)
     return inp
+
+
+def input_schema(limits: dict, max_train_steps: int = 0) -> dict:
+    """Input's JSON schema, self-contained, bounded for one base model: its
+    registry's max_epochs and max_seq_len, and its max_train_steps (else the
+    deployment's, GENQ_MAX_TRAIN_STEPS) on max_steps, so the schema admits what
+    validation accepts. What depends on the dataset too (the run's real steps
+    and examples) is checked at submit by check_workload."""
+    schema = Input.model_json_schema()
+    hp = schema.pop("$defs")["Hyperparameters"]
+    schema["properties"]["hyperparameters"] = hp
+    bounds = {"epochs": limits.get("max_epochs"), "max_seq_len": limits.get("max_seq_len"),
+              "max_steps": limits.get("max_train_steps", max_train_steps)}
+    for fieldname, limit in bounds.items():
+        if limit:
+            prop = hp["properties"][fieldname]
+            target = next((b for b in prop.get("anyOf", []) if b.get("type") != "null"), prop)
+            target["maximum"] = min(target["maximum"], limit)
+    return schema
+
+
+def check_workload(inp: Input, n_rows: int, limits: dict, *, max_train_steps: int, max_train_examples: int) -> None:
+    """Refuse a fine-tune of `n_rows` rows that would take more optimizer steps,
+    or train on more examples (rows × epochs, or what max_steps leaves of it),
+    than the base model's registry limits allow; where the registry sets none,
+    the deployment's defaults given here (GENQ_MAX_TRAIN_STEPS,
+    GENQ_MAX_TRAIN_EXAMPLES). 0 means no limit. Raises InputInvalid naming the
+    hyperparameter to change and the numbers."""
+    hp = inp.hyperparameters
+    step_limit = limits.get("max_train_steps", max_train_steps)
+    example_limit = limits.get("max_train_examples", max_train_examples)
+    steps, examples = total_steps(n_rows, hp), total_examples(n_rows, hp)
+    # max_steps decides when it cuts training short; otherwise epochs do.
+    capped = hp.max_steps is not None and steps == hp.max_steps and steps < hp.epochs * math.ceil(n_rows / hp.batch_size)
+    field = "input.hyperparameters.max_steps" if capped else "input.hyperparameters.epochs"
+    shape = (f"{steps} steps at batch_size {hp.batch_size}, cut short by max_steps" if capped
+             else f"{n_rows} rows × {hp.epochs} epochs at batch_size {hp.batch_size}")
+    errors: list[dict[str, str]] = []
+    if step_limit and hp.max_steps is not None and hp.max_steps > step_limit:
+        check_bound(errors, "input.hyperparameters.max_steps", hp.max_steps, step_limit)
+    elif step_limit and steps > step_limit:
+        errors.append({"field": field, "message": (
+            f"this fine-tune would take {steps} optimizer steps ({shape}); at most {step_limit} are allowed for "
+            f"this model: lower epochs, raise batch_size, or set max_steps")})
+    if example_limit and examples > example_limit and not errors:
+        errors.append({"field": field, "message": (
+            f"this fine-tune would train on {examples} examples ({shape}); at most {example_limit} are allowed "
+            f"for this model: lower {'max_steps' if capped else 'epochs or set max_steps'}, or train on fewer rows")})
+    if errors:
+        raise InputInvalid(errors)
 
 
 # --- datasets -----------------------------------------------------------------------
@@ -144,9 +200,30 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+class TrainingFailed(Exception):
+    """Training cannot go on, for a reason the job's owner can act on; `code`
+    and `message` become the job's error."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 def total_steps(n_rows: int, hp: Hyperparameters) -> int:
     steps = hp.epochs * math.ceil(n_rows / hp.batch_size)
     return min(steps, hp.max_steps) if hp.max_steps else steps
+
+
+def total_examples(n_rows: int, hp: Hyperparameters) -> int:
+    """Rows the trainer will pass through, counting each epoch's: rows × epochs,
+    unless max_steps stops it earlier (each step takes batch_size rows, the
+    last of an epoch what is left)."""
+    per_epoch = math.ceil(n_rows / hp.batch_size)
+    if per_epoch == 0:
+        return 0
+    epochs, steps = divmod(total_steps(n_rows, hp), per_epoch)
+    return epochs * n_rows + steps * hp.batch_size
 
 
 def train(
@@ -160,18 +237,31 @@ def train(
     on_step: Callable[[int, int, int, float], None],
     save_checkpoint: Callable[[int, bytes], None],
     is_cancelled: Callable[[], bool],
+    on_notice: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Supervised fine-tuning, resumable. A checkpoint (weights being trained,
     optimizer state, RNG state, step) is handed to `save_checkpoint` every
     `checkpoint_every` steps and on cancel; given one as `resume`, training
     continues from its step and ends with the model an uninterrupted run
-    would have made (same data order, same RNG draws)."""
+    would have made (same data order, same RNG draws).
+
+    Rows with no token to learn within max_seq_len are skipped, and
+    `on_notice` is told which. Raises TrainingFailed when max_seq_len is more
+    than the base model holds, when no row is left to learn from, and when the
+    loss or its gradient stops being a finite number (nothing is returned,
+    so no model is made of NaN weights)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     hp = inp.hyperparameters
-    torch.manual_seed(hp.seed)
+    _check_positions(AutoConfig.from_pretrained(base_checkpoint), hp.max_seq_len)
     tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
+    examples, skipped = _tokenize(tokenizer, dataset, hp.max_seq_len)
+    if skipped and on_notice is not None:
+        on_notice(_skipped_notice(dataset, skipped, hp.max_seq_len))
+    if not examples:
+        raise TrainingFailed("nothing_to_learn", _nothing_to_learn(dataset, skipped, hp.max_seq_len))
+    torch.manual_seed(hp.seed)
     model = AutoModelForCausalLM.from_pretrained(base_checkpoint, dtype=torch.float32)
     if inp.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -186,7 +276,6 @@ def train(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate)
-    examples = _tokenize(tokenizer, dataset, hp.max_seq_len)
     total = total_steps(len(examples), hp)
     per_epoch = math.ceil(len(examples) / hp.batch_size)
 
@@ -213,14 +302,23 @@ def train(
         rows = [examples[i] for i in order[index * hp.batch_size:(index + 1) * hp.batch_size]]
         if is_cancelled():
             save_checkpoint(step, snapshot())
-            return TrainResult({}, {"train_loss": losses[-1] if losses else None}, step, canceled=True, losses=losses)
+            return TrainResult({}, {"train_loss": losses[-1] if losses else None, "skipped_rows": len(skipped)}, step,
+                               canceled=True, losses=losses)
         ids, mask, labels = _collate(rows, tokenizer.pad_token_id or 0, device)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        value = loss.detach().item()
+        if not math.isfinite(value):
+            raise _not_finite("loss", value, step + 1, hp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # A finite loss can still give an infinite gradient, which AdamW would
+        # turn into NaN weights: stop before the update, as for the loss.
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).item()
+        if not math.isfinite(grad_norm):
+            raise _not_finite("gradient", grad_norm, step + 1, hp)
         optimizer.step()
         step += 1
-        losses.append(round(float(loss), 6))
+        losses.append(round(value, 6))
         on_step(step, total, epoch + 1, losses[-1])
         if step % checkpoint_every == 0 and step < total:
             save_checkpoint(step, snapshot())
@@ -233,26 +331,68 @@ def train(
         "steps": total,
         "resumed_from_step": first_step,
         "rows": len(examples),
+        "skipped_rows": len(skipped),
         "method": inp.method,
     }
     return TrainResult(files, metrics, total, losses=losses)
 
 
-def _tokenize(tokenizer, dataset: Dataset, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per row. For prompt/completion rows only the
-    completion (and the end-of-text token) is learned; -100 masks the prompt."""
+def _check_positions(config, max_seq_len: int) -> None:
+    """A row longer than the base model's position table ends in an IndexError
+    deep in its forward pass: refuse such a max_seq_len up front, by name."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions and max_seq_len > positions:
+        raise TrainingFailed("invalid_input", f"input.hyperparameters.max_seq_len: must be at most {positions} for "
+                                              f"this base model (it has {positions} positions), got {max_seq_len}")
+
+
+def _not_finite(what: str, value: float, step: int, hp: Hyperparameters) -> TrainingFailed:
+    return TrainingFailed("loss_not_finite", (
+        f"the {what} became {'NaN' if math.isnan(value) else 'infinite'} at step {step}; training stopped and no "
+        f"model was made. Lower input.hyperparameters.learning_rate (it was {hp.learning_rate}), or check the "
+        f"base model and the dataset"))
+
+
+def _tokenize(tokenizer, dataset: Dataset, max_len: int) -> tuple[list[tuple[list[int], list[int]]], list[tuple[int, int]]]:
+    """(input ids, labels) per row, cut to max_len, and the rows skipped as
+    (index, prompt tokens). For prompt/completion rows only the completion
+    (and the end-of-text token) is learned; -100 masks the prompt. A row whose
+    prompt fills max_len has no label left: alone in a batch its loss would be
+    0/0, a NaN that poisons the weights, so it is skipped."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out = []
-    for row in dataset.rows:
+    out, skipped = [], []
+    for index, row in enumerate(dataset.rows):
         if dataset.format == "text":
             ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + eos
-            labels = list(ids)
+            labels, prompt = list(ids), 0
         else:
             p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
             c = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + eos
-            ids, labels = p + c, [-100] * len(p) + c
-        out.append((ids[:max_len], labels[:max_len]))
-    return out
+            ids, labels, prompt = p + c, [-100] * len(p) + c, len(p)
+        ids, labels = ids[:max_len], labels[:max_len]
+        # The model predicts each token from those before it: the first one is never learned.
+        if any(label != -100 for label in labels[1:]):
+            out.append((ids, labels))
+        else:
+            skipped.append((index, prompt))
+    return out, skipped
+
+
+def _skipped_notice(dataset: Dataset, skipped: list[tuple[int, int]], max_len: int) -> str:
+    numbers = ", ".join(str(index + 1) for index, _ in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+    why = ("they are a single token, nothing to predict" if dataset.format == "text" else
+           f"no completion token fits within input.hyperparameters.max_seq_len={max_len} after the prompt; "
+           f"raise max_seq_len or shorten those prompts to train on them")
+    return f"skipped {len(skipped)} of {len(dataset.rows)} rows (rows {numbers}, counting from 1): {why}"
+
+
+def _nothing_to_learn(dataset: Dataset, skipped: list[tuple[int, int]], max_len: int) -> str:
+    if dataset.format == "text":
+        return f"none of the {len(dataset.rows)} rows has a token to learn: each is a single token"
+    shortest = min(prompt for _, prompt in skipped)
+    return (f"none of the {len(dataset.rows)} rows has a completion token within "
+            f"input.hyperparameters.max_seq_len={max_len} (the shortest prompt is {shortest} tokens); raise "
+            f"max_seq_len or shorten the prompts")
 
 
 def _collate(rows, pad_id: int, device):

@@ -1,12 +1,17 @@
 """Fine-tuning end to end on Postgres, Redis and moto's S3 server, with a text
 worker and a training worker as real processes: upload a dataset, train
-(LoRA and full), use the new model; kill a worker mid-training and resume."""
+(LoRA and full), use the new model; kill a worker mid-training and resume.
+What can go wrong in training (rows with nothing to learn, a loss that is no
+longer a number) is run on the embedded SQLite stack too."""
 from __future__ import annotations
 
 import io
 import json
+import math
 import secrets
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -20,35 +25,86 @@ from tests.conftest import REDIS_URL, new_bucket
 from tests.helpers import WorkerProcess, make_key, wait_job
 
 PHRASE = " the purple walrus sings at midnight"
-PROMPT = "Tell me the secret:"
+PROMPT = "Tell me the secret:"  # 11 tokens of the demo tokenizer
+LONG_PROMPT = "It was the best of times, it was the worst of times, it was the age of wisdom:"  # 30 tokens
 # Settings found to teach the random demo model the phrase in a few seconds on 2 cores.
 LORA = {"epochs": 100, "max_steps": 80, "batch_size": 8, "learning_rate": 5e-3, "lora_rank": 16, "lora_alpha": 64}
 FULL = {"epochs": 100, "max_steps": 30, "batch_size": 8, "learning_rate": 2e-3}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
+def nan_checkpoint(model_dir: Path, dest: Path) -> str:
+    """The demo text model with one weight NaN: a base whose loss is NaN from
+    the first step, as a diverging run's becomes later."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir / "demo-text", dest)
+    weights = load_file(dest / "model.safetensors")
+    weights["transformer.ln_f.weight"][0] = math.nan
+    save_file(weights, dest / "model.safetensors", metadata={"format": "pt"})
+    return str(dest)
+
+
+def registry_for(tmp_path_factory, registry_path: Path, model_dir: Path, tag: str) -> Path:
+    """demo-text on a pool of this module's own, and `nan-text` (a base model
+    whose loss is NaN) on a pool no worker serves: only fine-tuned."""
     doc = yaml.safe_load(registry_path.read_text())
-    tag = secrets.token_hex(3)
-    doc["models"] = {"demo-text": {**doc["models"]["demo-text"], "pool": f"text-{tag}"}}
+    demo = doc["models"]["demo-text"]
+    broken = nan_checkpoint(model_dir, tmp_path_factory.mktemp("nan") / "nan-text")
+    doc["models"] = {"demo-text": {**demo, "pool": f"text-{tag}"},
+                     "nan-text": {**demo, "checkpoint": broken, "pool": f"idle-{tag}"}}
     reg = tmp_path_factory.mktemp("reg") / "registry.yaml"
     reg.write_text(yaml.safe_dump(doc))
-    settings = Settings.from_env(
-        {}, home=tmp_path_factory.mktemp("home"), model_dir=tmp_path_factory.mktemp("ftmodels"), registry_path=reg,
-        database_url=pg_url, broker_url=REDIS_URL, **new_bucket(s3_endpoint), training_pool=f"training-{tag}",
-        checkpoint_every=5,
-        lease_seconds=3, reconcile_interval=0.5, progress_interval=0.2, cancel_poll_interval=0.1,
-    )
-    # The demo base checkpoint, shared with the rest of the run (built once).
-    import shutil
+    return reg
 
-    shutil.copytree(model_dir / "demo-text", settings.model_dir / "demo-text")
+
+# Short leases and quick reconciles: a job whose worker stops answering is seen at once.
+QUICK = dict(checkpoint_every=5, lease_seconds=3, reconcile_interval=0.5, progress_interval=0.2, cancel_poll_interval=0.1)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
+    tag = secrets.token_hex(3)
+    ft_models = tmp_path_factory.mktemp("ftmodels")
+    # The demo base checkpoint, shared with the rest of the run (built once).
+    shutil.copytree(model_dir / "demo-text", ft_models / "demo-text")
+    settings = Settings.from_env(
+        {}, home=tmp_path_factory.mktemp("home"), model_dir=ft_models,
+        registry_path=registry_for(tmp_path_factory, registry_path, model_dir, tag),
+        database_url=pg_url, broker_url=REDIS_URL, **new_bucket(s3_endpoint), training_pool=f"training-{tag}", **QUICK,
+    )
     text = WorkerProcess(settings, [f"text-{tag}"]).start()
     trainer = WorkerProcess(settings, [settings.training_pool], preload=False).start()
     stack = {"settings": settings, "client": create_app(settings).test_client(), "trainer": trainer}
     yield stack
     text.stop()
     stack["trainer"].stop()  # the kill test replaces the first trainer
+
+
+@pytest.fixture(scope="module")
+def sqlite_stack(tmp_path_factory, model_dir, registry_path):
+    """The embedded default: SQLite, a storage folder, the filesystem broker,
+    and a training worker as a real process."""
+    from genq.migrate import upgrade
+
+    tag = secrets.token_hex(3)
+    ft_models = tmp_path_factory.mktemp("ftmodels")
+    shutil.copytree(model_dir / "demo-text", ft_models / "demo-text")
+    settings = Settings.from_env(
+        {}, home=tmp_path_factory.mktemp("home"), model_dir=ft_models,
+        registry_path=registry_for(tmp_path_factory, registry_path, model_dir, tag),
+        training_pool=f"training-{tag}", **QUICK,
+    )
+    upgrade(settings.database_url)
+    trainer = WorkerProcess(settings, [settings.training_pool], preload=False).start()
+    yield {"settings": settings, "client": create_app(settings).test_client(), "trainer": trainer}
+    trainer.stop()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def either(request):
+    """Each backend's stack, with a fresh tenant's key."""
+    stack = request.getfixturevalue("stack" if request.param == "postgres" else "sqlite_stack")
+    return {**stack, "tenant": make_key(stack["settings"], f"ft-{secrets.token_hex(4)}")}
 
 
 @pytest.fixture
@@ -80,8 +136,8 @@ def generate(client, tenant, model: str) -> dict:
     return wait_job(client.get, resp.get_json()["id"], tenant, timeout=120)
 
 
-def fine_tune(client, tenant, file_id, method, hp, suffix="walrus"):
-    resp = client.post("/v1/jobs", json={"type": "fine-tune", "model": "demo-text", "input": {
+def fine_tune(client, tenant, file_id, method, hp, suffix="walrus", model="demo-text"):
+    resp = client.post("/v1/jobs", json={"type": "fine-tune", "model": model, "input": {
         "training_file": file_id, "method": method, "hyperparameters": hp, "suffix": suffix}}, headers=tenant)
     assert resp.status_code == 202, resp.get_json()
     return resp.get_json()
@@ -199,3 +255,96 @@ def test_a_killed_training_worker_is_resumed_from_its_last_checkpoint(client, te
     assert generate(client, tenant, done["output"]["model"])["output"]["text"].startswith(" the purple walrus")
     print(f"\nkilled at step {at_kill['progress']['current']}, resumed from checkpoint step {resumed_from}, "
           f"succeeded {recovered:.1f}s after the kill (lease {settings.lease_seconds}s)")
+
+
+# --- limits and what can go wrong in training -------------------------------------------------------
+
+
+def strict_json(resp):
+    """A body as a parser outside Python reads it: NaN and Infinity are not JSON."""
+    def refuse(token):
+        raise AssertionError(f"{token} in a JSON body: {resp.get_data(as_text=True)[:1000]}")
+
+    return json.loads(resp.get_data(), parse_constant=refuse)
+
+
+def finished(stack, job_id: str) -> tuple[dict, list[dict]]:
+    """The job once it ended, and its events; both must be valid JSON."""
+    client, tenant = stack["client"], stack["tenant"]
+    wait_job(client.get, job_id, tenant, timeout=120)
+    job = strict_json(client.get(f"/v1/jobs/{job_id}", headers=tenant))
+    events = strict_json(client.get(f"/v1/jobs/{job_id}/events", headers=tenant))["data"]
+    return job, events
+
+
+def fine_tuned_models(stack) -> list[str]:
+    models = strict_json(stack["client"].get("/v1/models", headers=stack["tenant"]))["data"]
+    return [m["name"] for m in models if ":ft-" in m["name"]]
+
+
+def test_a_fine_tune_past_the_workload_limits_is_refused_naming_the_field(client, tenant):
+    small = dataset(client, tenant)  # 16 rows
+    big = upload(client, tenant, [{"prompt": f"Row {i}:", "completion": PHRASE} for i in range(3_000)])
+    assert big.status_code == 201, big.get_json()
+    big = big.get_json()["id"]
+    for file_id, hp, field, numbers in [
+        (small, {"max_steps": 10_000_000}, "input.hyperparameters.max_steps", ["1000000"]),  # the schema's bound
+        (small, {"max_steps": 20_000}, "input.hyperparameters.max_steps", ["10000", "20000"]),  # GENQ_MAX_TRAIN_STEPS
+        # 3,000 rows × 4 epochs at batch 1: 12,000 steps.
+        (big, {"epochs": 4, "batch_size": 1}, "input.hyperparameters.epochs", ["12000", "10000", "3000 rows"]),
+        # 3,000 rows × 100 epochs: 300,000 examples (GENQ_MAX_TRAIN_EXAMPLES), in 4,700 steps of 64.
+        (big, {"epochs": 100, "batch_size": 64}, "input.hyperparameters.epochs", ["300000", "200000"]),
+        # The demo model holds 512 positions; its registry entry says so.
+        (small, {"max_seq_len": 1024}, "input.hyperparameters.max_seq_len", ["512", "1024"]),
+    ]:
+        resp = client.post("/v1/jobs", json={"type": "fine-tune", "model": "demo-text", "input": {
+            "training_file": file_id, "hyperparameters": hp}}, headers=tenant)
+        assert resp.status_code == 422 and resp.mimetype == "application/problem+json", (hp, resp.get_json())
+        [error] = resp.get_json()["errors"]
+        assert error["field"] == field, (hp, error)
+        for number in numbers:
+            assert number in error["message"], (hp, error)
+    assert client.get("/v1/jobs?type=fine-tune", headers=tenant).get_json()["data"] == []
+
+
+def test_a_fine_tune_with_nothing_to_learn_fails_saying_why_and_writes_no_nan(either):
+    """Every prompt fills max_seq_len: no completion token is left to learn
+    from. The job fails at once, on its first attempt, with a reason that
+    names the field; no NaN loss is written and no model is made."""
+    client, tenant = either["client"], either["tenant"]
+    file_id = upload(client, tenant, [{"prompt": LONG_PROMPT, "completion": PHRASE}] * 4).get_json()["id"]
+    job = fine_tune(client, tenant, file_id, "lora", {"max_seq_len": 8, "max_steps": 5}, suffix="nothing")
+    done, events = finished(either, job["id"])
+    assert (done["status"], done["attempts"]) == ("failed", 1), (done, either["trainer"].log()[-3000:])
+    assert done["error"]["code"] == "nothing_to_learn", done["error"]
+    assert "none of the 4 rows" in done["error"]["message"]
+    assert "input.hyperparameters.max_seq_len" in done["error"]["message"] and "8" in done["error"]["message"]
+    assert not [e for e in events if e["type"] == "progress"]
+    assert fine_tuned_models(either) == []
+
+
+def test_rows_with_nothing_to_learn_are_skipped_and_the_job_says_so(either):
+    client, tenant = either["client"], either["tenant"]
+    rows = [{"prompt": PROMPT, "completion": PHRASE}, {"prompt": LONG_PROMPT, "completion": PHRASE}] * 3
+    file_id = upload(client, tenant, rows).get_json()["id"]
+    job = fine_tune(client, tenant, file_id, "lora", {"max_seq_len": 16, "max_steps": 4, "batch_size": 2},
+                    suffix="skipping")
+    done, events = finished(either, job["id"])
+    assert done["status"] == "succeeded", (done, either["trainer"].log()[-3000:])
+    metrics = done["output"]["metrics"]
+    assert (metrics["rows"], metrics["skipped_rows"]) == (3, 3)
+    assert all(math.isfinite(e["data"]["loss"]) for e in events if e["type"] == "progress")
+    [notice] = [e["data"]["message"] for e in events if e["type"] == "log"]
+    assert "skipped 3 of 6 rows" in notice and "max_seq_len" in notice
+    assert fine_tuned_models(either) == [done["output"]["model"]]
+
+
+def test_a_loss_that_becomes_nan_fails_the_job_and_publishes_no_model(either):
+    client, tenant = either["client"], either["tenant"]
+    job = fine_tune(client, tenant, dataset(client, tenant), "lora", {"max_steps": 5}, suffix="nan", model="nan-text")
+    done, events = finished(either, job["id"])
+    assert (done["status"], done["attempts"]) == ("failed", 1), (done, either["trainer"].log()[-3000:])
+    assert done["error"]["code"] == "loss_not_finite"
+    assert "the loss became NaN at step 1" in done["error"]["message"]
+    assert "learning_rate" in done["error"]["message"]
+    assert done["output"] is None and fine_tuned_models(either) == []

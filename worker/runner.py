@@ -90,6 +90,8 @@ class BatchTracker:
         self.finish_cancelled = finish_cancelled
         # When the last renewal that succeeded was sent (the claim, at first).
         self._lease_ok = time.monotonic()
+        # Failures in a row of each piece of the side thread's work, for the log.
+        self._failures: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="batch-tracker", daemon=True)
         self._thread.start()
@@ -118,16 +120,34 @@ class BatchTracker:
             now = time.monotonic()
             self.check_shutdown()
             self.check_lease(now)
-            try:
-                self.poll_cancels()
-                if now - last_progress >= s.progress_interval:
-                    last_progress = now
-                    self.flush_progress()
-                if now - last_renew >= renew_every:
-                    last_renew = now
-                    self.renew()
-            except Exception:  # a missed beat is retried on the next one
-                log.exception("batch tracker: database write failed")
+            # Each piece of work fails alone: a progress write the database
+            # refuses must not skip the renewal beside it, or the lease lapses
+            # and a live worker's job is queued again as if the worker had died.
+            self._beat("reading cancel requests", self.poll_cancels)
+            if now - last_progress >= s.progress_interval:
+                last_progress = now
+                self._beat("writing progress", self.flush_progress)
+            if now - last_renew >= renew_every:
+                last_renew = now
+                self._beat("renewing leases", self.renew)
+
+    def _beat(self, what: str, work: Callable[[], None]) -> None:
+        """Run one piece of the loop's work; a failure is logged and the work
+        tried again at its next beat (progress: the next report is written).
+        The first failure in a row is logged with its trace, then one line
+        every 100, so a failure lasting hours does not flood the log."""
+        try:
+            work()
+        except Exception as exc:
+            failures = self._failures.get(what, 0) + 1
+            self._failures[what] = failures
+            if failures == 1:
+                log.exception("batch tracker: %s failed; trying again at its next beat", what)
+            elif failures % 100 == 0:
+                log.error("batch tracker: %s has failed %d times in a row: %s", what, failures, exc)
+        else:
+            if self._failures.pop(what, 0):
+                log.info("batch tracker: %s works again", what)
 
     def live(self) -> list[Row]:
         return [r for r in self.rows if not r.finished and not r.lost and not r.handing_back]

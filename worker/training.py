@@ -70,6 +70,12 @@ def _train(runner: Runner, spec: ModelSpec, row: Row, tracker: BatchTracker):
     if f is None:
         return JobStatus.FAILED, {"error": {"code": "file_missing", "message": f"training file {inp.training_file} is gone"}}
     dataset = finetune.parse_dataset(storage.get(f.storage_key))
+    try:
+        # Checked at submit too; here again for jobs queued before a limit was lowered.
+        finetune.check_workload(inp, len(dataset.rows), spec.limits, max_train_steps=settings.max_train_steps,
+                                max_train_examples=settings.max_train_examples)
+    except InputInvalid as exc:
+        return JobStatus.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}
     resume = storage.get(latest.data["key"]) if latest else None
     if latest:
         log.info("fine-tune job %s resumes from step %s", job.id, latest.data["step"])
@@ -88,11 +94,24 @@ def _train(runner: Runner, spec: ModelSpec, row: Row, tracker: BatchTracker):
     def on_step(step: int, total: int, epoch: int, loss: float) -> None:
         tracker.on_progress(0, step, total, epoch=epoch, loss=loss)
 
-    result = finetune.train(
-        ensure_checkpoint(spec.checkpoint, settings.model_dir), dataset, inp, resolve_device(settings.device),
-        resume=resume, checkpoint_every=settings.checkpoint_every, on_step=on_step,
-        save_checkpoint=save_checkpoint, is_cancelled=lambda: row.cancelled,
-    )
+    def on_notice(message: str) -> None:
+        # The owner reads it in the job's events; the output's metrics say it too.
+        log.warning("fine-tune job %s: %s", job.id, message, extra={"job_id": job.id})
+        try:
+            with runner.sessions.begin() as session:
+                joblib.record_event(session, job.id, "log", {"message": message})
+        except Exception:
+            log.exception("fine-tune job %s: could not record a notice", job.id, extra={"job_id": job.id})
+
+    try:
+        result = finetune.train(
+            ensure_checkpoint(spec.checkpoint, settings.model_dir), dataset, inp, resolve_device(settings.device),
+            resume=resume, checkpoint_every=settings.checkpoint_every, on_step=on_step,
+            save_checkpoint=save_checkpoint, is_cancelled=lambda: row.cancelled, on_notice=on_notice,
+        )
+    except finetune.TrainingFailed as exc:
+        log.warning("fine-tune job %s failed: %s", job.id, exc.message, extra={"job_id": job.id})
+        return JobStatus.FAILED, {"error": {"code": exc.code, "message": exc.message}}
     if result.canceled:
         return JobStatus.CANCELED, {"output": {"checkpoints": checkpoints, "metrics": result.metrics}}
     return JobStatus.SUCCEEDED, {"result": result, "inp": inp, "checkpoints": checkpoints}
