@@ -336,9 +336,10 @@ def build(registry: Registry) -> dict:
             "Queue a failed job again with fresh attempts (admin).", [resp(200, "Job", "Queued again.")],
             [401, 403, 404, 409], params=[path_param("job_id")], tag="admin")},
         "/metrics": {"get": op(
-            "Prometheus metrics: jobs by state and pool, queue depth and age, API requests.",
+            "Prometheus metrics: jobs by state and pool, queue depth and age, API requests. Needs "
+            "'Authorization: Bearer <GENQ_METRICS_TOKEN>' when that is set.",
             [("200", {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}})],
-            [], tag="service", auth=False)},
+            [401], tag="service", auth=False)},
     }
     for name in [n for n in schemas if n.startswith(("Input_", "JobCreate", "KeyCreate", "Hyperparameters"))]:
         _no_nul(schemas[name])

@@ -124,6 +124,11 @@ class Settings:
     # Port a worker serves Prometheus /metrics on (0 = off). The API serves its
     # own at /metrics on the API port.
     metrics_port: int = 0
+    # The API's job gauges are read from the database at most once per this
+    # many seconds per process (0 = on every scrape): a scrape storm costs one query.
+    metrics_cache_seconds: float = 5.0
+    # When set, the API's /metrics needs `Authorization: Bearer <this>`.
+    metrics_token: str | None = None
     # Set by `genq worker` to its Celery node name (the -n value), the name
     # /v1/admin/workers lists and drains; empty outside a worker.
     worker_name: str = ""
@@ -234,6 +239,8 @@ class Settings:
             log_level=get("log_level", "INFO"),
             log_format=get("log_format", "text"),
             metrics_port=num("metrics_port", 0, int),
+            metrics_cache_seconds=num("metrics_cache_seconds", 5.0, float),
+            metrics_token=get("metrics_token", None) or None,
             worker_name=get("worker_name", ""),
             heartbeat_interval=num("heartbeat_interval", 5.0, float),
             public_url=get("public_url", None) or None,
@@ -254,7 +261,7 @@ class Settings:
         for name in ("api_workers", "api_threads", "event_stream_seconds"):
             if values[name] < 1:
                 raise ConfigError(f"GENQ_{name.upper()} must be 1 or more, got {values[name]}")
-        for name in ("max_held_requests",):
+        for name in ("max_held_requests", "metrics_cache_seconds"):
             if values[name] < 0:
                 raise ConfigError(f"GENQ_{name.upper()} must be 0 or more, got {values[name]}")
         held = values["api_held_threads"]

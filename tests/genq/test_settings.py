@@ -17,8 +17,14 @@ def test_held_threads_default_to_half_the_threads_and_always_leave_some():
 
 
 @pytest.mark.parametrize("name, value", [("API_WORKERS", "0"), ("API_THREADS", "0"), ("EVENT_STREAM_SECONDS", "0"),
-                                         ("MAX_HELD_REQUESTS", "-1"),
+                                         ("MAX_HELD_REQUESTS", "-1"), ("METRICS_CACHE_SECONDS", "-1"),
                                          ("API_THREADS", "many")])
 def test_unworkable_api_settings_are_refused_naming_the_variable(name, value):
     with pytest.raises(ConfigError, match=f"GENQ_{name}"):
         Settings.from_env({f"GENQ_{name}": value})
+
+
+def test_the_metrics_token_travels_to_child_processes_only_when_set():
+    assert "GENQ_METRICS_TOKEN" not in Settings.from_env({}).as_env()
+    settings = Settings.from_env({"GENQ_METRICS_TOKEN": "t0ken"})
+    assert Settings.from_env(settings.as_env()).metrics_token == "t0ken"
