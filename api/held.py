@@ -208,6 +208,9 @@ def make_slots(settings: Settings, storage_uri: str) -> Slots:
         client = redis.Redis.from_url(storage_uri, socket_timeout=2, socket_connect_timeout=2)
         store: Store = RedisStore(client)
     else:
+        if not storage_uri.startswith("memory://"):
+            log.warning("held-request slots are counted per API process: %s is not a redis:// URL",
+                        storage_uri.split("://")[0] + "://...")
         store = MemoryStore()
     return Slots(settings.max_held_requests, settings.held_threads, store)
 

@@ -43,11 +43,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, pg_url, registry_path, model_dir):
+def server(tmp_path_factory, pg_url, registry_path):
     """`genq api --workers 1` with 4 threads, a held share of 2 and a tenant cap of 2."""
     home = tmp_path_factory.mktemp("api-home")
-    settings = Settings.from_env({}, home=home, database_url=pg_url, broker_url=REDIS_URL, registry_path=registry_path,
-                                 model_dir=model_dir)
+    settings = Settings.from_env({}, home=home, database_url=pg_url, broker_url=REDIS_URL, registry_path=registry_path)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
     env.update(settings.as_env(), PYTHONUNBUFFERED="1", GENQ_API_THREADS=str(THREADS),
