@@ -5,7 +5,8 @@ from flask import Flask
 
 from api import admin, catalog, errors, files, health, jobs, metrics, openapi, params
 from api.context import Context
-from api.limits import init_limiter
+from api.held import init_slots
+from api.limits import init_limiter, storage_uri
 from api import webhooks as webhook_routes
 from genq import webhooks
 from genq.db import make_engine, make_sessionmaker
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     # First of all: a key in the URL is refused before the limiter looks the caller up.
     app.before_request(params.check_url_params)
     app.extensions["genq_limiter"] = init_limiter(app, settings)
+    init_slots(app, settings, storage_uri(settings))
     app.before_request(openapi.check_query_params)
     metrics.init_metrics(app)
     for blueprint in (health.bp, jobs.bp, files.bp, catalog.bp, admin.bp, openapi.bp, metrics.bp):

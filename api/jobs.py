@@ -11,7 +11,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
-from api import idempotency, serialize
+from api import held, idempotency, serialize
 from api.auth import caller, require_key
 from api.context import ctx
 from api.errors import ApiError, invalid
@@ -32,6 +32,7 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 EVENT_TYPES = ("start", "progress", "completed")
 FINE_TUNE = "fine-tune"
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
+EVENT_ID_RE = re.compile(r"^[0-9]{1,18}$")
 
 
 class JobCreate(BaseModel):
@@ -122,10 +123,30 @@ def prefer_wait() -> float:
     return float(min(int(match.group(1)), ctx().settings.max_prefer_wait))
 
 
-def wait_for_terminal(job: Job, seconds: float) -> Job:
+def waited(job: Job) -> tuple[Job, dict]:
+    """Honour `Prefer: wait=N` if a held-request slot is free: the job once it
+    ended or N s passed, and a Preference-Applied header. Without a slot the
+    preference is ignored, as RFC 7240 allows: a submit never fails because its
+    wait could not be granted; the client polls instead."""
+    wait = prefer_wait()
+    if not wait:
+        return job, {}
+    applied = {"Preference-Applied": f"wait={int(wait)}"}
+    if JobStatus(job.status).terminal:
+        return job, applied
+    try:
+        hold = held.slots().take(caller().tenant_id, "wait")
+    except held.Refused:
+        return job, {}
+    with hold:
+        return wait_for_terminal(job, wait, hold), applied
+
+
+def wait_for_terminal(job: Job, seconds: float, hold: held.Hold) -> Job:
     deadline = time.monotonic() + seconds
     while not JobStatus(job.status).terminal and time.monotonic() < deadline:
         time.sleep(0.1)
+        hold.renew()
         with ctx().session() as session:
             job = session.get(Job, job.id)
     return job
@@ -202,11 +223,9 @@ def respond(job: Job | str, headers: dict | None = None):
     if isinstance(job, str):
         with ctx().session() as session:
             job = session.get(Job, job)
-    wait = prefer_wait()
-    if wait:
-        job = wait_for_terminal(job, wait)
+    job, applied = waited(job)
     status = 200 if JobStatus(job.status).terminal else 202
-    return render(job), status, {"Location": f"/v1/jobs/{job.id}", **(headers or {})}
+    return render(job), status, {"Location": f"/v1/jobs/{job.id}", **applied, **(headers or {})}
 
 
 def fine_tune_request(req: JobCreate):
@@ -247,10 +266,8 @@ def fine_tune_request(req: JobCreate):
 def get_job(job_id: str):
     with ctx().session() as session:
         job = own_job(session, job_id)
-    wait = prefer_wait()
-    if wait:
-        job = wait_for_terminal(job, wait)
-    return render(job)
+    job, applied = waited(job)
+    return render(job), applied
 
 
 def job_types(registry) -> list[str]:
@@ -311,36 +328,75 @@ def cancel_job(job_id: str):
 @bp.get("/<job_id>/events")
 @require_key
 def job_events(job_id: str):
+    streaming = request.accept_mimetypes.best_match(["application/json", "text/event-stream"]) == "text/event-stream"
+    after = last_event_id()
     with ctx().session() as session:
+        # The job before its events: a job seen ended has its completed event among them.
         job = own_job(session, job_id)
-        events = joblib.events(session, job.id)
+        events = joblib.events(session, job.id, after_id=after)
     to_url = url_for_key(job.id)
-    if request.accept_mimetypes.best_match(["application/json", "text/event-stream"]) != "text/event-stream":
+    if not streaming:
         return {"data": [serialize.event(e, to_url) for e in events]}
-    return Response(stream_with_context(_sse(job.id, events, to_url)), mimetype="text/event-stream",
+    if after and not events and JobStatus(job.status).terminal:
+        # Resumed after the completed event: 204 tells an EventSource to stop reconnecting.
+        return "", 204
+    hold = held.slots().take(caller().tenant_id, "event stream")
+    resp = Response(stream_with_context(_sse(job.id, events, after, to_url, hold)), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # The WSGI server closes the response however the stream ends, even before
+    # its first event (the generator's own `finally` runs only once started).
+    resp.call_on_close(hold.release)
+    return resp
 
 
-def _sse(job_id: str, first: list, to_url):
-    """Stream a job's events as Server-Sent Events until it completes."""
+def last_event_id() -> int:
+    """The SSE Last-Event-ID a reconnecting client sends: only events after it
+    (in a stream, and in the JSON list alike)."""
+    raw = request.headers.get("Last-Event-ID", "").strip()
+    if not raw:
+        return 0
+    if not EVENT_ID_RE.fullmatch(raw):
+        raise invalid("Last-Event-ID", f"must be the id of an event this stream sent, got {raw[:40]!r}")
+    return int(raw)
+
+
+# Sent first: how long an EventSource waits before reconnecting (ms), and the
+# response's headers go out at once even when a resumed stream has nothing new.
+RECONNECT_MS = 2000
+# A comment this often keeps proxies from closing a quiet stream (seconds).
+KEEP_ALIVE = 15.0
+POLL = 0.25
+
+
+def _sse(job_id: str, first: list, last_id: int, to_url, hold: held.Hold):
+    """Stream a job's events as Server-Sent Events until it completes, or for
+    GENQ_EVENT_STREAM_SECONDS: then the client reconnects with Last-Event-ID
+    and misses nothing. Holds a held-request slot throughout."""
     c = ctx()
-    last_id, pending, idle = 0, first, 0.0
-    deadline = time.monotonic() + 3600
-    while time.monotonic() < deadline:
-        for e in pending:
-            last_id = e.id
-            yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(serialize.event(e, to_url))}\n\n"
-            if e.type == "completed":
+    try:
+        yield f"retry: {RECONNECT_MS}\n\n"
+        pending, idle = first, 0.0
+        deadline = time.monotonic() + c.settings.event_stream_seconds
+        while True:
+            for e in pending:
+                last_id = e.id
+                yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(serialize.event(e, to_url))}\n\n"
+                if e.type == "completed":
+                    return
+            if time.monotonic() >= deadline:
                 return
-        time.sleep(0.25)
-        idle += 0.25
-        if idle >= 15:  # a comment keeps proxies from closing a quiet stream
-            idle = 0.0
-            yield ": keep-alive\n\n"
-        with c.session() as session:
-            pending = joblib.events(session, job_id, after_id=last_id)
-        if pending:
-            idle = 0.0
+            time.sleep(POLL)
+            idle += POLL
+            if idle >= KEEP_ALIVE:
+                idle = 0.0
+                yield ": keep-alive\n\n"
+            hold.renew()
+            with c.session() as session:
+                pending = joblib.events(session, job_id, after_id=last_id)
+            if pending:
+                idle = 0.0
+    finally:
+        hold.release()
 
 
 @bp.get("/<job_id>/outputs/<path:name>")

@@ -42,8 +42,10 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter:
         key_func=limit_key,
         app=app,
         storage_uri=storage_uri(settings),
-        default_limits=[settings.rate_limit] if settings.rate_limit else [],
-        default_limits_exempt_when=lambda: request.endpoint in EXEMPT_ENDPOINTS,
+        # One budget per tenant across every route (application limits share
+        # one counter per key); default limits would count each route apart.
+        application_limits=[settings.rate_limit] if settings.rate_limit else [],
+        application_limits_exempt_when=lambda: request.endpoint in EXEMPT_ENDPOINTS,
         # Our 429 problem sets Retry-After itself; the limiter's header injection
         # would overwrite the quota's own Retry-After on every 429.
         headers_enabled=False,

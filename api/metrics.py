@@ -1,8 +1,11 @@
 """GET /metrics: Prometheus text format. The job gauges are read from the
-database at scrape time (Postgres is the record of truth, so any API replica
-reports the same numbers); request counts are this process's own."""
+database (Postgres is the record of truth, so any API replica reports the same
+numbers), at most once per GENQ_METRICS_CACHE_SECONDS per process; request
+counts are this process's own. GENQ_METRICS_TOKEN, when set, guards the route."""
 from __future__ import annotations
 
+import hmac
+import threading
 import time
 
 from flask import Blueprint, Response, current_app, g, request
@@ -10,6 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
+from api.context import ctx
+from api.errors import ApiError
 from genq import pools as poollib
 from genq.schema import Job
 
@@ -18,12 +23,26 @@ bp = Blueprint("metrics", __name__)
 
 class JobsCollector:
     """Jobs by state and pool, queue depth, oldest queued age, paused pools and
-    live workers, from the database when Prometheus scrapes."""
+    live workers, from the database when Prometheus scrapes — or from the last
+    scrape's reading, if it is younger than metrics_cache_seconds."""
 
     def __init__(self, context):
         self.context = context
+        self._lock = threading.Lock()
+        self._read_at: float | None = None
+        self._families: list = []
 
     def collect(self):
+        # Under the lock, so a burst of concurrent scrapes runs one query, not one each.
+        with self._lock:
+            now = time.monotonic()
+            if self._read_at is None or now - self._read_at >= self.context.settings.metrics_cache_seconds:
+                self._families = list(self._read())
+                self._read_at = now
+            families = self._families
+        yield from families
+
+    def _read(self):
         c = self.context
         by_pool: dict[str, list[str]] = {c.settings.training_pool: []}
         for spec in c.registry:
@@ -70,5 +89,12 @@ def init_metrics(app) -> None:
 
 @bp.get("/metrics")
 def metrics():
+    token = ctx().settings.metrics_token
+    if token:
+        scheme, _, raw = request.headers.get("Authorization", "").partition(" ")
+        # Constant time: how far a guess matched must not show in the answer's timing.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(raw.strip().encode(), token.encode()):
+            raise ApiError(401, "/metrics needs 'Authorization: Bearer <GENQ_METRICS_TOKEN>'",
+                           headers={"WWW-Authenticate": 'Bearer realm="genq-metrics"'})
     return Response(generate_latest(current_app.extensions["genq_metrics"]), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
                     headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -254,7 +254,13 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
             {"name": "cursor", "in": "query", "schema": ID}]
     # RFC 7240: preferences a server does not know are ignored, so any value is valid.
     prefer = {"name": "Prefer", "in": "header", "schema": {"type": "string"},
-              "description": "wait=N: hold the request up to N s (at most 60) for the job to end; other preferences are ignored."}
+              "description": "wait=N: hold the request up to N s (at most 60) for the job to end; other preferences "
+                             "are ignored. Honoured only while the tenant and the server have a held-request slot "
+                             "free (Preference-Applied says so); otherwise answered at once."}
+    applied = {"Preference-Applied": {"schema": {"type": "string"},
+                                      "description": "wait=N when the request was held for Prefer: wait=N."}}
+    last_event_id = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                     "description": "Resume a stream after this event id (an EventSource sends it on reconnecting)."}
     json_body = lambda name: {"required": True, "content": {"application/json": {"schema": ref(name)}}}  # noqa: E731
     std = [401, 404]
 
@@ -265,8 +271,9 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
         "/openapi.json": {"get": op("This document.", [resp(200, None, "The OpenAPI document.")], [], tag="service",
                                     auth=False)},
         "/v1/jobs": {
-            "post": op("Submit a job.", [resp(202, "Job", "Accepted; poll Location.", {"Location": {"schema": {"type": "string"}}}),
-                                         resp(200, "Job", "Finished within Prefer: wait.")],
+            "post": op("Submit a job.", [resp(202, "Job", "Accepted; poll Location.",
+                                              {"Location": {"schema": {"type": "string"}}, **applied}),
+                                         resp(200, "Job", "Finished within Prefer: wait.", applied)],
                        [400, 401, 404, 413, 422], params=[prefer], body=json_body("JobCreate"), tag="jobs"),
             "get": op("List your jobs, newest first.", [resp(200, "JobList", "A page of jobs.")], [401, 422],
                       params=page + [
@@ -276,15 +283,18 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                           {"name": "type", "in": "query", "schema": {"type": "string", "enum": job_types(registry)}}],
                       tag="jobs"),
         },
-        "/v1/jobs/{job_id}": {"get": op("A job.", [resp(200, "Job", "The job.")], std, params=[path_param("job_id"), prefer],
+        "/v1/jobs/{job_id}": {"get": op("A job.", [resp(200, "Job", "The job.", applied)], std, params=[path_param("job_id"), prefer],
                                         tag="jobs")},
         "/v1/jobs/{job_id}/cancel": {"post": op("Cancel a job.", [resp(200, "Job", "Canceled, or cancel requested.")],
                                                 std + [409], params=[path_param("job_id")], tag="jobs")},
         "/v1/jobs/{job_id}/events": {"get": op(
-            "A job's events; with Accept: text/event-stream, streamed until it ends.",
+            "A job's events; with Accept: text/event-stream, streamed until it ends or for at most "
+            "GENQ_EVENT_STREAM_SECONDS (then reconnect with Last-Event-ID). A stream holds one of the tenant's "
+            "held-request slots: past them 429, past the server's share 503.",
             [("200", {"description": "Events.", "content": {"application/json": {"schema": ref("EventList")},
-                                                            "text/event-stream": {"schema": {"type": "string"}}}})],
-            std, params=[path_param("job_id")], tag="jobs")},
+                                                            "text/event-stream": {"schema": {"type": "string"}}}}),
+             resp(204, None, "Resumed after the job's completed event: nothing more will come.")],
+            std + [422], params=[path_param("job_id"), last_event_id], tag="jobs")},
         "/v1/jobs/{job_id}/outputs/{name}": {"get": op(
             "An output file (local storage; S3 outputs are presigned URLs).",
             [("200", {"description": "The file.", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -343,9 +353,10 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
             "Queue a failed job again with fresh attempts (admin).", [resp(200, "Job", "Queued again.")],
             [401, 403, 404, 409], params=[path_param("job_id")], tag="admin")},
         "/metrics": {"get": op(
-            "Prometheus metrics: jobs by state and pool, queue depth and age, API requests.",
+            "Prometheus metrics: jobs by state and pool, queue depth and age, API requests. Needs "
+            "'Authorization: Bearer <GENQ_METRICS_TOKEN>' when that is set.",
             [("200", {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}})],
-            [], tag="service", auth=False)},
+            [401], tag="service", auth=False)},
     }
     for name in [n for n in schemas if n.startswith(("Input_", "JobCreate", "KeyCreate", "Hyperparameters"))]:
         _no_nul(schemas[name])

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     api = sub.add_parser("api", help="serve the REST API with gunicorn")
     api.add_argument("--bind", help="host:port (default GENQ_API_HOST:GENQ_API_PORT)")
-    api.add_argument("--workers", type=int, default=2)
+    api.add_argument("--workers", type=int, help="gunicorn worker processes (default GENQ_API_WORKERS or 2)")
 
     worker = sub.add_parser("worker", help="run a worker for one or more pools, or the webhook sender")
     worker.add_argument("--pool", required=True, help="pool name(s), comma-separated; 'all' for every pool in the registry; "
@@ -258,9 +258,12 @@ def cmd_api(settings: Settings, args) -> int:
         os.environ["GENQ_API_PORT"] = port
         if host not in ("", "0.0.0.0", "[::]"):
             os.environ["GENQ_API_HOST"] = host
-    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(args.workers),
-                               "--worker-class", "gthread", "--threads", "8", "--access-logfile", "-",
-                               "--logger-class", "genq.serving.GunicornLogger",
+    workers = args.workers or settings.api_workers
+    # gthread: a request holds one of --threads while it is served; the API
+    # keeps all but GENQ_API_HELD_THREADS of them for short requests.
+    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers),
+                               "--worker-class", "gthread", "--threads", str(settings.api_threads),
+                               "--access-logfile", "-", "--logger-class", "genq.serving.GunicornLogger",
                                "api.app:create_app()"])
 
 

@@ -117,6 +117,21 @@ class Settings:
     # Where `genq up` / `genq api` listen.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # gunicorn worker processes `genq api` starts (its --workers overrides), and
+    # threads in each: every request holds one thread while it is served.
+    api_workers: int = 2
+    api_threads: int = 8
+    # Threads per API process that long-held requests (event streams, honoured
+    # `Prefer: wait`) may take at once; the rest always serve short requests.
+    # None = half of api_threads. Past it a stream is 503, a wait is not honoured.
+    api_held_threads: int | None = None
+    # Long-held requests one tenant may have open at once, across every API
+    # process (counted in the rate limiter's Redis); 0 = no per-tenant cap.
+    # Past it a stream is 429, a wait is not honoured.
+    max_held_requests: int = 4
+    # An event stream ends after this long (seconds); the client reconnects
+    # with Last-Event-ID and misses nothing. Frees its slot for others meanwhile.
+    event_stream_seconds: int = 300
     # Log level for every process.
     log_level: str = "INFO"
     # "text" for people at a terminal; "json" for a log pipeline: one object a
@@ -125,6 +140,11 @@ class Settings:
     # Port a worker serves Prometheus /metrics on (0 = off). The API serves its
     # own at /metrics on the API port.
     metrics_port: int = 0
+    # The API's job gauges are read from the database at most once per this
+    # many seconds per process (0 = on every scrape): a scrape storm costs one query.
+    metrics_cache_seconds: float = 5.0
+    # When set, the API's /metrics needs `Authorization: Bearer <this>`.
+    metrics_token: str | None = None
     # Set by `genq worker` to its Celery node name (the -n value), the name
     # /v1/admin/workers lists and drains; empty outside a worker.
     worker_name: str = ""
@@ -237,9 +257,16 @@ class Settings:
             max_prefer_wait=num("max_prefer_wait", 60, int),
             api_host=get("api_host", "127.0.0.1"),
             api_port=num("api_port", 8000, int),
+            api_workers=num("api_workers", 2, int),
+            api_threads=num("api_threads", 8, int),
+            api_held_threads=num("api_held_threads", None, int),
+            max_held_requests=num("max_held_requests", 4, int),
+            event_stream_seconds=num("event_stream_seconds", 300, int),
             log_level=get("log_level", "INFO"),
             log_format=get("log_format", "text"),
             metrics_port=num("metrics_port", 0, int),
+            metrics_cache_seconds=num("metrics_cache_seconds", 5.0, float),
+            metrics_token=get("metrics_token", None) or None,
             worker_name=get("worker_name", ""),
             heartbeat_interval=num("heartbeat_interval", 5.0, float),
             public_url=get("public_url", None) or None,
@@ -267,6 +294,16 @@ class Settings:
                               f"S3 allows), got {values['presign_seconds']}")
         if values["max_tenant_file_bytes"] < 0:
             raise ConfigError(f"GENQ_MAX_TENANT_FILE_BYTES must be 0 (no limit) or more, got {values['max_tenant_file_bytes']}")
+        for name in ("api_workers", "api_threads", "event_stream_seconds"):
+            if values[name] < 1:
+                raise ConfigError(f"GENQ_{name.upper()} must be 1 or more, got {values[name]}")
+        for name in ("max_held_requests", "metrics_cache_seconds"):
+            if values[name] < 0:
+                raise ConfigError(f"GENQ_{name.upper()} must be 0 or more, got {values[name]}")
+        held = values["api_held_threads"]
+        if held is not None and not 0 <= held < values["api_threads"]:
+            raise ConfigError(f"GENQ_API_HELD_THREADS must be from 0 to GENQ_API_THREADS - 1 ({values['api_threads'] - 1}), "
+                              f"leaving threads for short requests; got {held}")
         return cls(**values)
 
     def replace(self, **changes) -> "Settings":
@@ -292,6 +329,11 @@ class Settings:
         """The longest a worker takes to stop after SIGTERM: the shutdown
         timeout, then 10 s for the model to reach its next step and stop."""
         return self.shutdown_timeout + 10.0
+
+    @property
+    def held_threads(self) -> int:
+        """Threads per API process long-held requests may take (see api_held_threads)."""
+        return self.api_threads // 2 if self.api_held_threads is None else self.api_held_threads
 
     @property
     def embedded_broker(self) -> bool:

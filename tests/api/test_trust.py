@@ -75,6 +75,22 @@ def test_request_rate_limit_is_shared_by_api_processes_through_redis(embedded_se
     assert all(first.get("/healthz").status_code == 200 for _ in range(10))
 
 
+def test_a_tenant_has_one_request_budget_across_routes(embedded_settings):
+    client = create_app(embedded_settings.replace(rate_limit="5/minute")).test_client()
+    headers = make_key(embedded_settings, f"roamer-{secrets.token_hex(3)}")
+    codes = [client.get(path, headers=headers).status_code
+             for path in ("/v1/jobs", "/v1/models", "/v1/files", "/v1/jobs", "/v1/models")]
+    assert codes == [200] * 5
+    for path in ("/v1/files", "/v1/jobs", "/v1/models", "/v1/models/demo-text"):
+        over = client.get(path, headers=headers)
+        assert over.status_code == 429 and over.mimetype == PROBLEM, path
+        assert "5 per 1 minute" in over.get_json()["detail"]
+    # Probes, documents and metrics stay outside every budget.
+    for path in ("/healthz", "/readyz", "/openapi.json", "/metrics"):
+        assert client.get(path, headers=headers).status_code == 200, path
+    assert client.get("/v1/jobs", headers=make_key(embedded_settings, f"other-{secrets.token_hex(3)}")).status_code == 200
+
+
 def test_jobs_queued_or_running_at_once_are_capped(embedded_settings):
     client = create_app(embedded_settings.replace(max_active_jobs=3)).test_client()
     headers = make_key(embedded_settings, "greedy")
