@@ -276,18 +276,26 @@ def queued_heads(session: Session, pools: list[str], older_than: dt.datetime | N
 
 def requeue_expired(session: Session, pools: list[str], now: dt.datetime | None = None) -> list[tuple[str, str]]:
     """Running jobs whose lease ran out (their worker died or hung) go back to
-    queued for another attempt, or fail once they have had max_attempts.
+    queued for another attempt, or fail once they have had max_attempts; one
+    whose cancel was requested ends canceled.
     Returns (job id, pool) of those requeued, to ring for. Each change is
     conditional on the lease still being expired, so two reconcilers agree."""
     now = now or utcnow()
     expired = session.execute(
-        select(Job.id, Job.pool, Job.attempts, Job.max_attempts, Job.lease_owner)
+        select(Job.id, Job.pool, Job.attempts, Job.max_attempts, Job.lease_owner, Job.cancel_requested)
         .where(Job.status == JobStatus.RUNNING.value, Job.lease_until < now, Job.pool.in_(pools))
     ).all()
     requeued = []
-    for job_id, pool, attempts, max_attempts, owner in expired:
+    for job_id, pool, attempts, max_attempts, owner, cancel in expired:
         still = and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_until < now)
-        if attempts >= max_attempts:
+        if cancel:
+            # Its owner asked to stop it and nothing runs it any more: it ends
+            # canceled, as a cancel the worker saw would have ended it.
+            if session.execute(update(Job).where(still).values(
+                    status=JobStatus.CANCELED.value, completed_at=now, updated_at=now, lease_until=None)).rowcount:
+                record_event(session, job_id, "completed", {"status": JobStatus.CANCELED.value}, at=now)
+                webhooks.enqueue(session, job_id, "completed", now=now)
+        elif attempts >= max_attempts:
             error = {"code": "attempts_exhausted",
                      "message": f"the job's worker stopped responding on each of {attempts} attempts "
                                 f"(last: {owner}); it may be crashing the worker, so it was not retried again"}

@@ -11,7 +11,7 @@ from genq import jobs as joblib
 from genq.db import make_engine, make_sessionmaker
 from genq.keys import get_or_create_tenant
 from genq.migrate import upgrade
-from genq.schema import Job, JobEvent
+from genq.schema import Job, JobEvent, WebhookDelivery
 from genq.states import JobStatus
 
 
@@ -36,14 +36,14 @@ def _fresh_model_name(monkeypatch):
 MODEL = {"name": "m"}
 
 
-def add_jobs(sessions, n, *, model=None, batch_key="k", priority=0, tenant="t") -> list[str]:
+def add_jobs(sessions, n, *, model=None, batch_key="k", priority=0, tenant="t", pool="p", webhook=None) -> list[str]:
     model = model or MODEL["name"]
     ids = []
     with sessions.begin() as s:
         t = get_or_create_tenant(s, f"{tenant}-{MODEL['name']}")
         for _ in range(n):
-            job = joblib.submit(s, tenant_id=t.id, type_="text-generation", model=model, pool="p", batch_key=batch_key,
-                                input_={}, priority=priority)
+            job = joblib.submit(s, tenant_id=t.id, type_="text-generation", model=model, pool=pool, batch_key=batch_key,
+                                input_={}, priority=priority, webhook=webhook)
             ids.append(job.id)
     return ids
 
@@ -199,3 +199,24 @@ def test_hand_back_requeues_without_counting_the_attempt_and_only_under_the_leas
         assert s.get(Job, b).status == "running"
     # Back to a first attempt: it batches again like any fresh job.
     assert claim(sessions, owner="w3") == [a]
+
+
+@pytest.mark.parametrize("attempt", [1, 3])
+def test_a_cancel_requested_job_whose_lease_ran_out_ends_canceled(sessions, attempt):
+    [jid] = add_jobs(sessions, 1, webhook="https://hooks.example.com/genq")
+    claim(sessions, owner="w1")
+    with sessions.begin() as s:
+        # attempt 3 of 3: without the cancel, the requeue would fail it as attempts_exhausted.
+        s.execute(update(Job).where(Job.id == jid).values(attempts=attempt))
+        assert joblib.cancel(s, s.get(Job, jid)).cancel_requested
+    expire(sessions, [jid])
+    with sessions.begin() as s:
+        assert joblib.requeue_expired(s, ["p"]) == []
+    with sessions() as s:
+        job = s.get(Job, jid)
+        assert (job.status, job.lease_until, job.error) == ("canceled", None, None)
+        assert job.completed_at is not None
+        last = joblib.events(s, jid)[-1]
+        assert (last.type, last.data) == ("completed", {"status": "canceled"})
+        assert s.scalars(select(WebhookDelivery.event).where(WebhookDelivery.job_id == jid)).all() == ["completed"]
+    assert claim(sessions, owner="w2") == []
