@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from api.auth import current_caller
 from api.errors import ApiError, problem
+from genq.keys import lock_tenant
 from genq.schema import Job
 from genq.settings import Settings
 from genq.states import JobStatus
@@ -67,9 +68,13 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter:
 
 
 def check_active_jobs(session, tenant_id: str, settings: Settings) -> None:
-    """A tenant may have at most `max_active_jobs` queued or running at once."""
+    """A tenant may have at most `max_active_jobs` queued or running at once.
+    Call it in the transaction that inserts the job: it locks the tenant's row
+    until the commit, so concurrent submits count one after another and never
+    all see room for one more."""
     if not settings.max_active_jobs:
         return
+    lock_tenant(session, tenant_id)
     active = session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])))
     if active >= settings.max_active_jobs:

@@ -17,7 +17,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
-from genq.schema import Tenant, WebhookSecret, utcnow
+from genq.keys import lock_tenant
+from genq.schema import WebhookSecret, utcnow
 
 PREFIX = "whsec_"
 
@@ -25,12 +26,6 @@ PREFIX = "whsec_"
 def new_secret() -> str:
     """`whsec_` + base64 of 32 random bytes: the form standardwebhooks.Webhook reads."""
     return PREFIX + base64.b64encode(os.urandom(32)).decode()
-
-
-def _lock_tenant(session: Session, tenant_id: str) -> None:
-    # Two first requests at once must not both make a "current" secret: the
-    # tenant row serialises them on Postgres (SQLite serialises all writers).
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
 
 
 def _current(session: Session, tenant_id: str) -> WebhookSecret | None:
@@ -47,7 +42,8 @@ def current(session: Session, tenant_id: str) -> WebhookSecret:
     found = _current(session, tenant_id)
     if found is not None:
         return found
-    _lock_tenant(session, tenant_id)
+    # Two first requests at once must not both make a "current" secret.
+    lock_tenant(session, tenant_id)
     found = _current(session, tenant_id)
     if found is None:
         found = WebhookSecret(tenant_id=tenant_id, secret=new_secret())
@@ -60,7 +56,7 @@ def rotate(session: Session, tenant_id: str, grace_seconds: float, now: dt.datet
     """Make a new current secret; the old one signs beside it until the
     returned time. Secrets whose grace has run out are deleted."""
     now = now or utcnow()
-    _lock_tenant(session, tenant_id)
+    lock_tenant(session, tenant_id)
     old = current(session, tenant_id)
     until = now + dt.timedelta(seconds=grace_seconds)
     old.expires_at = until
