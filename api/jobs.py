@@ -43,7 +43,10 @@ class JobCreate(BaseModel):
     model: str = Field(min_length=1, max_length=200, description="A model name from GET /v1/models.")
     type: str | None = Field(default=None, description="Must match the model's type if given; 'fine-tune' trains a new version of the model.")
     input: dict = Field(description="The model's input; its schema is in GET /v1/models/<name>.")
-    priority: int = Field(default=0, ge=-100, le=100, description="Higher runs first.")
+    priority: int = Field(default=0, ge=-100, le=100,
+                          description="Orders your own jobs: higher runs first, then older. Across tenants the queue "
+                                      "takes turns (each tenant's first job, then each one's second, ...), so a "
+                                      "priority never jumps another tenant's jobs.")
     webhook: str | None = Field(default=None, max_length=2000, pattern=r"^https?://[^/?#@\s]+(?:[/?#]\S*)?$",
                                    description="URL to POST job events to: https, a public host (checked again when sending).")
     webhook_events_filter: list[Literal["start", "progress", "completed"]] | None = Field(default=None, max_length=3)

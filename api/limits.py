@@ -10,11 +10,12 @@ import time
 from flask import Flask, request
 from flask_limiter import Limiter, RateLimitExceeded
 from flask_limiter.util import get_remote_address
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from api.auth import current_caller
 from api.errors import ApiError, problem
-from genq.schema import File, Job, Tenant
+from genq.keys import lock_tenant
+from genq.schema import File, Job
 from genq.settings import Settings
 from genq.states import JobStatus
 
@@ -70,9 +71,13 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter:
 
 
 def check_active_jobs(session, tenant_id: str, settings: Settings) -> None:
-    """A tenant may have at most `max_active_jobs` queued or running at once."""
+    """A tenant may have at most `max_active_jobs` queued or running at once.
+    Call it in the transaction that inserts the job: it locks the tenant's row
+    until the commit, so concurrent submits count one after another and never
+    all see room for one more."""
     if not settings.max_active_jobs:
         return
+    lock_tenant(session, tenant_id)
     active = session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])))
     if active >= settings.max_active_jobs:
@@ -89,7 +94,7 @@ def check_file_quota(session, tenant_id: str, new_bytes: int, settings: Settings
     if not quota:
         return
     if lock:
-        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
+        lock_tenant(session, tenant_id)
     used = session.scalar(select(func.coalesce(func.sum(File.bytes), 0)).where(File.tenant_id == tenant_id))
     if used + new_bytes > quota:
         message = (f"is {new_bytes} bytes; with the {used} bytes of files you have stored it would pass your "

@@ -10,14 +10,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
-from genq import webhooks
+from genq import line, webhooks
 from genq.errors import IllegalTransition
-from genq.schema import Job, JobEvent, Pool, utcnow
+from genq.schema import Job, JobEvent, utcnow
 from genq.states import JobStatus, check_transition
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,27 @@ def cancel(session: Session, job: Job) -> Job:
     raise IllegalTransition(f"job {job.id} is already {job.status} and cannot be canceled")
 
 
-def claimable_key(session: Session, job_id: str) -> tuple[str, str] | None:
-    """(model, batch_key) of a job a doorbell names, or None if it is no longer queued."""
-    row = session.execute(select(Job.model, Job.batch_key, Job.status).where(Job.id == job_id)).first()
+def queued_pool(session: Session, job_id: str) -> str | None:
+    """The pool of a job a doorbell names, or None if it is no longer queued."""
+    row = session.execute(select(Job.pool, Job.status).where(Job.id == job_id)).first()
     if row is None or row.status != JobStatus.QUEUED.value:
         return None
-    return row.model, row.batch_key
+    return row.pool
+
+
+class Head(NamedTuple):
+    """The first job in a pool's line: what the next batch is built around."""
+
+    id: str
+    model: str
+    batch_key: str
+
+
+def pool_head(session: Session, pool: str) -> Head | None:
+    """The pool's first claimable job in line (genq.line), or None when none
+    is (an empty or paused pool)."""
+    row = line.head(session, pool)
+    return Head(*row) if row else None
 
 
 def claim_batch(
@@ -104,31 +119,42 @@ def claim_batch(
     limit: int,
     owner: str,
     lease_seconds: float,
+    pool: str | None = None,
+    first: str | None = None,
     now: dt.datetime | None = None,
     top_up: bool = False,
 ) -> list[Job]:
-    """Take up to `limit` queued jobs of one model and batch key, highest priority
-    then oldest first, under a lease. SKIP LOCKED keeps two workers on Postgres
-    from waiting on (or taking) the same rows; the status check in the UPDATE
-    makes the claim safe on SQLite too, where writers are serialised.
+    """Take up to `limit` queued jobs of one model and batch key under a lease,
+    in line (genq.line: tenants take turns, each tenant's jobs by priority
+    then age). A worker passes the pool it serves and the pool's head the
+    batch is built around (`first`), which leads the batch if still queued.
     Jobs of a paused pool are not claimable: they wait, queued, for a resume.
+
+    The chosen rows are then locked with SKIP LOCKED, so two workers on
+    Postgres never wait on (or take) the same rows: where another worker is
+    claiming them at this moment, the next ones in line are taken. The status
+    check in the UPDATE makes the claim safe on SQLite too, where writers are
+    serialised (and FOR UPDATE is not a thing).
 
     A job on its second or later attempt lost its last worker, and may be what
     killed it: it is claimed alone, so a poison job takes no batch-mates down
     with it (and fails alone after max_attempts). `top_up` fills a batch
     already claimed: only jobs on their first attempt join it."""
     now = now or utcnow()
-    paused = select(Pool.name).where(Pool.paused.is_(True))
-    candidates = (
-        select(Job.id, Job.attempts)
-        .where(Job.status == JobStatus.QUEUED.value, Job.model == model, Job.batch_key == batch_key,
-               Job.pool.not_in(paused))
-        .order_by(Job.priority.desc(), Job.created_at.asc(), Job.id.asc())
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    rows = session.execute(candidates).all()
-    if rows and rows[0].attempts > 0 and not top_up:
+    passed_over: set[str] = set()
+    while True:
+        rows = line.batch(session, model=model, batch_key=batch_key, limit=limit, pool=pool, first=first,
+                          passed_over=passed_over)
+        if not rows:
+            return []
+        free = set(session.scalars(
+            select(Job.id).where(Job.id.in_([r.id for r in rows]), Job.status == JobStatus.QUEUED.value)
+            .with_for_update(skip_locked=True)))
+        if free:
+            rows = [r for r in rows if r.id in free]
+            break
+        passed_over.update(r.id for r in rows)
+    if rows[0].attempts > 0 and not top_up:
         ids = [rows[0].id]
     else:
         ids = [r.id for r in rows if r.attempts == 0]
@@ -309,18 +335,26 @@ def queued_heads(session: Session, pools: list[str], older_than: dt.datetime | N
 
 def requeue_expired(session: Session, pools: list[str], now: dt.datetime | None = None) -> list[tuple[str, str]]:
     """Running jobs whose lease ran out (their worker died or hung) go back to
-    queued for another attempt, or fail once they have had max_attempts.
+    queued for another attempt, or fail once they have had max_attempts; one
+    whose cancel was requested ends canceled.
     Returns (job id, pool) of those requeued, to ring for. Each change is
     conditional on the lease still being expired, so two reconcilers agree."""
     now = now or utcnow()
     expired = session.execute(
-        select(Job.id, Job.pool, Job.attempts, Job.max_attempts, Job.lease_owner)
+        select(Job.id, Job.pool, Job.attempts, Job.max_attempts, Job.lease_owner, Job.cancel_requested)
         .where(Job.status == JobStatus.RUNNING.value, Job.lease_until < now, Job.pool.in_(pools))
     ).all()
     requeued = []
-    for job_id, pool, attempts, max_attempts, owner in expired:
+    for job_id, pool, attempts, max_attempts, owner, cancel in expired:
         still = and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_until < now)
-        if attempts >= max_attempts:
+        if cancel:
+            # Its owner asked to stop it and nothing runs it any more: it ends
+            # canceled, as a cancel the worker saw would have ended it.
+            if session.execute(update(Job).where(still).values(
+                    status=JobStatus.CANCELED.value, completed_at=now, updated_at=now, lease_until=None)).rowcount:
+                record_event(session, job_id, "completed", {"status": JobStatus.CANCELED.value}, at=now)
+                webhooks.enqueue(session, job_id, "completed", now=now)
+        elif attempts >= max_attempts:
             error = {"code": "attempts_exhausted",
                      "message": f"the job's worker stopped responding on each of {attempts} attempts; "
                                 "it may be crashing the worker, so it was not retried again"}

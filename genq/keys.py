@@ -6,7 +6,7 @@ import hmac
 import re
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from genq.schema import ApiKey, Tenant, utcnow
@@ -63,3 +63,22 @@ def revoke(session: Session, prefix: str) -> int:
     for key in keys:
         key.revoked_at = utcnow()
     return len(keys)
+
+
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Hold the tenant's row until the transaction ends, so that what reads
+    then writes on the tenant's behalf (the active-jobs quota, a first webhook
+    secret) runs one transaction at a time, each reading what the one before
+    it committed.
+
+    Postgres: SELECT ... FOR NO KEY UPDATE, which still lets other
+    transactions insert rows that reference the tenant (a worker's webhook
+    deliveries). SQLite: pysqlite begins its transaction only at the first
+    write, so a SELECT would run outside it and lock nothing; a no-op UPDATE
+    takes the database's write lock (waiting busy_timeout for it), and the
+    reads after it see every write committed before."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
+    else:
+        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name)
+                        .execution_options(synchronize_session=False))

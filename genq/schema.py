@@ -23,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -96,10 +97,12 @@ class ApiKey(Base):
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
-        # The claim query: queued jobs of one model and batch key, by priority then age.
-        Index("ix_jobs_claim", "status", "model", "batch_key", "priority", "created_at"),
         Index("ix_jobs_tenant_list", "tenant_id", "id"),
         Index("ix_jobs_lease", "status", "lease_until"),
+        # When each tenant's last job in a pool started: whose turn it is (genq.line).
+        # Partial, so that the planner never walks it for queued jobs.
+        Index("ix_jobs_served", "pool", "tenant_id", "started_at", postgresql_where=text("started_at IS NOT NULL"),
+              sqlite_where=text("started_at IS NOT NULL")),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -126,6 +129,13 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     completed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+# The line (genq.line) reads these a tenant at a time, in each tenant's own
+# order (priority, then age): a pool's queued jobs, for the pool's head, and
+# those of one model and batch key, for the batch built around it.
+Index("ix_jobs_line", Job.status, Job.pool, Job.tenant_id, Job.priority.desc(), Job.created_at, Job.id)
+Index("ix_jobs_claim", Job.status, Job.model, Job.batch_key, Job.tenant_id, Job.priority.desc(), Job.created_at, Job.id)
 
 
 class JobEvent(Base):

@@ -13,11 +13,12 @@ import datetime as dt
 import json
 import os
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
-from genq.schema import Tenant, WebhookSecret, utcnow
+from genq.keys import lock_tenant
+from genq.schema import WebhookSecret, utcnow
 
 PREFIX = "whsec_"
 # Rotated-out secrets that keep signing during their grace period, at most.
@@ -30,19 +31,6 @@ MAX_PREVIOUS = 2
 def new_secret() -> str:
     """`whsec_` + base64 of 32 random bytes: the form standardwebhooks.Webhook reads."""
     return PREFIX + base64.b64encode(os.urandom(32)).decode()
-
-
-def lock_tenant(session: Session, tenant_id: str) -> None:
-    """Serialise this transaction with every other that locks the same tenant,
-    until it ends: for a check that must see what the others wrote (two first
-    requests making a "current" secret each, a count against a limit).
-    Postgres: the tenant's row, locked. SQLite serialises writers, but its
-    driver reads outside a write transaction until the first write: a no-op
-    write of the row takes the database's write lock now."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
-    else:
-        session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name))
 
 
 def _current(session: Session, tenant_id: str) -> WebhookSecret | None:
@@ -59,6 +47,7 @@ def current(session: Session, tenant_id: str) -> WebhookSecret:
     found = _current(session, tenant_id)
     if found is not None:
         return found
+    # Two first requests at once must not both make a "current" secret.
     lock_tenant(session, tenant_id)
     found = _current(session, tenant_id)
     if found is None:

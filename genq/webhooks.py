@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from genq import serialize
 from genq.errors import GenqError
-from genq.webhook_secrets import lock_tenant
+from genq.keys import lock_tenant
 from genq.queue import publish_delivery
 from genq.schema import Job, WebhookAttempt, WebhookDelivery, new_id, utcnow
 

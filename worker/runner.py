@@ -245,67 +245,80 @@ class Runner:
     # --- entry points -------------------------------------------------------
 
     def on_doorbell(self, job_id: str) -> int:
-        """Handle one Celery message. Returns how many jobs ran; 0 for a stale
-        or duplicate message (the job is no longer queued)."""
+        """Handle one Celery message: serve the pool of the job it names.
+        Returns how many jobs ran; 0 for a stale or duplicate message (the job
+        is no longer queued)."""
         with self.sessions() as session:
-            key = joblib.claimable_key(session, job_id)
-        if key is None:
+            pool = joblib.queued_pool(session, job_id)
+        if pool is None:
             log.info("doorbell for job %s: nothing to claim", job_id, extra={"job_id": job_id})
             return 0
         if self.draining():
             log.info("doorbell for job %s: draining, claiming nothing", job_id, extra={"job_id": job_id})
             return 0
-        model, batch_key = key
-        with self.sessions() as session:
-            spec = catalog.resolve(session, self.registry, model)
-        if spec is None:
-            self._fail_unknown_model(job_id, model)
-            return 0
-        if batch_key == FINE_TUNE:
-            from worker.training import train_one
-
-            ran = train_one(self, spec)
-        else:
-            ran = self.drain(spec, batch_key)
+        ran = self.serve(pool)
         if self.shutdown.requested:
             # Stopping: what this doorbell rang for may still be queued; ring
             # for it now rather than leave it to the reconciler's grace period.
             self.ring_if_queued(job_id)
         return ran
 
-    def drain(self, spec: ModelSpec, batch_key: str) -> int:
-        """Run batches of one model and batch key until none is queued. The
-        doorbell names one job, but whichever jobs are first in line run first,
-        so the loop goes on until the line is empty, or the worker is told to
-        shut down: then it claims nothing more."""
+    def serve(self, pool: str) -> int:
+        """Run the pool's jobs a batch at a time until none is queued. The
+        doorbell names one job, but each batch is built around the pool's first
+        job in line (genq.line: tenants take turns, each tenant's jobs by
+        priority then age), whatever its model or batch key, and filled with
+        the next jobs in line that can share its forward pass; after each
+        batch the line's head is read again. A fine-tune runs alone. A
+        shutdown, or an operator's drain, stops it between batches: the one in
+        hand finishes."""
         ran = 0
         while True:
             if self.shutdown.requested:
-                log.info("shutting down: claiming no more %s jobs", spec.name)
+                log.info("shutting down: claiming no more jobs of pool %s", pool)
                 return ran
-            try:
-                # Load before claiming: a lease should not tick away on a load.
-                loaded = self.cache.get(spec)
-            except Exception as exc:
-                self._fail_queued(spec, batch_key, exc)
+            with self.sessions() as session:
+                head = joblib.pool_head(session, pool)
+                spec = head and catalog.resolve(session, self.registry, head.model)
+            if head is None:
                 return ran
-            # An operator's drain takes effect between batches: the one in hand finishes.
-            if self.draining():
+            if spec is None:
+                self._fail_unknown_model(pool, head.model, head.batch_key)
+                continue
+            if head.batch_key == FINE_TUNE:
+                from worker.training import train_one
+
+                if self.draining():
+                    return ran
+                done = train_one(self, spec, pool, head)
+            else:
+                try:
+                    # Load before claiming: a lease should not tick away on a load.
+                    loaded = self.cache.get(spec)
+                except Exception as exc:
+                    self._fail_queued(spec, pool, head.batch_key, exc)
+                    continue
+                if self.draining():
+                    return ran
+                batch = self.claim(spec, pool, head)
+                if batch:
+                    self.run_batch(spec, batch, loaded)
+                done = len(batch)
+            if not done:
                 return ran
-            batch = self.claim(spec, batch_key)
-            if not batch:
-                return ran
-            self.run_batch(spec, batch, loaded)
-            ran += len(batch)
+            ran += done
 
     def draining(self) -> bool:
         with self.sessions() as session:
             return poollib.is_draining(session, self.settings.worker_name)
 
-    def claim(self, spec: ModelSpec, batch_key: str) -> list[Job]:
+    def claim(self, spec: ModelSpec, pool: str, head: joblib.Head) -> list[Job]:
+        """A batch built around the pool's head: it first, then the next jobs
+        in line of its model and batch key."""
+        batch_key = head.batch_key
         with self.sessions.begin() as session:
             batch = joblib.claim_batch(
-                session, model=spec.name, batch_key=batch_key, limit=spec.max_batch_size,
+                session, pool=pool, first=head.id, model=spec.name, batch_key=batch_key, limit=spec.max_batch_size,
                 owner=self.owner, lease_seconds=self.settings.lease_seconds,
             )
         deadline = time.monotonic() + spec.max_wait_ms / 1000
@@ -319,8 +332,9 @@ class Runner:
             try:
                 with self.sessions.begin() as session:
                     batch += joblib.claim_batch(
-                        session, model=spec.name, batch_key=batch_key, limit=spec.max_batch_size - len(batch),
-                        owner=self.owner, lease_seconds=self.settings.lease_seconds, top_up=True,
+                        session, pool=pool, model=spec.name, batch_key=batch_key,
+                        limit=spec.max_batch_size - len(batch), owner=self.owner,
+                        lease_seconds=self.settings.lease_seconds, top_up=True,
                     )
             except Exception as exc:
                 # The jobs in hand are ours under their lease: run them rather than
@@ -514,23 +528,21 @@ class Runner:
 
     # --- failures before a claim ------------------------------------------------
 
-    def _fail_unknown_model(self, job_id: str, model: str) -> None:
+    def _fail_unknown_model(self, pool: str, model: str, batch_key: str) -> None:
         error = {"code": "unknown_model", "message": f"model {model!r} is no longer in this worker's registry"}
-        with self.sessions() as session:
-            batch_key = session.get(Job, job_id).batch_key
-        self._fail_all_queued(model, batch_key, error)
+        self._fail_all_queued(pool, model, batch_key, error)
 
-    def _fail_queued(self, spec: ModelSpec, batch_key: str, exc: Exception) -> None:
+    def _fail_queued(self, spec: ModelSpec, pool: str, batch_key: str, exc: Exception) -> None:
         """The model cannot load: fail the waiting jobs with the reason rather
         than leave them queued forever."""
         log.exception("loading model %s failed", spec.name)
-        self._fail_all_queued(spec.name, batch_key, error_for(exc, default_code="model_load_failed"))
+        self._fail_all_queued(pool, spec.name, batch_key, error_for(exc, default_code="model_load_failed"))
 
-    def _fail_all_queued(self, model: str, batch_key: str, error: dict) -> None:
+    def _fail_all_queued(self, pool: str, model: str, batch_key: str, error: dict) -> None:
         # claim_batch takes a job on a later attempt alone: go on until none is left.
         while True:
             with self.sessions.begin() as session:
-                batch = joblib.claim_batch(session, model=model, batch_key=batch_key, limit=1000,
+                batch = joblib.claim_batch(session, pool=pool, model=model, batch_key=batch_key, limit=1000,
                                            owner=self.owner, lease_seconds=self.settings.lease_seconds)
             if not batch:
                 return

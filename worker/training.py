@@ -22,14 +22,16 @@ from worker.runner import FINE_TUNE, BatchTracker, Row, Runner, error_for
 log = logging.getLogger(__name__)
 
 
-def train_one(runner: Runner, spec: ModelSpec) -> int:
-    """Claim one queued fine-tune of this base model and run it to the end, or
-    until a shutdown hands it back (from a checkpoint saved on the way out)."""
+def train_one(runner: Runner, spec: ModelSpec, pool: str, head: joblib.Head) -> int:
+    """Claim the pool's head, a fine-tune of this base model (or, if another
+    worker took it meanwhile, the next of its base model in line) and run it
+    to the end, or until a shutdown hands it back (from a checkpoint saved on
+    the way out)."""
     if runner.shutdown.requested:
         return 0
     with runner.sessions.begin() as session:
-        claimed = joblib.claim_batch(session, model=spec.name, batch_key=FINE_TUNE, limit=1, owner=runner.owner,
-                                     lease_seconds=runner.settings.lease_seconds)
+        claimed = joblib.claim_batch(session, pool=pool, first=head.id, model=spec.name, batch_key=FINE_TUNE, limit=1,
+                                     owner=runner.owner, lease_seconds=runner.settings.lease_seconds)
     if not claimed:
         return 0
     row = Row(claimed[0])

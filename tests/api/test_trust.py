@@ -9,6 +9,8 @@ import logging
 import secrets
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -100,6 +102,28 @@ def test_jobs_queued_or_running_at_once_are_capped(embedded_settings):
     assert "3 jobs queued or running" in over.get_json()["detail"]
     client.post(f"/v1/jobs/{ids[0]}/cancel", headers=headers)
     assert submit(client, headers).status_code == 202
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_concurrent_submits_never_pass_the_active_jobs_quota(embedded_settings, request, backend):
+    settings = embedded_settings.replace(max_active_jobs=5)
+    if backend == "postgres":
+        settings = settings.replace(database_url=request.getfixturevalue("pg_url"))
+    app = create_app(settings)
+    headers = make_key(settings, f"rush-{secrets.token_hex(3)}")
+    submitters = 24
+    start = threading.Barrier(submitters)
+
+    def one(_) -> int:
+        client = app.test_client()
+        start.wait(timeout=60)  # all at once: each check runs beside the others' inserts
+        return submit(client, headers).status_code
+
+    with ThreadPoolExecutor(submitters) as pool:
+        codes = list(pool.map(one, range(submitters)))
+    # No worker runs here, so none of the accepted jobs finishes: exactly the quota gets in.
+    assert sorted(codes) == [202] * 5 + [429] * (submitters - 5)
+    assert len(app.test_client().get("/v1/jobs?limit=100", headers=headers).get_json()["data"]) == 5
 
 
 @pytest.mark.parametrize("model, inp, field", [

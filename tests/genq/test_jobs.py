@@ -11,7 +11,7 @@ from genq import jobs as joblib
 from genq.db import make_engine, make_sessionmaker
 from genq.keys import get_or_create_tenant
 from genq.migrate import upgrade
-from genq.schema import Job, JobEvent
+from genq.schema import Job, JobEvent, WebhookDelivery
 from genq.states import JobStatus
 
 
@@ -36,14 +36,14 @@ def _fresh_model_name(monkeypatch):
 MODEL = {"name": "m"}
 
 
-def add_jobs(sessions, n, *, model=None, batch_key="k", priority=0, tenant="t") -> list[str]:
+def add_jobs(sessions, n, *, model=None, batch_key="k", priority=0, tenant="t", pool="p", webhook=None) -> list[str]:
     model = model or MODEL["name"]
     ids = []
     with sessions.begin() as s:
         t = get_or_create_tenant(s, f"{tenant}-{MODEL['name']}")
         for _ in range(n):
-            job = joblib.submit(s, tenant_id=t.id, type_="text-generation", model=model, pool="p", batch_key=batch_key,
-                                input_={}, priority=priority)
+            job = joblib.submit(s, tenant_id=t.id, type_="text-generation", model=model, pool=pool, batch_key=batch_key,
+                                input_={}, priority=priority, webhook=webhook)
             ids.append(job.id)
     return ids
 
@@ -201,3 +201,89 @@ def test_hand_back_requeues_without_counting_the_attempt_and_only_under_the_leas
         assert s.get(Job, b).status == "running"
     # Back to a first attempt: it batches again like any fresh job.
     assert claim(sessions, owner="w3") == [a]
+
+
+def own_pool() -> str:
+    # The Postgres database is shared by the run: a pool of the test's own has only its jobs in line.
+    return f"p-{MODEL['name']}"
+
+
+def run_pool(sessions, pool, limit=10) -> list[list[str]]:
+    """As a worker serves a pool: take the pool's first job in line, fill its
+    batch, and again, until the line is empty. Returns the batches in order."""
+    batches = []
+    while True:
+        with sessions() as s:
+            head = joblib.pool_head(s, pool)
+        if head is None:
+            return batches
+        with sessions.begin() as s:
+            batch = joblib.claim_batch(s, pool=pool, first=head.id, model=head.model, batch_key=head.batch_key,
+                                       limit=limit, owner="w", lease_seconds=30)
+        assert batch and batch[0].id == head.id, "a batch starts with the job first in line"
+        batches.append([j.id for j in batch])
+
+
+def test_the_pools_first_job_in_line_runs_first_whatever_its_model_or_batch_key(sessions):
+    pool = own_pool()
+    small = add_jobs(sessions, 2, batch_key="32x32", pool=pool)
+    large = add_jobs(sessions, 1, batch_key="64x64", priority=50, pool=pool)
+    other_model = add_jobs(sessions, 1, model=f"{MODEL['name']}-b", priority=10, pool=pool)
+    assert run_pool(sessions, pool) == [large, other_model, small]
+
+
+@pytest.mark.parametrize("limit", [10, 1])
+def test_priority_orders_a_tenants_own_jobs_and_tenants_take_turns(sessions, limit):
+    a = add_jobs(sessions, 3, priority=100, tenant="a")
+    b_low = add_jobs(sessions, 1, priority=0, tenant="b")
+    b_high = add_jobs(sessions, 1, priority=5, tenant="b")
+    c = add_jobs(sessions, 1, priority=-5, tenant="c")
+    # Each tenant's first job in line (by its own priority, then age), oldest
+    # first; then each one's second; and so on. Priority 100 jumps no one else.
+    line = [a[0], b_high[0], c[0], a[1], b_low[0], a[2]]
+    claimed = []
+    while batch := claim(sessions, limit=limit):
+        claimed += batch
+    assert claimed == line
+
+
+def test_a_batch_fills_with_the_next_jobs_in_line_that_share_its_model_and_batch_key(sessions):
+    pool = own_pool()
+    a = add_jobs(sessions, 3, priority=100, tenant="a", pool=pool)
+    b_other_key = add_jobs(sessions, 1, tenant="b", pool=pool, batch_key="other")
+    b = add_jobs(sessions, 2, tenant="b", pool=pool)
+    # a0 heads the line; its batch takes turns among the jobs that can share
+    # it: a0, b0, then a1. Both tenants last started a job at the same moment,
+    # so the older of their first jobs heads the line next: a2, then b1 with it.
+    assert run_pool(sessions, pool, limit=3) == [[a[0], b[0], a[1]], [a[2], b[1]], b_other_key]
+
+
+def test_a_batch_starts_with_the_pools_head_even_when_another_job_of_its_key_is_older(sessions):
+    pool = own_pool()
+    older_x = add_jobs(sessions, 1, batch_key="x", tenant="c", pool=pool)
+    head = add_jobs(sessions, 1, batch_key="x", tenant="h", pool=pool)
+    c_first = add_jobs(sessions, 1, batch_key="y", priority=10, tenant="c", pool=pool)
+    # c's first job in line is its y job, newer than h's: h's job heads the
+    # line, and c's older x job, c's second, does not take its place.
+    assert run_pool(sessions, pool, limit=1) == [head, c_first, older_x]
+
+
+@pytest.mark.parametrize("attempt", [1, 3])
+def test_a_cancel_requested_job_whose_lease_ran_out_ends_canceled(sessions, attempt):
+    [jid] = add_jobs(sessions, 1, webhook="https://hooks.example.com/genq")
+    claim(sessions, owner="w1")
+    with sessions.begin() as s:
+        # attempt 3 of 3: without the cancel, the requeue would fail it as attempts_exhausted.
+        s.execute(update(Job).where(Job.id == jid).values(attempts=attempt))
+        assert joblib.cancel(s, s.get(Job, jid)).cancel_requested
+    expire(sessions, [jid])
+    with sessions.begin() as s:
+        assert joblib.requeue_expired(s, ["p"]) == []
+    with sessions() as s:
+        job = s.get(Job, jid)
+        assert (job.status, job.lease_until, job.error) == ("canceled", None, None)
+        assert job.completed_at is not None
+        last = joblib.events(s, jid)[-1]
+        assert (last.type, last.data) == ("completed", {"status": "canceled"})
+        assert s.scalars(select(WebhookDelivery.event).where(WebhookDelivery.job_id == jid)).all() == ["completed"]
+    assert claim(sessions, owner="w2") == []
