@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +15,13 @@ from genq.keys import create_key
 from genq.settings import Settings
 
 TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+def free_port() -> int:
+    """A TCP port nothing on 127.0.0.1 listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_key(settings: Settings, tenant: str, role: str = "user") -> dict[str, str]:

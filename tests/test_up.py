@@ -20,39 +20,51 @@ from PIL import Image
 
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory, model_dir):
-    home = tmp_path_factory.mktemp("up") / "genq-home"  # made by genq up
-    # Only GENQ_HOME and the prebuilt demo checkpoints: every other setting is
-    # the embedded default a newcomer gets. No GENQ_DATABASE_URL, no broker URL.
-    # Port 0: genq up listens on a free port, and every URL it hands out names it.
+def start_up(home, model_dir, ready_lines: int = 1, **env_vars) -> dict:
+    """`genq up` as a newcomer runs it: only GENQ_HOME, the prebuilt demo
+    checkpoints and `env_vars`; every other setting is the embedded default (no
+    GENQ_DATABASE_URL, no broker URL). Port 0: it listens on a free port, and
+    every URL it hands out names it. Waits for `ready_lines` " ready." lines
+    (the model worker's, then the webhook sender's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    env.update(GENQ_HOME=str(home), GENQ_MODEL_DIR=str(model_dir), GENQ_API_PORT="0", PYTHONUNBUFFERED="1")
-    # The one exception: the tests' webhook receiver listens on 127.0.0.1, over http.
-    env.update(GENQ_WEBHOOK_ALLOW_HTTP="true", GENQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
+    env.update(GENQ_HOME=str(home), GENQ_MODEL_DIR=str(model_dir), GENQ_API_PORT="0", PYTHONUNBUFFERED="1", **env_vars)
     proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "up"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: deque[str] = deque(maxlen=3000)
-    seen_ready = threading.Event()
+    ready = threading.Semaphore(0)
 
     def read():
         for line in proc.stdout:
             lines.append(line.rstrip())
             if " ready." in line:
-                seen_ready.set()
+                ready.release()
 
     threading.Thread(target=read, daemon=True).start()
-    assert seen_ready.wait(180), "\n".join(lines)
+    for _ in range(ready_lines):
+        assert ready.acquire(timeout=180), "\n".join(lines)
     text = "\n".join(lines)
     url = re.search(r"API:\s+(http://\S+)", text).group(1)
     key = re.search(r"API key:\s+(gq_\S+)", text).group(1)
-    yield {"url": url, "headers": {"Authorization": f"Bearer {key}"}, "proc": proc, "home": home, "lines": lines}
+    return {"url": url, "headers": {"Authorization": f"Bearer {key}"}, "proc": proc, "home": home, "lines": lines}
+
+
+def stop_up(up: dict) -> None:
+    proc = up["proc"]
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory, model_dir):
+    home = tmp_path_factory.mktemp("up") / "genq-home"  # made by genq up
+    # The one exception to the defaults: the tests' webhook receiver listens on 127.0.0.1, over http.
+    started = start_up(home, model_dir, GENQ_WEBHOOK_ALLOW_HTTP="true", GENQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
+    yield started
+    stop_up(started)
 
 
 def wait(up, job_id: str, timeout: float = 60) -> dict:
@@ -165,41 +177,18 @@ def up_with_a_broken_model(tmp_path_factory, model_dir):
     import yaml
 
     from genq.settings import DEFAULT_REGISTRY
+    from tests.helpers import free_port
 
     home = tmp_path_factory.mktemp("up-broken-home")
     doc = yaml.safe_load(DEFAULT_REGISTRY.read_text())
     doc["models"]["broken-text"] = {**doc["models"]["demo-text"], "checkpoint": str(home / "no-such-checkpoint")}
     registry = home / "registry.yaml"
     registry.write_text(yaml.safe_dump(doc))
-    port, metrics_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    env.update(GENQ_HOME=str(home), GENQ_MODEL_DIR=str(model_dir), GENQ_API_PORT=str(port), PYTHONUNBUFFERED="1",
-               GENQ_REGISTRY=str(registry), GENQ_METRICS_PORT=str(metrics_port), GENQ_HEARTBEAT_INTERVAL="0.5")
-    proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "up"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: deque[str] = deque(maxlen=3000)
-    both_ready = threading.Semaphore(0)
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            if " ready." in line:
-                both_ready.release()
-
-    threading.Thread(target=read, daemon=True).start()
-    # The model worker and the webhook sender each say they are ready.
-    assert both_ready.acquire(timeout=180) and both_ready.acquire(timeout=60), "\n".join(lines)
-    text = "\n".join(lines)
-    url = re.search(r"API:\s+(http://\S+)", text).group(1)
-    key = re.search(r"API key:\s+(gq_\S+)", text).group(1)
-    yield {"url": url, "headers": {"Authorization": f"Bearer {key}"}, "proc": proc, "lines": lines,
-           "metrics_port": metrics_port}
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    metrics_port = free_port()
+    started = start_up(home, model_dir, ready_lines=2, GENQ_REGISTRY=str(registry),
+                       GENQ_METRICS_PORT=str(metrics_port), GENQ_HEARTBEAT_INTERVAL="0.5")
+    yield {**started, "metrics_port": metrics_port}
+    stop_up(started)
 
 
 def test_a_model_that_cannot_load_fails_its_jobs_and_the_rest_runs_on(up_with_a_broken_model):

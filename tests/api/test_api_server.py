@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from genq.keys import authenticate
 from genq.schema import Job
 from genq.settings import Settings
 from tests.conftest import REDIS_URL
-from tests.helpers import make_key
+from tests.helpers import free_port, make_key
 
 PROBLEM = "application/problem+json"
 # Each gunicorn worker runs THREADS threads, HELD of which may hold a stream or a
@@ -35,11 +34,6 @@ MANY = 12
 # Safety nets, not measurements: a loaded machine answers well within these.
 SAFETY = 45
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,9 @@ from genq.db import make_engine, make_sessionmaker
 from genq.schema import Job, JobEvent
 from genq.settings import Settings
 from genq.storage import make_storage
-from tests.helpers import TERMINAL, WorkerProcess
+from tests.helpers import TERMINAL, WorkerProcess, free_port
 from worker import executions
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

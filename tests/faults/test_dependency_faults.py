@@ -11,7 +11,7 @@ import time
 
 import pytest
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from genq.db import make_engine, make_sessionmaker

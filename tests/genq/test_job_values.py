@@ -9,27 +9,12 @@ import logging
 import math
 import uuid
 
-import pytest
 from sqlalchemy import select, text
 
 from genq import jobs as joblib
-from genq.db import make_engine, make_sessionmaker
 from genq.keys import get_or_create_tenant
-from genq.migrate import upgrade
 from genq.schema import JobEvent
 from genq.states import JobStatus
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def sessions(request, tmp_path):
-    if request.param == "postgres":
-        url = request.getfixturevalue("pg_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'jobs.db'}"
-        upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def running_job(sessions) -> str:

@@ -13,26 +13,12 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from genq import jobs as joblib
 from genq import webhook_secrets, webhooks
-from genq.db import make_engine, make_sessionmaker
 from genq.keys import get_or_create_tenant
-from genq.migrate import upgrade
 from genq.schema import Job, WebhookAttempt, WebhookDelivery, WebhookSecret, utcnow
 from genq.states import JobStatus
 from genq.webhooks import Outcome
 
 BACKOFF = (5.0, 300.0, 1800.0)
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def sessions(request, tmp_path):
-    if request.param == "postgres":
-        url = request.getfixturevalue("pg_url")
-    else:
-        url = f"sqlite:///{tmp_path / 'webhooks.db'}"
-        upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def add_job(sessions, events=None, webhook="https://hooks.example.com/h", tenant: str | None = None) -> str:

@@ -4,7 +4,6 @@ admin-only routes, and /metrics that parse and count the jobs run."""
 from __future__ import annotations
 
 import secrets
-import socket
 import time
 
 import pytest
@@ -19,16 +18,11 @@ from genq.db import make_engine, make_sessionmaker
 from genq.schema import Job, JobEvent
 from genq.settings import Settings
 from tests.conftest import REDIS_URL
-from tests.helpers import WorkerProcess, make_key, wait_job
+from tests.helpers import WorkerProcess, free_port, make_key, wait_job
 
 TEXT = {"prompt": "pools", "max_new_tokens": 4, "seed": 1}
 IMAGE = {"prompt": "a square", "width": 32, "height": 32, "num_inference_steps": 2, "seed": 1}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
