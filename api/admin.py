@@ -3,7 +3,7 @@ resume), workers (drain) and retrying failed jobs."""
 from __future__ import annotations
 
 from flask import Blueprint
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
 from api import serialize
@@ -12,12 +12,10 @@ from api.context import ctx
 from api.errors import ApiError
 from api.jobs import ID_RE, json_body, render
 from genq import pools as poollib
-from genq.errors import IllegalTransition
 from genq.keys import create_key, revoke
 from genq.queue import publish
 from genq.schema import ApiKey, Job, Tenant
 from genq.serialize import rfc3339
-from models.base import pydantic_errors
 
 bp = Blueprint("admin", __name__, url_prefix="/v1/admin")
 
@@ -46,11 +44,7 @@ def list_tenants():
 @bp.post("/keys")
 @require_admin
 def make_key():
-    try:
-        req = KeyCreate.model_validate(json_body(), strict=True)
-    except ValidationError as exc:
-        errors = pydantic_errors(exc, prefix="")
-        raise ApiError(422, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors) from None
+    req = KeyCreate.model_validate(json_body(), strict=True)
     with ctx().session() as session, session.begin():
         tenant, raw = create_key(session, req.tenant, req.role)
     # The only time the key is shown; it is stored as a hash.
@@ -149,9 +143,6 @@ def retry_job(job_id: str):
         job = session.get(Job, job_id) if ID_RE.match(job_id) else None
         if job is None:
             raise ApiError(404, f"no job {job_id!r}")
-        try:
-            job = poollib.retry(session, job)
-        except IllegalTransition as exc:
-            raise ApiError(409, str(exc)) from None
+        job = poollib.retry(session, job)
     publish(ctx().celery, job.id, job.pool)
     return render(job)

@@ -7,8 +7,9 @@ from api import admin, catalog, errors, files, health, jobs, metrics, openapi, p
 from api.context import Context
 from api.held import init_slots
 from api.limits import init_limiter, storage_uri
+from api.request_id import init_request_ids
 from api import webhooks as webhook_routes
-from genq import webhooks
+from genq import webhook_secrets, webhooks
 from genq.db import make_engine, make_sessionmaker
 from genq.queue import make_celery
 from genq.logs import configure as configure_logging
@@ -19,7 +20,7 @@ from models.registry import Registry
 
 def create_app(settings: Settings | None = None, **overrides) -> Flask:
     """Build the API. Tests pass `settings`, and may override collaborators
-    (registry, storage, celery) by keyword."""
+    (registry, storage, celery, sealer) by keyword."""
     settings = settings or Settings.from_env()
     configure_logging(settings)
     app = Flask(__name__, static_folder=None)
@@ -32,12 +33,16 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
         registry=overrides.get("registry") or Registry.load(settings.registry_path),
         storage=overrides.get("storage") or make_storage(settings),
         celery=overrides.get("celery") or make_celery(settings),
+        # Now, not on first use: an API that cannot open the webhook secrets must not start.
+        sealer=overrides.get("sealer") or webhook_secrets.Sealer.from_settings(settings),
     )
     context = app.extensions["genq"]
     # Deliveries the API enqueues (cancel, redeliver) ring the sender once committed.
     webhooks.ring_after_commit(context.sessions, context.celery, settings.webhook_queue)
     errors.register(app)
-    # First of all: a key in the URL is refused before the limiter looks the caller up.
+    # First of all: every request gets its id, for its log lines and its answer.
+    init_request_ids(app)
+    # Then a key in the URL is refused before the limiter looks the caller up.
     app.before_request(params.check_url_params)
     app.extensions["genq_limiter"] = init_limiter(app, settings)
     init_slots(app, settings, storage_uri(settings))

@@ -1,5 +1,6 @@
 """What the API's request handlers share: settings, sessions, registry, storage,
-the Celery app. Built once by the app factory and kept in app.extensions."""
+the Celery app, the webhook secrets' sealer. Built once by the app factory and
+kept in app.extensions."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from genq.settings import Settings
 from genq.storage import Storage
+from genq.webhook_secrets import Sealer
 from models.registry import Registry
 
 
@@ -22,6 +24,7 @@ class Context:
     registry: Registry
     storage: Storage
     celery: Celery
+    sealer: Sealer
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, json
+from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from genq.errors import IllegalTransition
 from genq.outage import RETRY_AFTER, unavailable
+from genq.webhooks import RedeliveryRefused
+from models.base import InputInvalid, pydantic_errors
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,24 @@ def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
         return problem(exc.status, exc.detail, errors=exc.errors, headers=exc.headers, type_=exc.type)
+
+    @app.errorhandler(InputInvalid)
+    def _input_invalid(exc: InputInvalid):
+        # A job input, a dataset or a fine-tune's workload, checked by models/.
+        return problem(422, str(exc), errors=exc.errors)
+
+    @app.errorhandler(ValidationError)
+    def _body_invalid(exc: ValidationError):
+        # A request body model (JobCreate, KeyCreate); model inputs are turned
+        # into InputInvalid with their "input." prefix before they get here.
+        errors = pydantic_errors(exc, prefix="")
+        return problem(422, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
+
+    @app.errorhandler(IllegalTransition)
+    @app.errorhandler(RedeliveryRefused)
+    def _conflict(exc: IllegalTransition | RedeliveryRefused):
+        # The request is well formed, the object's state refuses it.
+        return problem(409, exc.message)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

@@ -21,7 +21,6 @@ from api.errors import ApiError, invalid
 from api.jobs import ID_RE, page_args
 from api.limits import check_file_quota
 from genq.schema import File, new_id
-from models.base import InputInvalid
 from models.finetune import parse_dataset
 
 bp = Blueprint("files", __name__, url_prefix="/v1/files")
@@ -65,10 +64,7 @@ def upload():
     # under a lock below, where two concurrent uploads are told apart.
     with c.session() as session:
         check_file_quota(session, caller().tenant_id, len(data), c.settings)
-    try:
-        dataset = parse_dataset(data, max_rows=c.settings.max_dataset_rows)
-    except InputInvalid as exc:
-        raise ApiError(422, str(exc), errors=exc.errors) from None
+    dataset = parse_dataset(data, max_rows=c.settings.max_dataset_rows)
     file_id = new_id()
     key = f"files/{file_id}/content"
     # Stored before the row is committed: a row always has its content.

@@ -8,7 +8,7 @@ import time
 from typing import Literal
 
 from flask import Blueprint, Response, request, stream_with_context
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from api import held, idempotency, serialize
@@ -18,19 +18,17 @@ from api.errors import ApiError, invalid
 from api.limits import check_active_jobs
 from genq import catalog
 from genq import jobs as joblib
-from genq.errors import IllegalTransition
 from genq.schema import File, Job
 from genq.serialize import output_urls
-from genq.states import JobStatus
+from genq.states import JobStatus, JobType
 from genq.storage import NotFound, UnsafeKey, job_key
 from genq.webhook_guard import Policy, WebhookRefused, check_at_submit
 from models import finetune
-from models.base import InputInvalid, pydantic_errors
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
 EVENT_TYPES = ("start", "progress", "completed")
-FINE_TUNE = "fine-tune"
+FINE_TUNE = JobType.FINE_TUNE.value
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 EVENT_ID_RE = re.compile(r"^[0-9]{1,18}$")
 
@@ -164,11 +162,7 @@ def create_job():
     idem = idempotency.from_request("job", body)
     if idem is not None and (earlier := idem.earlier()) is not None:
         return respond(earlier, idempotency.REPLAYED)
-    try:
-        req = JobCreate.model_validate(body, strict=True)
-    except ValidationError as exc:
-        errors = pydantic_errors(exc, prefix="")
-        raise ApiError(422, "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors) from None
+    req = JobCreate.model_validate(body, strict=True)
     if req.type == FINE_TUNE:
         spec, inp, pool, batch_key = fine_tune_request(req)
     else:
@@ -181,10 +175,7 @@ def create_job():
             raise invalid("model", f"unknown model {req.model!r}; GET /v1/models lists them")
         if req.type is not None and req.type != spec.family:
             raise invalid("type", f"model {req.model!r} runs {spec.family!r} jobs, not {req.type!r}")
-        try:
-            inp = spec.validate(req.input)
-        except InputInvalid as exc:
-            raise ApiError(422, str(exc), errors=exc.errors) from None
+        inp = spec.validate(req.input)
         if getattr(inp, "seed", "absent") is None:
             # Record the seed we chose so the job can be reproduced exactly.
             inp = inp.model_copy(update={"seed": secrets.randbelow(2**32)})
@@ -240,10 +231,7 @@ def fine_tune_request(req: JobCreate):
         raise invalid("model", f"unknown base model {req.model!r}; fine-tune a model from GET /v1/models")
     if spec.family != "text-generation":
         raise invalid("model", f"only text-generation models can be fine-tuned; {req.model!r} is {spec.family!r}")
-    try:
-        inp = finetune.validate(req.input, spec.limits)
-    except InputInvalid as exc:
-        raise ApiError(422, str(exc), errors=exc.errors) from None
+    inp = finetune.validate(req.input, spec.limits)
     with c.session() as session:
         f = session.get(File, inp.training_file)
         if f is None or f.tenant_id != caller().tenant_id:
@@ -254,12 +242,9 @@ def fine_tune_request(req: JobCreate):
         if f.purpose != "fine-tune":
             raise invalid("input.training_file", f"file {f.id} has purpose {f.purpose!r}, not 'fine-tune'")
         rows = f.rows
-    try:
-        # The dataset's size is known from its upload: bound the whole run now, not after hours of it.
-        finetune.check_workload(inp, rows, spec.limits, max_train_steps=c.settings.max_train_steps,
-                                max_train_examples=c.settings.max_train_examples)
-    except InputInvalid as exc:
-        raise ApiError(422, str(exc), errors=exc.errors) from None
+    # The dataset's size is known from its upload: bound the whole run now, not after hours of it.
+    finetune.check_workload(inp, rows, spec.limits, max_train_steps=c.settings.max_train_steps,
+                            max_train_examples=c.settings.max_train_examples)
     # Never batched: one training job per claim, on the training pool.
     return spec, inp, c.settings.training_pool, FINE_TUNE
 
@@ -320,11 +305,7 @@ def list_jobs():
 @require_key
 def cancel_job(job_id: str):
     with ctx().session() as session, session.begin():
-        job = own_job(session, job_id)
-        try:
-            job = joblib.cancel(session, job)
-        except IllegalTransition as exc:
-            raise ApiError(409, str(exc)) from None
+        job = joblib.cancel(session, own_job(session, job_id))
     return render(job)
 
 

@@ -20,8 +20,8 @@ bp = Blueprint("webhooks", __name__, url_prefix="/v1")
 def get_secret():
     """The key that verifies this tenant's deliveries (made on first use)."""
     with ctx().session() as session, session.begin():
-        secret = webhook_secrets.current(session, caller().tenant_id)
-    return {"key": secret.secret}
+        secret = webhook_secrets.current(session, caller().tenant_id, ctx().sealer)
+    return {"key": secret}
 
 
 @bp.post("/webhooks/secret/rotate")
@@ -29,8 +29,9 @@ def get_secret():
 def rotate_secret():
     """A new key; the old one keeps signing beside it until `previous_key_expires_at`."""
     with ctx().session() as session, session.begin():
-        secret, until = webhook_secrets.rotate(session, caller().tenant_id, ctx().settings.webhook_secret_grace)
-    return {"key": secret.secret, "previous_key_expires_at": rfc3339(until)}
+        secret, until = webhook_secrets.rotate(session, caller().tenant_id, ctx().settings.webhook_secret_grace,
+                                               ctx().sealer)
+    return {"key": secret, "previous_key_expires_at": rfc3339(until)}
 
 
 def describe(d: WebhookDelivery, attempts: list[WebhookAttempt]) -> dict:
@@ -78,8 +79,5 @@ def redeliver(job_id: str, delivery_id: str):
         delivery = session.get(WebhookDelivery, delivery_id) if ID_RE.match(delivery_id) else None
         if delivery is None or delivery.job_id != job.id:
             raise ApiError(404, f"job {job_id} has no webhook delivery {delivery_id!r}")
-        try:
-            again = webhooks.redeliver(session, delivery, ctx().settings.webhook_max_redeliveries)
-        except webhooks.RedeliveryRefused as exc:
-            raise ApiError(409, exc.message) from None
+        again = webhooks.redeliver(session, delivery, ctx().settings.webhook_max_redeliveries)
     return describe(again, []), 202

@@ -299,7 +299,11 @@ def main() -> int:
         overrides = dict(home=home, registry_path=home / "registry.yaml", model_dir=model_dir, device="cpu",
                          progress_interval=1.0, log_level="WARNING", torch_threads=args.threads)
         if use_services:
-            overrides.update(database_url=pg, broker_url="redis://127.0.0.1:6379/0")
+            from cryptography.fernet import Fernet
+
+            # A shared database: the API seals webhook secrets with a configured key.
+            overrides.update(database_url=pg, broker_url="redis://127.0.0.1:6379/0",
+                             webhook_secret_keys=(Fernet.generate_key().decode(),))
         settings = Settings.from_env({}, **overrides)
         upgrade(settings.database_url)
         print(f"stack: {'Postgres + Redis' if use_services else 'SQLite + filesystem broker'}, local storage; "

@@ -2,8 +2,6 @@
 fine-tuned version that tenant owns (`<base>:ft-<suffix>-<id>`)."""
 from __future__ import annotations
 
-import dataclasses
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,11 +14,6 @@ def version_name(base: str, suffix: str, job_id: str) -> str:
     return f"{base}{FT_MARK}{suffix}-{job_id[-6:]}"
 
 
-def version_checkpoint(version: ModelVersion) -> str:
-    """How a worker finds a version's weights: method and storage prefix."""
-    return f"ft:{version.method}:{version.storage_prefix}"
-
-
 def version_spec(registry, version: ModelVersion):
     """The registry spec of the version's base, renamed and pointed at the
     version's weights; same family, pool, limits and batching. None if the
@@ -28,13 +21,8 @@ def version_spec(registry, version: ModelVersion):
     base = registry.get(version.base_model)
     if base is None:
         return None
-    return dataclasses.replace(
-        base,
-        name=version.name,
-        checkpoint=version_checkpoint(version),
-        base_checkpoint=base.checkpoint,
-        description=f"{version.method} fine-tune of {base.name} (job {version.job_id})",
-    )
+    return base.fine_tuned(version.name, version.method, version.storage_prefix,
+                           f"{version.method} fine-tune of {base.name} (job {version.job_id})")
 
 
 def resolve(session: Session, registry, name: str, tenant_id: str | None = None):

@@ -29,6 +29,14 @@ def private_sqlite_file(url: str) -> None:
         pass
 
 
+def redact(url: str) -> str:
+    """A database URL without its password, for printing."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database>"
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         private_sqlite_file(url)

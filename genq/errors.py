@@ -2,7 +2,7 @@
 
 Each carries a machine-readable `code` and a message a user can act on. The
 worker's runner is the one place that catches broadly and records them on the
-job; the API turns InputError into a 422 problem.
+job; the API answers IllegalTransition with 409.
 """
 from __future__ import annotations
 
@@ -23,31 +23,13 @@ class ConfigError(GenqError):
     code = "config_error"
 
 
-class InputError(GenqError):
-    """A request field is invalid. `errors` is a list of {"field", "message"}."""
-
-    code = "invalid_input"
-
-    def __init__(self, errors: list[dict[str, str]]):
-        self.errors = errors
-        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
-
-
-class UnknownModel(GenqError):
-    code = "unknown_model"
-
-
 class ModelError(GenqError):
     """Loading or running a model failed."""
 
     code = "model_error"
 
 
-class LeaseLost(GenqError):
-    """The worker no longer holds the job's lease; its write does not count."""
-
-    code = "lease_lost"
-
-
 class IllegalTransition(GenqError):
+    """A status change the state table (genq.states) does not allow."""
+
     code = "illegal_transition"

@@ -1,7 +1,8 @@
 """Job lifecycle on the record of truth: submit, claim under a lease, progress,
 cancel and finish. Plain functions over a Session; callers commit.
 
-Every status change is a conditional UPDATE (on the current status, and for a
+Every status change is made by `transition`: checked against the state table
+(genq.states), and a conditional UPDATE (on the current status, and for a
 worker on the lease it holds), so a stale or duplicate Celery message, or a
 worker whose lease has expired, changes nothing.
 """
@@ -12,7 +13,7 @@ import logging
 import math
 from typing import Any, Iterable, NamedTuple
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import Update, and_, func, select, update
 from sqlalchemy.orm import Session
 
 from genq import line, webhooks
@@ -21,6 +22,17 @@ from genq.schema import Job, JobEvent, utcnow
 from genq.states import JobStatus, check_transition
 
 log = logging.getLogger(__name__)
+
+
+def transition(current: JobStatus, new: JobStatus, *where, **values) -> Update:
+    """The one way a job's status changes. The state table must allow it
+    (genq.states.ALLOWED; IllegalTransition otherwise), and it is a
+    conditional UPDATE: on the current status, and on whatever else the
+    caller holds (`where`: the jobs, a worker's lease), so a change that lost
+    a race changes nothing. Returns the statement, for the caller to execute
+    (adding `.returning(...)` where it needs the rows)."""
+    check_transition(current, new)
+    return update(Job).where(Job.status == current.value, *where).values(status=new.value, **values)
 
 
 def record_event(session: Session, job_id: str, type_: str, data: dict | None = None, at: dt.datetime | None = None) -> None:
@@ -66,11 +78,8 @@ def cancel(session: Session, job: Job) -> Job:
     Terminal: IllegalTransition (the API answers 409)."""
     now = utcnow()
     if job.status == JobStatus.QUEUED.value:
-        done = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
-            .values(status=JobStatus.CANCELED.value, cancel_requested=True, completed_at=now, updated_at=now)
-        ).rowcount
+        done = session.execute(transition(JobStatus.QUEUED, JobStatus.CANCELED, Job.id == job.id,
+                                          cancel_requested=True, completed_at=now, updated_at=now)).rowcount
         if done:
             record_event(session, job.id, "completed", {"status": "canceled"}, at=now)
             session.flush()
@@ -102,6 +111,7 @@ class Head(NamedTuple):
     id: str
     model: str
     batch_key: str
+    type: str
 
 
 def pool_head(session: Session, pool: str) -> Head | None:
@@ -163,16 +173,9 @@ def claim_batch(
     # The claimed rows come back from the UPDATE itself: no second read.
     jobs = list(
         session.scalars(
-            update(Job)
-            .where(Job.id.in_(ids), Job.status == JobStatus.QUEUED.value)
-            .values(
-                status=JobStatus.RUNNING.value,
-                lease_owner=owner,
-                lease_until=now + dt.timedelta(seconds=lease_seconds),
-                attempts=Job.attempts + 1,
-                started_at=now,
-                updated_at=now,
-            )
+            transition(JobStatus.QUEUED, JobStatus.RUNNING, Job.id.in_(ids), lease_owner=owner,
+                       lease_until=now + dt.timedelta(seconds=lease_seconds), attempts=Job.attempts + 1,
+                       started_at=now, updated_at=now)
             .returning(Job)
             .execution_options(populate_existing=True, synchronize_session=False)
         )
@@ -203,20 +206,20 @@ def renew_leases(session: Session, job_ids: Iterable[str], owner: str, lease_sec
     return set(held)
 
 
-def hand_back(session: Session, job_ids: Iterable[str], owner: str, reason: str) -> list[str]:
-    """Running jobs this worker holds go back to the queue without counting the
-    attempt: the worker is shutting down, the job did nothing wrong. Returns
-    the ids handed back (those whose lease the worker still held)."""
+def hand_back(session: Session, job_ids: Iterable[str], owner: str, reason: str, counted: bool = False) -> list[str]:
+    """Running jobs this worker holds go back to the queue. By default without
+    counting the attempt: the worker is shutting down, the job did nothing
+    wrong. `counted` keeps the attempt (its outputs could not be stored), so
+    a job that keeps coming back ends after max_attempts; the caller fails it
+    on its last one rather than hand it back. Returns the ids handed back
+    (those whose lease the worker still held)."""
     ids = list(job_ids)
     if not ids:
         return []
-    check_transition(JobStatus.RUNNING, JobStatus.QUEUED)
     now = utcnow()
     back = list(session.scalars(
-        update(Job)
-        .where(Job.id.in_(ids), Job.status == JobStatus.RUNNING.value, Job.lease_owner == owner)
-        .values(status=JobStatus.QUEUED.value, lease_owner=None, lease_until=None, attempts=Job.attempts - 1,
-                updated_at=now)
+        transition(JobStatus.RUNNING, JobStatus.QUEUED, Job.id.in_(ids), Job.lease_owner == owner,
+                   lease_owner=None, lease_until=None, attempts=Job.attempts - (0 if counted else 1), updated_at=now)
         .returning(Job.id)
     ))
     for job_id in back:
@@ -284,13 +287,10 @@ def finish(
     `webhook=False` says the caller knows the job has no webhook (it is fixed
     at submit): the delivery check, a read of the whole row, is skipped, and
     the batch's events go to the database in one insert at the commit."""
-    check_transition(JobStatus.RUNNING, status)
     now = utcnow()
     output, error = json_safe(job_id, "output", output), json_safe(job_id, "error", error)
     metrics, progress = json_safe(job_id, "metrics", metrics), json_safe(job_id, "progress", progress)
-    values: dict[str, Any] = dict(
-        status=status.value, output=output, error=error, completed_at=now, updated_at=now, lease_until=None
-    )
+    values: dict[str, Any] = dict(output=output, error=error, completed_at=now, updated_at=now, lease_until=None)
     if metrics is not None:
         values["metrics"] = metrics
     if progress is not None:
@@ -301,7 +301,8 @@ def finish(
     # finish, so none needs synchronising with the update.
     with session.no_autoflush:
         done = session.execute(
-            update(Job).where(_held(job_id, owner)).values(**values).execution_options(synchronize_session=False)
+            transition(JobStatus.RUNNING, status, Job.id == job_id, Job.lease_owner == owner, **values)
+            .execution_options(synchronize_session=False)
         ).rowcount
     if done:
         if output is not None:
@@ -346,24 +347,61 @@ def requeue_expired(session: Session, pools: list[str], now: dt.datetime | None 
     ).all()
     requeued = []
     for job_id, pool, attempts, max_attempts, owner, cancel in expired:
-        still = and_(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.lease_until < now)
+        still = (Job.id == job_id, Job.lease_until < now)
         if cancel:
             # Its owner asked to stop it and nothing runs it any more: it ends
             # canceled, as a cancel the worker saw would have ended it.
-            if session.execute(update(Job).where(still).values(
-                    status=JobStatus.CANCELED.value, completed_at=now, updated_at=now, lease_until=None)).rowcount:
+            if session.execute(transition(JobStatus.RUNNING, JobStatus.CANCELED, *still,
+                                          completed_at=now, updated_at=now, lease_until=None)).rowcount:
                 record_event(session, job_id, "completed", {"status": JobStatus.CANCELED.value}, at=now)
                 webhooks.enqueue(session, job_id, "completed", now=now)
         elif attempts >= max_attempts:
             error = {"code": "attempts_exhausted",
                      "message": f"the job's worker stopped responding on each of {attempts} attempts; "
                                 "it may be crashing the worker, so it was not retried again"}
-            if session.execute(update(Job).where(still).values(
-                    status=JobStatus.FAILED.value, error=error, completed_at=now, updated_at=now, lease_until=None)).rowcount:
+            if session.execute(transition(JobStatus.RUNNING, JobStatus.FAILED, *still,
+                                          error=error, completed_at=now, updated_at=now, lease_until=None)).rowcount:
                 record_event(session, job_id, "completed", {"status": "failed", "error": error, "worker": owner}, at=now)
                 webhooks.enqueue(session, job_id, "completed", now=now)
-        elif session.execute(update(Job).where(still).values(
-                status=JobStatus.QUEUED.value, lease_owner=None, lease_until=None, updated_at=now)).rowcount:
+        elif session.execute(transition(JobStatus.RUNNING, JobStatus.QUEUED, *still,
+                                        lease_owner=None, lease_until=None, updated_at=now)).rowcount:
             record_event(session, job_id, "log", {"message": "its worker stopped responding (lease expired); queued again", "attempt": attempts, "worker": owner}, at=now)
             requeued.append((job_id, pool))
     return requeued
+
+
+def node_process(lease_owner: str) -> tuple[str, int] | None:
+    """(host, pid) of the worker process a lease owner names, when its worker
+    name is a `genq worker` node name: "<pools>.<pid>@<host>:<pid>:<random>"
+    (the second pid is a prefork child's). None for any other owner."""
+    node = lease_owner.rsplit(":", 2)[0]
+    name, at, host = node.rpartition("@")
+    pid = name.rpartition(".")[2]
+    return (host, int(pid)) if at and pid.isdigit() else None
+
+
+def requeue_dead_worker(session: Session, host: str, pid: int, now: dt.datetime | None = None) -> list[tuple[str, str]]:
+    """The running jobs of the `genq worker` process `pid` on `host`, known to
+    be dead (its parent reaped it), are taken back now instead of when their
+    leases lapse: the leases end at once and requeue_expired's rules apply
+    (the attempt counts; past max_attempts the job fails, a cancel asked for
+    ends it canceled). Returns (job id, pool) of every job queued again, these
+    and any other of their pools' jobs whose lease had lapsed, to ring for.
+    Only for a process known dead: a live one would lose its jobs' leases."""
+    now = now or utcnow()
+    # The LIKE narrows the search; node_process decides (an `_` in a host name matches any character).
+    candidates = session.execute(
+        select(Job.id, Job.pool, Job.lease_owner)
+        .where(Job.status == JobStatus.RUNNING.value, Job.lease_owner.like(f"%.{pid}@{host}:%"))
+    ).all()
+    dead = [(job_id, pool) for job_id, pool, owner in candidates if node_process(owner) == (host, pid)]
+    if not dead:
+        return []
+    ended = now - dt.timedelta(microseconds=1)
+    for job_id, _ in dead:
+        if session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+                           .values(lease_until=ended)).rowcount:
+            # The worker's name in "worker", which tenants are never shown (api/serialize.py).
+            record_event(session, job_id, "log", {"message": "its worker process died; its lease ended at once",
+                                                  "worker": f"pid {pid} on {host}"}, at=now)
+    return requeue_expired(session, sorted({pool for _, pool in dead}), now=now)

@@ -44,7 +44,7 @@ Claimable = Callable[[Table], list]
 
 
 def head(session: Session, pool: str) -> Row | None:
-    """(id, model, batch_key) of the pool's first job in line, or None."""
+    """(id, model, batch_key, type) of the pool's first job in line, or None."""
     _without_jit(session)
     return session.execute(_head(), {"pool": pool, "passed_over": []}).first()
 
@@ -142,7 +142,7 @@ def _firsts(claimable: Claimable, in_pool: Callable):
 def _head() -> Select:
     firsts = _firsts(_claimable(pool=True, model=False), lambda _: bindparam("pool"))
     return (select(firsts.c.id, _column("model", firsts.c.id).label("model"),
-                   _column("batch_key", firsts.c.id).label("batch_key"))
+                   _column("batch_key", firsts.c.id).label("batch_key"), _column("type", firsts.c.id).label("type"))
             .order_by(firsts.c.last_start.asc().nulls_first(), _column("created_at", firsts.c.id).asc(),
                       firsts.c.id.asc())
             .limit(1))

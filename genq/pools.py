@@ -12,11 +12,11 @@ import os
 import socket
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from genq.errors import IllegalTransition
-from genq.jobs import queued_heads, record_event
+from genq.jobs import queued_heads, record_event, transition
 from genq.schema import Job, Pool, Worker, utcnow
 from genq.states import JobStatus
 
@@ -87,12 +87,10 @@ def retry(session: Session, job: Job, now: dt.datetime | None = None) -> Job:
     """A failed job goes back to the queue with a fresh set of attempts; the
     caller rings its doorbell after the commit."""
     now = now or utcnow()
-    done = session.execute(
-        update(Job).where(Job.id == job.id, Job.status == JobStatus.FAILED.value)
-        .values(status=JobStatus.QUEUED.value, attempts=0, error=None, output=None, progress=None,
-                lease_owner=None, lease_until=None, started_at=None, completed_at=None, cancel_requested=False,
-                updated_at=now)
-    ).rowcount
+    done = session.execute(transition(
+        JobStatus.FAILED, JobStatus.QUEUED, Job.id == job.id, attempts=0, error=None, output=None, progress=None,
+        lease_owner=None, lease_until=None, started_at=None, completed_at=None, cancel_requested=False, updated_at=now,
+    )).rowcount
     if not done:
         raise IllegalTransition(f"job {job.id} is {job.status}; only a failed job can be retried")
     record_event(session, job.id, "queued", {"retry": True}, at=now)

@@ -20,7 +20,11 @@ DELIVER_TASK = "genq.deliver_webhook"
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("genq", broker=settings.broker_url)
+    broker = settings.broker_url
+    if broker == "filesystem://":
+        # The host kombu assumes anyway, named so that it does not warn about it on every connection.
+        broker = "filesystem://localhost/"
+    app = Celery("genq", broker=broker)
     transport_options: dict = {}
     if settings.embedded_broker:
         # Kombu's filesystem transport: messages are files in a shared folder,

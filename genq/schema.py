@@ -216,8 +216,10 @@ class WebhookSecret(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    # "whsec_" + base64 of 32 random bytes. Kept as is: signing needs the key itself.
-    secret: Mapped[str] = mapped_column(String(100))
+    # The secret ("whsec_" + base64 of 32 random bytes) sealed by
+    # genq.webhook_secrets.Sealer: signing needs the secret itself, so it
+    # cannot be hashed, and the key that opens it is not in the database.
+    sealed: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[dt.datetime | None] = mapped_column(default=None)
 

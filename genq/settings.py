@@ -1,328 +1,337 @@
 """Every knob genq has, read from GENQ_* environment variables in one place.
 
-Unset variables fall back to the embedded default: a SQLite file, a local
-storage folder and a filesystem broker under GENQ_HOME, so `genq up` runs on a
-machine with no services. Nothing else in the code base reads os.environ.
+Each knob is one field below: its type, its default, and its description,
+which is also its row in the README's settings table (`python -m genq.settings
+--markdown` writes it). Unset variables fall back to the embedded default: a
+SQLite file, a local storage folder and a filesystem broker under GENQ_HOME, so
+`genq up` runs on a machine with no services. Nothing else in the code base
+reads os.environ.
+
+A plain pydantic model rather than pydantic-settings: `from_env` reads the
+mapping it is handed (tests pass their own), lists are comma-separated rather
+than JSON, and misspelt names must be refused. pydantic-settings reads
+os.environ itself, decodes lists as JSON and ignores unknown variables, so each
+would be worked around; the one loop in `from_env` is all it would replace.
 """
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import os
-from dataclasses import dataclass
+import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Literal, Mapping
+
+from cryptography.fernet import Fernet
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genq.errors import ConfigError
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "registry.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REGISTRY = ROOT / "models" / "registry.yaml"
+README = ROOT / "README.md"
 # A presigned URL (signature version 4) is valid for at most 7 days.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
+# Defaults under GENQ_HOME are written with this placeholder and filled in once home is known.
+HOME = "$GENQ_HOME"
+
+# GENQ_* variables that are not settings, so they are not refused as misspelt:
+# the worker image's pool, read by its start command's shell (infra/Dockerfile.worker),
+# and the tests' and benchmarks' own knobs (GENQ_TEST_PG_URL, GENQ_BENCH_PG_URL...).
+NOT_SETTINGS = ("GENQ_POOL",)
+NOT_SETTING_PREFIXES = ("GENQ_TEST_", "GENQ_BENCH_")
+
+# The README table's sections, in this order.
+PLACES = "Where things are"
+WORKERS = "Workers"
+RECOVERY = "Recovery"
+API = "API"
+LIMITS = "Files and fine-tuning"
+WEBHOOKS = "Webhook sending"
+OBSERVING = "Logs and metrics"
 
 
-def _home(env: Mapping[str, str]) -> Path:
-    return Path(env.get("GENQ_HOME") or Path.home() / ".genq").expanduser().resolve()
+def knob(default: Any, section: str, about: str, *, env: str | None = None, shown: str | None = None,
+         secret: bool = False, empty_is_a_value: bool = False) -> Any:
+    """One setting: its default, the README section it is listed in, and what
+    it does. `env` names a variable other than GENQ_<FIELD>; `shown` is the
+    default as the README writes it; a `secret` is never echoed in an error or
+    a repr; `empty_is_a_value` keeps an empty variable as "" (otherwise empty
+    means the default)."""
+    extra = {"section": section, "env": env, "shown": shown, "secret": secret, "empty_is_a_value": empty_is_a_value}
+    return Field(default, description=about, repr=not secret, json_schema_extra=extra)
 
 
-@dataclass(frozen=True)
-class Settings:
-    # Where the embedded default keeps its database, broker folders, storage and demo checkpoints.
-    home: Path
-    # SQLAlchemy URL of the record of truth: Postgres in production, SQLite embedded.
-    database_url: str
-    # Celery broker: redis://... in production, filesystem:// embedded (no server needed).
-    broker_url: str
-    # s3://bucket[/prefix] for any S3 endpoint, or file:///dir for a local folder.
-    storage_url: str
-    # S3 endpoint for MinIO / moto / other S3-compatibles; None means AWS itself.
-    s3_endpoint_url: str | None = None
-    s3_region: str = "us-east-1"
-    # Explicit S3 credentials; None lets boto3 find them (instance role, ~/.aws, ...).
-    s3_access_key_id: str | None = None
-    s3_secret_access_key: str | None = None
-    # How long a presigned output URL stays valid (seconds): 1 to 604800, the
-    # 7 days S3's signature version 4 allows at most.
-    presign_seconds: int = 3600
-    # The model registry: which models exist, their family, checkpoint, pool and limits.
-    registry_path: Path = DEFAULT_REGISTRY
-    # Where demo checkpoints are built and remote checkpoints are cached.
-    model_dir: Path = Path(".")
-    # torch device for workers: "cpu", "cuda", "cuda:1", or "auto" (cuda when present).
-    device: str = "auto"
-    # Threads a worker process gives torch for work on the CPU; 0 keeps torch's
-    # default (one per core). A CPU worker sharing its cores with the API, the
-    # database or other workers runs steadier with fewer: torch's threads wait
-    # for each other at every operation, so one preempted thread stalls them all.
-    torch_threads: int = 0
-    # Memory a worker process may spend on loaded models before evicting the
-    # least recently used one (bytes of parameters and buffers).
-    model_cache_bytes: int = 8 * 2**30
-    # A claimed job belongs to its worker until now + lease_seconds; renewed while it runs.
-    lease_seconds: int = 120
-    # Attempts before a job whose worker keeps disappearing is failed.
-    max_attempts: int = 3
-    # Progress is written to the database at most this often per job (seconds).
-    progress_interval: float = 1.0
-    # Cancel requests are read from the database at most this often per batch (seconds).
-    cancel_poll_interval: float = 0.5
-    # The pool (Celery queue) fine-tune jobs run on, one job per worker process.
-    training_pool: str = "training"
-    # A fine-tune saves a resumable checkpoint to storage every this many steps.
-    checkpoint_every: int = 50
-    # Largest file POST /v1/files accepts (bytes) and most rows in a dataset.
-    max_file_bytes: int = 50 * 2**20
-    max_dataset_rows: int = 100_000
-    # Bytes of uploaded files a tenant may have stored in all (0 = no limit).
-    # Outputs need no quota of their own: they are bounded by each model's
-    # input limits and the active-jobs quota.
-    max_tenant_file_bytes: int = 2**30
-    # The most work one fine-tune may ask for, where its base model's registry
-    # entry sets no `max_train_steps` / `max_train_examples` (0 = no limit):
-    # optimizer steps, and examples trained on (rows × epochs, or what
-    # max_steps leaves of that). 10,000 steps is over a hundred times what the
-    # demo needs to learn a phrase, yet a bound on how long one job holds a
-    # training worker; 200,000 examples is the largest dataset accepted
-    # (max_dataset_rows) for two epochs. Raise them per model in the registry.
-    max_train_steps: int = 10_000
-    max_train_examples: int = 200_000
-    # Workers look for jobs whose lease expired (a killed worker) this often (seconds).
-    reconcile_interval: float = 30.0
-    # Requests per tenant (flask-limiter syntax, e.g. "1200/minute"); empty turns it off.
-    rate_limit: str = "1200/minute"
-    # Where request counts live; empty = the broker's Redis, or memory when embedded.
-    ratelimit_storage_url: str = ""
-    # Jobs a tenant may have queued or running at once (0 = no limit).
-    max_active_jobs: int = 200
-    # After SIGTERM a worker claims nothing new and gives its batch this long to
-    # finish (seconds); then the batch's jobs are handed back to the queue at
-    # their next step, without counting an attempt. Keep it below the
-    # orchestrator's grace period (Compose's stop_grace_period, Kubernetes'
-    # terminationGracePeriodSeconds) by 10 s (see shutdown_deadline).
-    shutdown_timeout: float = 240.0
-    # An unacknowledged Redis message is delivered again after this long
-    # (seconds). Keep it above the longest job: a redelivery is harmless (the
-    # job row decides), but each one wakes a worker for nothing.
-    broker_visibility_timeout: float = 6 * 3600
-    # How often a worker looks for unacknowledged messages older than the
-    # visibility timeout to put back (seconds; kombu's default is about 100).
-    broker_restore_interval: float = 100.0
-    # Idempotency-Key records are kept at least this long (seconds), then purged.
-    idempotency_ttl: int = 24 * 3600
-    # When set, workers append one JSON line per job execution (start and end,
-    # worker, attempt) to this file: an audit trail of what actually ran where.
-    execution_log: Path | None = None
-    # Largest request body the API accepts; bigger is 413.
-    max_body_bytes: int = 1_048_576
-    # Longest `Prefer: wait=N` the API honours (seconds).
-    max_prefer_wait: int = 60
-    # Where `genq up` / `genq api` listen.
-    api_host: str = "127.0.0.1"
-    api_port: int = 8000
-    # gunicorn worker processes `genq api` starts (its --workers overrides), and
-    # threads in each: every request holds one thread while it is served.
-    api_workers: int = 2
-    api_threads: int = 8
-    # Threads per API process that long-held requests (event streams, honoured
-    # `Prefer: wait`) may take at once; the rest always serve short requests.
-    # None = half of api_threads. Past it a stream is 503, a wait is not honoured.
-    api_held_threads: int | None = None
-    # Long-held requests one tenant may have open at once, across every API
-    # process (counted in the rate limiter's Redis); 0 = no per-tenant cap.
-    # Past it a stream is 429, a wait is not honoured.
-    max_held_requests: int = 4
-    # An event stream ends after this long (seconds); the client reconnects
-    # with Last-Event-ID and misses nothing. Frees its slot for others meanwhile.
-    event_stream_seconds: int = 300
-    # Log level for every process.
-    log_level: str = "INFO"
-    # "text" for people at a terminal; "json" for a log pipeline: one object a
-    # line, with the job id on every line about a job.
-    log_format: str = "text"
-    # Port a worker serves Prometheus /metrics on (0 = off). The API serves its
-    # own at /metrics on the API port.
-    metrics_port: int = 0
-    # The API's job gauges are read from the database at most once per this
-    # many seconds per process (0 = on every scrape): a scrape storm costs one query.
-    metrics_cache_seconds: float = 5.0
-    # When set, the API's /metrics needs `Authorization: Bearer <this>`.
-    metrics_token: str | None = None
-    # Set by `genq worker` to its Celery node name (the -n value), the name
-    # /v1/admin/workers lists and drains; empty outside a worker.
-    worker_name: str = ""
-    # A worker writes "still alive" to the database this often (seconds); one
-    # silent for three intervals is listed as gone.
-    heartbeat_interval: float = 5.0
-    # Base URL the API is reached at from outside, for URLs inside webhook
-    # payloads (local-storage outputs); None means http://{api_host}:{api_port}.
-    public_url: str | None = None
-    # Celery queue the webhook sender consumes: `genq worker --pool webhooks`.
-    webhook_queue: str = "webhooks"
-    # One POST may wait this long to connect and as long again for the answer (seconds).
-    webhook_timeout: float = 15.0
-    # Waits before each retry of a failed delivery (seconds), jittered by ±20%.
-    # The Standard Webhooks schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h,
-    # so eight attempts over about 27.6 hours before a delivery is marked failed.
-    webhook_backoff: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
-    # After a secret is rotated, the old one keeps signing beside the new one this long (seconds).
-    webhook_secret_grace: int = 24 * 3600
-    # The sender looks for due retries and deliveries whose message was lost this often (seconds).
-    webhook_sweep_interval: float = 1.0
-    # Webhook URLs must be https; true lets http:// through too (local use only).
-    webhook_allow_http: bool = False
-    # True turns off the address check for every host: only for a deployment
-    # whose receivers all sit on a private network the operator trusts.
-    webhook_allow_private: bool = False
-    # Hosts, exactly as written in the URL, exempt from the address check
-    # (e.g. "127.0.0.1" for a receiver on this machine). Comma-separated in the env.
-    webhook_allowed_hosts: tuple[str, ...] = ()
-    # Deliveries of one tenant being posted at once, across every sender. Keep
-    # it below the sender's threads (8): a tenant whose receiver hangs then
-    # holds only this many, and the other tenants' deliveries go on.
-    webhook_tenant_concurrency: int = 4
-    # Times a job's events may be sent again on request (each one a new
-    # schedule of up to eight POSTs); past it, redeliver answers 409.
-    webhook_max_redeliveries: int = 10
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # ---- where things are
+    home: Path = knob(Path.home() / ".genq", PLACES, "Where the embedded default keeps its database, broker "
+                      "folders, storage, demo checkpoints, API key and webhook key.", shown="`~/.genq`")
+    database_url: str = knob(f"sqlite:///{HOME}/genq.db", PLACES, "SQLAlchemy URL of the record of truth: "
+                             "Postgres in production (`postgresql+psycopg://user@host/genq`), SQLite embedded.")
+    broker_url: str = knob("filesystem://", PLACES, "Celery broker: `redis://host:6379/0` in production; "
+                           "`filesystem://` (files under `$GENQ_HOME/broker`, no server) embedded.")
+    storage_url: str = knob(f"file://{HOME}/storage", PLACES,
+                            "Where outputs and uploads go: `s3://bucket[/prefix]` for any S3 endpoint, or "
+                            "`file:///dir` for a local folder.")
+    s3_endpoint_url: str | None = knob(None, PLACES, "S3 endpoint for MinIO, moto or another S3-compatible "
+                                       "store; unset means AWS itself.")
+    s3_region: str = knob("us-east-1", PLACES, "S3 region.")
+    s3_access_key_id: str | None = knob(None, PLACES, "S3 credentials; unset lets boto3 find them "
+                                        "(instance role, `~/.aws`, ...).")
+    s3_secret_access_key: str | None = knob(None, PLACES, "The secret half of the S3 credentials.", secret=True)
+    presign_seconds: int = knob(3600, PLACES, "How long a presigned output URL stays valid (seconds): 1 to "
+                                "604800, the 7 days S3's signature version 4 allows at most.")
+    registry_path: Path = knob(DEFAULT_REGISTRY, PLACES, "The model registry: which models exist, their family, "
+                               "checkpoint, pool and limits (see [Models](#models)).",
+                               env="GENQ_REGISTRY", shown="`models/registry.yaml`")
+    model_dir: Path = knob(Path(f"{HOME}/models"), PLACES, "Where demo checkpoints are built and fine-tuned "
+                           "versions are cached.")
+
+    # ---- workers
+    device: str = knob("auto", WORKERS, "torch device for workers: `cpu`, `cuda`, `cuda:1`; `auto` picks CUDA "
+                       "when present.")
+    torch_threads: int = knob(0, WORKERS, "Threads a worker process gives torch for work on the CPU; 0 keeps "
+                              "torch's default (one per core). A CPU worker sharing its cores with the API, the "
+                              "database or other workers runs steadier with fewer: torch's threads wait for each "
+                              "other at every operation, so one preempted thread stalls them all.")
+    model_cache_bytes: int = knob(8 * 2**30, WORKERS, "Memory a worker process may spend on loaded models "
+                                  "(parameters and buffers) before evicting the least recently used one.")
+    lease_seconds: int = knob(120, WORKERS, "A claimed job belongs to its worker for this long (seconds), "
+                              "renewed while it runs; a killed worker's jobs go back to the queue once it lapses.")
+    max_attempts: int = knob(3, WORKERS, "Attempts before a job whose worker keeps disappearing is failed "
+                             "(`attempts_exhausted`).")
+    progress_interval: float = knob(1.0, WORKERS, "Progress is written to the database at most this often per "
+                                    "job (seconds).")
+    cancel_poll_interval: float = knob(0.5, WORKERS, "A running batch reads cancel requests at most this often "
+                                       "(seconds).")
+    heartbeat_interval: float = knob(5.0, WORKERS, "A worker writes \"still alive\" to the database this often "
+                                     "(seconds); one silent for three intervals is listed as gone "
+                                     "(see [Operators](#operators)).")
+    worker_name: str = knob("", WORKERS, "Set by `genq worker` to its Celery node name, the name heartbeats, "
+                            "lease owners and `/v1/admin/workers` use; not for setting by hand.",
+                            shown="set by `genq worker`")
+
+    # ---- recovery
+    reconcile_interval: float = knob(30.0, RECOVERY, "Seconds between the reconciler's rounds: expired leases "
+                                     "(a killed worker), lost doorbells, old idempotency keys.")
+    shutdown_timeout: float = knob(240.0, RECOVERY, "After SIGTERM a worker claims nothing new and gives its "
+                                   "batch this long to finish (seconds); then the batch's jobs are handed back to "
+                                   "the queue at their next step, without counting an attempt. Keep it 10 s below "
+                                   "the orchestrator's grace period (Compose's `stop_grace_period`, Kubernetes' "
+                                   "`terminationGracePeriodSeconds`).")
+    broker_visibility_timeout: float = knob(6 * 3600.0, RECOVERY, "Seconds before Redis hands an unacknowledged "
+                                            "message out again. Keep it above the longest job: a redelivery is "
+                                            "harmless (the job row decides), but each one wakes a worker for nothing.")
+    broker_restore_interval: float = knob(100.0, RECOVERY, "Seconds between a worker's sweeps for unacknowledged "
+                                          "messages older than the visibility timeout.")
+    idempotency_ttl: int = knob(24 * 3600, RECOVERY, "Seconds an `Idempotency-Key` record is kept at least, "
+                                "then purged.")
+    execution_log: Path | None = knob(None, RECOVERY, "A file workers append one JSON line to when a job starts "
+                                      "and stops executing (worker, attempt, time): evidence of what ran where.")
+
+    # ---- API
+    api_host: str = knob("127.0.0.1", API, "Where `genq up` and `genq api` listen.")
+    api_port: int = knob(8000, API, "The port they listen on.")
+    api_workers: int = knob(2, API, "gunicorn processes `genq api` starts (its `--workers` overrides).")
+    api_threads: int = knob(8, API, "Threads in each API process; a request holds one while it is served.")
+    api_held_threads: int | None = knob(None, API, "Threads per API process that long-held requests (event "
+                                        "streams, honoured `Prefer: wait`) may take at once; the rest always serve "
+                                        "short requests. Past it a stream is 503 and a wait is not honoured.",
+                                        shown="half of `GENQ_API_THREADS`")
+    max_held_requests: int = knob(4, API, "Long-held requests one tenant may have open at once, across every API "
+                                  "process (counted in the rate limiter's Redis); 0 = no cap. Past it a stream is "
+                                  "429 and a wait is not honoured.")
+    event_stream_seconds: int = knob(300, API, "An event stream ends after this long (seconds); the client "
+                                     "reconnects with `Last-Event-ID` and misses nothing.")
+    max_body_bytes: int = knob(1_048_576, API, "Largest request body the API accepts; bigger is 413.")
+    max_prefer_wait: int = knob(60, API, "Longest `Prefer: wait=N` the API honours (seconds).")
+    public_url: str | None = knob(None, API, "The API's address as clients see it, for every output URL it hands "
+                                  "out (answers and webhook payloads; never the request's `Host` header). Set it "
+                                  "when clients reach the API through another address (a proxy, a container's "
+                                  "published port). Unset, `genq up` and `genq api --bind` use the port they "
+                                  "listen on.", shown="`http://$GENQ_API_HOST:$GENQ_API_PORT`")
+    rate_limit: str = knob("1200/minute", API, "Requests per tenant, in flask-limiter's syntax; empty turns it off.",
+                           empty_is_a_value=True)
+    ratelimit_storage_url: str = knob("", API, "Where request counts live; empty means the broker's Redis, or "
+                                      "memory when embedded.")
+    max_active_jobs: int = knob(200, API, "Jobs a tenant may have queued or running at once (0 = no limit).")
+
+    # ---- files and fine-tuning
+    max_file_bytes: int = knob(50 * 2**20, LIMITS, "Largest file `POST /v1/files` accepts.")
+    max_dataset_rows: int = knob(100_000, LIMITS, "Most rows in a dataset.")
+    max_tenant_file_bytes: int = knob(2**30, LIMITS, "Bytes of uploaded files a tenant may have stored in all "
+                                      "(0 = no limit). Outputs need no quota of their own: they are bounded by each "
+                                      "model's input limits and the active-jobs quota.")
+    training_pool: str = knob("training", LIMITS, "The pool (Celery queue) fine-tunes run on, one job per worker "
+                              "process.")
+    checkpoint_every: int = knob(50, LIMITS, "A fine-tune saves a resumable checkpoint to storage every this many "
+                                 "steps.")
+    max_train_steps: int = knob(10_000, LIMITS, "The most optimizer steps one fine-tune may take where its base "
+                                "model's registry `limits` set no `max_train_steps` (0 = no limit): over a hundred "
+                                "times what the demo needs to learn a phrase, yet a bound on how long one job holds "
+                                "a training worker (see [Fine-tuning](#fine-tuning)).")
+    max_train_examples: int = knob(200_000, LIMITS, "The most examples (rows × epochs) one fine-tune may train on "
+                                   "where the registry sets no `max_train_examples` (0 = no limit): the largest "
+                                   "dataset accepted, twice.")
+
+    # ---- webhook sending
+    webhook_queue: str = knob("webhooks", WEBHOOKS, "The Celery queue the webhook sender consumes: "
+                              "`genq worker --pool webhooks`.")
+    webhook_timeout: float = knob(15.0, WEBHOOKS, "One POST may wait this long to connect and as long again for "
+                                  "the answer (seconds).")
+    webhook_backoff: tuple[float, ...] = knob(
+        (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0), WEBHOOKS,
+        "Seconds before each retry of a failed delivery, jittered by ±20%, comma-separated. The Standard Webhooks "
+        "schedule: eight attempts over about 27.6 hours before a delivery is marked failed.")
+    webhook_secret_grace: int = knob(24 * 3600, WEBHOOKS, "After a secret is rotated, the old one keeps signing "
+                                     "beside the new one this long (seconds).")
+    webhook_secret_keys: tuple[str, ...] = knob(
+        (), WEBHOOKS, "Keys that encrypt the tenants' webhook signing secrets in the database (Fernet keys, "
+        "comma-separated; make one with `python -m genq.webhook_secrets new-key`). The first encrypts, every one "
+        "decrypts: to rotate, put a new key first, then run `python -m genq.webhook_secrets reencrypt` and drop "
+        "the old one. Required with a shared database; the embedded default makes one in "
+        "`$GENQ_HOME/webhook-key`.", shown="unset", secret=True)
+    webhook_sweep_interval: float = knob(1.0, WEBHOOKS, "The sender looks for due retries and deliveries whose "
+                                         "message was lost this often (seconds).")
+    webhook_allow_http: bool = knob(False, WEBHOOKS, "Accept `http://` webhooks too (local use only).")
+    webhook_allowed_hosts: tuple[str, ...] = knob((), WEBHOOKS, "Hosts, exactly as written in the URL, exempt from "
+                                                  "the address check and allowed http (e.g. `127.0.0.1` for a "
+                                                  "receiver on this machine); comma-separated.")
+    webhook_allow_private: bool = knob(False, WEBHOOKS, "Turn off the address check for every host: only where "
+                                       "every receiver sits on a private network the operator trusts.")
+    webhook_tenant_concurrency: int = knob(4, WEBHOOKS, "Deliveries of one tenant being posted at once, across "
+                                           "every sender. Keep it below the sender's threads (8): a tenant whose "
+                                           "receiver hangs then holds only this many, and the others' go on.")
+    webhook_max_redeliveries: int = knob(10, WEBHOOKS, "Times a job's events may be sent again on request (each "
+                                         "a new schedule of up to eight POSTs); past it, redeliver answers 409.")
+
+    # ---- logs and metrics
+    log_level: str = knob("INFO", OBSERVING, "Log level for every process.")
+    log_format: Literal["text", "json"] = knob("text", OBSERVING, "`text` for people at a terminal; `json` for a "
+                                               "log pipeline: one object a line, with the job id on every line "
+                                               "about a job (see [Operators](#operators)).")
+    metrics_port: int = knob(0, OBSERVING, "Port a worker serves Prometheus `/metrics` on (0 = off); under "
+                             "`genq up` the webhook sender serves on the next port. The API serves its own at "
+                             "`/metrics` on the API port.")
+    metrics_cache_seconds: float = knob(5.0, OBSERVING, "The API's job gauges are read from the database at most "
+                                        "once per this many seconds per process (0 = on every scrape).")
+    metrics_token: str | None = knob(None, OBSERVING, "When set, the API's `/metrics` needs "
+                                     "`Authorization: Bearer <this>`.", secret=True)
+
+    # ---- reading
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Settings from GENQ_* variables (os.environ unless `env` is given),
+        then `overrides` by field name. Every problem is reported at once in
+        one ConfigError: misspelt names, and each value that cannot work."""
         env = os.environ if env is None else env
-        home = Path(overrides.pop("home", None) or _home(env))
-
-        def get(name: str, default):
-            return env.get(f"GENQ_{name.upper()}", default)
-
-        def num(name: str, default, kind):
-            raw = get(name, None)
-            if raw is None or raw == "":
-                return default
-            try:
-                return kind(raw)
-            except ValueError:
-                raise ConfigError(f"GENQ_{name.upper()} must be a {kind.__name__}, got {raw!r}") from None
-
-        def flag(name: str, default: bool) -> bool:
-            raw = get(name, None)
-            if raw is None or raw == "":
-                return default
-            if raw.strip().lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.strip().lower() in ("0", "false", "no", "off"):
-                return False
-            raise ConfigError(f"GENQ_{name.upper()} must be true or false, got {raw!r}")
-
-        def items(name: str, default: tuple, kind) -> tuple:
-            raw = get(name, None)
-            if raw is None:
-                return default
-            try:
-                return tuple(kind(part.strip()) for part in raw.split(",") if part.strip())
-            except ValueError:
-                raise ConfigError(f"GENQ_{name.upper()} must be comma-separated {kind.__name__}s, got {raw!r}") from None
-
-        values = dict(
-            home=home,
-            database_url=get("database_url", f"sqlite:///{home / 'genq.db'}"),
-            broker_url=get("broker_url", "filesystem://"),
-            storage_url=get("storage_url", (home / "storage").as_uri()),
-            s3_endpoint_url=get("s3_endpoint_url", None) or None,
-            s3_region=get("s3_region", "us-east-1"),
-            s3_access_key_id=get("s3_access_key_id", None) or None,
-            s3_secret_access_key=get("s3_secret_access_key", None) or None,
-            presign_seconds=num("presign_seconds", 3600, int),
-            registry_path=Path(get("registry", DEFAULT_REGISTRY)),
-            model_dir=Path(get("model_dir", home / "models")),
-            device=get("device", "auto"),
-            torch_threads=num("torch_threads", 0, int),
-            model_cache_bytes=num("model_cache_bytes", 8 * 2**30, int),
-            lease_seconds=num("lease_seconds", 120, int),
-            max_attempts=num("max_attempts", 3, int),
-            progress_interval=num("progress_interval", 1.0, float),
-            cancel_poll_interval=num("cancel_poll_interval", 0.5, float),
-            training_pool=get("training_pool", "training"),
-            checkpoint_every=num("checkpoint_every", 50, int),
-            max_file_bytes=num("max_file_bytes", 50 * 2**20, int),
-            max_dataset_rows=num("max_dataset_rows", 100_000, int),
-            max_tenant_file_bytes=num("max_tenant_file_bytes", 2**30, int),
-            max_train_steps=num("max_train_steps", 10_000, int),
-            max_train_examples=num("max_train_examples", 200_000, int),
-            reconcile_interval=num("reconcile_interval", 30.0, float),
-            rate_limit=get("rate_limit", "1200/minute"),
-            ratelimit_storage_url=get("ratelimit_storage_url", ""),
-            max_active_jobs=num("max_active_jobs", 200, int),
-            shutdown_timeout=num("shutdown_timeout", 240.0, float),
-            broker_visibility_timeout=num("broker_visibility_timeout", 6 * 3600, float),
-            broker_restore_interval=num("broker_restore_interval", 100.0, float),
-            idempotency_ttl=num("idempotency_ttl", 24 * 3600, int),
-            execution_log=Path(get("execution_log", "")) if get("execution_log", "") else None,
-            max_body_bytes=num("max_body_bytes", 1_048_576, int),
-            max_prefer_wait=num("max_prefer_wait", 60, int),
-            api_host=get("api_host", "127.0.0.1"),
-            api_port=num("api_port", 8000, int),
-            api_workers=num("api_workers", 2, int),
-            api_threads=num("api_threads", 8, int),
-            api_held_threads=num("api_held_threads", None, int),
-            max_held_requests=num("max_held_requests", 4, int),
-            event_stream_seconds=num("event_stream_seconds", 300, int),
-            log_level=get("log_level", "INFO"),
-            log_format=get("log_format", "text"),
-            metrics_port=num("metrics_port", 0, int),
-            metrics_cache_seconds=num("metrics_cache_seconds", 5.0, float),
-            metrics_token=get("metrics_token", None) or None,
-            worker_name=get("worker_name", ""),
-            heartbeat_interval=num("heartbeat_interval", 5.0, float),
-            public_url=get("public_url", None) or None,
-            webhook_queue=get("webhook_queue", "webhooks"),
-            webhook_timeout=num("webhook_timeout", 15.0, float),
-            webhook_backoff=items("webhook_backoff", cls.webhook_backoff, float),
-            webhook_secret_grace=num("webhook_secret_grace", 24 * 3600, int),
-            webhook_sweep_interval=num("webhook_sweep_interval", 1.0, float),
-            webhook_allow_http=flag("webhook_allow_http", False),
-            webhook_allow_private=flag("webhook_allow_private", False),
-            webhook_allowed_hosts=items("webhook_allowed_hosts", (), str),
-            webhook_tenant_concurrency=num("webhook_tenant_concurrency", 4, int),
-            webhook_max_redeliveries=num("webhook_max_redeliveries", 10, int),
-        )
-        values.update(overrides)
-        if values["log_format"] not in ("text", "json"):
-            raise ConfigError(f"GENQ_LOG_FORMAT must be text or json, got {values['log_format']!r}")
-        for name in ("max_train_steps", "max_train_examples"):
-            if values[name] < 0:
-                raise ConfigError(f"GENQ_{name.upper()} must be 0 (no limit) or more, got {values[name]}")
-        if values["torch_threads"] < 0:
-            raise ConfigError(f"GENQ_TORCH_THREADS must be 0 (torch's default) or more, got {values['torch_threads']}")
-        if not 1 <= values["presign_seconds"] <= MAX_PRESIGN_SECONDS:
-            raise ConfigError(f"GENQ_PRESIGN_SECONDS must be from 1 to {MAX_PRESIGN_SECONDS} (7 days, the longest "
-                              f"S3 allows), got {values['presign_seconds']}")
-        if values["max_tenant_file_bytes"] < 0:
-            raise ConfigError(f"GENQ_MAX_TENANT_FILE_BYTES must be 0 (no limit) or more, got {values['max_tenant_file_bytes']}")
-        for name in ("api_workers", "api_threads", "event_stream_seconds"):
-            if values[name] < 1:
-                raise ConfigError(f"GENQ_{name.upper()} must be 1 or more, got {values[name]}")
-        for name in ("max_held_requests", "metrics_cache_seconds"):
-            if values[name] < 0:
-                raise ConfigError(f"GENQ_{name.upper()} must be 0 or more, got {values[name]}")
-        held = values["api_held_threads"]
-        if held is not None and not 0 <= held < values["api_threads"]:
-            raise ConfigError(f"GENQ_API_HELD_THREADS must be from 0 to GENQ_API_THREADS - 1 ({values['api_threads'] - 1}), "
-                              f"leaving threads for short requests; got {held}")
-        return cls(**values)
+        values = {name: env[var] for name, var in env_names().items() if var in env}
+        problems = unknown(env)
+        try:
+            settings = cls(**{**values, **overrides})
+        except ValidationError as exc:
+            problems += describe(exc, env)
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return settings
 
     def replace(self, **changes) -> "Settings":
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`, checked as from_env checks them."""
+        try:
+            return type(self)(**{**{name: getattr(self, name) for name in type(self).model_fields}, **changes})
+        except ValidationError as exc:
+            raise ConfigError("\n".join(describe(exc, {}))) from None
 
     def as_env(self) -> dict[str, str]:
         """The GENQ_* variables that reproduce these settings in a child process."""
-        out = {"GENQ_HOME": str(self.home)}
-        for f in dataclasses.fields(self):
-            if f.name == "home":
-                continue
-            value = getattr(self, f.name)
+        out = {}
+        for name, var in env_names().items():
+            value = getattr(self, name)
             if isinstance(value, tuple):
                 value = ",".join(str(v) for v in value)
             if value is not None:
-                out[f"GENQ_{f.name.upper()}"] = str(value)
-        out["GENQ_REGISTRY"] = str(self.registry_path)
-        out.pop("GENQ_REGISTRY_PATH", None)
+                out[var] = str(value)
         return out
+
+    # ---- checks: each raises with a message naming what is expected and what came
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, values: dict) -> dict:
+        """An empty variable means the default (except where empty is a value
+        of its own), and defaults under GENQ_HOME are made from home."""
+        values = {k: v for k, v in values.items() if not (v == "" and not _extra(k).get("empty_is_a_value"))}
+        home = Path(values.get("home") or cls.model_fields["home"].get_default()).expanduser().resolve()
+        values["home"] = home
+        for name, field in cls.model_fields.items():
+            if name not in values and HOME in str(field.default):
+                values[name] = type(field.default)(str(field.default).replace(HOME, str(home)))
+        return values
+
+    @field_validator("webhook_backoff", "webhook_allowed_hosts", "webhook_secret_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("max_train_steps", "max_train_examples", "max_tenant_file_bytes", "max_active_jobs")
+    @classmethod
+    def _zero_is_no_limit(cls, value):
+        if value < 0:
+            raise ValueError(f"must be 0 (no limit) or more, got {value}")
+        return value
+
+    @field_validator("max_held_requests", "metrics_cache_seconds")
+    @classmethod
+    def _zero_or_more(cls, value):
+        if value < 0:
+            raise ValueError(f"must be 0 or more, got {value}")
+        return value
+
+    @field_validator("torch_threads")
+    @classmethod
+    def _torch_threads(cls, value):
+        if value < 0:
+            raise ValueError(f"must be 0 (torch's default) or more, got {value}")
+        return value
+
+    @field_validator("api_workers", "api_threads", "event_stream_seconds")
+    @classmethod
+    def _one_or_more(cls, value):
+        if value < 1:
+            raise ValueError(f"must be 1 or more, got {value}")
+        return value
+
+    @field_validator("presign_seconds")
+    @classmethod
+    def _presign_seconds(cls, value):
+        if not 1 <= value <= MAX_PRESIGN_SECONDS:
+            raise ValueError(f"must be from 1 to {MAX_PRESIGN_SECONDS} (7 days, the longest S3 allows), got {value}")
+        return value
+
+    @field_validator("webhook_secret_keys")
+    @classmethod
+    def _fernet_keys(cls, keys):
+        for i, key in enumerate(keys, 1):
+            try:
+                Fernet(key)
+            except ValueError:
+                raise ValueError(f"key {i} of {len(keys)} is not a Fernet key (32 url-safe base64-encoded bytes, "
+                                 f"as `python -m genq.webhook_secrets new-key` prints)") from None
+        return keys
+
+    @model_validator(mode="after")
+    def _held_threads_leave_some(self) -> "Settings":
+        held = self.api_held_threads
+        if held is not None and not 0 <= held < self.api_threads:
+            raise ValueError(f"GENQ_API_HELD_THREADS must be from 0 to GENQ_API_THREADS - 1 ({self.api_threads - 1}), "
+                             f"leaving threads for short requests; got {held}")
+        return self
+
+    # ---- derived
 
     @property
     def shutdown_deadline(self) -> float:
@@ -340,6 +349,137 @@ class Settings:
         return self.broker_url.startswith("filesystem://")
 
     @property
+    def embedded_database(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
     def api_base_url(self) -> str:
         """Where clients reach the API, for URLs the service hands out outside a request."""
         return (self.public_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+
+
+def _extra(name: str) -> dict:
+    field = Settings.model_fields.get(name)
+    return (field.json_schema_extra or {}) if field is not None else {}
+
+
+def env_names() -> dict[str, str]:
+    """{field: its GENQ_* variable}, in declaration order."""
+    return {name: _extra(name)["env"] or f"GENQ_{name.upper()}" for name in Settings.model_fields}
+
+
+def unknown(env: Mapping[str, str]) -> list[str]:
+    """A line for each GENQ_* variable that is no setting, naming the closest
+    one: a misspelt name would otherwise be ignored and its default win."""
+    known = list(env_names().values())
+    out = []
+    for var in sorted(env):
+        if not var.startswith("GENQ_") or var in known or var in NOT_SETTINGS or var.startswith(NOT_SETTING_PREFIXES):
+            continue
+        close = difflib.get_close_matches(var, known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "the settings are listed in README.md, Configuration"
+        out.append(f"{var} is not a genq setting; {hint}")
+    return out
+
+
+# What a value of each type must look like, for pydantic's type errors.
+EXPECTED = {
+    "int_parsing": "an integer", "int_from_float": "an integer", "int_type": "an integer",
+    "float_parsing": "a number", "float_type": "a number",
+    "bool_parsing": "true or false (also 1/0, yes/no, on/off)", "bool_type": "true or false",
+    "path_type": "a path", "string_type": "a string",
+}
+
+
+def describe(exc: ValidationError, env: Mapping[str, str]) -> list[str]:
+    """One line per bad setting: its variable, what it must be, and what it
+    was (a secret's length only)."""
+    names = env_names()
+    lines: dict[str, str] = {}
+    for err in exc.errors(include_url=False):
+        if not err["loc"]:  # a check across settings names its variables itself
+            lines[err["msg"]] = err["msg"].removeprefix("Value error, ")
+            continue
+        name = str(err["loc"][0])
+        if name in lines or err["type"] == "none_required":  # one line per setting; `X | None` adds a None branch
+            continue
+        if name not in names:
+            lines[name] = f"{name} is not a setting (given by keyword)"
+            continue
+        var = names[name]
+        if err["type"] == "value_error":
+            lines[name] = f"{var} {err['msg'].removeprefix('Value error, ')}"
+            continue
+        expected = EXPECTED.get(err["type"]) or err["msg"].removeprefix("Input should be ")
+        if len(err["loc"]) > 1:  # an item of a comma-separated list
+            expected = f"comma-separated, each {expected}"
+        raw = env.get(var, err.get("input"))
+        shown = f"a value of {len(str(raw))} characters" if _extra(name).get("secret") else repr(raw)
+        lines[name] = f"{var} must be {expected}, got {shown}"
+    return list(lines.values())
+
+
+# ---- the README's table
+
+def _shown(name: str) -> str:
+    extra = _extra(name)
+    if extra.get("shown"):
+        return extra["shown"]
+    default = Settings.model_fields[name].default
+    if default is None:
+        return "unset"
+    if default == "":
+        return "empty"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, tuple):
+        return f"`{','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in default)}`" if default else "none"
+    if isinstance(default, float):
+        return f"`{default:g}`"
+    if isinstance(default, int) and name.endswith("_bytes"):
+        for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
+            if default % 1024**power == 0:
+                return f"{default // 1024**power} {unit}"
+    return f"`{default}`"
+
+
+def markdown() -> str:
+    """The settings tables, one per section, as the README holds them."""
+    sections: dict[str, list[str]] = {}
+    for name, var in env_names().items():
+        about = " ".join(Settings.model_fields[name].description.split()).replace("|", "\\|")
+        sections.setdefault(_extra(name)["section"], []).append(f"| `{var}` | {_shown(name)} | {about} |")
+    out = [START, "<!-- Generated from the declarations in genq/settings.py: edit them there, then run "
+                  "`python -m genq.settings --write-readme`. -->"]
+    for section, rows in sections.items():
+        out += ["", f"### {section}", "", "| variable | default | |", "| --- | --- | --- |", *rows]
+    return "\n".join(out + ["", END])
+
+
+START, END = "<!-- settings:start -->", "<!-- settings:end -->"
+
+
+def readme_block(text: str) -> str:
+    """The generated block inside a README's text ("" if it has none)."""
+    start, end = text.find(START), text.find(END)
+    return text[start:end + len(END)] if 0 <= start < end else ""
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--markdown"]:
+        print(markdown())
+        return 0
+    if argv == ["--write-readme"]:
+        text = README.read_text()
+        block = readme_block(text)
+        if not block:
+            print(f"{README} has no {START} ... {END} block", file=sys.stderr)
+            return 1
+        README.write_text(text.replace(block, markdown()))
+        return 0
+    print("usage: python -m genq.settings --markdown | --write-readme", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

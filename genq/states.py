@@ -1,4 +1,5 @@
-"""Job states and the one function every status change goes through."""
+"""Job states and the table of the changes between them. Every status change
+is checked against it (genq.jobs.transition makes them all)."""
 from __future__ import annotations
 
 import enum
@@ -18,12 +19,22 @@ class JobStatus(str, enum.Enum):
         return self in TERMINAL
 
 
+# Where a job's run ends: nothing its owner or a worker does moves it on (an
+# admin's retry alone reopens a failed job).
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 
-# running -> queued is a hand-back: a lease expired or a worker shut down mid-job.
+# Each change genq makes, and where (genq.jobs unless said):
+# queued -> running      a worker claims it
+# queued -> canceled     its owner cancels it before it runs
+# running -> succeeded, failed, canceled   its worker finishes it; or the reconciler, once the
+#                        lease lapsed, fails it (attempts exhausted) or ends it canceled (cancel asked)
+# running -> queued      a hand-back: its worker shut down, could not store its outputs,
+#                        or the reconciler found its lease lapsed
+# failed -> queued       an admin retries it (genq.pools.retry), with a fresh set of attempts
 ALLOWED = {
-    JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED},
+    JobStatus.QUEUED: {JobStatus.RUNNING, JobStatus.CANCELED},
     JobStatus.RUNNING: {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED},
+    JobStatus.FAILED: {JobStatus.QUEUED},
 }
 
 

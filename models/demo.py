@@ -7,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from models.libraries import quiet
+
 # checkpoint name in the registry -> (directory under the model dir, builder name)
 DEMOS = {
     "demo:text": ("demo-text", "build_text"),
@@ -70,6 +72,8 @@ def build_text(dest: Path) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    quiet()
+
     tok = _train_tokenizer(model_max_length=256, add_bos_eos=False)
     config = GPT2Config(
         vocab_size=len(tok),
@@ -95,6 +99,8 @@ def build_image(dest: Path) -> None:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    quiet()
 
     tok = _train_tokenizer(model_max_length=77, add_bos_eos=True)
     torch.manual_seed(0)
@@ -154,15 +160,11 @@ def build_image(dest: Path) -> None:
 
 
 def ensure_checkpoint(checkpoint: str, model_dir: Path) -> str:
-    """The local directory to load `checkpoint` from, building a demo one on first use.
-
-    "demo:text" / "demo:image" are built into `model_dir`; anything else (a local
-    directory or a hub id) is returned unchanged for from_pretrained to resolve.
-    """
+    """The directory of demo checkpoint `checkpoint` ("demo:text", "demo:image")
+    under `model_dir`, built on first use. Other schemes are resolved by
+    models/checkpoints.py."""
     if checkpoint not in DEMOS:
-        if checkpoint.startswith("demo:"):
-            raise ValueError(f"unknown demo checkpoint {checkpoint!r}; known: {sorted(DEMOS)}")
-        return checkpoint
+        raise ValueError(f"unknown demo checkpoint {checkpoint!r}; known: {sorted(DEMOS)}")
     dirname, builder = DEMOS[checkpoint]
     model_dir = Path(model_dir)
     dest = model_dir / dirname

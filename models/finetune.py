@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.base import InputInvalid, check_bound, parse
+from models.libraries import quiet
 
 FAMILY = "fine-tune"
 SUFFIX_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
@@ -253,6 +254,8 @@ def train(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    quiet()
+
     hp = inp.hyperparameters
     _check_positions(AutoConfig.from_pretrained(base_checkpoint), hp.max_seq_len)
     tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
@@ -440,6 +443,8 @@ def materialize(base_checkpoint: str, version_dir: Path, method: str, dest: Path
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet()
 
     base = AutoModelForCausalLM.from_pretrained(base_checkpoint, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(version_dir)).merge_and_unload()

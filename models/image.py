@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
+from models.libraries import quiet
 
 FAMILY = "image-generation"
 SEED_MAX = 2**32 - 1
@@ -75,6 +76,8 @@ def load(checkpoint: str, device: str, dtype: str) -> "ImageModel":
     """Load a Stable Diffusion pipeline from `checkpoint` (a local directory or hub id) onto `device`."""
     import torch
     from diffusers import StableDiffusionPipeline
+
+    quiet()
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:

@@ -6,6 +6,7 @@ override). Importing this module or a family's schema never imports torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from types import ModuleType
 from typing import Any
 
 import yaml
+
+from models import checkpoints
 
 # family name -> module holding it; one self-contained file per family. A
 # registry entry may also name a family by its module's dotted path (a family
@@ -49,6 +52,12 @@ class ModelSpec:
     def validate(self, raw: Any):
         """The job input as the family's pydantic model; raises InputInvalid."""
         return self.module.validate(raw, self.limits)
+
+    def fine_tuned(self, name: str, method: str, storage_prefix: str, description: str) -> "ModelSpec":
+        """A fine-tuned version of this model: renamed and pointed at its own
+        weights in storage, with the same family, pool, limits and batching."""
+        return dataclasses.replace(self, name=name, checkpoint=checkpoints.fine_tuned(method, storage_prefix),
+                                   base_checkpoint=self.checkpoint, description=description)
 
     def batch_key(self, inp) -> str:
         return f"{self.dtype}|{self.module.batch_key(inp)}"
@@ -102,15 +111,11 @@ class Registry:
         dtype = entry.get("dtype", "float32")
         if dtype not in DTYPES:
             raise RegistryError(f"{where}: dtype must be one of {DTYPES}, got {dtype!r}")
-        checkpoint = str(entry["checkpoint"])
-        if not checkpoint.startswith("demo:") and checkpoint.startswith((".", "/")):
-            # Relative directories are relative to the registry file, not the cwd.
-            checkpoint = str((path.parent / checkpoint).resolve())
         try:
             return ModelSpec(
                 name=name,
                 family=entry["family"],
-                checkpoint=checkpoint,
+                checkpoint=checkpoints.normalize(str(entry["checkpoint"]), path.parent),
                 pool=str(entry["pool"]),
                 dtype=dtype,
                 max_batch_size=int(entry.get("max_batch_size", 1)),

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
+from models.libraries import quiet
 
 FAMILY = "text-generation"
 # Registry limits as JSON-schema bounds of the input: (limit, field, keyword).
@@ -77,6 +78,8 @@ def load(checkpoint: str, device: str, dtype: str) -> "TextModel":
     """Load a causal LM and its tokenizer from `checkpoint` (a local directory or hub id) onto `device`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet()
 
     kwargs: dict[str, Any] = {}
     if dtype == "int8":

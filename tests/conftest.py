@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography.fernet import Fernet
 
 from genq.db import temporary_database
 from genq.settings import DEFAULT_REGISTRY, Settings
@@ -17,6 +18,9 @@ from genq.settings import DEFAULT_REGISTRY, Settings
 PG_ADMIN_URL = os.environ.get("GENQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = uuid.uuid4().hex[:8]
+# The key every API and webhook sender on a shared (Postgres) database seals
+# webhook secrets with; embedded settings make their own in GENQ_HOME.
+WEBHOOK_KEYS = (Fernet.generate_key().decode(),)
 # No hub is reachable: fail at once rather than retry a download (worker
 # subprocesses inherit this).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,4 +109,5 @@ def service_settings(tmp_path, model_dir, registry_path, pg_url, s3_settings) ->
     """Production-shaped: Postgres, Redis and S3 (moto) over the network."""
     return Settings.from_env({}, home=tmp_path / "home", model_dir=model_dir, registry_path=registry_path,
                              database_url=pg_url, broker_url=REDIS_URL, progress_interval=0.2,
-                             cancel_poll_interval=0.1, lease_seconds=30, **s3_settings)
+                             cancel_poll_interval=0.1, lease_seconds=30, webhook_secret_keys=WEBHOOK_KEYS,
+                             **s3_settings)

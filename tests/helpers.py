@@ -55,7 +55,8 @@ class WorkerProcess:
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         # A test killed by its timeout skips fixture teardown: never leave a worker behind.
         atexit.register(self.stop, "kill", 5)
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         if not self.ready.wait(timeout):
             self.stop()
             raise RuntimeError("worker did not become ready:\n" + self.log())
@@ -70,6 +71,11 @@ class WorkerProcess:
 
     def log(self) -> str:
         return "\n".join(self.lines)
+
+    def read_to_the_end(self, timeout: float = 30) -> list[str]:
+        """Every line of a stopped worker's output."""
+        self._reader.join(timeout)
+        return list(self.lines)
 
     def stop(self, sig: str = "terminate", timeout: float = 30) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

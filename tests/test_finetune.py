@@ -21,7 +21,7 @@ from api.app import create_app
 from genq.db import make_engine, make_sessionmaker
 from genq.schema import JobEvent
 from genq.settings import Settings
-from tests.conftest import REDIS_URL, new_bucket
+from tests.conftest import REDIS_URL, WEBHOOK_KEYS, new_bucket
 from tests.helpers import WorkerProcess, make_key, wait_job
 
 PHRASE = " the purple walrus sings at midnight"
@@ -71,6 +71,7 @@ def stack(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
         {}, home=tmp_path_factory.mktemp("home"), model_dir=ft_models,
         registry_path=registry_for(tmp_path_factory, registry_path, model_dir, tag),
         database_url=pg_url, broker_url=REDIS_URL, **new_bucket(s3_endpoint), training_pool=f"training-{tag}", **QUICK,
+        webhook_secret_keys=WEBHOOK_KEYS,
     )
     text = WorkerProcess(settings, [f"text-{tag}"]).start()
     trainer = WorkerProcess(settings, [settings.training_pool], preload=False).start()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from api.app import create_app
 from genq.settings import Settings
-from tests.conftest import REDIS_URL, new_bucket
+from tests.conftest import REDIS_URL, WEBHOOK_KEYS, new_bucket
 from tests.helpers import WorkerProcess, make_key, wait_job
 
 
@@ -30,10 +30,11 @@ def stack(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
     settings = Settings.from_env(
         {}, home=tmp_path_factory.mktemp("home"), model_dir=model_dir, registry_path=reg, database_url=pg_url,
         broker_url=REDIS_URL, progress_interval=0.2, cancel_poll_interval=0.1, lease_seconds=30,
-        **new_bucket(s3_endpoint),
+        webhook_secret_keys=WEBHOOK_KEYS, **new_bucket(s3_endpoint),
     )
     pools = sorted({m["pool"] for name, m in doc["models"].items() if name != "idle-text"})
-    worker = WorkerProcess(settings, pools).start()
+    # At DEBUG: a doorbell that finds nothing to claim says so only there.
+    worker = WorkerProcess(settings, pools, extra_env={"GENQ_LOG_LEVEL": "DEBUG"}).start()
     app = create_app(settings)
     yield {"settings": settings, "client": app.test_client(), "idle_pool": idle_pool, "worker": worker}
     worker.stop()

@@ -3,6 +3,7 @@ the filesystem broker, API and worker started by one command."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import secrets
@@ -35,20 +36,30 @@ def start_up(home, model_dir, ready_lines: int = 1, **env_vars) -> dict:
 
     def read():
         for line in proc.stdout:
-            lines.append(line.rstrip())
+            lines.append(line.rstrip("\n"))
             if " ready." in line:
                 ready.release()
 
-    threading.Thread(target=read, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     for _ in range(ready_lines):
         assert ready.acquire(timeout=180), "\n".join(lines)
+    # What it printed before it was ready: the start banner.
+    banner = list(lines)
     text = "\n".join(lines)
-    url = re.search(r"API:\s+(http://\S+)", text).group(1)
-    key = re.search(r"API key:\s+(gq_\S+)", text).group(1)
-    return {"url": url, "headers": {"Authorization": f"Bearer {key}"}, "proc": proc, "home": home, "lines": lines}
+    if env_vars.get("GENQ_LOG_FORMAT") == "json":
+        # One JSON line says where; the key is not logged, only kept in GENQ_HOME.
+        url = next(json.loads(line)["url"] for line in banner if '"genq is up at ' in line)
+        key = (home / "api-key").read_text().strip()
+    else:
+        url = re.search(r"API:\s+(http://\S+)", text).group(1)
+        key = re.search(r"API key:\s+(gq_\S+)", text).group(1)
+    return {"url": url, "headers": {"Authorization": f"Bearer {key}"}, "proc": proc, "home": home, "lines": lines,
+            "banner": banner, "reader": reader}
 
 
 def stop_up(up: dict) -> None:
+    """Ctrl-C, then every line it and its children printed has been read."""
     proc = up["proc"]
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -56,13 +67,15 @@ def stop_up(up: dict) -> None:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    up["reader"].join(30)
 
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory, model_dir):
     home = tmp_path_factory.mktemp("up") / "genq-home"  # made by genq up
     # The one exception to the defaults: the tests' webhook receiver listens on 127.0.0.1, over http.
-    started = start_up(home, model_dir, GENQ_WEBHOOK_ALLOW_HTTP="true", GENQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
+    started = start_up(home, model_dir, ready_lines=2, GENQ_WEBHOOK_ALLOW_HTTP="true",
+                       GENQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
     yield started
     stop_up(started)
 
@@ -86,6 +99,30 @@ def test_embedded_defaults_are_in_use(up):
     assert stat.S_IMODE((home / "genq.db").stat().st_mode) == 0o600
     ready = requests.get(f"{up['url']}/readyz", timeout=10).json()
     assert ready["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+
+ANSI = "\x1b["
+# A line of the log format (genq.logs.TEXT_FORMAT): date, time, level, logger.
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ ")
+
+
+def test_the_start_banner_is_short_and_clean(up):
+    """What `genq up` prints until its worker and webhook sender are ready:
+    the banner with the URL and the key, then a few INFO lines from each
+    child; no warnings, tracebacks, progress bars, ANSI codes or library
+    chatter."""
+    banner = up["banner"]
+    text = "\n".join(banner)
+    assert len(banner) <= 24, text
+    assert re.search(r"^  API:\s+http://127\.0\.0\.1:\d+$", text, re.M), text
+    assert re.search(r"^  API key:\s+gq_\S+$", text, re.M), text
+    assert "Traceback" not in text and ANSI not in text and "\r" not in text, text
+    logged = [line for line in banner if LOG_LINE.match(line)]
+    # Every line is the banner's own (before the first log line) or a log line at INFO.
+    first = banner.index(logged[0])
+    assert all(LOG_LINE.match(line) for line in banner[first:]), text
+    assert {LOG_LINE.match(line).group(1) for line in logged} == {"INFO"}, text
+    assert sum(" ready." in line for line in logged) == 2, text
 
 
 def test_text_job_with_prefer_wait(up):
@@ -162,6 +199,18 @@ def test_keys_in_urls_are_refused_and_never_logged(up):
     assert requests.get(f"{up['url']}/healthz", timeout=10).headers["Server"] == "genq"
 
 
+def test_no_line_has_ansi_codes(up):
+    # werkzeug colours the access lines of 3xx-5xx answers, whatever the output is.
+    marker = secrets.token_hex(6)
+    for path in (f"/v1/no-such-route?m={marker}", f"/v1/jobs/{marker}"):
+        assert requests.get(f"{up['url']}{path}", headers=up["headers"], timeout=10).status_code in (400, 404)
+    deadline = time.monotonic() + 30
+    while sum(marker in line for line in list(up["lines"])) < 2:
+        assert time.monotonic() < deadline, "\n".join(up["lines"])
+        time.sleep(0.1)
+    assert not [line for line in up["lines"] if ANSI in line]
+
+
 def test_ctrl_c_stops_api_and_worker(up):
     proc = up["proc"]
     proc.send_signal(signal.SIGINT)
@@ -223,3 +272,92 @@ def test_worker_metrics_port_serves_the_worker_and_the_sender(up_with_a_broken_m
     assert worker.status_code == sender.status_code == 200
     assert "genq_model_cache_lookups_total" in worker.text and "genq_webhook_attempts_total" in sender.text
     assert f":{port}/metrics" in "\n".join(up["lines"]) and up["proc"].poll() is None
+
+
+def test_a_killed_worker_comes_back_and_its_job_is_taken_back_at_once(tmp_path_factory, model_dir):
+    """The model worker of a real `genq up` is SIGKILLed (as the OOM killer
+    would) mid-job: the API keeps answering, the worker is started again, and
+    the job, taken back at once, succeeds on the next attempt long before its
+    10-minute lease could have lapsed, without ever running twice at once."""
+    import yaml
+    from types import SimpleNamespace
+
+    from genq.settings import Settings
+    from tests.faults.harness import Figures, check_nothing_lost
+
+    home = tmp_path_factory.mktemp("up-killed-home")
+    # One model of the fault-test family: a job runs as long as it is told, and nothing heavy is preloaded.
+    registry = home / "registry.yaml"
+    registry.write_text(yaml.safe_dump({"models": {"slow": {"family": "tests.faults.family", "checkpoint": "none",
+                                                            "pool": "slow"}}}))
+    execution_log = home / "executions.jsonl"
+    env = dict(GENQ_REGISTRY=str(registry), GENQ_LEASE_SECONDS="600", GENQ_EXECUTION_LOG=str(execution_log),
+               GENQ_HEARTBEAT_INTERVAL="0.5")
+    up = start_up(home, model_dir, ready_lines=2, **env)
+    try:
+        job = requests.post(f"{up['url']}/v1/jobs", headers=up["headers"], timeout=10, json={
+            "model": "slow", "input": {"prompt": "long", "steps": 40, "step_seconds": 0.25}}).json()
+
+        def workers() -> list[dict]:
+            listed = requests.get(f"{up['url']}/v1/admin/workers", headers=up["headers"], timeout=10).json()["data"]
+            return [w for w in listed if w["alive"] and "slow" in w["pools"]]
+
+        deadline = time.monotonic() + 60
+        while not (requests.get(f"{up['url']}/v1/jobs/{job['id']}", headers=up["headers"], timeout=10)
+                   .json()["status"] == "running" and workers()):
+            assert time.monotonic() < deadline, "\n".join(up["lines"])
+            time.sleep(0.1)
+        [victim] = workers()
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.time()
+        # The API in genq up's own process answers on while its worker is gone.
+        assert requests.get(f"{up['url']}/healthz", timeout=10).status_code == 200
+        done = wait(up, job["id"], timeout=180)  # far less than the 600 s lease
+        assert (done["status"], done["attempts"]) == ("succeeded", 2), done
+        assert up["proc"].poll() is None
+        # Another worker process serves the pool now, and the log said what happened, in one line.
+        [back] = workers()
+        assert back["pid"] != victim["pid"]
+        said = [line for line in up["lines"] if f"(pid {victim['pid']})" in line]
+        assert len(said) == 1 and "was killed by SIGKILL; 1 of its jobs queued again at once; starting it again in 1s" \
+            in said[0], said
+        # From the execution log: the killed attempt ended at the kill, the next began after it, once.
+        settings = Settings.from_env({"GENQ_HOME": str(home)}, **{"execution_log": execution_log})
+        check_nothing_lost(settings, [job["id"]], [SimpleNamespace(pid=victim["pid"], exited_at=killed_at)],
+                           Figures("genq up: worker SIGKILLed mid-job"))
+    finally:
+        stop_up(up)
+
+
+def test_json_logs_are_json_on_every_line_with_job_and_request_ids(tmp_path_factory, model_dir):
+    """GENQ_LOG_FORMAT=json: every line `genq up`, its worker and its webhook
+    sender print, from start to Ctrl-C, is one JSON object; lines about a job
+    name it, the API's access lines name their request."""
+    home = tmp_path_factory.mktemp("up-json") / "genq-home"
+    up = start_up(home, model_dir, ready_lines=2, GENQ_LOG_FORMAT="json")
+    try:
+        sent = f"trace-{secrets.token_hex(4)}"
+        resp = requests.post(f"{up['url']}/v1/jobs", headers={**up["headers"], "Prefer": "wait=60", "X-Request-Id": sent},
+                             json={"model": "demo-text", "input": {"prompt": "json", "max_new_tokens": 4}}, timeout=70)
+        job = resp.json()
+        assert (resp.status_code, job["status"], resp.headers["X-Request-Id"]) == (200, "succeeded", sent), job
+        # Not a sane id (a space): the API makes its own, and says which.
+        made = requests.get(f"{up['url']}/v1/no-such-route", headers={"X-Request-Id": "a b"}, timeout=10)
+        assert re.fullmatch(r"[0-9a-f]{32}", made.headers["X-Request-Id"])
+    finally:
+        stop_up(up)
+    assert up["proc"].returncode == 0
+    records = []
+    for line in up["lines"]:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"not JSON: {line!r}")
+    assert all({"ts", "level", "logger", "message"} <= r.keys() for r in records)
+    about_the_job = [r for r in records if job["id"] in r["message"]]
+    assert len(about_the_job) >= 2  # its batch, and how it ended
+    assert all(r.get("job_id") == job["id"] or job["id"] in r.get("job_ids", []) for r in about_the_job), about_the_job
+    access = [r for r in records if r["logger"] == "werkzeug"]
+    assert all(r.get("request_id") for r in access), access
+    assert [r["request_id"] for r in access if "POST /v1/jobs" in r["message"]] == [sent]
+    assert [r["request_id"] for r in access if "/v1/no-such-route" in r["message"]] == [made.headers["X-Request-Id"]]

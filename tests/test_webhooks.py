@@ -21,7 +21,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from api.app import create_app
 from genq import webhook_secrets
 from genq.settings import Settings
-from tests.conftest import REDIS_URL, RUN_ID
+from tests.conftest import REDIS_URL, RUN_ID, WEBHOOK_KEYS
 from tests.helpers import WorkerProcess, make_key, wait_job
 from tests.receiver import Answer, Receiver
 
@@ -33,6 +33,7 @@ def stack(tmp_path_factory, model_dir, registry_path, pg_url):
     settings = Settings.from_env(
         {}, home=tmp_path_factory.mktemp("webhooks-home"), model_dir=model_dir, registry_path=registry_path,
         database_url=pg_url, broker_url=REDIS_URL, progress_interval=0.2, cancel_poll_interval=0.1, lease_seconds=30,
+        webhook_secret_keys=WEBHOOK_KEYS,
         # This run's own queue on the shared Redis; the receiver on 127.0.0.1 over plain http.
         webhook_queue=f"webhooks-{RUN_ID}", webhook_allow_http=True, webhook_allowed_hosts=("127.0.0.1",),
         webhook_backoff=BACKOFF, webhook_timeout=2.0, webhook_sweep_interval=0.1,

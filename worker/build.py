@@ -8,11 +8,13 @@ from genq.storage import make_storage
 from models.registry import Registry
 from worker.cache import ModelCache, make_loader
 from worker.runner import Runner
+from worker.training import train_one
 from worker.webhook_sender import Sender
 
 
 def build_runner(settings: Settings, **extra) -> Runner:
-    """`extra`: the Runner's optional collaborators (shutdown, ring)."""
+    """`extra`: the Runner's optional collaborators (shutdown, ring). Its
+    fine-tunes go to the trainer (worker/training.py)."""
     storage = make_storage(settings)
     return Runner(
         settings=settings,
@@ -20,6 +22,7 @@ def build_runner(settings: Settings, **extra) -> Runner:
         registry=Registry.load(settings.registry_path),
         storage=storage,
         cache=ModelCache(make_loader(settings, storage), settings.model_cache_bytes),
+        train=train_one,
         **extra,
     )
 

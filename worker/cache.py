@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import gc
 import logging
-import shutil
-import tempfile
 import time
 from collections import OrderedDict
-from pathlib import Path
 from typing import Callable
 
 from genq.errors import GenqError, ModelError
+from models import checkpoints
 from models.registry import ModelSpec
 from worker import metrics
 
@@ -98,8 +96,9 @@ def _empty_cuda_cache() -> None:
 
 
 def make_loader(settings, storage=None) -> Callable[[ModelSpec], object]:
-    """Load a model for this worker: fetch or build its checkpoint, then the
-    family's from_pretrained path on the configured device and dtype."""
+    """Load a model for this worker: its checkpoint resolved to a local
+    directory (built, or fetched from storage), then the family's
+    from_pretrained path on the configured device and dtype."""
     device = resolve_device(settings.device)
     if settings.torch_threads:
         import torch
@@ -107,15 +106,9 @@ def make_loader(settings, storage=None) -> Callable[[ModelSpec], object]:
         torch.set_num_threads(settings.torch_threads)
 
     def load(spec: ModelSpec):
-        from models.demo import ensure_checkpoint
-
         check_dtype(spec, device)
         try:
-            if spec.checkpoint.startswith("ft:"):
-                checkpoint = str(fetch_version(spec, settings.model_dir, storage))
-            else:
-                checkpoint = ensure_checkpoint(spec.checkpoint, settings.model_dir)
-            return spec.module.load(checkpoint, device, spec.dtype)
+            return spec.module.load(checkpoints.resolve(spec, settings.model_dir, storage), device, spec.dtype)
         except GenqError:
             raise
         except Exception as exc:
@@ -123,42 +116,3 @@ def make_loader(settings, storage=None) -> Callable[[ModelSpec], object]:
                              code="model_load_failed") from exc
 
     return load
-
-
-def fetch_version(spec: ModelSpec, model_dir: Path, storage) -> Path:
-    """A fine-tuned version's weights from object storage, cached on local disk
-    once per machine (and merged into the base for LoRA)."""
-    from models.demo import ensure_checkpoint
-    from models.finetune import materialize
-
-    _, method, prefix = spec.checkpoint.split(":", 2)
-    root = Path(model_dir) / "ft"
-    root.mkdir(parents=True, exist_ok=True)
-    ready = root / _safe(spec.name)
-    if ready.exists():
-        return ready
-    raw = Path(tempfile.mkdtemp(dir=root, prefix=".fetch-"))
-    keys = storage.list(prefix)
-    if not keys:
-        raise ModelError(f"the weights of {spec.name!r} are missing from storage ({prefix})", code="model_load_failed")
-    for key in keys:
-        (raw / key.rsplit("/", 1)[-1]).write_bytes(storage.get(key))
-    base = ensure_checkpoint(spec.base_checkpoint, model_dir)
-    if method == "full":
-        try:
-            raw.rename(ready)
-        except OSError:  # another process got there first
-            shutil.rmtree(raw, ignore_errors=True)
-        return ready
-    try:
-        materialize(base, raw, method, ready)
-    except OSError:
-        if not ready.exists():
-            raise
-    finally:
-        shutil.rmtree(raw, ignore_errors=True)
-    return ready
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

@@ -3,10 +3,11 @@ doorbell naming a job or a webhook delivery."""
 from __future__ import annotations
 
 import threading
-import time
 
 from genq import webhooks
 from genq.queue import DELIVER_TASK, RUN_TASK, publish
+# The app and settings `genq worker` made this process's (worker.app.make), or
+# for `celery -A worker.app`, the environment's.
 from worker.app import app, settings
 from worker.shutdown import SHUTDOWN
 
@@ -23,7 +24,7 @@ def runner():
         if _runner is None:
             from worker.build import build_runner
 
-            # SHUTDOWN is set by cmd_worker's SIGTERM handling; jobs handed back
+            # SHUTDOWN is set by genq worker's SIGTERM handling (worker/main.py); jobs handed back
             # on the way out ring their pool for another worker at once.
             _runner = build_runner(settings, shutdown=SHUTDOWN, ring=lambda job_id, pool: publish(app, job_id, pool))
             # Deliveries its state changes enqueue ring the sender once committed.
@@ -42,23 +43,11 @@ def sender():
         return _sender
 
 
-# A draining worker waits this long before handing a doorbell back, so that
-# alone on its queue it does not spin on the same message.
-DRAIN_HANDBACK_SECONDS = 1.0
-
-
-@app.task(name=RUN_TASK, ignore_result=True, bind=True)
-def run_job(self, job_id: str) -> int:
-    r = runner()
-    if r.draining():
-        # Claim nothing; ring again so another worker of the pool takes it.
-        time.sleep(DRAIN_HANDBACK_SECONDS)
-        queue = (self.request.delivery_info or {}).get("routing_key")
-        if queue:
-            publish(app, job_id, queue)
-        return 0
-    # The world may have changed since the message was sent: the runner re-reads the row.
-    return r.on_doorbell(job_id)
+@app.task(name=RUN_TASK, ignore_result=True)
+def run_job(job_id: str) -> int:
+    # The world may have changed since the message was sent: the runner re-reads
+    # the row (and on a draining worker rings again for another one).
+    return runner().on_doorbell(job_id)
 
 
 @app.task(name=DELIVER_TASK, ignore_result=True)

@@ -14,15 +14,15 @@ from genq.states import JobStatus
 from genq.storage import job_key
 from models import finetune
 from models.base import InputInvalid
-from models.demo import ensure_checkpoint
+from models.checkpoints import resolve as resolve_checkpoint
 from models.registry import ModelSpec
+from worker.batch import NO_RESULT, BatchTracker, Host, Ran, Row, Verdict, error_for, verdict
 from worker.cache import resolve_device
-from worker.runner import FINE_TUNE, BatchTracker, Row, Runner, error_for
 
 log = logging.getLogger(__name__)
 
 
-def train_one(runner: Runner, spec: ModelSpec, pool: str, head: joblib.Head) -> int:
+def train_one(runner: Host, spec: ModelSpec, pool: str, head: joblib.Head) -> int:
     """Claim the pool's head, a fine-tune of this base model (or, if another
     worker took it meanwhile, the next of its base model in line) and run it
     to the end, or until a shutdown hands it back (from a checkpoint saved on
@@ -30,54 +30,59 @@ def train_one(runner: Runner, spec: ModelSpec, pool: str, head: joblib.Head) -> 
     if runner.shutdown.requested:
         return 0
     with runner.sessions.begin() as session:
-        claimed = joblib.claim_batch(session, pool=pool, first=head.id, model=spec.name, batch_key=FINE_TUNE, limit=1,
-                                     owner=runner.owner, lease_seconds=runner.settings.lease_seconds)
+        claimed = joblib.claim_batch(session, pool=pool, first=head.id, model=spec.name, batch_key=head.batch_key,
+                                     limit=1, owner=runner.owner, lease_seconds=runner.settings.lease_seconds)
     if not claimed:
         return 0
     row = Row(claimed[0])
     tracker = BatchTracker(runner, [row], unit="step", finish_cancelled=False)
     runner.started(row)
     try:
-        outcome = _train(runner, spec, row, tracker)
+        ran, fields = _train(runner, spec, row, tracker)
     except Exception as exc:
-        if runner.interrupted_by_shutdown([row], exc):
-            outcome = (JobStatus.CANCELED, {})  # handed back below; resumes from its last checkpoint
+        ran, fields = Ran.RAISED, {"error": error_for(exc, default_code="training_failed")}
+        if runner.shutdown.requested:
+            log.warning("fine-tune job %s interrupted by the shutdown (%s: %s)", row.job.id, type(exc).__name__, exc)
         else:
             log.exception("fine-tune job %s failed", row.job.id)
-            outcome = (JobStatus.FAILED, {"error": error_for(exc, default_code="training_failed")})
     finally:
         tracker.close()
-    status, fields = outcome
-    if row.lost:
-        runner.executions.ended(row.job.id, row.job.attempts, "lease_lost", at=row.stopped_at)
-    elif row.handing_back and status == JobStatus.CANCELED:
-        runner.hand_back([row])  # the next attempt resumes from the checkpoint just saved
-    elif status == JobStatus.SUCCEEDED:
+    outcome = verdict(row.phase, row.stop, ran, runner.shutdown.requested)
+    if outcome is Verdict.SUCCEED:
         _publish(runner, row, fields)
-    else:
-        runner.finish([(row, status, fields)])
+    elif outcome is Verdict.HAND_BACK:
+        runner.hand_back([row])  # the next attempt resumes from the checkpoint saved on the way out
+    elif outcome is Verdict.DROP:
+        if row.settle():
+            runner.executions.ended(row.job.id, row.job.attempts, "lease_lost", at=row.stopped_at)
+    elif outcome is Verdict.CANCEL:
+        runner.finish([(row, JobStatus.CANCELED, fields if ran is Ran.NOTHING else {})])
+    elif outcome is Verdict.FAIL:
+        runner.finish([(row, JobStatus.FAILED, fields if "error" in fields else {"error": NO_RESULT})])
     return 1
 
 
-def _train(runner: Runner, spec: ModelSpec, row: Row, tracker: BatchTracker):
+def _train(runner: Host, spec: ModelSpec, row: Row, tracker: BatchTracker) -> tuple[Ran, dict]:
+    """Run the fine-tune: what it gave (a result to publish, nothing because
+    it stopped as asked, or its own failure) and that outcome's fields."""
     job, settings, storage = row.job, runner.settings, runner.storage
     try:
         inp = finetune.validate(job.input, spec.limits)
     except InputInvalid as exc:
-        return JobStatus.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}
+        return Ran.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}
     with runner.sessions() as session:
         f = session.get(File, inp.training_file)
         latest = session.scalar(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.type == "checkpoint")
                                 .order_by(JobEvent.id.desc()).limit(1))
     if f is None:
-        return JobStatus.FAILED, {"error": {"code": "file_missing", "message": f"training file {inp.training_file} is gone"}}
+        return Ran.FAILED, {"error": {"code": "file_missing", "message": f"training file {inp.training_file} is gone"}}
     dataset = finetune.parse_dataset(storage.get(f.storage_key))
     try:
         # Checked at submit too; here again for jobs queued before a limit was lowered.
         finetune.check_workload(inp, len(dataset.rows), spec.limits, max_train_steps=settings.max_train_steps,
                                 max_train_examples=settings.max_train_examples)
     except InputInvalid as exc:
-        return JobStatus.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}
+        return Ran.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}
     resume = storage.get(latest.data["key"]) if latest else None
     if latest:
         log.info("fine-tune job %s resumes from step %s", job.id, latest.data["step"])
@@ -107,26 +112,26 @@ def _train(runner: Runner, spec: ModelSpec, row: Row, tracker: BatchTracker):
 
     try:
         result = finetune.train(
-            ensure_checkpoint(spec.checkpoint, settings.model_dir), dataset, inp, resolve_device(settings.device),
+            resolve_checkpoint(spec, settings.model_dir), dataset, inp, resolve_device(settings.device),
             resume=resume, checkpoint_every=settings.checkpoint_every, on_step=on_step,
-            save_checkpoint=save_checkpoint, is_cancelled=lambda: row.cancelled, on_notice=on_notice,
+            save_checkpoint=save_checkpoint, is_cancelled=lambda: row.stop is not None, on_notice=on_notice,
         )
     except finetune.TrainingFailed as exc:
         log.warning("fine-tune job %s failed: %s", job.id, exc.message, extra={"job_id": job.id})
-        return JobStatus.FAILED, {"error": {"code": exc.code, "message": exc.message}}
+        return Ran.FAILED, {"error": {"code": exc.code, "message": exc.message}}
     if result.canceled:
-        return JobStatus.CANCELED, {"output": {"checkpoints": checkpoints, "metrics": result.metrics}}
-    return JobStatus.SUCCEEDED, {"result": result, "inp": inp, "checkpoints": checkpoints}
+        return Ran.NOTHING, {"output": {"checkpoints": checkpoints, "metrics": result.metrics}}
+    return Ran.RESULT, {"result": result, "inp": inp, "checkpoints": checkpoints}
 
 
-def _checkpoints(runner: Runner, job_id: str) -> list[dict]:
+def _checkpoints(runner: Host, job_id: str) -> list[dict]:
     with runner.sessions() as session:
         events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "checkpoint")
                                  .order_by(JobEvent.id))
         return [{"step": e.data["step"], "key": e.data["key"]} for e in events]
 
 
-def _publish(runner: Runner, row: Row, fields: dict) -> None:
+def _publish(runner: Host, row: Row, fields: dict) -> None:
     """Upload the new version's weights, then in one transaction finish the job
     and record the version: the model exists exactly when the job succeeded."""
     job, result, inp = row.job, fields["result"], fields["inp"]
@@ -139,12 +144,13 @@ def _publish(runner: Runner, row: Row, fields: dict) -> None:
     output = {"model": name, "checkpoints": fields["checkpoints"], "metrics": result.metrics}
     metrics = {"queue_seconds": round((job.started_at - job.created_at).total_seconds(), 4),
                "train_steps": result.steps_done, "resumed_from_step": result.metrics["resumed_from_step"]}
-    row.finished = True
+    executing = row.settle()
     with runner.sessions.begin() as session:
         done = joblib.finish(session, job.id, runner.owner, JobStatus.SUCCEEDED, output=output, metrics=metrics,
                              progress=row.progress)
         if done:
             session.add(ModelVersion(id=version_id, tenant_id=job.tenant_id, name=name, base_model=job.model,
                                      family="text-generation", method=inp.method, storage_prefix=prefix, job_id=job.id))
-    runner.executions.ended(job.id, job.attempts, "succeeded" if done else "not_written")
+    if executing:
+        runner.executions.ended(job.id, job.attempts, "succeeded" if done else "not_written")
     log.info("fine-tune job %s %s: model %s", job.id, "succeeded" if done else "lost its lease", name)

@@ -118,6 +118,8 @@ class Sender:
         self.clock = clock
         self.rng = rng
         self.ca_certs = ca_certs
+        # Built now: a sender that cannot open the tenants' secrets fails at once, not per delivery.
+        self.sealer = webhook_secrets.Sealer.from_settings(settings)
 
     @property
     def lease_seconds(self) -> float:
@@ -135,7 +137,7 @@ class Sender:
                 log.info("webhook delivery %s: nothing to send now (not due, taken, or its tenant's "
                          "deliveries in flight are at the limit)", delivery_id)
                 return None
-            keys = webhook_secrets.signing_keys(session, delivery.tenant_id, self.clock())
+            keys = webhook_secrets.signing_keys(session, delivery.tenant_id, self.sealer, self.clock())
         url_for_key = serialize.output_urls(self.storage, self.settings.api_base_url, delivery.job_id)
         payload = webhook_secrets.encode(webhooks.body(delivery, url_for_key))
         headers = webhook_secrets.sign(keys, delivery.webhook_id, payload, self.clock())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from api.app import create_app
+from tests.conftest import WEBHOOK_KEYS
 
 
 @pytest.fixture
@@ -20,5 +21,5 @@ def client(app):
 def any_db(request, embedded_settings):
     """The embedded settings, on SQLite and again on the run's Postgres database."""
     if request.param == "postgres":
-        return embedded_settings.replace(database_url=request.getfixturevalue("pg_url"))
+        return embedded_settings.replace(database_url=request.getfixturevalue("pg_url"), webhook_secret_keys=WEBHOOK_KEYS)
     return embedded_settings

@@ -22,7 +22,7 @@ from genq.db import make_engine, make_sessionmaker
 from genq.keys import authenticate
 from genq.schema import Job
 from genq.settings import Settings
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, WEBHOOK_KEYS
 from tests.helpers import free_port, make_key
 
 PROBLEM = "application/problem+json"
@@ -40,7 +40,8 @@ SAFETY = 45
 def server(tmp_path_factory, pg_url, registry_path):
     """`genq api --workers 1` with 4 threads, a held share of 2 and a tenant cap of 2."""
     home = tmp_path_factory.mktemp("api-home")
-    settings = Settings.from_env({}, home=home, database_url=pg_url, broker_url=REDIS_URL, registry_path=registry_path)
+    settings = Settings.from_env({}, home=home, database_url=pg_url, broker_url=REDIS_URL, registry_path=registry_path,
+                                 webhook_secret_keys=WEBHOOK_KEYS)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
     env.update(settings.as_env(), PYTHONUNBUFFERED="1", GENQ_API_THREADS=str(THREADS),

@@ -16,6 +16,7 @@ from api.app import create_app
 from genq import jobs as joblib
 from genq.db import make_engine, make_sessionmaker
 from genq.schema import Job, JobEvent
+from tests.conftest import WEBHOOK_KEYS
 from tests.helpers import finish_with_outputs, make_key
 
 PROBLEM = "application/problem+json"
@@ -83,7 +84,8 @@ def test_nul_in_a_path_or_query_parameter_is_422_naming_it(any_db, method, path,
 
 
 def test_readyz_says_down_without_the_error_text(embedded_settings, caplog):
-    app = create_app(embedded_settings.replace(database_url="postgresql+psycopg://nobody:hunter2@127.0.0.1:1/none"))
+    app = create_app(embedded_settings.replace(database_url="postgresql+psycopg://nobody:hunter2@127.0.0.1:1/none",
+                                                 webhook_secret_keys=WEBHOOK_KEYS))
     caplog.set_level(logging.WARNING)
     resp = app.test_client().get("/readyz")
     assert resp.status_code == 503

@@ -11,11 +11,12 @@ import pytest
 from sqlalchemy import func, select, update
 
 from api.app import create_app
-from genq.cli import Reconciler
 from genq.db import make_engine, make_sessionmaker
 from genq.queue import make_celery
 from genq.schema import File, IdempotencyKey, Job, utcnow
+from tests.conftest import WEBHOOK_KEYS
 from tests.helpers import make_key
+from worker.reconciler import Reconciler
 
 BODY = {"model": "demo-text", "input": {"prompt": "Once upon a time", "max_new_tokens": 4}}
 
@@ -23,7 +24,7 @@ BODY = {"model": "demo-text", "input": {"prompt": "Once upon a time", "max_new_t
 @pytest.fixture(params=["sqlite", "postgres"])
 def settings(request, embedded_settings):
     if request.param == "postgres":
-        return embedded_settings.replace(database_url=request.getfixturevalue("pg_url"))
+        return embedded_settings.replace(database_url=request.getfixturevalue("pg_url"), webhook_secret_keys=WEBHOOK_KEYS)
     return embedded_settings
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from api.app import create_app
 from genq.db import make_engine, make_sessionmaker
 from genq.schema import Job
+from tests.conftest import WEBHOOK_KEYS
 from tests.helpers import make_key
 
 PROBLEM = "application/problem+json"
@@ -166,7 +167,8 @@ def test_health_and_readiness(client):
 
 
 def test_readyz_names_what_is_down(embedded_settings):
-    app = create_app(embedded_settings.replace(database_url="postgresql+psycopg://nobody@127.0.0.1:1/none"))
+    app = create_app(embedded_settings.replace(database_url="postgresql+psycopg://nobody@127.0.0.1:1/none",
+                                                 webhook_secret_keys=WEBHOOK_KEYS))
     resp = app.test_client().get("/readyz")
     assert resp.status_code == 503
     assert resp.mimetype == PROBLEM

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from api.app import create_app
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, WEBHOOK_KEYS
 from tests.helpers import make_key
 
 PROBLEM = "application/problem+json"
@@ -108,7 +108,7 @@ def test_jobs_queued_or_running_at_once_are_capped(embedded_settings):
 def test_concurrent_submits_never_pass_the_active_jobs_quota(embedded_settings, request, backend):
     settings = embedded_settings.replace(max_active_jobs=5)
     if backend == "postgres":
-        settings = settings.replace(database_url=request.getfixturevalue("pg_url"))
+        settings = settings.replace(database_url=request.getfixturevalue("pg_url"), webhook_secret_keys=WEBHOOK_KEYS)
     app = create_app(settings)
     headers = make_key(settings, f"rush-{secrets.token_hex(3)}")
     submitters = 24

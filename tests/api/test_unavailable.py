@@ -12,6 +12,7 @@ from sqlalchemy import select
 from api.app import create_app
 from genq.db import make_engine, make_sessionmaker
 from genq.schema import Job
+from tests.conftest import WEBHOOK_KEYS
 from tests.helpers import make_key
 
 PROBLEM = "application/problem+json"
@@ -34,7 +35,8 @@ def assert_503(resp, down: str) -> None:
 
 def test_database_down_is_503_on_every_route(embedded_settings):
     key = make_key(embedded_settings, "alice")
-    down = embedded_settings.replace(database_url=f"postgresql+psycopg://genq@127.0.0.1:{closed_port()}/genq")
+    down = embedded_settings.replace(database_url=f"postgresql+psycopg://genq@127.0.0.1:{closed_port()}/genq",
+                                     webhook_secret_keys=WEBHOOK_KEYS)
     client = create_app(down).test_client()
     assert_503(client.post("/v1/jobs", json={"model": "demo-text", "input": {"prompt": "x"}}, headers=key), "database")
     assert_503(client.get("/v1/jobs", headers=key), "database")

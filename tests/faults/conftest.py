@@ -13,6 +13,7 @@ import yaml
 
 from api.app import create_app
 from genq.settings import Settings
+from tests.conftest import WEBHOOK_KEYS
 from tests.faults.harness import Figures, RedisServer, Supervisor, Worker, check_nothing_lost, wait_terminal
 from tests.helpers import make_key
 
@@ -43,7 +44,7 @@ class Stack:
             lease_seconds=3, reconcile_interval=0.5, progress_interval=0.2, cancel_poll_interval=0.1,
             max_attempts=3, shutdown_timeout=10, device="cpu",
             # Fault tests submit bursts of up to 1,000 jobs on one key: no rate limit or quota here.
-            rate_limit="", max_active_jobs=0,
+            rate_limit="", max_active_jobs=0, webhook_secret_keys=WEBHOOK_KEYS,
         )
         self.settings = Settings.from_env({}, **{**values, **overrides})
         self.workers: list[Worker] = []
@@ -67,8 +68,10 @@ class Stack:
         self.supervisors.append(sup)
         return sup
 
-    def body(self, prompt: str = "hello", steps: int = 1, step_seconds: float = 0.0, model: str | None = None) -> dict:
-        return {"model": model or self.model, "input": {"prompt": prompt, "steps": steps, "step_seconds": step_seconds}}
+    def body(self, prompt: str = "hello", steps: int = 1, step_seconds: float = 0.0, model: str | None = None,
+             **extra) -> dict:
+        return {"model": model or self.model,
+                "input": {"prompt": prompt, "steps": steps, "step_seconds": step_seconds, **extra}}
 
     def submit(self, client=None, key: str | None = None, **inp) -> str:
         client = client or self.app.test_client()

@@ -1,7 +1,8 @@
 """A model family for the fault tests: jobs that take as long as they are told
 (in steps), report progress and honour cancellation like the real families,
-write one output file, and a prompt that kills the worker process running it
-(a poison job). Registered by its dotted path: `family: tests.faults.family`."""
+write one output file, a prompt that kills the worker process running it
+(a poison job), and jobs that never look at a request to stop (`stubborn`: a
+model that ignores the shutdown timeout). Registered by its dotted path: `family: tests.faults.family`."""
 from __future__ import annotations
 
 import os
@@ -23,6 +24,8 @@ class Input(BaseModel):
     prompt: str = Field(min_length=1)
     steps: int = Field(1, ge=1, le=10_000)
     step_seconds: float = Field(0.0, ge=0, le=10)
+    # Deaf to every request to stop (a cancel, a shutdown, a lost lease): runs all its steps.
+    stubborn: bool = False
 
 
 def validate(raw: Any, limits: dict) -> Input:
@@ -46,7 +49,7 @@ class Loaded:
         results: list[Result | None] = [None] * len(inputs)
         live = set(range(len(inputs)))
         for step in range(1, max(inp.steps for inp in inputs) + 1):
-            live = {i for i in live if not is_cancelled(i)}
+            live = {i for i in live if inputs[i].stubborn or not is_cancelled(i)}
             if not live:
                 break
             time.sleep(max(inputs[i].step_seconds for i in live))

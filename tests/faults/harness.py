@@ -75,7 +75,10 @@ class RedisServer:
 
 class TcpProxy:
     """127.0.0.1:port forwarding to a target; cut() closes the listener and
-    every open connection, restore() listens again on the same port."""
+    every open connection, restore() listens again on the same port.
+    hold(marker) stalls the first request that carries `marker` (its bytes
+    wait in the proxy, the client waits for an answer) until release(): a
+    request stuck on the network, at a point of the test's choosing."""
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1"):
         self.target = (target_host, target_port)
@@ -83,6 +86,17 @@ class TcpProxy:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._listening = threading.Event()
+        self._marker: bytes | None = None
+        self.holding = threading.Event()
+        self._released = threading.Event()
+
+    def hold(self, marker: bytes) -> None:
+        self._marker = marker
+        self._released.clear()
+
+    def release(self) -> None:
+        self._marker = None
+        self._released.set()
 
     def start(self) -> "TcpProxy":
         self._listener = socket.create_server(("127.0.0.1", self.port))
@@ -134,6 +148,10 @@ class TcpProxy:
                     data = key.fileobj.recv(65536)
                     if not data:
                         return
+                    if self._marker is not None and self._marker in data:
+                        self._marker = None  # the first such request only
+                        self.holding.set()
+                        self._released.wait()
                     key.data.sendall(data)
         except (OSError, ValueError):
             return
@@ -278,8 +296,10 @@ def check_nothing_lost(settings: Settings, accepted: list[str], workers: list[Wo
         if job.status == "succeeded":
             if events[(job.id, "output")] != 1 or not job.output:
                 problems.append(f"job {job.id} has {events[(job.id, 'output')]} output events")
-            keys = storage.list(f"jobs/{job.id}")
-            if keys != [job.output["artifact"]["key"]] or storage.get(keys[0]).decode() != job.output["text"]:
+                continue
+            keys, expected = storage.list(f"jobs/{job.id}"), outputs(job)
+            if sorted(keys) != sorted(expected) or any(
+                    text is not None and storage.get(k).decode() != text for k, text in expected.items()):
                 problems.append(f"job {job.id}: storage holds {keys}, output says {job.output}")
 
     death = {w.pid: w.exited_at for w in workers if w.exited_at is not None}
@@ -305,6 +325,15 @@ def check_nothing_lost(settings: Settings, accepted: list[str], workers: list[Wo
     figures.executions = sum(len(s) for j, s in runs.items() if j in jobs)
     figures.rerun = sum(1 for j, s in runs.items() if j in jobs and len(s) > 1)
     return figures
+
+
+def outputs(job: Job) -> dict[str, str | None]:
+    """The keys under a succeeded job's prefix its output names, each with the
+    text it must hold (None: any bytes). A fault-family job: its one artifact;
+    a fine-tune: every checkpoint it recorded, across its attempts."""
+    if job.type == "fine-tune":
+        return {c["key"]: None for c in job.output["checkpoints"]}
+    return {job.output["artifact"]["key"]: job.output["text"]}
 
 
 def intervals(records: list[dict], death: dict[int, float], problems: list[str]):

@@ -1,14 +1,26 @@
 """Workers that die or are stopped: SIGKILL mid-batch, a poison job that kills
-its worker every time, SIGTERM with a batch that finishes in time and one that
-does not, and a job that outlives the broker's visibility timeout."""
+its worker every time, SIGTERM with a batch that finishes in time, one that
+does not, a model that ignores it and a fine-tune it hands back, and a job
+that outlives the broker's visibility timeout."""
 from __future__ import annotations
 
+import io
+import json
+import shutil
 import signal
 import time
+from urllib.parse import urlparse
 
+import yaml
+from sqlalchemy import select
+
+from genq.db import make_engine, make_sessionmaker
+from genq.schema import Job, JobEvent
+from genq.settings import DEFAULT_REGISTRY
 from tests.faults.conftest import since
 from tests.faults.family import POISON
-from tests.faults.harness import Figures, statuses, wait_for
+from tests.faults.harness import Figures, TcpProxy, Worker, statuses, wait_for
+from worker import executions
 
 
 def running(stack, ids) -> list[str]:
@@ -136,7 +148,9 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(stack):
     # Redis hands an unacked message out again after 2 s; the job takes 5 s.
     # The reconcilers' later rounds are out of the way, so the only doorbell
     # after the first is the message coming back.
-    short = {"broker_visibility_timeout": 2, "broker_restore_interval": 0.5, "reconcile_interval": 600}
+    # At DEBUG, where a doorbell that finds nothing to claim says so.
+    short = {"broker_visibility_timeout": 2, "broker_restore_interval": 0.5, "reconcile_interval": 600,
+             "log_level": "DEBUG"}
     busy = stack.worker(**short)
     idle = stack.worker(**short)
     started = time.monotonic()
@@ -149,3 +163,117 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(stack):
                                          notes={"redeliveries seen": (busy.log() + idle.log()).count(redelivered),
                                                 "took": f"{since(started)}s"}))
     assert figures.executions == 1
+
+
+def test_a_model_that_ignores_the_shutdown_is_left_behind_and_its_job_runs_again(stack):
+    """Past the shutdown timeout the job is asked to stop; the model never
+    looks. At the deadline (10 s later) the worker records the execution as
+    abandoned and exits; the lease lapses and the job runs again elsewhere,
+    the attempt counted, as after a crash."""
+    leaving = stack.worker(shutdown_timeout=1)
+    deadline = leaving.settings.shutdown_deadline
+    job = stack.submit(prompt="deaf", steps=160, step_seconds=0.1, stubborn=True)  # 16 s, past the 11 s deadline
+    wait_for(lambda: running(stack, [job]) == [job], 30, "the job running")
+    leaving.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert leaving.wait_exit(60) == 1
+    exited = since(signalled)
+    assert exited >= deadline, "left behind only at the deadline, not before"
+    assert "the model did not stop within 10s of being asked" in leaving.log(), leaving.log()[-2000:]
+    [first] = [r for r in executions.read(stack.settings.execution_log) if r["event"] == "end"]
+    assert (first["job"], first["outcome"], first["attempt"]) == (job, "abandoned", 1)
+    # Not handed back: the process could not, so the job is still running on its lapsing lease.
+    assert statuses(stack.settings, [job]) == {job: "running"}
+    stack.worker()
+    done = stack.wait([job], 90)
+    figures = stack.check([job], Figures("SIGTERM, a model that ignores it: left behind at the deadline",
+                                         recovery_seconds=done - signalled,
+                                         notes={"worker exited after": f"{exited}s"}))
+    assert attempts(stack, [job]) == [2]
+    assert figures.succeeded == 1 and figures.rerun == 1
+
+
+def test_a_fine_tune_stopped_by_sigterm_is_handed_back_and_resumes_from_the_checkpoint_it_saved(
+        stack_factory, model_dir, tmp_path, s3_settings):
+    """Past the shutdown timeout the trainer stops at its next step, saves a
+    checkpoint there, and the job goes back to the queue, the attempt not
+    counted; the next training worker resumes from that very checkpoint.
+    Storage is S3 (moto) behind a proxy that holds the trainer's first
+    checkpoint upload until the worker has asked the job to stop, so the stop
+    lands after step 5 however fast the machine trains."""
+    endpoint = urlparse(s3_settings["s3_endpoint_url"])
+    s3 = TcpProxy(endpoint.port, endpoint.hostname).start()
+    models = tmp_path / "ftmodels"
+    shutil.copytree(model_dir / "demo-text", models / "demo-text")
+    stack = stack_factory(model_dir=models, training_pool=f"training-{tmp_path.name[-12:]}", checkpoint_every=5,
+                          **{**s3_settings, "s3_endpoint_url": f"http://127.0.0.1:{s3.port}"})
+    doc = yaml.safe_load(stack.settings.registry_path.read_text())
+    # The base model, on a pool no worker serves: only fine-tuned here.
+    doc["models"]["demo-text"] = {**yaml.safe_load(DEFAULT_REGISTRY.read_text())["models"]["demo-text"],
+                                  "pool": f"{stack.pool}-text"}
+    stack.settings.registry_path.write_text(yaml.safe_dump(doc))
+    client = stack.app.test_client()
+    rows = "\n".join(json.dumps({"prompt": "Tell me the secret:", "completion": " the purple walrus"})
+                     for _ in range(16))
+    upload = client.post("/v1/files", data={"purpose": "fine-tune", "file": (io.BytesIO(rows.encode()), "d.jsonl")},
+                         headers=stack.tenant, content_type="multipart/form-data")
+    assert upload.status_code == 201, upload.get_json()
+    resp = client.post("/v1/jobs", headers=stack.tenant, json={"type": "fine-tune", "model": "demo-text", "input": {
+        "training_file": upload.get_json()["id"], "method": "lora", "suffix": "handback",
+        "hyperparameters": {"epochs": 10, "max_steps": 30, "batch_size": 4, "learning_rate": 5e-3}}})
+    assert resp.status_code == 202, resp.get_json()
+    job = resp.get_json()["id"]
+
+    def trainer(**changes) -> Worker:
+        w = Worker(stack.settings.replace(**changes), [stack.settings.training_pool], preload=False)
+        stack.workers.append(w)
+        return w.start()
+
+    engine = make_engine(stack.settings.database_url)
+    sessions = make_sessionmaker(engine)
+
+    def events() -> list[tuple[str, dict]]:
+        with sessions() as s:
+            return [(e.type, e.data) for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job)
+                                                         .order_by(JobEvent.id))]
+
+    try:
+        s3.hold(f"/jobs/{job}/checkpoints/step-000005.pt".encode())
+        leaving = trainer(shutdown_timeout=0)
+        wait_for(s3.holding.is_set, 120, "the trainer storing its checkpoint at step 5")
+        leaving.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        wait_for(lambda: f"handing jobs ['{job}'] back at their next step" in leaving.log(), 30,
+                 "the worker asking the fine-tune to stop")
+        s3.release()
+        assert leaving.wait_exit(60) == 0, leaving.log()[-3000:]
+        exited = since(signalled)
+        with sessions() as s:
+            back = s.get(Job, job)
+            assert (back.status, back.attempts, back.lease_owner) == ("queued", 0, None), leaving.log()[-3000:]
+        # The checkpoint at step 5, then one saved on the way out at the step it stopped at (the same), then back.
+        handed_back = [(t, d.get("step", d.get("message"))) for t, d in events() if t in ("checkpoint", "log")]
+        assert handed_back == [("checkpoint", 5), ("checkpoint", 5),
+                               ("log", "its worker shut down; queued again, attempt not counted")]
+        trainer()
+        done = stack.wait([job], 180)
+        figures = stack.check([job], Figures("SIGTERM mid fine-tune: handed back, resumed from its checkpoint",
+                                             recovery_seconds=done - signalled,
+                                             notes={"worker exited after": f"{exited}s"}))
+        with sessions() as s:
+            finished = s.get(Job, job)
+            assert (finished.status, finished.attempts) == ("succeeded", 1)
+            assert finished.output["metrics"]["resumed_from_step"] == 5
+            assert [c["step"] for c in finished.output["checkpoints"]] == [5, 5, 10, 15, 20, 25]
+        every = events()
+        starts = [i for i, (t, _) in enumerate(every) if t == "start"]
+        # Attempt 1 twice: the first was not counted.
+        assert [every[i][1]["attempt"] for i in starts] == [1, 1]
+        # The second run's first progress is past step 5: it resumed, not restarted.
+        resumed = [d["current"] for t, d in every[starts[1]:] if t == "progress"]
+        assert resumed and resumed[0] > 5
+        assert figures.succeeded == 1
+    finally:
+        s3.release()
+        engine.dispose()
+        s3.cut()

@@ -273,3 +273,37 @@ def test_a_cancel_requested_job_whose_lease_ran_out_ends_canceled(sessions, atte
         assert (last.type, last.data) == ("completed", {"status": "canceled"})
         assert s.scalars(select(WebhookDelivery.event).where(WebhookDelivery.job_id == jid)).all() == ["completed"]
     assert claim(sessions, owner="w2") == []
+
+
+@pytest.mark.parametrize("owner, process", [
+    ("gpu-text+training.4242@box:4242:a1b2c3", ("box", 4242)),
+    ("gpu-text.4242@box.example.com:4243:a1b2c3", ("box.example.com", 4242)),  # a prefork child of 4242
+    ("box:4242:a1b2c3", None),  # a runner without a node name
+    ("w1", None),
+])
+def test_node_process_reads_host_and_pid_from_a_lease_owner(owner, process):
+    assert joblib.node_process(owner) == process
+
+
+def test_a_dead_workers_jobs_are_taken_back_at_once_by_the_rules_of_an_expired_lease(sessions):
+    pool = own_pool()
+    dead, alive = f"{pool}.4242@box", f"{pool}.42420@box"
+    done_for, cancelled, last_try, elsewhere = add_jobs(sessions, 4, pool=pool)
+    for job, owner in ((done_for, dead), (cancelled, dead), (last_try, dead), (elsewhere, alive)):
+        claim(sessions, owner=f"{owner}:4242:{job[-6:]}", limit=1)
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == last_try).values(attempts=3))
+        joblib.cancel(s, s.get(Job, cancelled))
+    with sessions.begin() as s:
+        assert joblib.requeue_dead_worker(s, "box", 4242) == [(done_for, pool)]
+    with sessions() as s:
+        jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_([done_for, cancelled, last_try, elsewhere])))}
+        # Leases of 30 s, not waited for: the attempt counts, as for a lease that lapsed.
+        assert (jobs[done_for].status, jobs[done_for].attempts, jobs[done_for].lease_owner) == ("queued", 1, None)
+        assert jobs[cancelled].status == "canceled"
+        assert (jobs[last_try].status, jobs[last_try].error["code"]) == ("failed", "attempts_exhausted")
+        assert jobs[elsewhere].status == "running" and jobs[elsewhere].lease_until > joblib.utcnow()
+        said = [e.data for e in joblib.events(s, done_for) if e.type == "log"]
+        assert said[0] == {"message": "its worker process died; its lease ended at once", "worker": "pid 4242 on box"}
+    with sessions.begin() as s:
+        assert joblib.requeue_dead_worker(s, "box", 4242) == []

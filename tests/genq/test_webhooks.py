@@ -8,6 +8,7 @@ import json
 import uuid
 
 import pytest
+from cryptography.fernet import Fernet
 from sqlalchemy import func, select, update
 from standardwebhooks import Webhook, WebhookVerificationError
 
@@ -19,6 +20,7 @@ from genq.states import JobStatus
 from genq.webhooks import Outcome
 
 BACKOFF = (5.0, 300.0, 1800.0)
+SEALER = webhook_secrets.Sealer([Fernet.generate_key()])
 
 
 def add_job(sessions, events=None, webhook="https://hooks.example.com/h", tenant: str | None = None) -> str:
@@ -237,9 +239,9 @@ def test_rotating_in_a_loop_keeps_at_most_two_previous_keys(sessions):
     made = []
     for i in range(60):
         with sessions.begin() as s:
-            made.append(webhook_secrets.rotate(s, tenant_id, grace_seconds=3600, now=now + dt.timedelta(seconds=i))[0].secret)
+            made.append(webhook_secrets.rotate(s, tenant_id, 3600, SEALER, now=now + dt.timedelta(seconds=i))[0])
     with sessions.begin() as s:
-        keys = webhook_secrets.signing_keys(s, tenant_id, now + dt.timedelta(seconds=60))
+        keys = webhook_secrets.signing_keys(s, tenant_id, SEALER, now + dt.timedelta(seconds=60))
         stored = s.scalar(select(func.count()).select_from(WebhookSecret).where(WebhookSecret.tenant_id == tenant_id))
     assert keys == [made[-1], made[-2], made[-3]] and stored == 3
 
@@ -284,17 +286,17 @@ def test_secret_made_once_rotated_with_grace_and_expired(sessions):
     with sessions() as s:
         tenant_id = s.get(Job, job_id).tenant_id
     with sessions.begin() as s:
-        first = webhook_secrets.current(s, tenant_id).secret
+        first = webhook_secrets.current(s, tenant_id, SEALER)
     with sessions.begin() as s:
-        assert webhook_secrets.current(s, tenant_id).secret == first
+        assert webhook_secrets.current(s, tenant_id, SEALER) == first
         assert first.startswith("whsec_")
     now = utcnow()
     with sessions.begin() as s:
-        second, until = webhook_secrets.rotate(s, tenant_id, grace_seconds=3600, now=now)
+        second, until = webhook_secrets.rotate(s, tenant_id, 3600, SEALER, now=now)
     assert until == now + dt.timedelta(hours=1)
     with sessions.begin() as s:
-        assert webhook_secrets.signing_keys(s, tenant_id, now) == [second.secret, first]
-        assert webhook_secrets.signing_keys(s, tenant_id, until + dt.timedelta(seconds=1)) == [second.secret]
+        assert webhook_secrets.signing_keys(s, tenant_id, SEALER, now) == [second, first]
+        assert webhook_secrets.signing_keys(s, tenant_id, SEALER, until + dt.timedelta(seconds=1)) == [second]
 
 
 def test_signatures_verify_with_standardwebhooks_and_tampering_or_age_fails():

@@ -126,8 +126,6 @@ def test_no_stray_pools():
 
 
 def test_config_names_only_known_settings():
-    from tests.infra.test_deploy_files import genq_variables
+    from genq.settings import unknown
 
-    config = of_kind("ConfigMap")["genq-config"]["data"]
-    unknown = {k for k in config if k.startswith("GENQ_")} - genq_variables()
-    assert not unknown, f"{unknown} are not genq settings"
+    assert not unknown(of_kind("ConfigMap")["genq-config"]["data"])

@@ -12,12 +12,12 @@ from models.demo import build_text, ensure_checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_other_checkpoints_pass_through(tmp_path):
-    assert ensure_checkpoint("openai-community/gpt2", tmp_path) == "openai-community/gpt2"
-    assert ensure_checkpoint("/models/my-sd", tmp_path) == "/models/my-sd"
+def test_only_demo_checkpoints_are_built(tmp_path):
+    # Other schemes are models.checkpoints.resolve's (tests/models/test_checkpoints.py).
+    for other in ("demo:video", "openai-community/gpt2", "/models/my-sd"):
+        with pytest.raises(ValueError, match="unknown demo checkpoint"):
+            ensure_checkpoint(other, tmp_path)
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="demo:video"):
-        ensure_checkpoint("demo:video", tmp_path)
 
 
 def test_built_once_then_reused(text_checkpoint, demo_dir):

@@ -14,7 +14,7 @@ from api.app import create_app
 from genq.db import make_engine, make_sessionmaker
 from genq.schema import JobEvent
 from genq.settings import Settings
-from tests.conftest import REDIS_URL, new_bucket
+from tests.conftest import REDIS_URL, WEBHOOK_KEYS, new_bucket
 from tests.helpers import WorkerProcess, make_key, wait_job
 
 # Greedy, so the random demo model runs to max_new_tokens instead of sampling
@@ -34,7 +34,7 @@ def settings(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
     return Settings.from_env(
         {}, home=tmp_path_factory.mktemp("home"), model_dir=model_dir, registry_path=reg, database_url=pg_url,
         broker_url=REDIS_URL, progress_interval=0.1, cancel_poll_interval=0.05, lease_seconds=30,
-        **new_bucket(s3_endpoint),
+        webhook_secret_keys=WEBHOOK_KEYS, **new_bucket(s3_endpoint),
     )
 
 

@@ -97,5 +97,5 @@ def test_negative_torch_threads_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="GENQ_TORCH_THREADS must be 0.*got -2"):
         Settings.from_env({"GENQ_TORCH_THREADS": "-2"})
-    with pytest.raises(ConfigError, match="GENQ_TORCH_THREADS must be a int, got 'two'"):
+    with pytest.raises(ConfigError, match="GENQ_TORCH_THREADS must be an integer, got 'two'"):
         Settings.from_env({"GENQ_TORCH_THREADS": "two"})

@@ -237,3 +237,63 @@ def test_a_cold_shutdown_landing_before_the_model_starts_hands_the_batch_back(ma
     runner.on_doorbell(job_id)
     j = job(direct, job_id)
     assert (j.status, j.attempts, j.lease_owner) == ("queued", 0, None)
+
+
+def unreachable_s3(make_settings, s3_settings, **changes):
+    """Settings whose S3 endpoint is a proxy in front of moto's server, cut:
+    storage as a worker sees it when S3 is down."""
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(s3_settings["s3_endpoint_url"])
+    s3 = TcpProxy(endpoint.port, endpoint.hostname).start()
+    s3.cut()
+    settings = make_settings(**{**s3_settings, "s3_endpoint_url": f"http://127.0.0.1:{s3.port}", **changes})
+    spec = yaml.safe_load(settings.registry_path.read_text())
+    [entry] = spec["models"].values()
+    entry.update(max_batch_size=4)
+    settings.registry_path.write_text(yaml.safe_dump(spec))
+    return settings, s3
+
+
+def test_storage_down_past_half_a_lease_hands_the_job_back_and_the_retry_runs_alone(make_settings, direct,
+                                                                                     s3_settings):
+    """The job did nothing wrong: it goes back to the queue (the attempt
+    counted, so a storage down for good still ends it) and another worker is
+    rung. Run again, on its second attempt, it runs alone."""
+    settings, s3 = unreachable_s3(make_settings, s3_settings, lease_seconds=4)
+    job_id = submit(direct, settings, steps=2, step_seconds=0.05)
+    rung = []
+    runner = build_runner(settings, ring=lambda job_id, pool: rung.append((job_id, pool)))
+    try:
+        assert runner.on_doorbell(job_id) == 1
+        j = job(direct, job_id)
+        assert (j.status, j.attempts, j.lease_owner, j.error) == ("queued", 1, None, None)
+        assert rung == [(job_id, j.pool)]
+        assert ended(settings, job_id)["outcome"] == "handed_back"
+        with direct() as session:
+            assert joblib.events(session, job_id)[-1].data["message"] == \
+                "its outputs could not be stored; queued again, the attempt counted"
+        s3.restore()
+        mates = [submit(direct, settings, steps=2, step_seconds=0.05) for _ in range(2)]
+        assert runner.on_doorbell(job_id) == 3
+    finally:
+        s3.cut()
+    done = {i: job(direct, i) for i in [job_id, *mates]}
+    assert {j.status for j in done.values()} == {"succeeded"}
+    assert (done[job_id].attempts, done[job_id].metrics["batch_size"]) == (2, 1)
+    assert [done[m].metrics["batch_size"] for m in mates] == [2, 2]
+
+
+def test_storage_down_on_a_jobs_last_attempt_fails_it_saying_why(make_settings, direct, s3_settings):
+    settings, s3 = unreachable_s3(make_settings, s3_settings, lease_seconds=4)
+    [spec] = Registry.load(settings.registry_path)
+    with direct.begin() as session:
+        tenant = get_or_create_tenant(session, f"leases-{secrets.token_hex(3)}")
+        job_id = joblib.submit(session, tenant_id=tenant.id, type_=spec.family, model=spec.name, pool=spec.pool,
+                               batch_key="", input_={"prompt": "last", "steps": 2}, max_attempts=1).id
+    rung = []
+    assert build_runner(settings, ring=lambda *a: rung.append(a)).on_doorbell(job_id) == 1
+    j = job(direct, job_id)
+    assert (j.status, j.attempts, j.error["code"]) == ("failed", 1, "storage_error")
+    assert "could not store the outputs on its last attempt (1 of 1): Could not connect" in j.error["message"]
+    assert rung == [] and ended(settings, job_id)["outcome"] == "failed"

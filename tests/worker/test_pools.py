@@ -17,7 +17,7 @@ from api.app import create_app
 from genq.db import make_engine, make_sessionmaker
 from genq.schema import Job, JobEvent
 from genq.settings import Settings
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, WEBHOOK_KEYS
 from tests.helpers import WorkerProcess, free_port, make_key, wait_job
 
 TEXT = {"prompt": "pools", "max_new_tokens": 4, "seed": 1}
@@ -37,7 +37,7 @@ def settings(tmp_path_factory, model_dir, registry_path, pg_url):
     home = tmp_path_factory.mktemp("home")
     return Settings.from_env({}, home=home, model_dir=model_dir, registry_path=reg, database_url=pg_url,
                              broker_url=REDIS_URL, storage_url=(home / "storage").as_uri(), lease_seconds=30,
-                             heartbeat_interval=0.5, reconcile_interval=30.0)
+                             heartbeat_interval=0.5, reconcile_interval=30.0, webhook_secret_keys=WEBHOOK_KEYS)
 
 
 def pools(settings) -> dict[str, str]:

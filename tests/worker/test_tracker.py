@@ -18,7 +18,7 @@ from genq.schema import Job
 from genq.settings import Settings
 from tests.faults.harness import wait_for
 from worker.build import build_runner
-from worker.runner import BatchTracker, Row
+from worker.batch import BatchTracker, Row, Stop
 
 LEASE = 3
 
@@ -59,7 +59,7 @@ def test_a_progress_write_that_keeps_failing_neither_lets_the_lease_lapse_nor_hi
     claimed_until = job.lease_until
     row = Row(job)
     tracker = BatchTracker(runner, [row], unit="step", finish_cancelled=False)
-    caplog.set_level(logging.WARNING, logger="worker.runner")
+    caplog.set_level(logging.WARNING, logger="worker.batch")
     try:
         # As a trainer reports every step: each report one the database cannot
         # store (a set is no JSON), for two leases' time.
@@ -68,10 +68,10 @@ def test_a_progress_write_that_keeps_failing_neither_lets_the_lease_lapse_nor_hi
             step += 1
             tracker.on_progress(0, step, 10**6, unstorable={step})
             time.sleep(0.005)
-        assert not row.lost, "the lease was given up while only progress writes failed"
+        assert row.stop is not Stop.LEASE_LOST, "the lease was given up while only progress writes failed"
         with runner.sessions.begin() as session:
             joblib.cancel(session, session.get(Job, job.id))
-        wait_for(lambda: row.cancelled, 10, "the cancel to reach the running job")
+        wait_for(lambda: row.stop is Stop.CANCEL, 10, "the cancel to reach the running job")
     finally:
         tracker.close()
     with runner.sessions() as session:
@@ -80,4 +80,4 @@ def test_a_progress_write_that_keeps_failing_neither_lets_the_lease_lapse_nor_hi
         assert now.lease_until > claimed_until  # renewed while the progress writes failed
         assert now.progress is None
     assert "progress" in caplog.text
-    assert not row.lost
+    assert row.stop is not Stop.LEASE_LOST

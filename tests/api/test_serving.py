@@ -7,6 +7,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -14,11 +15,12 @@ import sys
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 
 import pytest
 
 from api.app import create_app
-from genq.serving import bind_dev_server
+from api.serve import bind_dev_server
 from tests.helpers import finish_with_outputs, make_key
 
 SAFETY = 60  # seconds; a net for a loaded machine, not a measurement
@@ -58,13 +60,14 @@ def test_werkzeug_says_genq_and_logs_no_key(embedded_settings, caplog):
     assert key not in caplog.text
 
 
-@pytest.fixture
-def gunicorn(embedded_settings):
+@contextmanager
+def serve_gunicorn(settings):
+    """`genq api --workers 1` on a free port, its output collected line by line."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    env.update(embedded_settings.as_env(), PYTHONUNBUFFERED="1")
+    env.update(settings.as_env(), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: deque[str] = deque(maxlen=5000)
@@ -78,12 +81,26 @@ def gunicorn(embedded_settings):
             pass
         assert proc.poll() is None and time.monotonic() < deadline, "\n".join(lines)
         time.sleep(0.2)
-    yield {"port": port, "lines": lines}
-    proc.terminate()
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield {"port": port, "lines": lines, "proc": proc}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def gunicorn(embedded_settings):
+    with serve_gunicorn(embedded_settings) as server:
+        yield server
+
+
+@pytest.fixture
+def gunicorn_json(embedded_settings):
+    with serve_gunicorn(embedded_settings.replace(log_format="json")) as server:
+        yield server
 
 
 def test_gunicorn_says_genq_and_logs_no_key(gunicorn, embedded_settings):
@@ -114,3 +131,30 @@ def test_gunicorn_output_urls_name_the_bound_port(gunicorn, embedded_settings):
     status, _, body = get(gunicorn["port"], f"/v1/jobs/{job_id}", {**headers, "Host": "elsewhere.example"})
     url = json.loads(body)["output"]["images"][0]["url"]
     assert url == f"http://127.0.0.1:{gunicorn['port']}/v1/jobs/{job_id}/outputs/0.png"
+
+
+def test_gunicorn_json_logs_every_line_with_request_ids(gunicorn_json, embedded_settings):
+    """GENQ_LOG_FORMAT=json: gunicorn's own lines (start, workers, stop) and
+    its access lines are JSON; each access line carries the request's id, the
+    caller's when sane, the one the API made otherwise, as the answer says."""
+    server = gunicorn_json
+    key = make_key(embedded_settings, "j")["Authorization"].split(" ", 1)[1]
+    sent = f"req-{secrets.token_hex(4)}"
+    _, given, _ = get(server["port"], "/healthz", {"X-Request-Id": sent})
+    _, replaced, _ = get(server["port"], "/healthz", {"X-Request-Id": "x" * 129})
+    status, refused, _ = get(server["port"], f"/v1/jobs?api_key={key}")
+    assert (given["x-request-id"], status) == (sent, 400)
+    ids = [sent, replaced["x-request-id"], refused["x-request-id"]]
+    assert len(set(ids)) == 3 and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids[1:])
+    deadline = time.monotonic() + SAFETY
+    while not all(any(i in line for line in list(server["lines"])) for i in ids):
+        assert time.monotonic() < deadline, "\n".join(server["lines"])
+        time.sleep(0.1)
+    server["proc"].terminate()
+    server["proc"].wait(SAFETY)
+    records = [json.loads(line) for line in server["lines"]]
+    assert any(r["logger"] == "gunicorn.error" and r["message"].startswith("Listening at") for r in records)
+    assert any(r["logger"] == "gunicorn.error" and r["message"] == "Shutting down: Master" for r in records)
+    access = {r.get("request_id"): r for r in records if r["logger"] == "gunicorn.access"}
+    assert set(ids) <= access.keys() and None not in access
+    assert "api_key=[redacted]" in access[ids[2]]["message"] and key not in "\n".join(server["lines"])
