@@ -80,7 +80,9 @@ def write_registry(path: Path, pool: str) -> None:
     base = yaml.safe_load(DEFAULT_REGISTRY.read_text())["models"]
     models = {}
     for b in BATCH_SIZES:
-        models[f"text-b{b}"] = {**base["demo-text"], "pool": pool, "max_batch_size": b, "max_wait_ms": 50}
+        # Static batches: continuous batching has its own bench (bench/continuous.py).
+        models[f"text-b{b}"] = {**base["demo-text"], "pool": pool, "max_batch_size": b, "max_wait_ms": 50,
+                                "batching": "static"}
         models[f"image-b{b}"] = {**base["demo-image"], "pool": pool, "max_batch_size": b, "max_wait_ms": 50,
                                  "limits": {**base["demo-image"]["limits"], "max_images": 8}}
     path.write_text(yaml.safe_dump({"models": models}))

@@ -25,6 +25,11 @@ FAMILIES = {
     "image-generation": "models.image",
 }
 DTYPES = ("float32", "float16", "bfloat16", "int8")
+# How a model's jobs share the worker: "continuous" (rows join and leave a
+# running batch at each decode step; families whose loaded model has an
+# `engine`) or "static" (a batch is claimed, run to its end, then the next).
+BATCHING = ("continuous", "static")
+ENGINES = ("transformers", "vllm")
 
 
 class RegistryError(ValueError):
@@ -40,6 +45,12 @@ class ModelSpec:
     dtype: str = "float32"
     max_batch_size: int = 1
     max_wait_ms: int = 0
+    batching: str = "static"
+    # Continuous batching's KV budget: rows x their longest (prompt + new
+    # tokens) may not pass it; None bounds by max_batch_size alone.
+    max_batch_tokens: int | None = None
+    # What runs a text model: transformers on torch, or vLLM where installed.
+    engine: str = "transformers"
     limits: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     # For a fine-tuned version: the base model's checkpoint its weights build on.
@@ -107,10 +118,23 @@ class Registry:
         for key in ("family", "checkpoint", "pool"):
             if not entry.get(key):
                 raise RegistryError(f"{where} needs {key!r}")
-        family_module(entry["family"])  # fails early on an unknown family
         dtype = entry.get("dtype", "float32")
         if dtype not in DTYPES:
             raise RegistryError(f"{where}: dtype must be one of {DTYPES}, got {dtype!r}")
+        module = family_module(entry["family"])
+        # Families that can schedule per step batch continuously unless told not to.
+        batching = entry.get("batching", "continuous" if getattr(module, "CONTINUOUS", False) else "static")
+        if batching not in BATCHING:
+            raise RegistryError(f"{where}: batching must be one of {BATCHING}, got {batching!r}")
+        if batching == "continuous" and not getattr(module, "CONTINUOUS", False):
+            raise RegistryError(f"{where}: batching 'continuous' needs a family that decodes step by step; "
+                                f"{entry['family']!r} batches statically")
+        engine = entry.get("engine", "transformers")
+        if engine not in ENGINES:
+            raise RegistryError(f"{where}: engine must be one of {ENGINES}, got {engine!r}")
+        max_batch_tokens = entry.get("max_batch_tokens")
+        if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
+            raise RegistryError(f"{where}: max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
         try:
             return ModelSpec(
                 name=name,
@@ -120,6 +144,9 @@ class Registry:
                 dtype=dtype,
                 max_batch_size=int(entry.get("max_batch_size", 1)),
                 max_wait_ms=int(entry.get("max_wait_ms", 0)),
+                batching=batching,
+                max_batch_tokens=max_batch_tokens,
+                engine=engine,
                 limits=dict(entry.get("limits") or {}),
                 description=str(entry.get("description", "")),
             )

@@ -108,7 +108,10 @@ def make_loader(settings, storage=None) -> Callable[[ModelSpec], object]:
     def load(spec: ModelSpec):
         check_dtype(spec, device)
         try:
-            return spec.module.load(checkpoints.resolve(spec, settings.model_dir, storage), device, spec.dtype)
+            # Only a model on another engine says so: other families take no engine.
+            extra = {"engine": spec.engine} if spec.engine != "transformers" else {}
+            return spec.module.load(checkpoints.resolve(spec, settings.model_dir, storage), device, spec.dtype,
+                                    **extra)
         except GenqError:
             raise
         except Exception as exc:

@@ -33,6 +33,7 @@ from models.registry import ModelSpec, Registry
 from worker import metrics as prom
 from worker.batch import NO_RESULT, BatchTracker, Phase, Row, Verdict, error_for, verdicts
 from worker.cache import ModelCache
+from worker.continuous import ContinuousBatch
 from worker.executions import ExecutionLog
 from worker.shutdown import Shutdown
 
@@ -64,6 +65,7 @@ class Runner:
         owner: str | None = None,
         shutdown: Shutdown | None = None,
         ring: Callable[[str, str], object] | None = None,
+        live=None,
     ):
         self.settings = settings
         self.sessions = sessions
@@ -78,6 +80,16 @@ class Runner:
         # Fine-tunes are not batches of the model's own: they go to the trainer.
         self.train = train
         self.executions = ExecutionLog(settings.execution_log, self.owner)
+        # Where running jobs publish their output as it grows (genq.live).
+        self._live = live
+
+    @property
+    def live(self):
+        if self._live is None:
+            from genq.live import live_for
+
+            self._live = live_for(self.settings)
+        return self._live
 
     # --- entry points -------------------------------------------------------
 
@@ -146,9 +158,14 @@ class Runner:
                 if self.cache.last_load_seconds is not None and self.draining():
                     # A load takes seconds to minutes: a drain asked meanwhile counts.
                     return ran
-                batch = self.claim(spec, pool, head)
-                stored = not batch or self.run_batch(spec, batch, loaded)
-                done = len(batch)
+                if spec.batching == "continuous" and hasattr(loaded, "engine"):
+                    running = ContinuousBatch(self, spec, pool, head, loaded)
+                    done = running.run()
+                    stored = running.stored_ok
+                else:
+                    batch = self.claim(spec, pool, head)
+                    stored = not batch or self.run_batch(spec, batch, loaded)
+                    done = len(batch)
                 if not stored:
                     # Storage is down: what could not be stored went back to the
                     # queue and was rung for; claiming the same jobs straight

@@ -28,14 +28,15 @@ def pytest_terminal_summary(terminalreporter):
 
 
 class Stack:
-    def __init__(self, tmp: Path, pg_url: str, redis_server: RedisServer, max_batch_size: int, **overrides):
+    def __init__(self, tmp: Path, pg_url: str, redis_server: RedisServer, max_batch_size: int,
+                 batching: str = "continuous", **overrides):
         tag = secrets.token_hex(3)
         # Two models on one pool: a worker draining one leaves the other's jobs to their doorbells.
         self.model, self.other_model = f"faulty-{tag}", f"faulty-{tag}-b"
         self.pool = f"faults-{tag}"
         registry = tmp / "registry.yaml"
         entry = {"family": "tests.faults.family", "checkpoint": "none", "pool": self.pool,
-                 "max_batch_size": max_batch_size, "max_wait_ms": 50}
+                 "max_batch_size": max_batch_size, "max_wait_ms": 50, "batching": batching}
         registry.write_text(yaml.safe_dump({"models": {self.model: entry, self.other_model: entry}}))
         self.redis = redis_server
         values = dict(
@@ -108,8 +109,8 @@ def redis_server(tmp_path):
 def stack_factory(tmp_path, pg_url, redis_server):
     stacks = []
 
-    def make(max_batch_size: int = 4, **overrides) -> Stack:
-        stacks.append(Stack(tmp_path, pg_url, redis_server, max_batch_size, **overrides))
+    def make(max_batch_size: int = 4, batching: str = "continuous", **overrides) -> Stack:
+        stacks.append(Stack(tmp_path, pg_url, redis_server, max_batch_size, batching, **overrides))
         return stacks[-1]
 
     yield make

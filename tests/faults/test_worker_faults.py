@@ -11,6 +11,7 @@ import signal
 import time
 from urllib.parse import urlparse
 
+import pytest
 import yaml
 from sqlalchemy import select
 
@@ -44,7 +45,13 @@ def attempts(stack, ids) -> list[int]:
     return [client.get(f"/v1/jobs/{j}", headers=stack.tenant).get_json()["attempts"] for j in ids]
 
 
-def test_sigkill_during_a_batch_then_restart_completes_every_job(stack):
+# Each scheduler once: rows that join and leave at each step (the default), and whole batches.
+BATCHINGS = pytest.mark.parametrize("batching", ["continuous", "static"])
+
+
+@BATCHINGS
+def test_sigkill_during_a_batch_then_restart_completes_every_job(stack_factory, batching):
+    stack = stack_factory(batching=batching)
     first = stack.worker()
     ids = [stack.submit(prompt=f"job {i}", steps=10, step_seconds=0.1) for i in range(12)]
     wait_for(lambda: len(running(stack, ids)) == 4, 30, "a batch of four running")
@@ -76,7 +83,9 @@ def test_a_poison_job_fails_after_max_attempts_and_spares_its_batch_mates(stack)
     assert figures.succeeded == 5 and supervisor.deaths() == 3
 
 
-def test_sigterm_lets_the_batch_finish_and_claims_nothing_more(stack):
+@BATCHINGS
+def test_sigterm_lets_the_batch_finish_and_claims_nothing_more(stack_factory, batching):
+    stack = stack_factory(batching=batching)
     leaving = stack.worker(shutdown_timeout=30)
     batch = [stack.submit(prompt=f"in hand {i}", steps=8, step_seconds=0.15) for i in range(4)]
     wait_for(lambda: len(running(stack, batch)) == 4, 30, "the batch running")

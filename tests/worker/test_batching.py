@@ -1,6 +1,7 @@
-"""Batching through the whole service (Postgres, Redis, S3, worker subprocesses):
-batches form, jobs keep their own results inside them, progress shows, cancel
-reaches one row of a running batch, and two workers never share a job."""
+"""Static batching through the whole service (Postgres, Redis, S3, worker
+subprocesses): batches form, jobs keep their own results inside them, progress
+shows, cancel reaches one row of a running batch, and two workers never share
+a job. Continuous batching (the text default) is tests/worker/test_continuous.py."""
 from __future__ import annotations
 
 import secrets
@@ -28,7 +29,8 @@ def settings(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
     enough (400 ms) for a test's quick submissions to land in one batch."""
     doc = yaml.safe_load(registry_path.read_text())
     pool = f"batch-{secrets.token_hex(3)}"
-    doc["models"] = {"demo-text": {**doc["models"]["demo-text"], "pool": pool, "max_batch_size": 4, "max_wait_ms": 400}}
+    doc["models"] = {"demo-text": {**doc["models"]["demo-text"], "pool": pool, "max_batch_size": 4, "max_wait_ms": 400,
+                                   "batching": "static"}}
     reg = tmp_path_factory.mktemp("reg") / "registry.yaml"
     reg.write_text(yaml.safe_dump(doc))
     return Settings.from_env(

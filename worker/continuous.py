@@ -1,0 +1,372 @@
+"""Continuous batching: one model's running batch, scheduled at the decode step.
+
+The loaded model's engine (models/text_engine.py, or vLLM's) keeps the rows;
+this module decides who is in it. At each step boundary rows that finished
+leave and their jobs are stored and finished at once, rows asked to stop
+(their owner's cancel, a lost lease, a shutdown past its timeout) are dropped,
+and queued jobs of the same model are claimed, with the same claims and leases
+as a static batch, and join after their prefill. What a row has written so far
+goes out as live output deltas (genq.live), never a database write per token.
+
+Claims stay in line (genq.line): the batch admits only while the pool's head
+is a job of its own model and batch key. A job on a later attempt runs alone,
+as in a static batch: while it runs nothing joins, and when it heads the line
+behind a running batch, the batch stops admitting and drains first.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from genq import catalog
+from genq import jobs as joblib
+from genq.outage import retry
+from genq.states import JobStatus
+from models.base import InputInvalid, Result
+from models.registry import ModelSpec
+from worker import metrics as prom
+from worker.batch import BatchTracker, Phase, Ran, Row, Stop, Verdict, error_for, verdict
+
+log = logging.getLogger(__name__)
+
+# With rows free, the queue is asked again this often when it last had
+# nothing: often enough that a new job waits about a step, rarely enough that
+# the claims' round trips do not crowd out the decode.
+CLAIM_EVERY = 0.02
+# A running job's output goes out at most this often (about 20 deltas a second).
+PUBLISH_EVERY = 0.05
+
+
+@dataclass
+class Member:
+    """A job's row in the running batch, and what it has published."""
+
+    row: Row
+    seq: object
+    joined: float = 0.0      # monotonic, when its prefill began
+    published: str = ""      # the text sent as deltas so far
+    deltas: int = 0          # how many deltas were sent (the next one's index)
+    last_publish: float = 0.0
+    most_rows: int = 0       # the most rows it ran beside (itself included)
+    load_seconds: float | None = None
+    in_engine: bool = False
+
+
+@dataclass
+class Admission:
+    """The state of the door: open, or why it closed."""
+
+    open: bool = True
+    why: str = ""
+    next_claim: float = 0.0
+    first: bool = True       # the batch's first claim is built around the head, not a top-up
+    alone: bool = False      # a job on a later attempt runs: nothing joins it
+
+    def close(self, why: str) -> None:
+        if self.open:
+            self.open, self.why = False, why
+            log.info("continuous batch stops admitting: %s", why)
+
+
+class ContinuousBatch:
+    """One model's running batch on one worker, from its first claim until it
+    is empty and admits no more. `run()` returns how many jobs it took."""
+
+    def __init__(self, runner, spec: ModelSpec, pool: str, head: joblib.Head, loaded):
+        self.runner = runner
+        self.spec = spec
+        self.pool = pool
+        self.head = head
+        self.loaded = loaded
+        self.batch_key = head.batch_key
+        self.engine = loaded.engine(spec.max_batch_size, spec.max_batch_tokens)
+        self.members: dict[str, Member] = {}
+        self.waiting: list[Member] = []  # claimed, waiting for room in the KV budget
+        self.door = Admission()
+        self.taken = 0
+        self.load_seconds = runner.cache.last_load_seconds
+        self.stored_ok = True
+        # The tracker renews leases, reads cancel requests and writes progress
+        # for every row held here, off the decode's path. Rows it is asked to
+        # stop are dropped and written by this loop at the next step, so one
+        # thread writes a job's end.
+        self.tracker = BatchTracker(runner, [], "token", finish_cancelled=False)
+
+    # --- the loop -------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            while True:
+                self.admit()
+                self.stop_asked()
+                if not self.engine_rows() and not self.waiting:
+                    if not self.door.open or not self.taken_more():
+                        return self.taken
+                    continue
+                self.join()
+                if len(self.engine):
+                    self.apply(self.engine.step())
+        except Exception as exc:
+            self.failed(exc)
+            return self.taken
+        finally:
+            self.tracker.close()
+
+    def engine_rows(self) -> int:
+        return len(self.engine)
+
+    def taken_more(self) -> bool:
+        """With nothing running: one more look at the queue before the batch ends."""
+        before = self.taken
+        self.door.next_claim = 0.0
+        self.admit()
+        return self.taken > before
+
+    # --- the door -------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Claim queued jobs of this model into free rows, if the door is open
+        and it is time to look."""
+        runner, door = self.runner, self.door
+        if not door.open:
+            return
+        if runner.shutdown.requested:
+            door.close("the worker is shutting down")
+            return
+        if door.alone or self.waiting:
+            return
+        free = self.spec.max_batch_size - len(self.engine)
+        now = time.monotonic()
+        if free <= 0 or now < door.next_claim:
+            return
+        try:
+            jobs = self.claim(free)
+        except Exception as exc:
+            if not self.members:
+                raise
+            # The rows in hand are ours under their lease: run them rather than
+            # fail them for a claim the database refused.
+            log.warning("claiming into the running batch of %s failed (%s); running the %d job(s) in hand",
+                        self.spec.name, exc, len(self.members))
+            door.next_claim = now + 1.0
+            return
+        door.next_claim = now if jobs else now + CLAIM_EVERY
+        for job in jobs:
+            self.taken += 1
+            row = Row(job)
+            member = Member(row=row, seq=None, load_seconds=self.load_seconds)
+            self.load_seconds = None
+            try:
+                inp = self.spec.validate(job.input)
+            except InputInvalid as exc:
+                # Validated at submit; only a registry change can make it fail here.
+                self.write([(member, JobStatus.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}})])
+                continue
+            member.seq = self.loaded.sequence(job.id, inp)
+            if job.started_at and job.created_at:
+                prom.QUEUE_SECONDS.labels(self.spec.name).observe((job.started_at - job.created_at).total_seconds())
+            self.members[job.id] = member
+            self.waiting.append(member)
+            self.runner.started(row)
+            if job.attempts > 1:
+                # It may be what killed its last worker: it runs alone.
+                door.alone = True
+        self.track()
+
+    def claim(self, free: int) -> list:
+        """Up to `free` jobs of this model, in line; closes the door when the
+        line's head is not ours to take."""
+        runner, door = self.runner, self.door
+        with runner.sessions() as session:
+            if runner._draining(session):
+                door.close("the worker is draining")
+                return []
+            head = joblib.pool_head(session, self.pool)
+            if head is None:
+                return []
+            if (head.model, head.batch_key) != (self.spec.name, self.batch_key) or head.type != self.head.type:
+                door.close(f"the pool's next job {head.id} is for {head.model}")
+                return []
+            if catalog.resolve(session, runner.registry, head.model) is None:
+                door.close(f"model {head.model} is gone from the registry")
+                return []
+        top_up = not door.first and bool(self.members)
+        with runner.sessions.begin() as session:
+            jobs = joblib.claim_batch(
+                session, pool=self.pool, first=head.id, model=self.spec.name, batch_key=self.batch_key,
+                limit=free, owner=runner.owner, lease_seconds=runner.settings.lease_seconds, top_up=top_up)
+        door.first = False
+        if top_up and jobs and head.id not in {j.id for j in jobs}:
+            # The head was passed over: a job on a later attempt, which runs
+            # alone. Let this batch drain so it can.
+            door.close(f"job {head.id} on a later attempt runs alone")
+        elif top_up and not jobs:
+            # Nothing claimable though the head is ours: another worker has it,
+            # or it runs alone. Look again later.
+            pass
+        return jobs
+
+    def track(self) -> None:
+        # A new list each time: the tracker's thread reads the old one meanwhile.
+        self.tracker.rows = [m.row for m in self.members.values()]
+
+    # --- rows in and out ---------------------------------------------------------
+
+    def join(self) -> None:
+        """Prefill the waiting rows that fit, in one forward pass, and add them."""
+        if not self.waiting:
+            return
+        fits = []
+        for member in list(self.waiting):
+            if member.row.stop is not None:
+                continue
+            if self.engine.fits(member.seq) if not fits else self._fits_with(fits, member):
+                fits.append(member)
+            else:
+                break  # in line: a later job does not pass one that waits for room
+        if not fits:
+            return
+        now = time.monotonic()
+        for m in fits:
+            self.waiting.remove(m)
+            m.joined, m.in_engine = now, True
+        log.info("jobs %s join the running batch of %s (%d rows)", [m.row.job.id for m in fits], self.spec.name,
+                 len(self.engine) + len(fits), extra={"job_ids": [m.row.job.id for m in fits], "model": self.spec.name})
+        self.apply(self.engine.add([m.seq for m in fits]))
+
+    def _fits_with(self, chosen: list[Member], member: Member) -> bool:
+        # fits() knows the running rows only; the rows chosen this step count too.
+        return len(self.engine) + len(chosen) + 1 <= self.spec.max_batch_size and self.engine.fits(member.seq) and (
+            self.spec.max_batch_tokens is None or self._tokens(chosen + [member]) <= self.spec.max_batch_tokens)
+
+    def _tokens(self, extra: list[Member]) -> int:
+        # The running rows' budget as the engine counts it, plus the new ones at
+        # the longest of all: a conservative bound, never an overshoot.
+        lengths = [len(m.seq.prompt) + m.seq.limit for m in extra]
+        running = [len(m.seq.prompt) + m.seq.limit for m in self.members.values() if m.in_engine]
+        longest = max(lengths + running)
+        return longest * (len(running) + len(extra))
+
+    def apply(self, updates) -> None:
+        """What the engine did this step: progress, live output, finished rows."""
+        # The rows that ran this step: those still in, and those that just left.
+        rows = len(self.engine) + sum(1 for u in updates if u.output is not None)
+        now = time.monotonic()
+        done = []
+        for u in updates:
+            m = self.members.get(u.key)
+            if m is None:
+                continue
+            m.most_rows = max(m.most_rows, rows)
+            m.row.progress = {"current": int(u.tokens), "total": int(u.limit), "unit": "token"}
+            m.row.progress_dirty = True
+            if u.output is not None:
+                m.in_engine = False
+                done.append((m, u))
+            elif len(u.text) > len(m.published) and now - m.last_publish >= PUBLISH_EVERY:
+                self.publish(m, u.text, now)
+        if done:
+            self.finished(done)
+
+    def publish(self, m: Member, text: str, now: float) -> None:
+        delta = text[len(m.published):]
+        if not delta:
+            return
+        self.runner.live.publish(m.row.job.tenant_id, m.row.job.id, [(m.deltas, delta)])
+        m.published, m.deltas, m.last_publish = text, m.deltas + 1, now
+
+    def finished(self, done) -> None:
+        """Store and finish the rows that ended this step, in one transaction."""
+        runner = self.runner
+        outcomes = []
+        for m, u in done:
+            job = m.row.job
+            if m.row.stop is Stop.LEASE_LOST:
+                continue  # stop_asked writes nothing for it
+            files = getattr(u, "files", None) or {}
+            text = u.output.get("text") if isinstance(u.output, dict) else None
+            if isinstance(text, str):
+                # The rest of the text goes out before the job is seen finished.
+                self.publish(m, text, time.monotonic())
+            try:
+                output = retry(lambda: runner.store(job.id, Result(output=u.output, files=files)),
+                               within=runner.settings.lease_seconds / 2, what=f"storing the outputs of job {job.id}")
+            except Exception as exc:
+                log.exception("storing the outputs of job %s failed; handing it back", job.id, extra={"job_id": job.id})
+                self.stored_ok = False
+                self.door.close("storage is down")
+                self.members.pop(job.id, None)
+                runner.not_stored([(m.row, exc)])
+                continue
+            run_seconds = time.monotonic() - m.joined
+            prom.RUN_SECONDS.labels(self.spec.name).observe(run_seconds)
+            prom.BATCH_SIZE.labels(self.spec.name).observe(m.most_rows)
+            metrics = {"queue_seconds": round((job.started_at - job.created_at).total_seconds(), 4),
+                       "run_seconds": round(run_seconds, 4), "batch_size": m.most_rows}
+            if m.load_seconds is not None:
+                metrics["model_load_seconds"] = round(m.load_seconds, 4)
+            outcomes.append((m, JobStatus.SUCCEEDED, {"output": output, "metrics": metrics}))
+        self.write(outcomes)
+
+    def stop_asked(self) -> None:
+        """Drop the rows the tracker asked to stop, and write what becomes of them."""
+        stopped = [m for m in self.members.values() if m.row.stop is not None]
+        if not stopped:
+            return
+        outcomes, back = [], []
+        for m in stopped:
+            if m.in_engine:
+                self.engine.drop(m.row.job.id)
+                m.in_engine = False
+                m.row.stopped_at = m.row.stopped_at or time.time()
+            if m in self.waiting:
+                self.waiting.remove(m)
+            v = verdict(m.row.phase, m.row.stop, Ran.NOTHING, self.runner.shutdown.requested)
+            if v is Verdict.CANCEL:
+                outcomes.append((m, JobStatus.CANCELED, {}))
+            elif v is Verdict.HAND_BACK:
+                back.append(m)
+            elif v is Verdict.DROP:
+                self.members.pop(m.row.job.id, None)
+                if m.row.settle():
+                    self.runner.executions.ended(m.row.job.id, m.row.job.attempts, "lease_lost", at=m.row.stopped_at)
+        for m in back:
+            self.members.pop(m.row.job.id, None)
+        self.runner.hand_back([m.row for m in back])
+        self.write(outcomes)
+        self.track()
+
+    def write(self, outcomes: list[tuple[Member, JobStatus, dict]]) -> None:
+        for m, _, _ in outcomes:
+            self.members.pop(m.row.job.id, None)
+        self.runner.finish([(m.row, status, fields) for m, status, fields in outcomes])
+        self.track()
+
+    def failed(self, exc: Exception) -> None:
+        """The engine (or a write) raised: every job still here fails with the
+        reason, or goes back to the queue when the worker is shutting down."""
+        runner = self.runner
+        shutting_down = runner.shutdown.requested
+        if shutting_down:
+            log.warning("continuous batch interrupted by the shutdown (%s: %s); handing its jobs back",
+                        type(exc).__name__, exc)
+        else:
+            log.exception("continuous batch of %s failed", self.spec.name,
+                          extra={"job_ids": list(self.members)})
+        self.tracker.close()
+        error = error_for(exc)
+        outcomes, back = [], []
+        for m in list(self.members.values()):
+            v = verdict(m.row.phase, m.row.stop, Ran.RAISED, shutting_down)
+            if v is Verdict.FAIL:
+                outcomes.append((m, JobStatus.FAILED, {"error": error}))
+            elif v is Verdict.CANCEL:
+                outcomes.append((m, JobStatus.CANCELED, {}))
+            elif v is Verdict.HAND_BACK:
+                back.append(m.row)
+            elif v is Verdict.DROP and m.row.settle():
+                runner.executions.ended(m.row.job.id, m.row.job.attempts, "lease_lost", at=m.row.stopped_at)
+        self.members.clear()
+        runner.hand_back(back)
+        runner.finish([(m.row, status, fields) for m, status, fields in outcomes])
