@@ -75,9 +75,14 @@ def services_up() -> bool:
     return True
 
 
-def write_registry(path: Path, pool: str) -> None:
-    """One entry per batch size, same checkpoint, one pool: one worker serves them all."""
+def write_registry(path: Path, pool: str, checkpoints: dict[str, str] | None = None, dtype: str = "float32") -> None:
+    """One entry per batch size, same checkpoint, one pool: one worker serves them all.
+    `checkpoints` ({"text": dir, "image": dir}) replaces the demo models (bench/gpu.sh)."""
     base = yaml.safe_load(DEFAULT_REGISTRY.read_text())["models"]
+    for family, name in (("text", "demo-text"), ("image", "demo-image")):
+        base[name] = {**base[name], "dtype": dtype}
+        if (checkpoints or {}).get(family):
+            base[name]["checkpoint"] = checkpoints[family]
     models = {}
     for b in BATCH_SIZES:
         # Static batches: continuous batching has its own bench (bench/continuous.py).
@@ -186,13 +191,23 @@ def image_inputs(n: int) -> list[dict]:
 
 def direct(family: str, checkpoint_dir: Path, inputs: list[dict], batch: int) -> tuple[float, int]:
     """The bare model call in a loop: seconds for all inputs at this batch size, and units made."""
+    return _direct(family, checkpoint_dir, inputs, batch, *direct.target)
+
+
+# (checkpoint directories by family, device, dtype): set from the command line.
+direct.target = ({}, "cpu", "float32")
+
+
+def _direct(family: str, checkpoint_dir: Path, inputs: list[dict], batch: int, checkpoints: dict, device: str,
+            dtype: str) -> tuple[float, int]:
     import importlib
 
     from models.demo import ensure_checkpoint
 
     module = importlib.import_module(f"models.{family}")
     key = "demo:text" if family == "text" else "demo:image"
-    model = direct.cache.get(family) or module.load(ensure_checkpoint(key, checkpoint_dir), "cpu", "float32")
+    path = checkpoints.get(family) or ensure_checkpoint(key, checkpoint_dir)
+    model = direct.cache.get(family) or module.load(path, device, dtype)
     direct.cache[family] = model
     parsed = [module.Input.model_validate(i) for i in inputs]
     model.run(parsed[:batch], lambda *a: None, lambda r: False)  # warm-up
@@ -280,7 +295,13 @@ def main() -> int:
                     help="torch threads for the worker and the direct loop alike (0: torch's default); "
                          "1 by default: on two cores the worker shares them with the API, Postgres, Redis and this harness")
     ap.add_argument("--embedded", action="store_true", help="SQLite + filesystem broker even if services answer")
+    ap.add_argument("--text-checkpoint", help="a text model directory instead of the demo model")
+    ap.add_argument("--image-checkpoint", help="a diffusers pipeline directory instead of the demo model")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
+    checkpoints = {"text": args.text_checkpoint, "image": args.image_checkpoint}
+    direct.target = (checkpoints, args.device, args.dtype)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
 
@@ -292,13 +313,13 @@ def main() -> int:
 
     home = Path(tempfile.mkdtemp(prefix="genq-bench-"))
     pool = f"bench-{secrets.token_hex(3)}"
-    write_registry(home / "registry.yaml", pool)
+    write_registry(home / "registry.yaml", pool, checkpoints, args.dtype)
     model_dir = Path(os.environ.get("GENQ_MODEL_DIR") or home / "models")
     use_services = services_up() and not args.embedded
     from genq.migrate import upgrade
 
     with (postgres_db() if use_services else nullcontext()) as pg:
-        overrides = dict(home=home, registry_path=home / "registry.yaml", model_dir=model_dir, device="cpu",
+        overrides = dict(home=home, registry_path=home / "registry.yaml", model_dir=model_dir, device=args.device,
                          progress_interval=1.0, log_level="WARNING", torch_threads=args.threads)
         if use_services:
             from cryptography.fernet import Fernet
