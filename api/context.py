@@ -1,16 +1,18 @@
 """What the API's request handlers share: settings, sessions, registry, storage,
-the Celery app, the webhook secrets' sealer. Built once by the app factory and
-kept in app.extensions."""
+the Celery app, the webhook secrets' sealer, live output. Built once by the app
+factory and kept in app.extensions."""
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from celery import Celery
 from flask import current_app
 from sqlalchemy.orm import Session, sessionmaker
 
+from genq.live import Live, live_for
 from genq.settings import Settings
 from genq.storage import Storage
 from genq.webhook_secrets import Sealer
@@ -25,6 +27,18 @@ class Context:
     storage: Storage
     celery: Celery
     sealer: Sealer
+    _live: Live | None = field(default=None, repr=False)
+    _live_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def live(self) -> Live:
+        """Live output (genq.live), one per process, made on first use: after a
+        pre-forking server has forked, and never for an API that streams nothing."""
+        if self._live is None:
+            with self._live_lock:
+                if self._live is None:
+                    self._live = live_for(self.settings)
+        return self._live
 
     @contextmanager
     def session(self) -> Iterator[Session]:

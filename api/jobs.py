@@ -30,7 +30,8 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 EVENT_TYPES = ("start", "progress", "completed")
 FINE_TUNE = JobType.FINE_TUNE.value
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
-EVENT_ID_RE = re.compile(r"^[0-9]{1,18}$")
+# A stream's event ids: `N` (a durable event) or `N.k` (N, then live output k).
+EVENT_ID_RE = re.compile(r"^([0-9]{1,18})(?:\.([0-9]{1,18}))?$")
 
 
 class JobCreate(BaseModel):
@@ -313,35 +314,44 @@ def cancel_job(job_id: str):
 @require_key
 def job_events(job_id: str):
     streaming = request.accept_mimetypes.best_match(["application/json", "text/event-stream"]) == "text/event-stream"
-    after = last_event_id()
+    after, after_delta = resume_point()
+    tenant_id = caller().tenant_id
     with ctx().session() as session:
         # The job before its events: a job seen ended has its completed event among them.
         job = own_job(session, job_id)
         events = joblib.events(session, job.id, after_id=after)
     to_url = url_for_key(job.id)
     if not streaming:
+        # Durable events only: live output is for streams.
         return {"data": [serialize.event(e, to_url) for e in events]}
     if after and not events and JobStatus(job.status).terminal:
         # Resumed after the completed event: 204 tells an EventSource to stop reconnecting.
         return "", 204
-    hold = held.slots().take(caller().tenant_id, "event stream")
-    resp = Response(stream_with_context(_sse(job.id, events, after, to_url, hold)), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    hold = held.slots().take(tenant_id, "event stream")
+    resp = Response(stream_with_context(_sse(tenant_id, job.id, events, after, after_delta, to_url, hold)),
+                    mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     # The WSGI server closes the response however the stream ends, even before
     # its first event (the generator's own `finally` runs only once started).
     resp.call_on_close(hold.release)
     return resp
 
 
-def last_event_id() -> int:
-    """The SSE Last-Event-ID a reconnecting client sends: only events after it
-    (in a stream, and in the JSON list alike)."""
-    raw = request.headers.get("Last-Event-ID", "").strip()
-    if not raw:
-        return 0
-    if not EVENT_ID_RE.fullmatch(raw):
-        raise invalid("Last-Event-ID", f"must be the id of an event this stream sent, got {raw[:40]!r}")
-    return int(raw)
+def resume_point() -> tuple[int, int]:
+    """Where a stream resumes: (the last durable event id seen, the last live
+    output index seen, -1 for none), from the SSE Last-Event-ID a reconnecting
+    client sends or else the `after` query parameter, both an id this stream
+    sent: `N` or `N.k`. The header wins: an EventSource reconnecting sends it
+    while its URL still holds the first `after`. The JSON list uses only N."""
+    for field, raw in (("Last-Event-ID", request.headers.get("Last-Event-ID", "")),
+                       ("after", request.args.get("after", ""))):
+        raw = raw.strip()
+        if not raw:
+            continue
+        match = EVENT_ID_RE.fullmatch(raw)
+        if not match:
+            raise invalid(field, f"must be the id of an event this stream sent (N or N.k), got {raw[:40]!r}")
+        return int(match[1]), int(match[2]) if match[2] is not None else -1
+    return 0, -1
 
 
 # Sent first: how long an EventSource waits before reconnecting (ms), and the
@@ -349,36 +359,69 @@ def last_event_id() -> int:
 RECONNECT_MS = 2000
 # A comment this often keeps proxies from closing a quiet stream (seconds).
 KEEP_ALIVE = 15.0
+# Durable events a job's finish writes (its whole output, then completed):
+# every live delta is sent before them.
+END_EVENTS = ("output", "completed")
+# The database is asked for new durable events at most this often (seconds);
+# between asks the stream waits on live output, which wakes it at once.
 POLL = 0.25
 
 
-def _sse(job_id: str, first: list, last_id: int, to_url, hold: held.Hold):
+def _sse(tenant_id: str, job_id: str, first: list, last_id: int, last_delta: int, to_url, hold: held.Hold):
     """Stream a job's events as Server-Sent Events until it completes, or for
     GENQ_EVENT_STREAM_SECONDS: then the client reconnects with Last-Event-ID
-    and misses nothing. Holds a held-request slot throughout."""
+    and misses nothing. Holds a held-request slot throughout.
+
+    Durable events (from the database) and live output (genq.live: `output`
+    events with {"delta", "index"}) are merged. An event's id is the stream's
+    cursor: `N`, the last durable event id sent, and once live output has been
+    sent `N.k`, k its last index; so resuming after any event replays nothing."""
     c = ctx()
+    live = c.live
+
+    def cursor() -> str:
+        return f"{last_id}.{last_delta}" if last_delta >= 0 else str(last_id)
+
+    def outputs(deltas):
+        nonlocal last_delta
+        for index, delta in deltas:
+            last_delta = index
+            yield f"id: {cursor()}\nevent: output\ndata: {json.dumps({'delta': delta, 'index': index})}\n\n"
+
     try:
         yield f"retry: {RECONNECT_MS}\n\n"
-        pending, idle = first, 0.0
-        deadline = time.monotonic() + c.settings.event_stream_seconds
+        pending = first
+        now = time.monotonic()
+        deadline, next_poll, quiet_since = now + c.settings.event_stream_seconds, now + POLL, now
         while True:
             for e in pending:
+                if e.type in END_EVENTS:
+                    # The worker publishes a job's last delta before it finishes
+                    # the job: read now, every delta precedes the end.
+                    yield from outputs(live.read(tenant_id, job_id, after=last_delta, block_seconds=0))
                 last_id = e.id
-                yield f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps(serialize.event(e, to_url))}\n\n"
+                yield f"id: {cursor()}\nevent: {e.type}\ndata: {json.dumps(serialize.event(e, to_url))}\n\n"
                 if e.type == "completed":
                     return
-            if time.monotonic() >= deadline:
+            if pending:
+                quiet_since = time.monotonic()
+            pending = []
+            now = time.monotonic()
+            if now >= deadline:
                 return
-            time.sleep(POLL)
-            idle += POLL
-            if idle >= KEEP_ALIVE:
-                idle = 0.0
+            deltas = live.read(tenant_id, job_id, after=last_delta,
+                               block_seconds=max(0.0, min(next_poll, deadline) - now))
+            if deltas:
+                yield from outputs(deltas)
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= KEEP_ALIVE:
+                quiet_since = time.monotonic()
                 yield ": keep-alive\n\n"
             hold.renew()
-            with c.session() as session:
-                pending = joblib.events(session, job_id, after_id=last_id)
-            if pending:
-                idle = 0.0
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + POLL
+                with c.session() as session:
+                    pending = joblib.events(session, job_id, after_id=last_id)
     finally:
         hold.release()
 

@@ -259,8 +259,13 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                              "free (Preference-Applied says so); otherwise answered at once."}
     applied = {"Preference-Applied": {"schema": {"type": "string"},
                                       "description": "wait=N when the request was held for Prefer: wait=N."}}
-    last_event_id = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
-                     "description": "Resume a stream after this event id (an EventSource sends it on reconnecting)."}
+    event_id = {"type": "string", "pattern": r"^[0-9]{1,18}(\.[0-9]{1,18})?$"}
+    last_event_id = {"name": "Last-Event-ID", "in": "header", "schema": event_id,
+                     "description": "Resume a stream after this event id (an EventSource sends it on reconnecting): "
+                                    "`N` or `N.k`, as the stream sent it. Wins over `after`."}
+    after_event = {"name": "after", "in": "query", "schema": event_id,
+                   "description": "Last-Event-ID for clients that cannot set headers: resume after this event id. "
+                                  "The JSON list reads only its `N`."}
     json_body = lambda name: {"required": True, "content": {"application/json": {"schema": ref(name)}}}  # noqa: E731
     std = [401, 404]
 
@@ -290,11 +295,17 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
         "/v1/jobs/{job_id}/events": {"get": op(
             "A job's events; with Accept: text/event-stream, streamed until it ends or for at most "
             "GENQ_EVENT_STREAM_SECONDS (then reconnect with Last-Event-ID). A stream holds one of the tenant's "
-            "held-request slots: past them 429, past the server's share 503.",
+            "held-request slots: past them 429, past the server's share 503. A stream also carries a running "
+            "job's live output as it grows: `event: output` with `data: {\"delta\": \"...\", \"index\": k}`, k "
+            "0, 1, 2..., the deltas concatenating to the final output's text, all sent before the durable `output` "
+            "event (the whole output, no `delta`) and `completed`. Live output is best-effort (it is dropped while "
+            "its store is down); `completed`'s output is the record. Each SSE event id is the stream's cursor: "
+            "`N`, the last durable event id sent, or `N.k` once live output k has been sent; resuming after it "
+            "(Last-Event-ID or `after`) replays nothing. The JSON list is durable events only.",
             [("200", {"description": "Events.", "content": {"application/json": {"schema": ref("EventList")},
                                                             "text/event-stream": {"schema": {"type": "string"}}}}),
              resp(204, None, "Resumed after the job's completed event: nothing more will come.")],
-            std + [422], params=[path_param("job_id"), last_event_id], tag="jobs")},
+            std + [422], params=[path_param("job_id"), last_event_id, after_event], tag="jobs")},
         "/v1/jobs/{job_id}/outputs/{name}": {"get": op(
             "An output file (local storage; S3 outputs are presigned URLs).",
             [("200", {"description": "The file.", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
