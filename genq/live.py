@@ -76,6 +76,10 @@ class Live(Protocol):
         """The deltas with index > after (after=-1: all), in order, waiting up to
         block_seconds for the first when there are none yet."""
 
+    def clear(self, tenant_id: str, job_id: str) -> None:
+        """Forget a job's deltas: a new attempt writes its own from index 0."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -168,6 +172,12 @@ class RedisLive:
             if block is None or time.monotonic() >= deadline:
                 return []
 
+    def clear(self, tenant_id: str, job_id: str) -> None:
+        try:
+            self.client.delete(self.key(tenant_id, job_id))
+        except redis.RedisError as exc:
+            self._failed(exc)
+
     def close(self) -> None:
         self.client.close()
 
@@ -248,6 +258,12 @@ class FileLive:
             if left <= 0:
                 return []
             time.sleep(min(POLL_SECONDS, left))
+
+    def clear(self, tenant_id: str, job_id: str) -> None:
+        try:
+            self.path(tenant_id, job_id).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("live output: cannot remove %s: %s", self.path(tenant_id, job_id), exc)
 
     def close(self) -> None:
         pass

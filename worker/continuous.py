@@ -170,8 +170,10 @@ class ContinuousBatch:
             self.waiting.append(member)
             self.runner.started(row)
             if job.attempts > 1:
-                # It may be what killed its last worker: it runs alone.
+                # It may be what killed its last worker: it runs alone. Its
+                # output starts again: the last attempt's deltas go.
                 door.alone = True
+                self.runner.live.clear(job.tenant_id, job.id)
         self.track()
 
     def claim(self, free: int) -> list:

@@ -194,3 +194,15 @@ def test_live_for_follows_the_broker(tmp_path):
     on_redis = live_for(embedded.replace(broker_url=REDIS_URL))
     assert isinstance(on_redis, RedisLive)
     on_redis.close()
+
+
+def test_a_new_attempt_clears_the_last_ones_deltas(live):
+    tenant, job, other = new_id(), new_id(), new_id()
+    live.publish(tenant, job, [(0, "first attempt"), (1, " went this far")])
+    live.publish(tenant, other, [(0, "untouched")])
+    live.clear(tenant, job)
+    assert live.read(tenant, job) == []
+    live.publish(tenant, job, [(0, "second")])
+    assert live.read(tenant, job) == [(0, "second")]
+    assert live.read(tenant, other) == [(0, "untouched")]
+    live.clear(tenant, new_id())  # nothing there: no error
