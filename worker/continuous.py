@@ -158,12 +158,14 @@ class ContinuousBatch:
             member = Member(row=row, seq=None, load_seconds=self.load_seconds)
             self.load_seconds = None
             try:
-                inp = self.spec.validate(job.input)
-            except InputInvalid as exc:
-                # Validated at submit; only a registry change can make it fail here.
+                # Validated at submit; only a registry change can make it fail
+                # here, or an engine that takes less than the schema (vLLM: a
+                # temperature up to 2). It fails that job alone.
+                member.seq = self.loaded.sequence(job.id, self.spec.validate(job.input))
+            except (InputInvalid, ValueError) as exc:
+                self.runner.started(row)
                 self.write([(member, JobStatus.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}})])
                 continue
-            member.seq = self.loaded.sequence(job.id, inp)
             if job.started_at and job.created_at:
                 prom.QUEUE_SECONDS.labels(self.spec.name).observe((job.started_at - job.created_at).total_seconds())
             self.members[job.id] = member
