@@ -353,8 +353,18 @@ class TextEngine:
                 self.sampling = RowSampling([row.seq.settings for row in self.rows], self.device)
             # The new token's position is the count of the row's tokens already cached.
             positions = self.mask.sum(-1, keepdim=True)
-            self.mask = F.pad(self.mask, (0, 1), value=1)
-            logits = self._forward(self.last[:, None], self.mask, positions, self.cache)
+            mask = F.pad(self.mask, (0, 1), value=1)
+            width = self.mask.shape[1]
+            try:
+                logits = self._forward(self.last[:, None], mask, positions, self.cache)
+            except BaseException:
+                # A failed step (out of memory, say) leaves the batch as it was, so the
+                # caller can drop rows and step again: undo the layers that already grew.
+                for layer in self.cache.layers:
+                    if layer.keys is not None and layer.keys.shape[-2] > width:
+                        layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+                raise
+            self.mask = mask
             picks = self.sampling.pick(logits, [row.generator for row in self.rows], self.seen)
             self.seen.scatter_(1, picks[:, None], True)
             self.last = picks

@@ -320,3 +320,28 @@ def test_updates_carry_counts_and_limits(text_model):
     last = engine.step()[0]
     assert (last.tokens, last.output["tokens"], last.output["finish_reason"]) == (3, 3, "length")
     assert last.text == last.output["text"] and len(engine) == 0 and engine.step() == []
+
+
+def test_a_failed_step_leaves_the_batch_as_it_was(text_model):
+    jobs = [text.Input(prompt="Once upon a time", max_new_tokens=12, temperature=0.9, seed=s) for s in (1, 2)]
+    solo = alone(text_model, jobs)
+    engine = text_model.engine(2)
+    rec = Recorder(engine)
+    rec.take(engine.add([text_model.sequence(k, inp) for k, inp in enumerate(jobs)]))
+    rec.take(engine.step())
+    # The third of the model's four blocks runs out of memory mid-forward: two layers' caches have grown.
+    block = text_model.model.transformer.h[2]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    block.forward = fail
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine.step()
+    finally:
+        del block.forward  # the class's forward again
+    check_cache(engine)
+    while len(engine):
+        rec.take(engine.step())
+    assert rec.streams() == solo
