@@ -254,19 +254,16 @@ def test_shipped_registry_limits_apply():
     assert text.Input.model_json_schema()["properties"]["max_new_tokens"].get("maximum") is None
 
 
-def _sampler(rows):
-    state = text._RowState(rows=rows, prompt_width=1, pads=[0] * len(rows), limits=[1] * len(rows), eos_ids=set(),
-                           tokenizer=None, on_progress=ignore, is_cancelled=never)
-    return text.RowSampler(state, "cpu")
-
-
 def _draws(rows, logits, steps):
-    """Tokens each row picks over `steps` calls of one sampler (one generator per row, advancing)."""
-    import torch
+    """Tokens each row picks over `steps` picks of one RowSampling (one generator per row, advancing)."""
+    import random
 
-    sampler = _sampler(rows)
-    ids = torch.zeros((len(rows), 1), dtype=torch.long)
-    picks = [sampler(ids, logits.clone()).argmax(-1).tolist() for _ in range(steps)]
+    from models.text_engine import RowSampling
+
+    settings = [text.row_settings(inp) for inp in rows]
+    sampling = RowSampling(settings, "cpu")
+    generators = [random.Random(s.seed) for s in settings]
+    picks = [sampling.pick(logits.clone(), generators).tolist() for _ in range(steps)]
     return [[p[r] for p in picks] for r in range(len(rows))]
 
 
@@ -314,3 +311,23 @@ def test_temperature_sharpens_the_distribution():
                        logits, 1000)
     # p0 ∝ 0.6^(1/T): 0.835 at T=0.25, 0.525 at T=4.
     assert abs(cold.count(0) / 1000 - 0.835) < 0.04 and abs(hot.count(0) / 1000 - 0.525) < 0.04
+
+
+def test_repetition_penalty_only_touches_the_rows_own_tokens():
+    """Greedy rows over the same logits: a strong penalty on the tokens a row has seen
+    moves it off them; a row that has not seen them, or has no penalty, is unmoved."""
+    import random
+
+    import torch
+
+    from models.text_engine import pick_tokens, seen_mask
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, -1.0]]).expand(4, -1).contiguous()
+    rows = [text.Input(prompt="x", temperature=0, repetition_penalty=p) for p in (10.0, 10.0, 1.0, 0.1)]
+    seen = seen_mask([[0], [3], [0, 1], [3]], vocab=4)
+    picks = pick_tokens(logits, [text.row_settings(r) for r in rows], [random.Random(0) for _ in rows], seen)
+    # Row 0 has seen token 0 (3.0 -> 0.3): token 1 wins. Row 1 penalised token 3 only.
+    # Row 2 has no penalty. Row 3's bonus (<1) on a negative logit: -1 * 0.1 = -0.1, still last.
+    assert picks.tolist() == [1, 0, 0, 0]
+    bonus = pick_tokens(logits[:1], [text.row_settings(rows[3])], [random.Random(0)], seen_mask([[2]], vocab=4))
+    assert bonus.tolist() == [2]  # 1.0 / 0.1 = 10 beats 3.0
