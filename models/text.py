@@ -10,6 +10,8 @@ from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bou
 from models.libraries import quiet
 
 FAMILY = "text-generation"
+# Decodes a step at a time behind an engine: the worker batches it continuously.
+CONTINUOUS = True
 # Registry limits as JSON-schema bounds of the input: (limit, field, keyword).
 SCHEMA_LIMITS = [
     ("max_new_tokens", "max_new_tokens", "maximum"),
@@ -87,8 +89,16 @@ def _torch_dtype(dtype: str):
         raise ValueError(f"dtype must be float32, float16, bfloat16 or int8, got {dtype!r}") from None
 
 
-def load(checkpoint: str, device: str, dtype: str) -> "TextModel":
-    """Load a causal LM and its tokenizer from `checkpoint` (a local directory or hub id) onto `device`."""
+def load(checkpoint: str, device: str, dtype: str, engine: str = "transformers", **engine_args) -> "TextModel":
+    """Load a causal LM and its tokenizer from `checkpoint` (a local directory or hub id) onto `device`.
+    `engine: vllm` loads it into vLLM instead (models/text_vllm.py; `engine_args`:
+    max_rows, max_batch_tokens, which size vLLM's KV cache at load)."""
+    if engine == "vllm":
+        from models import text_vllm
+
+        return text_vllm.load(checkpoint, device, dtype, **engine_args)
+    if engine != "transformers":
+        raise ValueError(f"engine must be transformers or vllm, got {engine!r}")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -109,7 +109,9 @@ def make_loader(settings, storage=None) -> Callable[[ModelSpec], object]:
         check_dtype(spec, device)
         try:
             # Only a model on another engine says so: other families take no engine.
-            extra = {"engine": spec.engine} if spec.engine != "transformers" else {}
+            # vLLM sizes its rows and KV cache when it loads.
+            extra = {"engine": spec.engine, "max_rows": spec.max_batch_size,
+                     "max_batch_tokens": spec.max_batch_tokens} if spec.engine != "transformers" else {}
             return spec.module.load(checkpoints.resolve(spec, settings.model_dir, storage), device, spec.dtype,
                                     **extra)
         except GenqError:

@@ -75,7 +75,7 @@ def generating(client, tenant, job_id, timeout=60):
 def finished_at(settings, ids) -> dict[str, object]:
     engine = make_engine(settings.database_url)
     with make_sessionmaker(engine)() as s:
-        rows = dict(s.execute(select(Job.id, Job.finished_at).where(Job.id.in_(ids))).all())
+        rows = dict(s.execute(select(Job.id, Job.completed_at).where(Job.id.in_(ids))).all())
     engine.dispose()
     return rows
 
