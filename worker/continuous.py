@@ -19,7 +19,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from genq import catalog
 from genq import jobs as joblib
 from genq.outage import retry
 from genq.states import JobStatus
@@ -182,19 +181,21 @@ class ContinuousBatch:
         """Up to `free` jobs of this model, in line; closes the door when the
         line's head is not ours to take."""
         runner, door = self.runner, self.door
-        with runner.sessions() as session:
-            if runner._draining(session):
-                door.close("the worker is draining")
-                return []
-            head = joblib.pool_head(session, self.pool)
-            if head is None:
-                return []
-            if (head.model, head.batch_key) != (self.spec.name, self.batch_key) or head.type != self.head.type:
-                door.close(f"the pool's next job {head.id} is for {head.model}")
-                return []
-            if catalog.resolve(session, runner.registry, head.model) is None:
-                door.close(f"model {head.model} is gone from the registry")
-                return []
+        head = self.head
+        if not door.first:
+            # The first claim is built around the head the runner has just read
+            # (with the drain flag); later ones read the line again.
+            with runner.sessions() as session:
+                head = joblib.pool_head(session, self.pool)
+                if head is None:
+                    return []
+                if (head.model, head.batch_key) != (self.spec.name, self.batch_key) or head.type != self.head.type:
+                    door.close(f"the pool's next job {head.id} is for {head.model}")
+                    return []
+                # Only with something to take: an idle look costs one read.
+                if runner._draining(session):
+                    door.close("the worker is draining")
+                    return []
         top_up = not door.first and bool(self.members)
         with runner.sessions.begin() as session:
             jobs = joblib.claim_batch(
@@ -205,10 +206,6 @@ class ContinuousBatch:
             # The head was passed over: a job on a later attempt, which runs
             # alone. Let this batch drain so it can.
             door.close(f"job {head.id} on a later attempt runs alone")
-        elif top_up and not jobs:
-            # Nothing claimable though the head is ours: another worker has it,
-            # or it runs alone. Look again later.
-            pass
         return jobs
 
     def track(self) -> None:

@@ -73,21 +73,33 @@ def test_the_pools_first_job_runs_first_whatever_its_batch_key_or_model(settings
     assert [jobs[i].metrics["batch_size"] for i in (large, circle, *small)] == [1, 1, 2, 2]
 
 
-def test_a_job_queued_mid_run_ahead_in_line_runs_next(settings, sessions):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_a_job_queued_mid_run_ahead_in_line_runs_next(settings, sessions, monkeypatch, batching):
     """After each batch the worker takes the line's head again, rather than
-    draining the batch key it was on."""
+    draining the batch key it was on. A continuous batch stops admitting once
+    the head is another model's: it drains, and the head runs next."""
+    from worker.continuous import ContinuousBatch
+
+    doc = yaml.safe_load(settings.registry_path.read_text())
+    for entry in doc["models"].values():
+        entry["batching"] = batching
+    settings.registry_path.write_text(yaml.safe_dump(doc))
     first = [submit(sessions, settings, "squares", "float32|32x32") for _ in range(4)]
     later = [submit(sessions, settings, "squares", "float32|32x32") for _ in range(2)]
     runner = build_runner(settings)
-    claim = runner.claim
     urgent: list[str] = []
 
-    def claim_then_submit(*args, **kwargs):
-        batch = claim(*args, **kwargs)
-        if batch and not urgent:
-            urgent.append(submit(sessions, settings, "circles", "float32|64x64", priority=90))
-        return batch
+    def then_submit(claim):
+        def claim_then_submit(*args, **kwargs):
+            batch = claim(*args, **kwargs)
+            if batch and not urgent:
+                urgent.append(submit(sessions, settings, "circles", "float32|64x64", priority=90))
+            return batch
+        return claim_then_submit
 
-    runner.claim = claim_then_submit
+    if batching == "static":
+        runner.claim = then_submit(runner.claim)
+    else:
+        monkeypatch.setattr(ContinuousBatch, "claim", then_submit(ContinuousBatch.claim))
     assert runner.on_doorbell(first[0]) == 7
     assert started(sessions, [*first, *later, *urgent]) == [*first, *urgent, *later]

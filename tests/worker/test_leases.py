@@ -219,13 +219,20 @@ def test_an_outage_while_a_batch_waits_for_company_runs_the_jobs_in_hand(make_se
     assert time.monotonic() - started < 4
 
 
-def test_a_cold_shutdown_landing_before_the_model_starts_hands_the_batch_back(make_settings, direct, monkeypatch):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_a_cold_shutdown_landing_before_the_model_starts_hands_the_batch_back(make_settings, direct, monkeypatch,
+                                                                               batching):
     """Celery's cold shutdown raises from its signal handler wherever the main
     thread is; there, between the claim and the forward pass, the batch is
     handed back (queued, attempt uncounted), not left running until its lease lapses."""
+    from worker import continuous
     from worker import runner as runner_module
 
     settings = make_settings()
+    spec = yaml.safe_load(settings.registry_path.read_text())
+    [entry] = spec["models"].values()
+    entry["batching"] = batching
+    settings.registry_path.write_text(yaml.safe_dump(spec))
     job_id = submit(direct, settings, steps=10, step_seconds=0.05)
     runner = build_runner(settings)
 
@@ -233,7 +240,11 @@ def test_a_cold_shutdown_landing_before_the_model_starts_hands_the_batch_back(ma
         runner.shutdown.begin()
         raise NotImplementedError("<class 'celery.concurrency.solo.TaskPool'> does not implement kill_job")
 
-    monkeypatch.setattr(runner_module, "BatchTracker", signal_lands_here)
+    if batching == "static":
+        monkeypatch.setattr(runner_module, "BatchTracker", signal_lands_here)
+    else:
+        # Claimed and started, its prefill not yet run.
+        monkeypatch.setattr(continuous.ContinuousBatch, "join", signal_lands_here)
     runner.on_doorbell(job_id)
     j = job(direct, job_id)
     assert (j.status, j.attempts, j.lease_owner) == ("queued", 0, None)
