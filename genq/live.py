@@ -72,6 +72,10 @@ class Live(Protocol):
         """Append (index, delta) pairs; index 0, 1, 2... per job. An index at or
         below one already published is ignored. Never raises for the store."""
 
+    def publish_many(self, batch: Iterable[tuple[str, str, list[Delta]]]) -> None:
+        """publish() for several jobs at once, (tenant_id, job_id, deltas) each:
+        a running batch's step in one round trip."""
+
     def read(self, tenant_id: str, job_id: str, after: int = -1, block_seconds: float = 0.0) -> list[Delta]:
         """The deltas with index > after (after=-1: all), in order, waiting up to
         block_seconds for the first when there are none yet."""
@@ -131,24 +135,32 @@ class RedisLive:
         return f"{self.prefix}:{tenant_id}:{job_id}"
 
     def publish(self, tenant_id: str, job_id: str, deltas: Iterable[Delta]) -> None:
-        key, deltas = self.key(tenant_id, job_id), _checked(deltas)
-        if not deltas or time.monotonic() < self._down_until:
+        self.publish_many([(tenant_id, job_id, deltas)])
+
+    def publish_many(self, batch: Iterable[tuple[str, str, Iterable[Delta]]]) -> None:
+        entries = [(self.key(t, j), j, _checked(d)) for t, j, d in batch]
+        entries = [e for e in entries if e[2]]
+        if not entries or time.monotonic() < self._down_until:
             return
         # One round trip for the lot; each XADD's error comes back in its own
         # slot, so an index already there (a retried publish) spoils nothing else.
+        sent = []
         with self.client.pipeline(transaction=False) as pipe:
-            for index, delta in deltas:
-                pipe.xadd(key, {"d": delta}, id=f"{index + 1}-0", maxlen=MAX_ENTRIES, approximate=True)
-            pipe.expire(key, TTL_SECONDS)
+            for key, job_id, deltas in entries:
+                for index, delta in deltas:
+                    pipe.xadd(key, {"d": delta}, id=f"{index + 1}-0", maxlen=MAX_ENTRIES, approximate=True)
+                    sent.append((job_id, index))
+                pipe.expire(key, TTL_SECONDS)
+                sent.append(None)
             try:
                 results = pipe.execute(raise_on_error=False)
             except redis.RedisError as exc:
                 self._failed(exc)
                 return
         self._recovered()
-        for (index, _), result in zip(deltas, results):
-            if isinstance(result, redis.ResponseError) and "equal or smaller" not in str(result):
-                log.warning("live output: delta %d of job %s not kept: %s", index, job_id, result)
+        for what, result in zip(sent, results):
+            if what and isinstance(result, redis.ResponseError) and "equal or smaller" not in str(result):
+                log.warning("live output: delta %d of job %s not kept: %s", what[1], what[0], result)
 
     def read(self, tenant_id: str, job_id: str, after: int = -1, block_seconds: float = 0.0) -> list[Delta]:
         key = self.key(tenant_id, job_id)
@@ -238,6 +250,10 @@ class FileLive:
             self._failing = True
             return
         self._failing = False
+
+    def publish_many(self, batch: Iterable[tuple[str, str, Iterable[Delta]]]) -> None:
+        for tenant_id, job_id, deltas in batch:
+            self.publish(tenant_id, job_id, deltas)
 
     def read(self, tenant_id: str, job_id: str, after: int = -1, block_seconds: float = 0.0) -> list[Delta]:
         path = self.path(tenant_id, job_id)

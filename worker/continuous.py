@@ -46,7 +46,6 @@ class Member:
     joined: float = 0.0      # monotonic, when its prefill began
     published: str = ""      # the text sent as deltas so far
     deltas: int = 0          # how many deltas were sent (the next one's index)
-    last_publish: float = 0.0
     most_rows: int = 0       # the most rows it ran beside (itself included)
     load_seconds: float | None = None
     in_engine: bool = False
@@ -86,6 +85,7 @@ class ContinuousBatch:
         self.taken = 0
         self.load_seconds = runner.cache.last_load_seconds
         self.stored_ok = True
+        self.last_publish = 0.0
         # The tracker renews leases, reads cancel requests and writes progress
         # for every row held here, off the decode's path. Rows it is asked to
         # stop are dropped and written by this loop at the next step, so one
@@ -254,7 +254,10 @@ class ContinuousBatch:
         # The rows that ran this step: those still in, and those that just left.
         rows = len(self.engine) + sum(1 for u in updates if u.output is not None)
         now = time.monotonic()
-        done = []
+        # Live output goes out for the whole batch at once, every PUBLISH_EVERY,
+        # in one round trip; a row's first text goes at once (time to first token).
+        flush = now - self.last_publish >= PUBLISH_EVERY
+        done, out = [], []
         for u in updates:
             m = self.members.get(u.key)
             if m is None:
@@ -265,31 +268,37 @@ class ContinuousBatch:
             if u.output is not None:
                 m.in_engine = False
                 done.append((m, u))
-            elif len(u.text) > len(m.published) and now - m.last_publish >= PUBLISH_EVERY:
-                self.publish(m, u.text, now)
+            elif len(u.text) > len(m.published) and (flush or not m.deltas):
+                out.append(self.delta(m, u.text))
+        if flush:
+            self.last_publish = now
+        self.publish(out)
         if done:
             self.finished(done)
 
-    def publish(self, m: Member, text: str, now: float) -> None:
-        delta = text[len(m.published):]
-        if not delta:
-            return
-        self.runner.live.publish(m.row.job.tenant_id, m.row.job.id, [(m.deltas, delta)])
-        m.published, m.deltas, m.last_publish = text, m.deltas + 1, now
+    def delta(self, m: Member, text: str) -> tuple[str, str, list]:
+        """The delta `text` adds to what `m` has published, counted as sent."""
+        item = (m.row.job.tenant_id, m.row.job.id, [(m.deltas, text[len(m.published):])])
+        m.published, m.deltas = text, m.deltas + 1
+        return item
+
+    def publish(self, items: list) -> None:
+        if items:
+            self.runner.live.publish_many(items)
 
     def finished(self, done) -> None:
         """Store and finish the rows that ended this step, in one transaction."""
         runner = self.runner
-        outcomes = []
+        outcomes, rest = [], []
         for m, u in done:
             job = m.row.job
             if m.row.stop is Stop.LEASE_LOST:
                 continue  # stop_asked writes nothing for it
             files = getattr(u, "files", None) or {}
             text = u.output.get("text") if isinstance(u.output, dict) else None
-            if isinstance(text, str):
+            if isinstance(text, str) and len(text) > len(m.published):
                 # The rest of the text goes out before the job is seen finished.
-                self.publish(m, text, time.monotonic())
+                rest.append(self.delta(m, text))
             try:
                 output = retry(lambda: runner.store(job.id, Result(output=u.output, files=files)),
                                within=runner.settings.lease_seconds / 2, what=f"storing the outputs of job {job.id}")
@@ -308,6 +317,7 @@ class ContinuousBatch:
             if m.load_seconds is not None:
                 metrics["model_load_seconds"] = round(m.load_seconds, 4)
             outcomes.append((m, JobStatus.SUCCEEDED, {"output": output, "metrics": metrics}))
+        self.publish(rest)
         self.write(outcomes)
 
     def stop_asked(self) -> None:

@@ -206,3 +206,13 @@ def test_a_new_attempt_clears_the_last_ones_deltas(live):
     assert live.read(tenant, job) == [(0, "second")]
     assert live.read(tenant, other) == [(0, "untouched")]
     live.clear(tenant, new_id())  # nothing there: no error
+
+
+def test_a_batch_publishes_for_many_jobs_at_once(live):
+    tenant, other = new_id(), new_id()
+    jobs = [new_id() for _ in range(3)]
+    live.publish_many([(tenant, jobs[0], [(0, "a")]), (tenant, jobs[1], [(0, "b"), (1, "c")]),
+                       (other, jobs[2], [(0, "d")]), (tenant, jobs[2], [])])
+    live.publish_many([(tenant, jobs[0], [(0, "again"), (1, "e")])])  # index 0 again: ignored
+    assert [live.read(tenant, j) for j in jobs] == [[(0, "a"), (1, "e")], [(0, "b"), (1, "c")], []]
+    assert live.read(other, jobs[2]) == [(0, "d")]
