@@ -128,6 +128,26 @@ class Bare:
             tokens += sum(u.output["tokens"] for u in updates if u.output is not None)
         return time.perf_counter() - started, tokens
 
+    def static(self, jobs) -> tuple[float, int]:
+        """The same jobs in static batches of ROWS, in order (finished rows leave the batch)."""
+        inputs = self.inputs(jobs)
+        tokens = 0
+        started = time.perf_counter()
+        for k in range(0, len(inputs), ROWS):
+            tokens += sum(r.output["tokens"] for r in self.model.run(inputs[k:k + ROWS], lambda *a: None,
+                                                                      lambda r: False))
+        return time.perf_counter() - started, tokens
+
+    def step_seconds(self, rows: int, steps: int = 40) -> float:
+        """One decode step's time with `rows` rows (short prompts, greedy)."""
+        inp = self.text.Input.model_validate({"prompt": "a b c", "max_new_tokens": steps + 1, "temperature": 0})
+        engine = self.model.engine(rows, None)
+        engine.add([self.model.sequence(k, inp) for k in range(rows)])
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        return (time.perf_counter() - t) / steps
+
     def prefill_seconds(self, prompt: str, repeats: int = 20) -> float:
         inp = self.text.Input.model_validate({"prompt": prompt, "max_new_tokens": 4, "temperature": 0})
         times = []
@@ -312,8 +332,16 @@ def main() -> int:
             svc_rate = sum(j["output"]["tokens"] for j in done) / (
                 max(ts(j["completed_at"]) for j in done) - min(ts(j["started_at"]) for j in done))
             seconds, tokens = bare.continuous(jobs)
+            s_seconds, s_tokens = bare.static(jobs)
             print(f"\nservice / bare engine (all {len(jobs)} jobs queued at once, {ROWS} rows): "
                   f"{svc_rate:.1f} / {tokens / seconds:.1f} tokens/s = {svc_rate / (tokens / seconds):.2f}")
+            # What the engine alone allows: a decode step's cost by rows says how
+            # much a full batch gains over static batches whose rows leave early.
+            one, full = bare.step_seconds(1), bare.step_seconds(ROWS)
+            print(f"bare engine, same jobs: continuous {tokens / seconds:.1f} tokens/s, static batches "
+                  f"{s_tokens / s_seconds:.1f} ({tokens / seconds / (s_tokens / s_seconds):.2f}x); a decode step "
+                  f"takes {one * 1000:.1f} ms with 1 row, {full * 1000:.1f} ms with {ROWS} "
+                  f"({full / one:.1f}x the time for {ROWS}x the tokens)")
         finally:
             svc.close()
     return 0
