@@ -12,7 +12,7 @@
 - service / bare engine: the same jobs, all queued at once, through the
   service and through the engine's own loop (no queue, no database).
 
-    .venv/bin/python bench/continuous.py [--jobs 100] [--rate-factor 8] [--threads 1]
+    .venv/bin/python bench/continuous.py [--jobs 100] [--rate-factor 3] [--threads 1]
                                          [--checkpoint DIR] [--device cpu] [--dtype float32]
 
 The mix is skewed like real traffic: four in five jobs short (16-32 new
@@ -246,7 +246,7 @@ def sse_first_token(svc: Service, model: str, prompt: str, n: int) -> list[float
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=100)
-    ap.add_argument("--rate-factor", type=float, default=8.0,
+    ap.add_argument("--rate-factor", type=float, default=3.0,
                     help="arrival rate as a multiple of batch 1's capacity (jobs/s)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the worker and the bare engine")
     ap.add_argument("--first-token-jobs", type=int, default=20)
