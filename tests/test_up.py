@@ -267,8 +267,18 @@ def test_a_model_that_cannot_load_fails_its_jobs_and_the_rest_runs_on(up_with_a_
 def test_worker_metrics_port_serves_the_worker_and_the_sender(up_with_a_broken_model):
     up = up_with_a_broken_model
     port = up["metrics_port"]
-    worker = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
-    sender = requests.get(f"http://127.0.0.1:{port + 1}/metrics", timeout=10)
+
+    def scrape(p: int) -> requests.Response:
+        # `genq up` is ready once its model workers are; the sender may still be starting.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return requests.get(f"http://127.0.0.1:{p}/metrics", timeout=10)
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "\n".join(up["lines"])
+                time.sleep(0.2)
+
+    worker, sender = scrape(port), scrape(port + 1)
     assert worker.status_code == sender.status_code == 200
     assert "genq_model_cache_lookups_total" in worker.text and "genq_webhook_attempts_total" in sender.text
     assert f":{port}/metrics" in "\n".join(up["lines"]) and up["proc"].poll() is None
