@@ -316,9 +316,13 @@ class BatchTracker:
 
     def renew(self) -> None:
         rows = self.held()
-        if not rows:
-            return
         sent = time.monotonic()
+        if not rows:
+            # Nothing held, nothing at risk. A continuous batch's rows come and
+            # go between renewals: one claimed now has a fresh lease, and must
+            # not be judged by a renewal that found nothing to renew.
+            self._lease_ok = sent
+            return
         with self.runner.sessions.begin() as session:
             held = joblib.renew_leases(session, [r.job.id for r in rows], self.runner.owner,
                                        self.runner.settings.lease_seconds)

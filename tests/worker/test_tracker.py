@@ -81,3 +81,22 @@ def test_a_progress_write_that_keeps_failing_neither_lets_the_lease_lapse_nor_hi
         assert now.progress is None
     assert "progress" in caplog.text
     assert row.stop is not Stop.LEASE_LOST
+
+
+def test_a_row_joining_a_tracker_that_held_nothing_for_a_lease_keeps_its_lease(runner):
+    """A continuous batch's tracker can hold no row for longer than a lease
+    (every job came and went between its beats). A job claimed then has a
+    fresh lease: it is renewed, not stopped as if its lease were lost."""
+    tracker = BatchTracker(runner, [], unit="token", finish_cancelled=False)
+    try:
+        time.sleep(LEASE)  # more than LEASE_SAFE_SHARE of a lease with nothing to renew
+        job = claim_one(runner)
+        row = Row(job)
+        tracker.rows = [row]
+        time.sleep(LEASE)
+        assert row.stop is None
+    finally:
+        tracker.close()
+    with runner.sessions() as session:
+        now = session.get(Job, job.id)
+        assert (now.status, now.lease_owner) == ("running", runner.owner) and now.lease_until > job.lease_until
