@@ -180,6 +180,10 @@ def claim_batch(
             .execution_options(populate_existing=True, synchronize_session=False)
         )
     )
+    # RETURNING gives rows in whatever order the update visited them: put the
+    # batch back in line order, so rows and start events follow the line.
+    place = {job_id: k for k, job_id in enumerate(ids)}
+    jobs.sort(key=lambda job: place[job.id])
     for job in jobs:
         record_event(session, job.id, "start", {"attempt": job.attempts, "worker": owner}, at=now)
         webhooks.enqueue(session, job, "start", now=now)
