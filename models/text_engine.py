@@ -311,10 +311,8 @@ class TextEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         # Each row's own positions 0..n-1; its left padding gets a harmless 1 (as generate() does).
         positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-        from transformers import DynamicCache
-
         with torch.inference_mode():
-            cache = DynamicCache()
+            cache = _growing_cache()
             logits = self._forward(ids, mask, positions, cache)
             sampling = RowSampling([seq.settings for seq in seqs], self.device)
             seen = seen_mask([seq.prompt for seq in seqs], logits.shape[-1], self.device) if sampling.penalised else \
@@ -436,6 +434,75 @@ class TextEngine:
         self.seen = self.seen.index_select(0, index)
         self.rows = [self.rows[r] for r in keep]
         self.sampling = None
+
+
+def _growing_cache():
+    """A DynamicCache whose layers grow into spare room (see _growing_layer_class)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _growing_layer_class()
+    return cache
+
+
+_GROWING = None
+
+
+def _growing_layer_class():
+    """transformers' DynamicLayer, writing each step's key/value column into
+    spare room at the end of a buffer instead of concatenating.
+
+    DynamicLayer.update does torch.cat([cache, new]) every step: a copy of the
+    whole cache per layer per step, which for a running batch that never ends
+    (continuous batching keeps a long row's cache alive while short rows come
+    and go) cost about as much as the forward pass at 8 rows on CPU. Here a
+    step writes one column in place and the cache is a view of the buffer's
+    first columns; the buffer grows by a quarter (at least ROOM columns) when
+    full, so a step copies one column on average. The engine's own merges,
+    removals and trims replace `keys`/`values` with new tensors; the next
+    update sees they are no longer a view of the buffer and takes them into a
+    fresh one (one copy, as those operations already make).
+    """
+    global _GROWING
+    if _GROWING is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class GrowingLayer(DynamicLayer):
+            ROOM = 32
+
+            def lazy_initialization(self, key_states, value_states) -> None:
+                super().lazy_initialization(key_states, value_states)
+                self._buffers = None
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:
+                    self.lazy_initialization(key_states, value_states)
+                keys, values = self.keys, self.values
+                have = keys.shape[-2] if keys.dim() == 4 else 0
+                need = have + key_states.shape[-2]
+                bufs = self._buffers
+                if bufs is None or not (_prefix_of(keys, bufs[0]) and _prefix_of(values, bufs[1])) \
+                        or bufs[0].shape[-2] < need:
+                    room = need + max(self.ROOM, need // 4)
+                    shape = (*key_states.shape[:2], room, key_states.shape[-1])
+                    bufs = (key_states.new_empty(shape), value_states.new_empty(shape[:3] + value_states.shape[-1:]))
+                    if have:
+                        bufs[0][:, :, :have].copy_(keys)
+                        bufs[1][:, :, :have].copy_(values)
+                    self._buffers = bufs
+                bufs[0][:, :, have:need].copy_(key_states)
+                bufs[1][:, :, have:need].copy_(value_states)
+                self.keys, self.values = bufs[0][:, :, :need], bufs[1][:, :, :need]
+                return self.keys, self.values
+
+        _GROWING = GrowingLayer
+    return _GROWING
+
+
+def _prefix_of(view, buf) -> bool:
+    """Whether `view` is buf[:, :, :n] for some n (what update() last handed out, not since replaced)."""
+    return (view.dim() == 4 and view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride()
+            and view.shape[:2] == buf.shape[:2] and view.shape[-1] == buf.shape[-1])
 
 
 def _pad_columns(t, n: int):
