@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -76,6 +78,17 @@ class WorkerProcess:
         """Every line of a stopped worker's output."""
         self._reader.join(timeout)
         return list(self.lines)
+
+    @contextlib.contextmanager
+    def held(self):
+        """The worker stopped (SIGSTOP) for the block: jobs submitted meanwhile
+        are all queued when it goes on, whatever the machine's load."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def stop(self, sig: str = "terminate", timeout: float = 30) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

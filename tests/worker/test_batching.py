@@ -70,9 +70,13 @@ def test_a_job_gives_the_same_text_alone_and_in_a_mixed_batch(client, tenant, wo
     job = {"prompt": "The lighthouse keeper", "max_new_tokens": 24, "seed": 99, "temperature": 0.8, "top_k": 40}
     alone = wait_job(client.get, post(client, tenant, **job), tenant)
     assert alone["metrics"]["batch_size"] == 1
-    ids = [post(client, tenant, prompt="A much longer prompt about something else entirely", max_new_tokens=40, seed=1),
-           post(client, tenant, **job),
-           post(client, tenant, prompt="x", max_new_tokens=8, temperature=1.3, top_p=0.5, seed=5)]
+    # Submitted with the worker held: three posts can take longer than the
+    # batch's 400 ms wait on a loaded machine, and then two of them would batch.
+    with worker.held():
+        ids = [post(client, tenant, prompt="A much longer prompt about something else entirely", max_new_tokens=40,
+                    seed=1),
+               post(client, tenant, **job),
+               post(client, tenant, prompt="x", max_new_tokens=8, temperature=1.3, top_p=0.5, seed=5)]
     batch = [wait_job(client.get, i, tenant) for i in ids]
     assert [j["status"] for j in batch] == ["succeeded"] * 3
     assert batch[1]["metrics"]["batch_size"] == 3, [j["metrics"] for j in batch]
