@@ -244,6 +244,11 @@ class TextEngine:
     what it is given, so a caller adding several rows checks them one by one.
     """
 
+    # The worker may call step() on a thread of its own while it does the step
+    # boundary's database work (worker/continuous.py); add() and drop() are
+    # never called while a step runs.
+    steps_off_thread = True
+
     def __init__(self, model: "TextModel", max_rows: int, max_batch_tokens: int | None = None):
         if not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from genq import jobs as joblib
@@ -49,6 +50,7 @@ class Member:
     most_rows: int = 0       # the most rows it ran beside (itself included)
     load_seconds: float | None = None
     in_engine: bool = False
+    ending: bool = False     # it left the engine finished; its outputs are being stored
 
 
 @dataclass
@@ -86,6 +88,14 @@ class ContinuousBatch:
         self.load_seconds = runner.cache.last_load_seconds
         self.stored_ok = True
         self.last_publish = 0.0
+        # Rows that ended at the last step, to be stored and finished (and
+        # live output to publish) while the next step decodes.
+        self.ended: list = []
+        self.unpublished: list = []
+        # The engine decodes on this thread when it says it may (the
+        # transformers engine does; vLLM's keeps its own threads and stays here).
+        self.stepper = ThreadPoolExecutor(1, thread_name_prefix=f"step-{spec.name}") \
+            if getattr(self.engine, "steps_off_thread", False) else None
         # The tracker renews leases, reads cancel requests and writes progress
         # for every row held here, off the decode's path. Rows it is asked to
         # stop are dropped and written by this loop at the next step, so one
@@ -97,20 +107,47 @@ class ContinuousBatch:
     def run(self) -> int:
         try:
             while True:
-                self.admit()
+                if not len(self.engine):
+                    self.admit()
                 self.stop_asked()
                 if not self.engine_rows() and not self.waiting:
+                    self.write_finished()
                     if not self.door.open or not self.taken_more():
                         return self.taken
                     continue
                 self.join()
                 if len(self.engine):
-                    self.apply(self.engine.step())
+                    self.apply(self.step())
+                else:
+                    self.write_finished()
         except Exception as exc:
             self.failed(exc)
             return self.taken
         finally:
             self.tracker.close()
+            if self.stepper is not None:
+                self.stepper.shutdown(wait=False)
+
+    def step(self):
+        """One decode step. While an engine that allows it decodes on the
+        stepper thread, this thread does the step boundary's database and Redis
+        work: the rows that ended last step are stored and finished, the live
+        output goes out, and the queue is asked for jobs to fill free rows. So
+        claims and finishes overlap the decode instead of stalling it (torch and
+        the database driver both release the GIL while they wait). Nothing here
+        touches the engine while it steps: joins and drops happen between steps."""
+        if self.stepper is None:
+            self.write_finished()
+            self.admit()
+            return self.engine.step()
+        future = self.stepper.submit(self.engine.step)
+        try:
+            self.write_finished()
+            self.admit()
+        finally:
+            # The step's own exception, if any, is the one raised.
+            updates = future.result()
+        return updates
 
     def engine_rows(self) -> int:
         return len(self.engine)
@@ -266,13 +303,24 @@ class ContinuousBatch:
             m.row.progress = {"current": int(u.tokens), "total": int(u.limit), "unit": "token"}
             m.row.progress_dirty = True
             if u.output is not None:
-                m.in_engine = False
+                m.in_engine, m.ending = False, True
                 done.append((m, u))
             elif len(u.text) > len(m.published) and (flush or not m.deltas):
                 out.append(self.delta(m, u.text))
         if flush:
             self.last_publish = now
+        # A row's first text goes out now (time to first token); the rest, and
+        # the ended rows' writes, at the next step boundary (write_finished).
+        first = [item for item in out if item[2][0][0] == 0]
+        self.publish(first)
+        self.unpublished.extend(item for item in out if item[2][0][0] != 0)
+        self.ended.extend(done)
+
+    def write_finished(self) -> None:
+        """Publish the live output held back and store and finish the rows that ended."""
+        out, self.unpublished = self.unpublished, []
         self.publish(out)
+        done, self.ended = self.ended, []
         if done:
             self.finished(done)
 
@@ -292,6 +340,7 @@ class ContinuousBatch:
         outcomes, rest = [], []
         for m, u in done:
             job = m.row.job
+            m.ending = False
             if m.row.stop is Stop.LEASE_LOST:
                 continue  # stop_asked writes nothing for it
             files = getattr(u, "files", None) or {}
@@ -322,7 +371,8 @@ class ContinuousBatch:
 
     def stop_asked(self) -> None:
         """Drop the rows the tracker asked to stop, and write what becomes of them."""
-        stopped = [m for m in self.members.values() if m.row.stop is not None]
+        # A row that ended is written by write_finished, whatever was asked of it since.
+        stopped = [m for m in self.members.values() if m.row.stop is not None and not m.ending]
         if not stopped:
             return
         outcomes, back = [], []
@@ -366,6 +416,15 @@ class ContinuousBatch:
             log.exception("continuous batch of %s failed", self.spec.name,
                           extra={"job_ids": list(self.members)})
         self.tracker.close()
+        if self.ended:
+            # Rows that ended before the failure have their outputs: keep them.
+            try:
+                self.write_finished()
+            except Exception:
+                log.exception("finishing the rows that ended before the failure failed too")
+                self.ended = []
+                for m in self.members.values():
+                    m.ending = False
         error = error_for(exc)
         outcomes, back = [], []
         for m in list(self.members.values()):
