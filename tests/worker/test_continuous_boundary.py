@@ -1,0 +1,101 @@
+"""The running batch's step boundary, without a database or a model: the
+rows that ended at one step are stored and finished while the next step
+decodes, and a cancel that reaches such a row before its write does not
+write it twice."""
+from __future__ import annotations
+
+import threading
+import types
+
+from genq.states import JobStatus
+from models.text_engine import Update
+from worker.batch import Row, Stop
+from worker.continuous import Admission, ContinuousBatch, Member
+
+
+class FakeEngine:
+    steps_off_thread = True
+
+    def __init__(self, keys):
+        self.rows = list(keys)
+        self.stepping = threading.Event()
+        self.release = threading.Event()
+
+    def __len__(self):
+        return len(self.rows)
+
+    def step(self):
+        self.stepping.set()
+        assert self.release.wait(10), "the boundary's work never ran while the step decoded"
+        key = self.rows.pop(0)
+        return [Update(key, 3, 3, "abc", {"text": "abc", "tokens": 3, "finish_reason": "length"})]
+
+    def drop(self, key):
+        self.rows.remove(key)
+
+
+class FakeRunner:
+    def __init__(self, engine):
+        self.engine = engine
+        self.finished, self.published = [], []
+        self.shutdown = types.SimpleNamespace(requested=False)
+        self.settings = types.SimpleNamespace(lease_seconds=30)
+        self.live = types.SimpleNamespace(publish_many=self.published.extend)
+
+    def store(self, job_id, result):
+        return result.output
+
+    def finish(self, outcomes):
+        # Written while the engine is inside its step (which waits for this write): the overlap.
+        assert self.engine.stepping.wait(10), "rows were written before the step began, not while it ran"
+        self.finished.extend((row.job.id, status) for row, status, _ in outcomes)
+        self.engine.release.set()
+
+    def hand_back(self, rows):
+        assert not rows
+
+
+def batch_of(keys):
+    import datetime as dt
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = FakeEngine(keys)
+    runner = FakeRunner(engine)
+    b = ContinuousBatch.__new__(ContinuousBatch)
+    now = dt.datetime.now(dt.timezone.utc)
+    b.runner, b.engine, b.door = runner, engine, Admission(open=False)
+    b.spec = types.SimpleNamespace(name="demo-text", max_batch_size=4)
+    b.members = {k: Member(row=Row(types.SimpleNamespace(id=k, tenant_id="t", started_at=now, created_at=now)),
+                           seq=None, in_engine=True) for k in keys}
+    b.waiting, b.ended, b.unpublished, b.last_publish = [], [], [], 0.0
+    b.stored_ok = True
+    b.tracker = types.SimpleNamespace(rows=[], close=lambda: None)
+    b.stepper = ThreadPoolExecutor(1)
+    return b, runner
+
+
+def test_rows_that_ended_are_finished_while_the_next_step_decodes():
+    b, runner = batch_of(["a", "b"])
+    runner.engine.release.set()
+    b.apply(b.step())            # "a" ends; nothing to write yet
+    runner.engine.release.clear()
+    runner.engine.stepping.clear()
+    assert runner.finished == [] and [m.row.job.id for m, _ in b.ended] == ["a"]
+    b.apply(b.step())            # "a" is written while this step (b's last) decodes
+    assert runner.finished == [("a", JobStatus.SUCCEEDED)]
+    runner.engine.release.set()
+    b.write_finished()
+    assert runner.finished == [("a", JobStatus.SUCCEEDED), ("b", JobStatus.SUCCEEDED)]
+    assert b.members == {}
+
+
+def test_a_cancel_that_reaches_an_ended_row_before_its_write_does_not_write_it_twice():
+    b, runner = batch_of(["a", "b"])
+    runner.engine.release.set()
+    b.apply(b.step())            # "a" ended at this step, its write waits for the next boundary
+    b.members["a"].row.ask_to_stop(Stop.CANCEL)   # the owner's cancel lands meanwhile
+    b.stop_asked()
+    assert runner.finished == []
+    b.write_finished()
+    assert runner.finished == [("a", JobStatus.SUCCEEDED)]
+    assert list(b.members) == ["b"]
