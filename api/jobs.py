@@ -1,6 +1,7 @@
 """The /v1/jobs routes: submit, read, list, cancel, events, and output files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -10,6 +11,7 @@ from typing import Literal
 from flask import Blueprint, Response, request, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from api import held, idempotency, serialize
 from api.auth import caller, require_key
@@ -253,10 +255,54 @@ def fine_tune_request(req: JobCreate):
 @bp.get("/<job_id>")
 @require_key
 def get_job(job_id: str):
-    with ctx().session() as session:
-        job = own_job(session, job_id)
+    job = read_own_job(job_id)
     job, applied = waited(job)
-    return render(job), applied
+    headers = {"ETag": etag(job), "Cache-Control": "private, no-cache", **applied}
+    if not JobStatus(job.status).terminal:
+        # When to poll again: a hint, not a limit.
+        headers["Retry-After"] = POLL_HINT[job.status]
+    if request.if_none_match and request.if_none_match.contains_weak(headers["ETag"][3:-1]):
+        # The caller's copy is current: no body. Only the owner gets this far.
+        return Response(status=304, headers=headers)
+    return render(job), headers
+
+
+# Seconds a client had best wait before polling a job again, by status.
+POLL_HINT = {JobStatus.QUEUED.value: "2", JobStatus.RUNNING.value: "1"}
+
+
+def read_own_job(job_id: str):
+    """The caller's job by id, in one statement outside any transaction; 404
+    when there is none or it is another tenant's. A connection the database
+    dropped since it was last used is replaced and the read tried once more
+    (it changes nothing, so it may be repeated)."""
+    if not ID_RE.match(job_id):
+        raise ApiError(404, f"no job {job_id!r}")
+    tenant_id = caller().tenant_id
+    for attempt in (1, 2):
+        try:
+            with ctx().read() as conn:
+                job = joblib.read_own(conn, job_id, tenant_id)
+            break
+        except DBAPIError as exc:
+            if attempt == 2 or not exc.connection_invalidated:
+                raise
+    if job is None:
+        # Someone else's job looks exactly like no job at all.
+        raise ApiError(404, f"no job {job_id!r}")
+    return job
+
+
+def etag(job) -> str:
+    """A weak validator of what GET shows of the job: it changes whenever
+    its status, progress, output, error or update time do. Weak, because the
+    output's presigned URLs are signed anew on each answer."""
+    digest = hashlib.blake2b(digest_size=12)
+    for part in (job.id, job.status, job.updated_at.isoformat(), job.attempts, job.cancel_requested):
+        digest.update(f"{part}\x1f".encode())
+    for part in (job.progress, job.output, job.error, job.metrics, job.started_at, job.completed_at):
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode() + b"\x1f")
+    return f'W/"{digest.hexdigest()}"'
 
 
 def job_types(registry) -> list[str]:

@@ -13,7 +13,7 @@ import logging
 import math
 from typing import Any, Iterable, NamedTuple
 
-from sqlalchemy import Update, and_, func, select, update
+from sqlalchemy import Update, and_, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from genq import line, webhooks
@@ -37,6 +37,16 @@ def transition(current: JobStatus, new: JobStatus, *where, **values) -> Update:
 
 def record_event(session: Session, job_id: str, type_: str, data: dict | None = None, at: dt.datetime | None = None) -> None:
     session.add(JobEvent(job_id=job_id, type=type_, data=data or {}, at=at or utcnow()))
+
+
+# A job by id and owner, in one statement with no ORM between the row and its
+# reader (the poll's one round trip). Built once; SQLAlchemy caches it compiled.
+_OWN_JOB = select(Job.__table__).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+
+
+def read_own(conn, job_id: str, tenant_id: str):
+    """The job's row (attributes as a Job's) if `tenant_id` owns it, else None."""
+    return conn.execute(_OWN_JOB, {"job_id": job_id, "tenant_id": tenant_id}).first()
 
 
 def submit(
