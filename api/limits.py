@@ -12,7 +12,7 @@ from flask import Flask, request
 from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage, Storage, storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from api.auth import current_caller
 from api.errors import ApiError, problem
@@ -115,6 +115,15 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter | None:
     return limiter
 
 
+# A tenant's jobs queued or running, counted no further than the quota: the
+# count costs at most the quota's rows (ix_jobs_tenant_status), however many
+# jobs wait.
+_ACTIVE = select(func.count()).select_from(
+    select(Job.id).where(Job.tenant_id == bindparam("tenant_id"),
+                         Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+    .limit(bindparam("most")).subquery())
+
+
 def check_active_jobs(session, tenant_id: str, settings: Settings) -> None:
     """A tenant may have at most `max_active_jobs` queued or running at once.
     Call it in the transaction that inserts the job: it locks the tenant's row
@@ -123,8 +132,7 @@ def check_active_jobs(session, tenant_id: str, settings: Settings) -> None:
     if not settings.max_active_jobs:
         return
     lock_tenant(session, tenant_id)
-    active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])))
+    active = session.scalar(_ACTIVE, {"tenant_id": tenant_id, "most": settings.max_active_jobs})
     if active >= settings.max_active_jobs:
         raise ApiError(429, f"you have {active} jobs queued or running, the most allowed at once is "
                             f"{settings.max_active_jobs}; wait for some to finish", headers={"Retry-After": 5})

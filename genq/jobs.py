@@ -13,12 +13,12 @@ import logging
 import math
 from typing import Any, Iterable, NamedTuple
 
-from sqlalchemy import Update, and_, bindparam, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Update, and_, bindparam, func, insert, literal, select, update
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from genq import line, webhooks
 from genq.errors import IllegalTransition
-from genq.schema import Job, JobEvent, utcnow
+from genq.schema import Job, JobEvent, new_id, utcnow
 from genq.states import JobStatus, check_transition
 
 log = logging.getLogger(__name__)
@@ -63,23 +63,29 @@ def submit(
     webhook_events_filter: list[str] | None = None,
     max_attempts: int = 3,
 ) -> Job:
-    job = Job(
-        tenant_id=tenant_id,
-        type=type_,
-        model=model,
-        pool=pool,
-        batch_key=batch_key,
-        status=JobStatus.QUEUED.value,
-        input=input_,
-        priority=priority,
-        webhook=webhook,
-        webhook_events_filter=webhook_events_filter or ["completed"],
-        max_attempts=max_attempts,
-        metrics={},
-    )
+    """Insert a queued job and its `queued` event in the caller's transaction:
+    one statement on Postgres (the event's INSERT takes the job's from a CTE),
+    two on SQLite, and no ORM unit of work. The Job returned is in the session
+    as if loaded from it, so a caller may change or refresh it."""
+    now = utcnow()
+    values = dict(id=new_id(), tenant_id=tenant_id, type=type_, model=model, pool=pool, batch_key=batch_key,
+                  status=JobStatus.QUEUED.value, input=input_, output=None, error=None, progress=None,
+                  priority=priority, attempts=0, max_attempts=max_attempts, cancel_requested=False,
+                  lease_owner=None, lease_until=None, webhook=webhook,
+                  webhook_events_filter=webhook_events_filter or ["completed"], metrics={}, created_at=now,
+                  started_at=None, completed_at=None, updated_at=now)
+    if session.get_bind().dialect.name == "postgresql":
+        new_job = insert(Job).values(values).returning(Job.id, Job.created_at).cte("new_job")
+        session.execute(insert(JobEvent).from_select(
+            ["job_id", "type", "data", "at"],
+            select(new_job.c.id, literal("queued", JobEvent.type.type), literal({}, JobEvent.data.type),
+                   new_job.c.created_at)))
+    else:  # SQLite has no INSERT in a CTE
+        session.execute(insert(Job), [values])
+        session.execute(insert(JobEvent), [{"job_id": values["id"], "type": "queued", "data": {}, "at": now}])
+    job = Job(**values)
+    make_transient_to_detached(job)
     session.add(job)
-    session.flush()
-    record_event(session, job.id, "queued", {}, at=job.created_at)
     return job
 
 
