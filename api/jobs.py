@@ -325,7 +325,8 @@ def page_args() -> tuple[int, str | None]:
 @require_key
 def list_jobs():
     limit, cursor = page_args()
-    query = select(Job).where(Job.tenant_id == caller().tenant_id)
+    # Core rows, not ORM objects: a page is read, rendered and forgotten.
+    query = select(Job.__table__).where(Job.tenant_id == caller().tenant_id)
     status = request.args.get("status")
     if status is not None:
         if status not in {s.value for s in JobStatus}:
@@ -339,8 +340,8 @@ def list_jobs():
         query = query.where(Job.type == type_)
     if cursor:
         query = query.where(Job.id < cursor)
-    with ctx().session() as session:
-        rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    with ctx().read() as conn:
+        rows = conn.execute(query.order_by(Job.id.desc()).limit(limit + 1)).all()
     page = rows[:limit]
     return {
         "data": [render(j) for j in page],
