@@ -39,7 +39,11 @@ def redact(url: str) -> str:
         return "<database>"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    """`pool_size`: connections kept open (Postgres). A process whose threads
+    use more at once opens more, up to as many again, but closes each extra
+    one as it is returned: an API process keeps one per thread, or every
+    request past the pool pays a new connection (a server process forked)."""
     if url.startswith("sqlite"):
         private_sqlite_file(url)
         # API threads and worker processes share one file: WAL lets readers run
@@ -58,7 +62,8 @@ def make_engine(url: str) -> Engine:
         return engine
     # connect_timeout: a database host that does not answer fails a request
     # in seconds (a 503) instead of hanging it; libpq's default waits forever.
-    engine = create_engine(url, pool_size=5, max_overflow=10, connect_args={"connect_timeout": 5})
+    engine = create_engine(url, pool_size=pool_size, max_overflow=max(10, pool_size),
+                           connect_args={"connect_timeout": 5})
     ping_when_idle(engine)
     return engine
 
