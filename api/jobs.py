@@ -326,7 +326,7 @@ def page_args() -> tuple[int, str | None]:
 def list_jobs():
     limit, cursor = page_args()
     # Core rows, not ORM objects: a page is read, rendered and forgotten.
-    query = select(Job.__table__).where(Job.tenant_id == caller().tenant_id)
+    query = select(*joblib.SHOWN).where(Job.tenant_id == caller().tenant_id)
     status = request.args.get("status")
     if status is not None:
         if status not in {s.value for s in JobStatus}:

@@ -41,7 +41,11 @@ def record_event(session: Session, job_id: str, type_: str, data: dict | None = 
 
 # A job by id and owner, in one statement with no ORM between the row and its
 # reader (the poll's one round trip). Built once; SQLAlchemy caches it compiled.
-_OWN_JOB = select(Job.__table__).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+# Only the columns a job's answer shows (genq.serialize) and its ETag: each
+# column read costs the driver a description per statement.
+SHOWN = tuple(c for c in Job.__table__.c if c.name not in ("tenant_id", "pool", "batch_key", "max_attempts",
+                                                            "lease_owner", "lease_until"))
+_OWN_JOB = select(*SHOWN).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
 
 
 def read_own(conn, job_id: str, tenant_id: str):
