@@ -132,7 +132,7 @@ def check_active_jobs(session, tenant_id: str, settings: Settings) -> None:
     if not settings.max_active_jobs:
         return
     lock_tenant(session, tenant_id)
-    active = session.scalar(_ACTIVE, {"tenant_id": tenant_id, "most": settings.max_active_jobs})
+    active = session.connection().scalar(_ACTIVE, {"tenant_id": tenant_id, "most": settings.max_active_jobs})
     if active >= settings.max_active_jobs:
         raise ApiError(429, f"you have {active} jobs queued or running, the most allowed at once is "
                             f"{settings.max_active_jobs}; wait for some to finish", headers={"Retry-After": 5})

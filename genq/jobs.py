@@ -53,6 +53,16 @@ def read_own(conn, job_id: str, tenant_id: str):
     return conn.execute(_OWN_JOB, {"job_id": job_id, "tenant_id": tenant_id}).first()
 
 
+# A job and its `queued` event, one statement (Postgres), built once: the
+# event's INSERT takes the job's id and time from the job's, in a CTE.
+_NEW_JOB = insert(Job.__table__).values({c.name: bindparam(c.name, type_=c.type) for c in Job.__table__.c}) \
+    .returning(Job.__table__.c.id, Job.__table__.c.created_at).cte("new_job")
+_SUBMIT = insert(JobEvent.__table__).from_select(
+    ["job_id", "type", "data", "at"],
+    select(_NEW_JOB.c.id, literal("queued", JobEvent.type.type), literal({}, JobEvent.data.type),
+           _NEW_JOB.c.created_at))
+
+
 def submit(
     session: Session,
     *,
@@ -78,15 +88,13 @@ def submit(
                   lease_owner=None, lease_until=None, webhook=webhook,
                   webhook_events_filter=webhook_events_filter or ["completed"], metrics={}, created_at=now,
                   started_at=None, completed_at=None, updated_at=now)
-    if session.get_bind().dialect.name == "postgresql":
-        new_job = insert(Job).values(values).returning(Job.id, Job.created_at).cte("new_job")
-        session.execute(insert(JobEvent).from_select(
-            ["job_id", "type", "data", "at"],
-            select(new_job.c.id, literal("queued", JobEvent.type.type), literal({}, JobEvent.data.type),
-                   new_job.c.created_at)))
+    # Core on the session's connection: the ORM's bulk path would coerce every value anew.
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(_SUBMIT, values)
     else:  # SQLite has no INSERT in a CTE
-        session.execute(insert(Job), [values])
-        session.execute(insert(JobEvent), [{"job_id": values["id"], "type": "queued", "data": {}, "at": now}])
+        conn.execute(insert(Job.__table__), values)
+        conn.execute(insert(JobEvent.__table__), {"job_id": values["id"], "type": "queued", "data": {}, "at": now})
     job = Job(**values)
     make_transient_to_detached(job)
     session.add(job)

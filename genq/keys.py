@@ -135,6 +135,9 @@ def revoke(session: Session, prefix: str) -> int:
     return len(keys)
 
 
+_LOCK_TENANT = select(Tenant.id).where(Tenant.id == bindparam("tenant_id")).with_for_update(key_share=True)
+
+
 def lock_tenant(session: Session, tenant_id: str) -> None:
     """Hold the tenant's row until the transaction ends, so that what reads
     then writes on the tenant's behalf (the active-jobs quota, a first webhook
@@ -147,8 +150,9 @@ def lock_tenant(session: Session, tenant_id: str) -> None:
     write, so a SELECT would run outside it and lock nothing; a no-op UPDATE
     takes the database's write lock (waiting busy_timeout for it), and the
     reads after it see every write committed before."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(_LOCK_TENANT, {"tenant_id": tenant_id})
     else:
         session.execute(update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name)
                         .execution_options(synchronize_session=False))
