@@ -229,3 +229,20 @@ def test_list_pages_by_cursor_with_filters(client, settings):
     assert [j["id"] for j in queued["data"]] == [i for i in ids[::-1] if i != ids[1]]
     bad = client.get("/v1/jobs?status=nope", headers=headers)
     assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "status"
+
+
+def test_a_poll_survives_a_connection_the_database_dropped(app, client, settings, pg_url):
+    """Within the idle bound no ping runs: a connection Postgres dropped is
+    met by the read itself, which is tried once more on a new connection."""
+    from tests.genq.test_db import kill_backends
+
+    headers = tenant(settings)
+    job_id = submit(client, headers)
+    engine = app.extensions["genq"].sessions.kw["bind"]
+    pooled = [record.dbapi_connection.info.backend_pid for record in list(engine.pool._pool.queue)]
+    assert pooled
+    kill_backends(pg_url, pooled)  # every connection the pool holds
+    with statements(app) as sent:
+        resp = client.get(f"/v1/jobs/{job_id}", headers=headers)
+    assert resp.status_code == 200 and resp.get_json()["id"] == job_id
+    assert len(sent) == 2, sent  # the read on the dropped connection, then again on a new one
