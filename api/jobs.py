@@ -17,7 +17,7 @@ from api import held, idempotency, serialize
 from api.auth import caller, require_key
 from api.context import ctx
 from api.errors import ApiError, invalid
-from api.limits import check_active_jobs
+from api.limits import lock_for_active_jobs, too_many_active
 from genq import catalog
 from genq import jobs as joblib
 from genq.schema import File, Job
@@ -189,20 +189,24 @@ def create_job():
         except WebhookRefused as exc:
             raise invalid("webhook", exc.message) from None
     with idempotency.race(idem) as race, c.session() as session, session.begin():
-        check_active_jobs(session, caller().tenant_id, c.settings)
-        job = joblib.submit(
-            session,
-            tenant_id=caller().tenant_id,
-            type_=req.type or spec.family,
-            model=spec.name,
-            pool=pool,
-            batch_key=batch_key,
-            input_=inp.model_dump(mode="json"),
-            priority=req.priority,
-            webhook=req.webhook,
-            webhook_events_filter=list(req.webhook_events_filter) if req.webhook_events_filter is not None else None,
-            max_attempts=c.settings.max_attempts,
-        )
+        most = lock_for_active_jobs(session, caller().tenant_id, c.settings)
+        try:
+            job = joblib.submit(
+                session,
+                tenant_id=caller().tenant_id,
+                type_=req.type or spec.family,
+                model=spec.name,
+                pool=pool,
+                batch_key=batch_key,
+                input_=inp.model_dump(mode="json"),
+                priority=req.priority,
+                webhook=req.webhook,
+                webhook_events_filter=list(req.webhook_events_filter) if req.webhook_events_filter is not None else None,
+                max_attempts=c.settings.max_attempts,
+                max_active=most,
+            )
+        except joblib.TooManyActive as exc:
+            raise too_many_active(exc, c.settings) from None
         race.record(session, job.id)
     if race.winner is not None:  # a concurrent request with the same key committed first
         return respond(race.winner, idempotency.REPLAYED)

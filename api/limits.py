@@ -10,16 +10,16 @@ import time
 
 from flask import Flask, request
 from limits import RateLimitItem, parse
-from limits.storage import MemoryStorage, Storage, storage_from_string
+from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import func, select
 
 from api.auth import current_caller
 from api.errors import ApiError, problem
+from genq.jobs import TooManyActive
 from genq.keys import lock_tenant
-from genq.schema import File, Job
+from genq.schema import File
 from genq.settings import Settings
-from genq.states import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -115,27 +115,21 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter | None:
     return limiter
 
 
-# A tenant's jobs queued or running, counted no further than the quota: the
-# count costs at most the quota's rows (ix_jobs_tenant_status), however many
-# jobs wait.
-_ACTIVE = select(func.count()).select_from(
-    select(Job.id).where(Job.tenant_id == bindparam("tenant_id"),
-                         Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
-    .limit(bindparam("most")).subquery())
-
-
-def check_active_jobs(session, tenant_id: str, settings: Settings) -> None:
+def lock_for_active_jobs(session, tenant_id: str, settings: Settings) -> int:
     """A tenant may have at most `max_active_jobs` queued or running at once.
-    Call it in the transaction that inserts the job: it locks the tenant's row
-    until the commit, so concurrent submits count one after another and never
-    all see room for one more."""
+    Call it in the transaction that inserts the job, then pass what it returns
+    to genq.jobs.submit(max_active=...), which counts and inserts in one
+    statement: the tenant's row stays locked until the commit, so concurrent
+    submits count one after another and never all see room for one more."""
     if not settings.max_active_jobs:
-        return
+        return 0
     lock_tenant(session, tenant_id)
-    active = session.connection().scalar(_ACTIVE, {"tenant_id": tenant_id, "most": settings.max_active_jobs})
-    if active >= settings.max_active_jobs:
-        raise ApiError(429, f"you have {active} jobs queued or running, the most allowed at once is "
-                            f"{settings.max_active_jobs}; wait for some to finish", headers={"Retry-After": 5})
+    return settings.max_active_jobs
+
+
+def too_many_active(exc: TooManyActive, settings: Settings) -> ApiError:
+    return ApiError(429, f"you have {exc.active} jobs queued or running, the most allowed at once is "
+                         f"{settings.max_active_jobs}; wait for some to finish", headers={"Retry-After": 5})
 
 
 def check_file_quota(session, tenant_id: str, new_bytes: int, settings: Settings, *, lock: bool = False) -> None:

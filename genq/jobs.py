@@ -63,6 +63,41 @@ _SUBMIT = insert(JobEvent.__table__).from_select(
            _NEW_JOB.c.created_at))
 
 
+# The same, only while the tenant has fewer than :most jobs queued or running:
+# the count and the insert in one statement, which returns the count (the
+# job is inserted if and only if it is below :most). Counted no further than
+# :most rows (ix_jobs_tenant_status). Run it after locking the tenant's row
+# (genq.keys.lock_tenant) in an earlier statement of the transaction: under
+# READ COMMITTED this statement's snapshot then sees every job a concurrent
+# submit committed before the lock was granted.
+_ACTIVE = select(func.count().label("n")).select_from(
+    select(Job.__table__.c.id).where(Job.__table__.c.tenant_id == bindparam("tenant_id"),
+                                     Job.__table__.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+    .limit(bindparam("most")).subquery()).cte("active")
+_NEW_JOB_BELOW = insert(Job.__table__).from_select(
+    [c.name for c in Job.__table__.c],
+    select(*[bindparam(c.name, type_=c.type) for c in Job.__table__.c]).select_from(_ACTIVE)
+    .where(_ACTIVE.c.n < bindparam("most"))) \
+    .returning(Job.__table__.c.id, Job.__table__.c.created_at).cte("new_job")
+_SUBMIT_BELOW = select(_ACTIVE.c.n).add_cte(insert(JobEvent.__table__).from_select(
+    ["job_id", "type", "data", "at"],
+    select(_NEW_JOB_BELOW.c.id, literal("queued", JobEvent.type.type), literal({}, JobEvent.data.type),
+           _NEW_JOB_BELOW.c.created_at)).cte("new_event"))
+
+
+class TooManyActive(Exception):
+    """The tenant already has `active` jobs queued or running, the most allowed."""
+
+    def __init__(self, active: int):
+        super().__init__(active)
+        self.active = active
+
+
+def count_active(session: Session, tenant_id: str, most: int) -> int:
+    """A tenant's jobs queued or running, counted no further than `most`."""
+    return session.connection().scalar(select(_ACTIVE.c.n), {"tenant_id": tenant_id, "most": most})
+
+
 def submit(
     session: Session,
     *,
@@ -76,11 +111,16 @@ def submit(
     webhook: str | None = None,
     webhook_events_filter: list[str] | None = None,
     max_attempts: int = 3,
+    max_active: int = 0,
 ) -> Job:
     """Insert a queued job and its `queued` event in the caller's transaction:
     one statement on Postgres (the event's INSERT takes the job's from a CTE),
     two on SQLite, and no ORM unit of work. The Job returned is in the session
-    as if loaded from it, so a caller may change or refresh it."""
+    as if loaded from it, so a caller may change or refresh it.
+
+    With `max_active`, only while the tenant has fewer jobs queued or running
+    (else TooManyActive, nothing inserted); lock the tenant's row first
+    (genq.keys.lock_tenant). On Postgres the count is part of the one statement."""
     now = utcnow()
     values = dict(id=new_id(), tenant_id=tenant_id, type=type_, model=model, pool=pool, batch_key=batch_key,
                   status=JobStatus.QUEUED.value, input=input_, output=None, error=None, progress=None,
@@ -91,8 +131,15 @@ def submit(
     # Core on the session's connection: the ORM's bulk path would coerce every value anew.
     conn = session.connection()
     if conn.dialect.name == "postgresql":
-        conn.execute(_SUBMIT, values)
+        if max_active:
+            active = conn.scalar(_SUBMIT_BELOW, {**values, "most": max_active})
+            if active >= max_active:
+                raise TooManyActive(active)
+        else:
+            conn.execute(_SUBMIT, values)
     else:  # SQLite has no INSERT in a CTE
+        if max_active and (active := count_active(session, tenant_id, max_active)) >= max_active:
+            raise TooManyActive(active)
         conn.execute(insert(Job.__table__), values)
         conn.execute(insert(JobEvent.__table__), {"job_id": values["id"], "type": "queued", "data": {}, "at": now})
     job = Job(**values)

@@ -87,29 +87,42 @@ def test_a_poll_with_a_warm_key_cache_is_one_statement(app, client, settings):
     assert len(sent) == 2 and "api_keys" in sent[0] and "tenants" in sent[0], sent
 
 
-def test_a_submit_is_three_statements_and_an_idempotency_key_adds_two(app, client, settings):
+def test_a_submit_is_two_statements_and_an_idempotency_key_adds_two(app, client, settings):
     headers = tenant(settings)
     submit(client, headers)  # warm the key cache
     with statements(app) as sent:
         submit(client, headers)
-    # Lock the tenant's row, count its active jobs (the quota), insert the job with its event.
-    assert len(sent) == 3, sent
-    assert "FOR NO KEY UPDATE" in sent[0] and "count(" in sent[1] and "INSERT INTO jobs" in sent[2]
+    # Lock the tenant's row (the quota), then count its active jobs and insert
+    # the job with its event, in one statement.
+    assert len(sent) == 2, sent
+    assert "FOR NO KEY UPDATE" in sent[0]
+    assert "count(" in sent[1] and "INSERT INTO jobs" in sent[1] and "INSERT INTO job_events" in sent[1]
     assert not any("idempotency" in s for s in sent)
     with statements(app) as sent:
         first = submit(client, headers, **{"Idempotency-Key": secrets.token_hex(8)})
     # The key's lookup before, and its record in the job's transaction.
-    assert len(sent) == 5 and sum("idempotency_keys" in s for s in sent) == 2, sent
+    assert len(sent) == 4 and sum("idempotency_keys" in s for s in sent) == 2, sent
+    # Without a quota there is nothing to lock or count: one statement.
+    unlimited = create_app(settings.replace(max_active_jobs=0))
+    unlimited.test_client().post("/v1/jobs", json=TEXT_JOB, headers=headers)  # warm its key cache
+    with statements(unlimited) as sent:
+        submit(unlimited.test_client(), headers)
+    assert len(sent) == 1 and "INSERT INTO jobs" in sent[0] and "count(" not in sent[0], sent
     assert client.get(f"/v1/jobs/{first}", headers=headers).get_json()["status"] == "queued"
 
 
 def test_the_active_jobs_quota_still_holds(settings):
     client = create_app(settings.replace(max_active_jobs=2)).test_client()
     headers = tenant(settings)
-    submit(client, headers)
+    first = submit(client, headers)
     submit(client, headers)
     over = client.post("/v1/jobs", json=TEXT_JOB, headers=headers)
     assert over.status_code == 429 and over.mimetype == PROBLEM and over.headers["Retry-After"] == "5"
+    assert "2 jobs queued or running" in over.get_json()["detail"]
+    # Nothing of the refused job was written; a finished job makes room.
+    assert len(client.get("/v1/jobs", headers=headers).get_json()["data"]) == 2
+    set_job(settings, first, status="succeeded", completed_at=utcnow())
+    submit(client, headers)
 
 
 def test_etag_and_if_none_match(client, settings):
