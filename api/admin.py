@@ -56,6 +56,8 @@ def make_key():
 def revoke_key(prefix: str):
     with ctx().session() as session, session.begin():
         count = revoke(session, prefix)
+    # This process stops honouring the key now; others within GENQ_KEY_CACHE_SECONDS.
+    ctx().keys.forget(prefix)
     if not count:
         raise ApiError(404, f"no active key with prefix {prefix!r}")
     return {"revoked": count}

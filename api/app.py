@@ -26,7 +26,8 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    engine = make_engine(settings.database_url)
+    # A connection per server thread: none is opened and closed per request.
+    engine = make_engine(settings.database_url, pool_size=settings.api_threads)
     app.extensions["genq"] = Context(
         settings=settings,
         sessions=overrides.get("sessions") or make_sessionmaker(engine),

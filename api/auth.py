@@ -8,7 +8,7 @@ from flask import g, request
 
 from api.context import ctx
 from api.errors import ApiError
-from genq.keys import authenticate
+from genq.keys import verify
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,20 @@ def current_caller() -> Caller | None:
     if found is not _MISSING:
         return found
     scheme, _, raw = request.headers.get("Authorization", "").partition(" ")
+    raw = raw.strip()
     result = None
-    if scheme.lower() == "bearer" and raw.strip():
-        with ctx().session() as session:
-            hit = authenticate(session, raw.strip())
-            if hit is not None:
-                tenant, key = hit
-                result = Caller(tenant.id, tenant.name, key.role)
+    if scheme.lower() == "bearer" and raw:
+        # A key verified moments ago in this process needs no statement; see
+        # GENQ_KEY_CACHE_SECONDS for how long a revocation elsewhere takes.
+        keys = ctx().keys
+        found = keys.get(raw)
+        if found is None:
+            with ctx().read() as conn:
+                found = verify(conn, raw)
+            if found is not None:
+                keys.put(raw, found)
+        if found is not None:
+            result = Caller(found.tenant_id, found.tenant_name, found.role)
     g.caller = result
     return result
 

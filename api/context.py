@@ -10,8 +10,10 @@ from typing import Iterator
 
 from celery import Celery
 from flask import current_app
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from genq.keys import KeyCache
 from genq.live import Live, live_for
 from genq.settings import Settings
 from genq.storage import Storage
@@ -27,6 +29,8 @@ class Context:
     storage: Storage
     celery: Celery
     sealer: Sealer
+    # Verified API keys, for GENQ_KEY_CACHE_SECONDS (made from settings when not given).
+    keys: KeyCache | None = None
     _live: Live | None = field(default=None, repr=False)
     _live_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -39,6 +43,20 @@ class Context:
                 if self._live is None:
                     self._live = live_for(self.settings)
         return self._live
+
+    def __post_init__(self):
+        if self.keys is None:
+            self.keys = KeyCache(self.settings.key_cache_seconds)
+        # Reads of one statement need no transaction: in autocommit a read is
+        # its one round trip, without a BEGIN before it and a ROLLBACK after.
+        engine: Engine = self.sessions.kw["bind"]
+        self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A connection for a single-statement read, outside any transaction."""
+        with self._reads.connect() as conn:
+            yield conn
 
     @contextmanager
     def session(self) -> Iterator[Session]:

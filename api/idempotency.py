@@ -38,8 +38,8 @@ class Key:
     def earlier(self) -> str | None:
         """The id of what an earlier request with this key made, or None.
         The key used with a different request is a 422."""
-        with ctx().session() as session:
-            found = idempotency.find(session, self.tenant_id, self.value, self.request_hash)
+        with ctx().read() as conn:
+            found = idempotency.find(conn, self.tenant_id, self.value, self.request_hash)
         if found is None:
             return None
         if not found.same_request or found.resource != self.resource:

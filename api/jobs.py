@@ -1,6 +1,7 @@
 """The /v1/jobs routes: submit, read, list, cancel, events, and output files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -10,12 +11,13 @@ from typing import Literal
 from flask import Blueprint, Response, request, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from api import held, idempotency, serialize
 from api.auth import caller, require_key
 from api.context import ctx
 from api.errors import ApiError, invalid
-from api.limits import check_active_jobs
+from api.limits import lock_for_active_jobs, too_many_active
 from genq import catalog
 from genq import jobs as joblib
 from genq.schema import File, Job
@@ -187,20 +189,24 @@ def create_job():
         except WebhookRefused as exc:
             raise invalid("webhook", exc.message) from None
     with idempotency.race(idem) as race, c.session() as session, session.begin():
-        check_active_jobs(session, caller().tenant_id, c.settings)
-        job = joblib.submit(
-            session,
-            tenant_id=caller().tenant_id,
-            type_=req.type or spec.family,
-            model=spec.name,
-            pool=pool,
-            batch_key=batch_key,
-            input_=inp.model_dump(mode="json"),
-            priority=req.priority,
-            webhook=req.webhook,
-            webhook_events_filter=list(req.webhook_events_filter) if req.webhook_events_filter is not None else None,
-            max_attempts=c.settings.max_attempts,
-        )
+        most = lock_for_active_jobs(session, caller().tenant_id, c.settings)
+        try:
+            job = joblib.submit(
+                session,
+                tenant_id=caller().tenant_id,
+                type_=req.type or spec.family,
+                model=spec.name,
+                pool=pool,
+                batch_key=batch_key,
+                input_=inp.model_dump(mode="json"),
+                priority=req.priority,
+                webhook=req.webhook,
+                webhook_events_filter=list(req.webhook_events_filter) if req.webhook_events_filter is not None else None,
+                max_attempts=c.settings.max_attempts,
+                max_active=most,
+            )
+        except joblib.TooManyActive as exc:
+            raise too_many_active(exc, c.settings) from None
         race.record(session, job.id)
     if race.winner is not None:  # a concurrent request with the same key committed first
         return respond(race.winner, idempotency.REPLAYED)
@@ -253,10 +259,54 @@ def fine_tune_request(req: JobCreate):
 @bp.get("/<job_id>")
 @require_key
 def get_job(job_id: str):
-    with ctx().session() as session:
-        job = own_job(session, job_id)
+    job = read_own_job(job_id)
     job, applied = waited(job)
-    return render(job), applied
+    headers = {"ETag": etag(job), "Cache-Control": "private, no-cache", **applied}
+    if not JobStatus(job.status).terminal:
+        # When to poll again: a hint, not a limit.
+        headers["Retry-After"] = POLL_HINT[job.status]
+    if request.if_none_match and request.if_none_match.contains_weak(headers["ETag"][3:-1]):
+        # The caller's copy is current: no body. Only the owner gets this far.
+        return Response(status=304, headers=headers)
+    return render(job), headers
+
+
+# Seconds a client had best wait before polling a job again, by status.
+POLL_HINT = {JobStatus.QUEUED.value: "2", JobStatus.RUNNING.value: "1"}
+
+
+def read_own_job(job_id: str):
+    """The caller's job by id, in one statement outside any transaction; 404
+    when there is none or it is another tenant's. A connection the database
+    dropped since it was last used is replaced and the read tried once more
+    (it changes nothing, so it may be repeated)."""
+    if not ID_RE.match(job_id):
+        raise ApiError(404, f"no job {job_id!r}")
+    tenant_id = caller().tenant_id
+    for attempt in (1, 2):
+        try:
+            with ctx().read() as conn:
+                job = joblib.read_own(conn, job_id, tenant_id)
+            break
+        except DBAPIError as exc:
+            if attempt == 2 or not exc.connection_invalidated:
+                raise
+    if job is None:
+        # Someone else's job looks exactly like no job at all.
+        raise ApiError(404, f"no job {job_id!r}")
+    return job
+
+
+def etag(job) -> str:
+    """A weak validator of what GET shows of the job: it changes whenever
+    its status, progress, output, error or update time do. Weak, because the
+    output's presigned URLs are signed anew on each answer."""
+    digest = hashlib.blake2b(digest_size=12)
+    for part in (job.id, job.status, job.updated_at.isoformat(), job.attempts, job.cancel_requested):
+        digest.update(f"{part}\x1f".encode())
+    for part in (job.progress, job.output, job.error, job.metrics, job.started_at, job.completed_at):
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode() + b"\x1f")
+    return f'W/"{digest.hexdigest()}"'
 
 
 def job_types(registry) -> list[str]:
@@ -279,7 +329,8 @@ def page_args() -> tuple[int, str | None]:
 @require_key
 def list_jobs():
     limit, cursor = page_args()
-    query = select(Job).where(Job.tenant_id == caller().tenant_id)
+    # Core rows, not ORM objects: a page is read, rendered and forgotten.
+    query = select(*joblib.SHOWN).where(Job.tenant_id == caller().tenant_id)
     status = request.args.get("status")
     if status is not None:
         if status not in {s.value for s in JobStatus}:
@@ -293,8 +344,8 @@ def list_jobs():
         query = query.where(Job.type == type_)
     if cursor:
         query = query.where(Job.id < cursor)
-    with ctx().session() as session:
-        rows = list(session.scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    with ctx().read() as conn:
+        rows = conn.execute(query.order_by(Job.id.desc()).limit(limit + 1)).all()
     page = rows[:limit]
     return {
         "data": [render(j) for j in page],

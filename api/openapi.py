@@ -259,6 +259,16 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                              "free (Preference-Applied says so); otherwise answered at once."}
     applied = {"Preference-Applied": {"schema": {"type": "string"},
                                       "description": "wait=N when the request was held for Prefer: wait=N."}}
+    validators = {
+        "ETag": {"schema": {"type": "string"},
+                 "description": "A weak tag of what GET shows of the job: it changes with its status, progress, "
+                                "output, error or update time. Send it back in If-None-Match."},
+        "Retry-After": {"schema": {"type": "integer"},
+                        "description": "While the job is queued or running: seconds before polling again is useful "
+                                       "(a hint, not a limit). Absent once the job has ended."}}
+    if_none_match = {"name": "If-None-Match", "in": "header", "schema": {"type": "string"},
+                     "description": "An ETag this route sent: 304 with no body while the job is unchanged. "
+                                    "Only the job's owner ever gets a 304."}
     event_id = {"type": "string", "pattern": r"^[0-9]{1,18}(\.[0-9]{1,18})?$"}
     last_event_id = {"name": "Last-Event-ID", "in": "header", "schema": event_id,
                      "description": "Resume a stream after this event id (an EventSource sends it on reconnecting): "
@@ -288,8 +298,10 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                           {"name": "type", "in": "query", "schema": {"type": "string", "enum": job_types(registry)}}],
                       tag="jobs"),
         },
-        "/v1/jobs/{job_id}": {"get": op("A job.", [resp(200, "Job", "The job.", applied)], std, params=[path_param("job_id"), prefer],
-                                        tag="jobs")},
+        "/v1/jobs/{job_id}": {"get": op("A job.", [resp(200, "Job", "The job.", {**applied, **validators}),
+                                                   resp(304, None, "Not modified since the ETag sent in If-None-Match; "
+                                                                   "no body.", validators)],
+                                        std, params=[path_param("job_id"), prefer, if_none_match], tag="jobs")},
         "/v1/jobs/{job_id}/cancel": {"post": op("Cancel a job.", [resp(200, "Job", "Canceled, or cancel requested.")],
                                                 std + [409], params=[path_param("job_id")], tag="jobs")},
         "/v1/jobs/{job_id}/events": {"get": op(

@@ -40,7 +40,7 @@ def main(settings: Settings, args) -> int:
         changes["api_port"] = int(port)
         if host not in ("", "0.0.0.0", "[::]"):
             changes["api_host"] = host
-    workers = args.workers or settings.api_workers
+    workers = args.workers or settings.workers
     # The app factory's arguments are literals gunicorn parses and passes on
     # (its import_app): how what was learned here reaches each gunicorn worker.
     factory = f"api.serve:gunicorn_app({', '.join(f'{k}={v!r}' for k, v in changes.items())})"
@@ -48,7 +48,8 @@ def main(settings: Settings, args) -> int:
     # keeps all but GENQ_API_HELD_THREADS of them for short requests.
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers),
                                "--worker-class", "gthread", "--threads", str(settings.api_threads),
-                               "--access-logfile", "-", "--logger-class", "api.serve.GunicornLogger", factory])
+                               *(["--access-logfile", "-"] if settings.api_access_log else []),
+                               "--logger-class", "api.serve.GunicornLogger", factory])
 
 
 def gunicorn_app(**changes) -> Flask:

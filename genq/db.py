@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -37,7 +39,11 @@ def redact(url: str) -> str:
         return "<database>"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    """`pool_size`: connections kept open (Postgres). A process whose threads
+    use more at once opens more, up to as many again, but closes each extra
+    one as it is returned: an API process keeps one per thread, or every
+    request past the pool pays a new connection (a server process forked)."""
     if url.startswith("sqlite"):
         private_sqlite_file(url)
         # API threads and worker processes share one file: WAL lets readers run
@@ -56,7 +62,40 @@ def make_engine(url: str) -> Engine:
         return engine
     # connect_timeout: a database host that does not answer fails a request
     # in seconds (a 503) instead of hanging it; libpq's default waits forever.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args={"connect_timeout": 5})
+    engine = create_engine(url, pool_size=pool_size, max_overflow=max(10, pool_size),
+                           connect_args={"connect_timeout": 5})
+    ping_when_idle(engine)
+    return engine
+
+
+# A pooled connection idle longer than this is pinged before it is handed out.
+PING_IDLE_SECONDS = 2.0
+
+
+def ping_when_idle(engine: Engine, idle_seconds: float = PING_IDLE_SECONDS) -> None:
+    """pool_pre_ping, but only for connections idle past `idle_seconds`.
+
+    pool_pre_ping costs a round trip on every checkout, as much as the one
+    statement a poll needs. A connection checked in moments ago is alive unless
+    the server went away in those moments, which a request then meets as a 503
+    (and the pool drops its connections); one idle longer (a restart, a proxy's
+    idle cut) is pinged, and a dead one is replaced before anyone uses it."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn, record):
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, _proxy):
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since <= idle_seconds:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # the pool replaces it, up to three times
+            raise DisconnectionError(str(exc)) from exc
+        if alive is False:
+            raise DisconnectionError("ping failed")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

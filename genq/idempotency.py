@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 
 from sqlalchemy import delete, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from genq.schema import IdempotencyKey, utcnow
@@ -34,8 +35,10 @@ def request_hash(route: str, content) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def find(session: Session, tenant_id: str, key: str, hash_: str) -> Earlier | None:
-    row = session.scalar(select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key))
+def find(session: Session | Connection, tenant_id: str, key: str, hash_: str) -> Earlier | None:
+    """One statement, on a session or a plain connection (autocommit: no transaction to begin and end)."""
+    row = session.execute(select(IdempotencyKey.resource, IdempotencyKey.resource_id, IdempotencyKey.request_hash)
+                          .where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)).first()
     if row is None:
         return None
     return Earlier(row.resource, row.resource_id, row.request_hash == hash_)

@@ -13,12 +13,12 @@ import logging
 import math
 from typing import Any, Iterable, NamedTuple
 
-from sqlalchemy import Update, and_, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Update, and_, bindparam, func, insert, literal, select, update
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from genq import line, webhooks
 from genq.errors import IllegalTransition
-from genq.schema import Job, JobEvent, utcnow
+from genq.schema import Job, JobEvent, new_id, utcnow
 from genq.states import JobStatus, check_transition
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,65 @@ def record_event(session: Session, job_id: str, type_: str, data: dict | None = 
     session.add(JobEvent(job_id=job_id, type=type_, data=data or {}, at=at or utcnow()))
 
 
+# A job by id and owner, in one statement with no ORM between the row and its
+# reader (the poll's one round trip). Built once; SQLAlchemy caches it compiled.
+# Only the columns a job's answer shows (genq.serialize) and its ETag: each
+# column read costs the driver a description per statement.
+SHOWN = tuple(c for c in Job.__table__.c if c.name not in ("tenant_id", "pool", "batch_key", "max_attempts",
+                                                            "lease_owner", "lease_until"))
+_OWN_JOB = select(*SHOWN).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+
+
+def read_own(conn, job_id: str, tenant_id: str):
+    """The job's row (attributes as a Job's) if `tenant_id` owns it, else None."""
+    return conn.execute(_OWN_JOB, {"job_id": job_id, "tenant_id": tenant_id}).first()
+
+
+# A job and its `queued` event, one statement (Postgres), built once: the
+# event's INSERT takes the job's id and time from the job's, in a CTE.
+_NEW_JOB = insert(Job.__table__).values({c.name: bindparam(c.name, type_=c.type) for c in Job.__table__.c}) \
+    .returning(Job.__table__.c.id, Job.__table__.c.created_at).cte("new_job")
+_SUBMIT = insert(JobEvent.__table__).from_select(
+    ["job_id", "type", "data", "at"],
+    select(_NEW_JOB.c.id, literal("queued", JobEvent.type.type), literal({}, JobEvent.data.type),
+           _NEW_JOB.c.created_at))
+
+
+# The same, only while the tenant has fewer than :most jobs queued or running:
+# the count and the insert in one statement, which returns the count (the
+# job is inserted if and only if it is below :most). Counted no further than
+# :most rows (ix_jobs_tenant_status). Run it after locking the tenant's row
+# (genq.keys.lock_tenant) in an earlier statement of the transaction: under
+# READ COMMITTED this statement's snapshot then sees every job a concurrent
+# submit committed before the lock was granted.
+_ACTIVE = select(func.count().label("n")).select_from(
+    select(Job.__table__.c.id).where(Job.__table__.c.tenant_id == bindparam("tenant_id"),
+                                     Job.__table__.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+    .limit(bindparam("most")).subquery()).cte("active")
+_NEW_JOB_BELOW = insert(Job.__table__).from_select(
+    [c.name for c in Job.__table__.c],
+    select(*[bindparam(c.name, type_=c.type) for c in Job.__table__.c]).select_from(_ACTIVE)
+    .where(_ACTIVE.c.n < bindparam("most"))) \
+    .returning(Job.__table__.c.id, Job.__table__.c.created_at).cte("new_job")
+_SUBMIT_BELOW = select(_ACTIVE.c.n).add_cte(insert(JobEvent.__table__).from_select(
+    ["job_id", "type", "data", "at"],
+    select(_NEW_JOB_BELOW.c.id, literal("queued", JobEvent.type.type), literal({}, JobEvent.data.type),
+           _NEW_JOB_BELOW.c.created_at)).cte("new_event"))
+
+
+class TooManyActive(Exception):
+    """The tenant already has `active` jobs queued or running, the most allowed."""
+
+    def __init__(self, active: int):
+        super().__init__(active)
+        self.active = active
+
+
+def count_active(session: Session, tenant_id: str, most: int) -> int:
+    """A tenant's jobs queued or running, counted no further than `most`."""
+    return session.connection().scalar(select(_ACTIVE.c.n), {"tenant_id": tenant_id, "most": most})
+
+
 def submit(
     session: Session,
     *,
@@ -52,24 +111,40 @@ def submit(
     webhook: str | None = None,
     webhook_events_filter: list[str] | None = None,
     max_attempts: int = 3,
+    max_active: int = 0,
 ) -> Job:
-    job = Job(
-        tenant_id=tenant_id,
-        type=type_,
-        model=model,
-        pool=pool,
-        batch_key=batch_key,
-        status=JobStatus.QUEUED.value,
-        input=input_,
-        priority=priority,
-        webhook=webhook,
-        webhook_events_filter=webhook_events_filter or ["completed"],
-        max_attempts=max_attempts,
-        metrics={},
-    )
+    """Insert a queued job and its `queued` event in the caller's transaction:
+    one statement on Postgres (the event's INSERT takes the job's from a CTE),
+    two on SQLite, and no ORM unit of work. The Job returned is in the session
+    as if loaded from it, so a caller may change or refresh it.
+
+    With `max_active`, only while the tenant has fewer jobs queued or running
+    (else TooManyActive, nothing inserted); lock the tenant's row first
+    (genq.keys.lock_tenant). On Postgres the count is part of the one statement."""
+    now = utcnow()
+    values = dict(id=new_id(), tenant_id=tenant_id, type=type_, model=model, pool=pool, batch_key=batch_key,
+                  status=JobStatus.QUEUED.value, input=input_, output=None, error=None, progress=None,
+                  priority=priority, attempts=0, max_attempts=max_attempts, cancel_requested=False,
+                  lease_owner=None, lease_until=None, webhook=webhook,
+                  webhook_events_filter=webhook_events_filter or ["completed"], metrics={}, created_at=now,
+                  started_at=None, completed_at=None, updated_at=now)
+    # Core on the session's connection: the ORM's bulk path would coerce every value anew.
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        if max_active:
+            active = conn.scalar(_SUBMIT_BELOW, {**values, "most": max_active})
+            if active >= max_active:
+                raise TooManyActive(active)
+        else:
+            conn.execute(_SUBMIT, values)
+    else:  # SQLite has no INSERT in a CTE
+        if max_active and (active := count_active(session, tenant_id, max_active)) >= max_active:
+            raise TooManyActive(active)
+        conn.execute(insert(Job.__table__), values)
+        conn.execute(insert(JobEvent.__table__), {"job_id": values["id"], "type": "queued", "data": {}, "at": now})
+    job = Job(**values)
+    make_transient_to_detached(job)
     session.add(job)
-    session.flush()
-    record_event(session, job.id, "queued", {}, at=job.created_at)
     return job
 
 

@@ -98,6 +98,9 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_tenant_list", "tenant_id", "id"),
+        # A tenant's jobs of one status, newest first (GET /v1/jobs?status=), and
+        # its queued and running jobs for the active-jobs quota's count.
+        Index("ix_jobs_tenant_status", "tenant_id", "status", "id"),
         Index("ix_jobs_lease", "status", "lease_until"),
         # When each tenant's last job in a pool started: whose turn it is (genq.line).
         # Partial, so that the planner never walks it for queued jobs.

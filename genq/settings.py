@@ -133,8 +133,14 @@ class Settings(BaseModel):
     # ---- API
     api_host: str = knob("127.0.0.1", API, "Where `genq up` and `genq api` listen.")
     api_port: int = knob(8000, API, "The port they listen on.")
-    api_workers: int = knob(2, API, "gunicorn processes `genq api` starts (its `--workers` overrides).")
+    api_workers: int | None = knob(None, API, "gunicorn processes `genq api` starts (its `--workers` overrides). "
+                                   "Unset: two per CPU core, at most 8; Python runs one thread at a time per "
+                                   "process, so processes, not threads, use the cores.",
+                                   shown="2 × cores, at most 8")
     api_threads: int = knob(8, API, "Threads in each API process; a request holds one while it is served.")
+    api_access_log: bool = knob(False, API, "`genq api` writes gunicorn's access log (a line per request, to "
+                                "stderr). Off by default: at thousands of requests a second the line costs "
+                                "more than a poll; each response's `X-Request-Id` still finds its log lines.")
     api_held_threads: int | None = knob(None, API, "Threads per API process that long-held requests (event "
                                         "streams, honoured `Prefer: wait`) may take at once; the rest always serve "
                                         "short requests. Past it a stream is 503 and a wait is not honoured.",
@@ -151,11 +157,18 @@ class Settings(BaseModel):
                                   "when clients reach the API through another address (a proxy, a container's "
                                   "published port). Unset, `genq up` and `genq api --bind` use the port they "
                                   "listen on.", shown="`http://$GENQ_API_HOST:$GENQ_API_PORT`")
-    rate_limit: str = knob("1200/minute", API, "Requests per tenant, in flask-limiter's syntax; empty turns it off.",
+    rate_limit: str = knob("1200/minute", API, "Requests per tenant across every route (a caller without a key: per address), "
+                           "as `N/second`, `N/minute`, `N/hour` or `N/day` (the `limits` library's syntax); empty turns it off. "
+                           "Counted in a sliding window, in Redis, one round trip a request.",
                            empty_is_a_value=True)
     ratelimit_storage_url: str = knob("", API, "Where request counts live; empty means the broker's Redis, or "
                                       "memory when embedded.")
     max_active_jobs: int = knob(200, API, "Jobs a tenant may have queued or running at once (0 = no limit).")
+    key_cache_seconds: float = knob(5.0, API, "An API process remembers a verified API key this long (seconds), "
+                                    "so a poll needs no database statement to know its caller. A key revoked by "
+                                    "another process (`genq keys revoke`, another API replica) stops working "
+                                    "within this bound; the process that revokes it forgets it at once. 0 checks "
+                                    "every request.")
 
     # ---- files and fine-tuning
     max_file_bytes: int = knob(50 * 2**20, LIMITS, "Largest file `POST /v1/files` accepts.")
@@ -284,7 +297,7 @@ class Settings(BaseModel):
             raise ValueError(f"must be 0 (no limit) or more, got {value}")
         return value
 
-    @field_validator("max_held_requests", "metrics_cache_seconds")
+    @field_validator("max_held_requests", "metrics_cache_seconds", "key_cache_seconds")
     @classmethod
     def _zero_or_more(cls, value):
         if value < 0:
@@ -301,8 +314,20 @@ class Settings(BaseModel):
     @field_validator("api_workers", "api_threads", "event_stream_seconds")
     @classmethod
     def _one_or_more(cls, value):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"must be 1 or more, got {value}")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value):
+        if value:
+            from limits import parse
+
+            try:
+                parse(value)
+            except ValueError:
+                raise ValueError(f"must be like `1200/minute` or `20/second` (or empty: no limit), got {value!r}") from None
         return value
 
     @field_validator("presign_seconds")
@@ -338,6 +363,14 @@ class Settings(BaseModel):
         """The longest a worker takes to stop after SIGTERM: the shutdown
         timeout, then 10 s for the model to reach its next step and stop."""
         return self.shutdown_timeout + 10.0
+
+    @property
+    def workers(self) -> int:
+        """gunicorn processes for `genq api` (see api_workers)."""
+        if self.api_workers is not None:
+            return self.api_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(8, 2 * cores))
 
     @property
     def held_threads(self) -> int:

@@ -93,13 +93,13 @@ def serve_gunicorn(settings):
 
 @pytest.fixture
 def gunicorn(embedded_settings):
-    with serve_gunicorn(embedded_settings) as server:
+    with serve_gunicorn(embedded_settings.replace(api_access_log=True)) as server:
         yield server
 
 
 @pytest.fixture
 def gunicorn_json(embedded_settings):
-    with serve_gunicorn(embedded_settings.replace(log_format="json")) as server:
+    with serve_gunicorn(embedded_settings.replace(log_format="json", api_access_log=True)) as server:
         yield server
 
 
@@ -131,6 +131,15 @@ def test_gunicorn_output_urls_name_the_bound_port(gunicorn, embedded_settings):
     status, _, body = get(gunicorn["port"], f"/v1/jobs/{job_id}", {**headers, "Host": "elsewhere.example"})
     url = json.loads(body)["output"]["images"][0]["url"]
     assert url == f"http://127.0.0.1:{gunicorn['port']}/v1/jobs/{job_id}/outputs/0.png"
+
+
+def test_gunicorn_access_log_is_off_by_default(embedded_settings):
+    with serve_gunicorn(embedded_settings) as server:
+        assert get(server["port"], "/healthz")[0] == 200
+        assert get(server["port"], "/v1/jobs")[0] == 401
+        time.sleep(0.5)  # a line would be written as the answer goes out; none is
+        lines = list(server["lines"])
+        assert not any("GET /healthz" in line or "GET /v1/jobs" in line for line in lines), "\n".join(lines)
 
 
 def test_gunicorn_json_logs_every_line_with_request_ids(gunicorn_json, embedded_settings):

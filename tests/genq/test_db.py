@@ -32,3 +32,29 @@ def test_an_existing_folder_keeps_its_mode(tmp_path):
     tmp_path.chmod(0o755)
     make_engine(f"sqlite:///{tmp_path / 'x.db'}").dispose()
     assert mode(tmp_path) == 0o755 and mode(tmp_path / "x.db") == 0o600
+
+
+def kill_backends(pg_url: str, pids) -> None:
+    from sqlalchemy import create_engine
+
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        for pid in pids:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    admin.dispose()
+
+
+def test_a_pooled_connection_idle_past_the_bound_is_pinged_and_replaced(pg_url):
+    """Postgres gone and back (a restart, a proxy's idle cut) while a pooled
+    connection sat idle: the pool pings it on checkout and hands out a new one."""
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        first = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+    kill_backends(pg_url, [first])
+    try:
+        for record in list(engine.pool._pool.queue):  # as if idle past the bound
+            record.info["idle_since"] -= 60
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != first
+    finally:
+        engine.dispose()

@@ -160,3 +160,24 @@ def test_the_api_and_the_sender_refuse_a_shared_database_without_a_secrets_key(t
                           text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "GENQ_WEBHOOK_SECRET_KEYS is unset" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_api_workers_default_from_the_cores_and_access_log_off():
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert Settings.from_env({}).workers == max(1, min(8, 2 * cores))
+    assert Settings.from_env({"GENQ_API_WORKERS": "3"}).workers == 3
+    assert Settings.from_env({}).api_access_log is False
+    assert Settings.from_env({"GENQ_API_ACCESS_LOG": "on"}).api_access_log is True
+    with pytest.raises(ConfigError, match="GENQ_API_WORKERS must be 1 or more, got 0"):
+        Settings.from_env({"GENQ_API_WORKERS": "0"})
+
+
+def test_key_cache_and_rate_limit_are_checked():
+    assert Settings.from_env({}).key_cache_seconds == 5.0
+    assert Settings.from_env({"GENQ_KEY_CACHE_SECONDS": "0"}).key_cache_seconds == 0
+    with pytest.raises(ConfigError, match="GENQ_KEY_CACHE_SECONDS must be 0 or more, got -1"):
+        Settings.from_env({"GENQ_KEY_CACHE_SECONDS": "-1"})
+    with pytest.raises(ConfigError, match="GENQ_RATE_LIMIT must be like `1200/minute`"):
+        Settings.from_env({"GENQ_RATE_LIMIT": "often"})
