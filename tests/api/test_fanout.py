@@ -293,11 +293,6 @@ def test_200_open_streams_leave_submits_answered_and_the_tenant_cap_holds(server
         time.sleep(0.2)
 
 
-def test_the_server_logged_no_error(server):
-    bad = [line for line in server["lines"] if "Traceback" in line or "[ERROR]" in line or "Socket error" in line]
-    assert not bad, "\n".join(server["lines"])
-
-
 class FakeHold:
     def __init__(self) -> None:
         self.released = False
@@ -388,3 +383,54 @@ def test_a_state_change_reaches_every_watcher_with_one_read_and_no_polling(pg_ur
             c.close()
         hub_engine.dispose()
         writer_engine.dispose()
+
+
+def test_live_output_reaches_the_handed_off_stream_before_the_end_and_resumes_at_n_k(server):
+    import redis
+
+    from genq import jobs as joblib
+    from genq.live import RedisLive
+    from genq.notify import Notifier, notify_after_commit
+    from genq.schema import Job
+    from genq.states import JobStatus
+
+    owner = "fanout-test-worker"
+    alice = tenant(server, "live")
+    job_id = submit(server, alice)
+    sessions = server["sessions"]
+    notify_after_commit(sessions, Notifier(redis.Redis.from_url(REDIS_URL)))
+    live = RedisLive(redis.Redis.from_url(REDIS_URL))
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        tenant_id = job.tenant_id
+        [claimed] = joblib.claim_batch(session, model=job.model, batch_key=job.batch_key, limit=1, owner=owner,
+                                       lease_seconds=30, pool=job.pool, first=job_id)
+        assert claimed.id == job_id
+    s = Stream(server, alice, f"/v1/jobs/{job_id}/events")
+    try:
+        assert [s.event()["event"] for _ in range(2)] == ["queued", "start"]
+        pieces = ["Hel", "lo", ", ", "world"]
+        live.publish(tenant_id, job_id, list(enumerate(pieces))[:2])
+        first = [s.event(), s.event()]
+        assert [e["data"] for e in first] == [{"delta": "Hel", "index": 0}, {"delta": "lo", "index": 1}]
+        n = first[0]["id"].split(".")[0]
+        assert [e["id"] for e in first] == [f"{n}.0", f"{n}.1"]
+        s.close()
+        # The rest while disconnected; the job ends.
+        live.publish(tenant_id, job_id, list(enumerate(pieces))[2:])
+        with sessions.begin() as session:
+            assert joblib.finish(session, job_id, owner, JobStatus.SUCCEEDED,
+                                 output={"text": "".join(pieces), "tokens": 4, "finish_reason": "length"})
+        s = Stream(server, alice, f"/v1/jobs/{job_id}/events", last_event_id=first[-1]["id"])
+        rest = s.events_until("completed")
+        assert [(e["event"], e["data"].get("delta")) for e in rest] == [
+            ("output", ", "), ("output", "world"), ("output", None), ("completed", None)]
+        assert rest[0]["id"] == f"{n}.2" and rest[-1]["data"]["data"]["status"] == "succeeded"
+    finally:
+        s.close()
+        live.close()
+
+
+def test_the_server_logged_no_error(server):
+    bad = [line for line in server["lines"] if "Traceback" in line or "[ERROR]" in line or "Socket error" in line]
+    assert not bad, "\n".join(server["lines"])
