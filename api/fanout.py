@@ -144,7 +144,10 @@ class Hub:
         self.reads = 0
         self.notifications = 0
         self.subscribed = False
-        self.tasks = [loop.create_task(t()) for t in (self.subscribe, self.dispatch, self.live, self.maintain)]
+        self.releasing: list[held.Hold] = []
+        self.release_wake = asyncio.Event()
+        self.tasks = [loop.create_task(t()) for t in (self.subscribe, self.dispatch, self.live, self.maintain,
+                                                          self.releaser)]
 
     # --- watchers ---------------------------------------------------------------
 
@@ -181,9 +184,12 @@ class Hub:
                 pass
         except (OSError, asyncio.CancelledError):
             pass
-        await self.close(w)
+        self.close(w)
 
-    async def close(self, w: Watcher) -> None:
+    def close(self, w: Watcher) -> None:
+        """Forget a watcher and close its connection (what was written still
+        goes out); its held slot is released in the background, in batches,
+        so that ending a thousand streams at once writes to them all first."""
         if w.closed:
             return
         w.closed = True
@@ -208,7 +214,8 @@ class Hub:
             w.writer.close()
         except Exception:  # noqa: BLE001 - already gone
             pass
-        await self.release(plan.hold)
+        self.releasing.append(plan.hold)
+        self.release_wake.set()
 
     def forget_job(self, job_id: str) -> None:
         if job_id in self.by_job or self.tenant_of.get(job_id) in self.by_tenant:
@@ -219,6 +226,14 @@ class Hub:
 
     async def release(self, hold: held.Hold) -> None:
         await self.loop.run_in_executor(None, hold.release)
+
+    async def releaser(self) -> None:
+        while True:
+            await self.release_wake.wait()
+            self.release_wake.clear()
+            holds, self.releasing = self.releasing, []
+            if holds:
+                await self.loop.run_in_executor(None, _release, holds)
 
     def watched_tenants(self) -> set[str]:
         return set(self.by_tenant) | {self.tenant_of[j] for j in self.by_job}
@@ -363,7 +378,7 @@ class Hub:
                 w.last_id = e.id
                 if not w.write(f"id: {w.cursor()}\n{data}") or e.type == "completed":
                     # The end of the job ends its stream (what was written still goes out).
-                    await self.close(w)
+                    self.close(w)
         tenant_watchers = self.by_tenant.get(tenant_id)
         if tenant_watchers:
             data = f"id: {e.id}\nevent: {e.type}\ndata: {json.dumps({'job_id': e.job_id, **body})}\n\n"
@@ -374,7 +389,7 @@ class Hub:
                     continue
                 w.seen[e.job_id] = e.id
                 if not w.write(data):
-                    await self.close(w)
+                    self.close(w)
 
     # --- live output ------------------------------------------------------------
 
@@ -420,7 +435,7 @@ class Hub:
                     w.last_delta = index
                     if not w.write(f"id: {w.cursor()}\nevent: output\ndata: "
                                    f"{json.dumps({'delta': delta, 'index': index})}\n\n"):
-                        await self.close(w)
+                        self.close(w)
                         break
 
     # --- keep-alives, deadlines, held slots -----------------------------------
@@ -433,12 +448,17 @@ class Hub:
             for w in watchers:
                 if now >= w.deadline:
                     # The client reconnects with Last-Event-ID and misses nothing.
-                    await self.close(w)
+                    self.close(w)
                 elif now - w.last_write >= KEEP_ALIVE and not w.write(": keep-alive\n\n"):
-                    await self.close(w)
+                    self.close(w)
             holds = [w.plan.hold for w in watchers if not w.closed]
             if holds:
                 await self.loop.run_in_executor(None, _renew, holds)
+
+
+def _release(holds: list[held.Hold]) -> None:
+    for hold in holds:
+        hold.release()
 
 
 def _renew(holds: list[held.Hold]) -> None:
