@@ -431,6 +431,64 @@ def test_live_output_reaches_the_handed_off_stream_before_the_end_and_resumes_at
         live.close()
 
 
+def test_a_lost_notification_is_made_up_by_the_slow_recheck(pg_url, registry_path, tmp_path, monkeypatch):
+    """An event written by a session that publishes nothing (as when Redis drops
+    the notification) still reaches the watcher, at the next re-check."""
+    from types import SimpleNamespace
+
+    from api import fanout
+    from genq import jobs as joblib
+    from genq.keys import create_key
+    from genq.schema import Job
+    from genq.storage import make_storage
+
+    monkeypatch.setattr(fanout, "RESYNC_SECONDS", 1.0)
+    settings = Settings.from_env({}, home=tmp_path, database_url=pg_url, broker_url=REDIS_URL,
+                                 registry_path=registry_path)
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)  # no notifier: nothing is published
+    server = fanout.StreamServer(SimpleNamespace(sessions=sessions, storage=make_storage(settings), settings=settings))
+    with sessions.begin() as session:
+        owner, _ = create_key(session, f"lost-{secrets.token_hex(3)}")
+        session.flush()
+        job_id = joblib.submit(session, tenant_id=owner.id, type_="text-generation", model="demo-text", pool="p",
+                               batch_key="k", input_={}).id
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(SAFETY)
+    server.adopt(ours.detach(), b"HTTP/1.1 200 OK\r\n\r\n",
+                 fanout.Plan(tenant_id=owner.id, hold=FakeHold(), after=0, seconds=300))  # the tenant's stream
+    reader = theirs.makefile("rb")
+    try:
+        def next_event() -> tuple[str, dict]:
+            kind = None
+            while True:
+                line = reader.readline()
+                assert line, "the stream ended"
+                if line.startswith(b"event: "):
+                    kind = line[7:].strip().decode()
+                elif line.startswith(b"data: ") and kind:
+                    return kind, json.loads(line[6:])
+
+        kind, data = next_event()
+        assert (kind, data["job_id"]) == ("queued", job_id)
+        # Subscribed first (which reads everything once), so only the re-check can find the cancel.
+        deadline = time.monotonic() + SAFETY
+        while not server.hub.subscribed:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.3)
+        reads = server.hub.reads
+        with sessions.begin() as session:
+            joblib.cancel(session, session.get(Job, job_id))
+        kind, data = next_event()
+        assert (kind, data["job_id"], data["data"]) == ("completed", job_id, {"status": "canceled"})
+        assert server.hub.reads > reads
+    finally:
+        reader.close()
+        theirs.close()
+        engine.dispose()
+
+
 def test_the_server_logged_no_error(server):
     bad = [line for line in server["lines"] if "Traceback" in line or "[ERROR]" in line or "Socket error" in line]
     assert not bad, "\n".join(server["lines"])
