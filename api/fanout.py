@@ -25,7 +25,7 @@ is handed over: api/jobs.py streams from the request's thread, polling.
 from __future__ import annotations
 
 import asyncio
-import errno
+import atexit
 import json
 import logging
 import resource
@@ -301,7 +301,10 @@ class Hub:
         watched = self.watched_tenants()
         if not watched:
             return
-        floors = {j: self.read_upto.get(j, self.tenant_floor.get(self.tenant_of.get(j, ""), 0)) for j in jobs}
+        # A job not read before (a new job of a watched tenant) is read from
+        # its tenant's floor, or the lowest of them while its tenant is unknown.
+        lowest = min(self.tenant_floor.values(), default=0)
+        floors = {j: self.read_upto.get(j, self.tenant_floor.get(self.tenant_of.get(j, ""), lowest)) for j in jobs}
         if tenants:
             self.advance_tenant_floors()
         tenant_floors = {t: self.tenant_floor[t] for t in tenants if t in self.tenant_floor}
@@ -494,6 +497,16 @@ class StreamServer:
             threading.Thread(target=run, name="event-streams", daemon=True).start()
             ready.wait()
             self.loop = loop
+            # A worker that exits (a restart, a deploy) frees its streams' slots
+            # now rather than when they lapse; their clients reconnect.
+            atexit.register(self.release_all)
+
+    def release_all(self) -> None:
+        hub = self.hub
+        if hub is None:
+            return
+        holds = [w.plan.hold for ws in (*list(hub.by_job.values()), *list(hub.by_tenant.values())) for w in list(ws)]
+        _release(holds + list(hub.releasing))
 
     @property
     def streams(self) -> int:
