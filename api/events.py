@@ -85,7 +85,7 @@ def tenant_events():
     if after is None:
         with c.session() as session:
             after = joblib.last_event_id(session)
-    if (handoff_server()) is not None:
+    if handoff_server() is not None:
         hold = held.slots().take(tenant_id, "event stream", thread=False)
         request.environ[fanout.ENV_PLAN] = fanout.Plan(tenant_id=tenant_id, hold=hold, after=after, jobs=jobs,
                                                        seconds=c.settings.event_stream_seconds)

@@ -135,6 +135,7 @@ class Hub:
         self.running: set[str] = set()
         # Tenant streams' re-check floors: the id to read after, and (time, max id) of recent reads.
         self.tenant_floor: dict[str, int] = {}
+        self.catchup: dict[str, int] = {}  # tenant -> the lowest resume point of streams not yet read for
         self.marks: list[tuple[float, int]] = []
         self.dirty_jobs: set[str] = set()
         self.dirty_tenants: set[str] = set()
@@ -174,8 +175,9 @@ class Hub:
             self.dirty_jobs.add(plan.job_id)  # what happened since the view looked
         else:
             self.by_tenant.setdefault(plan.tenant_id, set()).add(w)
-            floor = self.tenant_floor.get(plan.tenant_id)
-            self.tenant_floor[plan.tenant_id] = plan.after if floor is None else min(floor, plan.after)
+            self.tenant_floor.setdefault(plan.tenant_id, plan.after)
+            # Its first read starts at its own resume point, whatever the re-checks' floor is by then.
+            self.catchup[plan.tenant_id] = min(self.catchup.get(plan.tenant_id, plan.after), plan.after)
             self.dirty_tenants.add(plan.tenant_id)
         self.wake.set()
         # The client's side: a closed connection ends the watcher at once.
@@ -207,6 +209,7 @@ class Hub:
             if not watchers:
                 self.by_tenant.pop(plan.tenant_id, None)
                 self.tenant_floor.pop(plan.tenant_id, None)
+                self.catchup.pop(plan.tenant_id, None)
                 for job_id in [j for j, t in self.tenant_of.items() if t == plan.tenant_id]:
                     if job_id not in self.by_job:
                         self.forget_job(job_id)
@@ -307,8 +310,15 @@ class Hub:
         floors = {j: self.read_upto.get(j, self.tenant_floor.get(self.tenant_of.get(j, ""), lowest)) for j in jobs}
         if tenants:
             self.advance_tenant_floors()
-        tenant_floors = {t: self.tenant_floor[t] for t in tenants if t in self.tenant_floor}
-        rows, mark = await self.loop.run_in_executor(None, self.read, jobs, floors, watched, tenant_floors)
+        catchup = {t: self.catchup.pop(t) for t in tenants if t in self.catchup}
+        tenant_floors = {t: min(self.tenant_floor[t], catchup.get(t, self.tenant_floor[t]))
+                         for t in tenants if t in self.tenant_floor}
+        try:
+            rows, mark = await self.loop.run_in_executor(None, self.read, jobs, floors, watched, tenant_floors)
+        except Exception:
+            for t, after in catchup.items():  # read again next time, from there
+                self.catchup[t] = min(self.catchup.get(t, after), after)
+            raise
         if mark:
             self.marks.append((time.monotonic(), mark))
         # Watchers skip what they were sent already (a re-check reads it again).

@@ -300,7 +300,8 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
         "/v1/jobs/{job_id}/events": {"get": op(
             "A job's events; with Accept: text/event-stream, streamed until it ends or for at most "
             "GENQ_EVENT_STREAM_SECONDS (then reconnect with Last-Event-ID). A stream holds one of the tenant's "
-            "held-request slots: past them 429, past the server's share 503. A stream also carries a running "
+            "held-request slots: past them 429; where streams hold a server thread (an embedded server), past "
+            "the server's share 503. A stream also carries a running "
             "job's live output as it grows: `event: output` with `data: {\"delta\": \"...\", \"index\": k}`, k "
             "0, 1, 2..., the deltas concatenating to the final output's text, all sent before the durable `output` "
             "event (the whole output, no `delta`) and `completed`. Live output is best-effort (it is dropped while "

@@ -489,6 +489,61 @@ def test_a_lost_notification_is_made_up_by_the_slow_recheck(pg_url, registry_pat
         engine.dispose()
 
 
+def test_a_tenant_stream_resuming_from_far_back_gets_all_it_missed(pg_url, registry_path, tmp_path, monkeypatch):
+    """The re-checks move their floor up as time passes; a stream that joins
+    later with an older resume point still reads from its own."""
+    from types import SimpleNamespace
+
+    from api import fanout
+    from genq import jobs as joblib
+    from genq.keys import create_key
+    from genq.storage import make_storage
+
+    monkeypatch.setattr(fanout, "RESYNC_SECONDS", 0.3)
+    monkeypatch.setattr(fanout, "LAG_SECONDS", 0.0)
+    settings = Settings.from_env({}, home=tmp_path, database_url=pg_url, broker_url=REDIS_URL,
+                                 registry_path=registry_path)
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    server = fanout.StreamServer(SimpleNamespace(sessions=sessions, storage=make_storage(settings), settings=settings))
+
+    def submit_job(tenant_id: str) -> tuple[str, int]:
+        with sessions.begin() as session:
+            job = joblib.submit(session, tenant_id=tenant_id, type_="text-generation", model="demo-text", pool="p",
+                                batch_key="k", input_={})
+            session.flush()
+            return job.id, joblib.events(session, job.id)[0].id
+
+    def watch(tenant_id: str, after: int):
+        ours, theirs = socket.socketpair()
+        theirs.settimeout(SAFETY)
+        server.adopt(ours.detach(), b"HTTP/1.1 200 OK\r\n\r\n",
+                     fanout.Plan(tenant_id=tenant_id, hold=FakeHold(), after=after, seconds=300))
+        return theirs, theirs.makefile("rb")
+
+    def next_job(reader) -> str:
+        while True:
+            line = reader.readline()
+            assert line, "the stream ended"
+            if line.startswith(b"data: "):
+                return json.loads(line[6:])["job_id"]
+
+    with sessions.begin() as session:
+        owner, _ = create_key(session, f"far-{secrets.token_hex(3)}")
+    old_job, old_event = submit_job(owner.id)
+    first_sock, first = watch(owner.id, old_event)
+    new_job, _ = submit_job(owner.id)
+    assert next_job(first) == new_job
+    time.sleep(1.0)  # re-checks come and go; their floor passes both jobs
+    late_sock, late = watch(owner.id, old_event - 1)
+    try:
+        assert [next_job(late), next_job(late)] == [old_job, new_job]
+    finally:
+        for f in (first, first_sock, late, late_sock):
+            f.close()
+        engine.dispose()
+
+
 def test_the_server_logged_no_error(server):
     bad = [line for line in server["lines"] if "Traceback" in line or "[ERROR]" in line or "Socket error" in line]
     assert not bad, "\n".join(server["lines"])
