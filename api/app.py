@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import admin, catalog, errors, files, health, jobs, metrics, openapi, params
+from api import admin, catalog, errors, events, files, health, jobs, metrics, openapi, params
 from api.context import Context
 from api.held import init_slots
 from api.limits import init_limiter, storage_uri
@@ -11,6 +11,7 @@ from api.request_id import init_request_ids
 from api import webhooks as webhook_routes
 from genq import webhook_secrets, webhooks
 from genq.db import make_engine, make_sessionmaker
+from genq.notify import Notifier, notify_after_commit
 from genq.queue import make_celery
 from genq.logs import configure as configure_logging
 from genq.settings import Settings
@@ -40,6 +41,8 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     context = app.extensions["genq"]
     # Deliveries the API enqueues (cancel, redeliver) ring the sender once committed.
     webhooks.ring_after_commit(context.sessions, context.celery, settings.webhook_queue)
+    # Jobs it submits or cancels ring every API process's event streams (api/fanout.py).
+    notify_after_commit(context.sessions, Notifier.from_settings(settings))
     errors.register(app)
     # First of all: every request gets its id, for its log lines and its answer.
     init_request_ids(app)
@@ -49,7 +52,7 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     init_slots(app, settings, storage_uri(settings))
     app.before_request(openapi.check_query_params)
     metrics.init_metrics(app)
-    for blueprint in (health.bp, jobs.bp, files.bp, catalog.bp, admin.bp, openapi.bp, metrics.bp):
+    for blueprint in (health.bp, jobs.bp, events.bp, files.bp, catalog.bp, admin.bp, openapi.bp, metrics.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(webhook_routes.bp)
     return app

@@ -128,8 +128,9 @@ class Hold:
     """One granted slot. `renew()` while holding (cheap: it acts every
     RENEW_SECONDS), `release()` when done; releasing twice is harmless."""
 
-    def __init__(self, slots: "Slots", tenant_id: str, slot: str, store: Store | None) -> None:
+    def __init__(self, slots: "Slots", tenant_id: str, slot: str, store: Store | None, thread: bool = True) -> None:
         self.slots, self.tenant_id, self.slot, self.store = slots, tenant_id, slot, store
+        self.thread = thread
         self.renewed = slots.clock()
         self._released = False
         self._lock = threading.Lock()
@@ -149,7 +150,8 @@ class Hold:
             if self._released:
                 return
             self._released = True
-        self.slots.threads.release()
+        if self.thread:
+            self.slots.threads.release()
         if self.store is not None:
             try:
                 self.store.release(self.tenant_id, self.slot)
@@ -174,8 +176,10 @@ class Slots:
         self.local = store if isinstance(store, MemoryStore) else MemoryStore()
         self.clock = clock
 
-    def take(self, tenant_id: str, what: str) -> Hold:
-        """A slot for the tenant, or Refused. `what` names the request in the refusal."""
+    def take(self, tenant_id: str, what: str, thread: bool = True) -> Hold:
+        """A slot for the tenant, or Refused. `what` names the request in the
+        refusal. `thread=False`: the request holds no server thread (an event
+        stream handed to api/fanout.py), so only the tenant's cap applies."""
         store, slot = None, uuid.uuid4().hex
         if self.per_tenant:
             store = self.store
@@ -190,6 +194,8 @@ class Slots:
                 raise Refused(429, f"you have {self.per_tenant} event streams or Prefer: wait requests open, the most "
                                    f"allowed at once; close one, or poll GET /v1/jobs/<id> instead of this {what}",
                               headers={"Retry-After": RETRY_AFTER})
+        if not thread:
+            return Hold(self, tenant_id, slot, store, thread=False)
         if self.threads is None or not self.threads.acquire(blocking=False):
             if store is not None:
                 try:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from api import held, idempotency, serialize
+from api import fanout, held, idempotency, serialize
 from api.auth import caller, require_key
 from api.context import ctx
 from api.errors import ApiError, invalid
@@ -378,6 +378,13 @@ def job_events(job_id: str):
     if after and not events and JobStatus(job.status).terminal:
         # Resumed after the completed event: 204 tells an EventSource to stop reconnecting.
         return "", 204
+    if (server := handoff_server()) is not None:
+        # Served by the stream server from here on: no thread, no poll (api/fanout.py).
+        hold = held.slots().take(tenant_id, "event stream", thread=False)
+        request.environ[fanout.ENV_PLAN] = fanout.Plan(
+            tenant_id=tenant_id, hold=hold, job_id=job.id, after=after, after_delta=after_delta,
+            running=job.status == JobStatus.RUNNING.value, seconds=ctx().settings.event_stream_seconds)
+        return stream_response()
     hold = held.slots().take(tenant_id, "event stream")
     resp = Response(stream_with_context(_sse(tenant_id, job.id, events, after, after_delta, to_url, hold)),
                     mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -385,6 +392,22 @@ def job_events(job_id: str):
     # its first event (the generator's own `finally` runs only once started).
     resp.call_on_close(hold.release)
     return resp
+
+
+def handoff_server() -> "fanout.StreamServer | None":
+    """The stream server a stream is handed to (gunicorn's StreamWorker, with
+    Redis for notifications), or None: the stream is served from this thread."""
+    server = request.environ.get(fanout.ENV_SERVER)
+    if server is None:
+        return None
+    if server.streams >= fanout.MAX_STREAMS:
+        raise ApiError(503, f"this API process holds its most event streams ({fanout.MAX_STREAMS}); retry in "
+                            f"{held.RETRY_AFTER}s", headers={"Retry-After": held.RETRY_AFTER})
+    return server
+
+
+def stream_response() -> Response:
+    return Response("", mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def resume_point() -> tuple[int, int]:

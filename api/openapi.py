@@ -154,6 +154,11 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                                        "data": {"type": "object"}}}
     schemas["EventList"] = {"type": "object", "required": ["data"],
                             "properties": {"data": {"type": "array", "items": ref("Event")}}}
+    schemas["TenantEvent"] = {"type": "object", "required": ["job_id", "id", "type", "at", "data"],
+                              "properties": {"job_id": ID, "id": {"type": "integer"}, "type": {"type": "string"},
+                                             "at": TIME, "data": {"type": "object"}}}
+    schemas["TenantEventList"] = {"type": "object", "required": ["data"],
+                                  "properties": {"data": {"type": "array", "items": ref("TenantEvent")}}}
     schemas["Model"] = {"type": "object", "required": ["name", "type", "status", "input_schema"],
                         "properties": {"name": {"type": "string"}, "owned_by": {"type": "string"},
                                        "type": {"type": "string"}, "status": {"type": "string"},
@@ -307,7 +312,8 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
         "/v1/jobs/{job_id}/events": {"get": op(
             "A job's events; with Accept: text/event-stream, streamed until it ends or for at most "
             "GENQ_EVENT_STREAM_SECONDS (then reconnect with Last-Event-ID). A stream holds one of the tenant's "
-            "held-request slots: past them 429, past the server's share 503. A stream also carries a running "
+            "held-request slots: past them 429; where streams hold a server thread (an embedded server), past "
+            "the server's share 503. A stream also carries a running "
             "job's live output as it grows: `event: output` with `data: {\"delta\": \"...\", \"index\": k}`, k "
             "0, 1, 2..., the deltas concatenating to the final output's text, all sent before the durable `output` "
             "event (the whole output, no `delta`) and `completed`. Live output is best-effort (it is dropped while "
@@ -318,6 +324,25 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                                                             "text/event-stream": {"schema": {"type": "string"}}}}),
              resp(204, None, "Resumed after the job's completed event: nothing more will come.")],
             std + [422], params=[path_param("job_id"), last_event_id, after_event], tag="jobs")},
+        "/v1/events": {"get": op(
+            "Every event of your jobs on one connection; with Accept: text/event-stream, streamed for at most "
+            "GENQ_EVENT_STREAM_SECONDS (then reconnect with Last-Event-ID). Each event is a job's durable event "
+            "with its `job_id`; its SSE id is the event's id, which only grows: resuming after it (Last-Event-ID "
+            "or `after`) replays nothing. Without either the stream starts now. `job` (repeated) or `jobs` "
+            "(comma-separated) keeps the events of those jobs only, at most 100 ids. Live output deltas are on "
+            "each job's own stream. A stream holds one of the tenant's held-request slots: past them 429. The "
+            "JSON list is up to 100 events after `after`.",
+            [("200", {"description": "Events.", "content": {"application/json": {"schema": ref("TenantEventList")},
+                                                            "text/event-stream": {"schema": {"type": "string"}}}})],
+            [401, 422], params=[
+                {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string", "pattern": r"^[0-9]{1,18}$"},
+                 "description": "Resume after this event id (an EventSource sends it on reconnecting). Wins over `after`."},
+                {"name": "after", "in": "query", "schema": {"type": "string", "pattern": r"^[0-9]{1,18}$"},
+                 "description": "Last-Event-ID for clients that cannot set headers."},
+                {"name": "job", "in": "query", "schema": ID, "description": "Only this job's events; repeat for more."},
+                {"name": "jobs", "in": "query", "schema": {"type": "string", "pattern": r"^[0-9a-f]{32}(,[0-9a-f]{32})*$"},
+                 "description": "Only these jobs' events: ids separated by commas (with `job`, at most 100 in all)."}],
+            tag="jobs")},
         "/v1/jobs/{job_id}/outputs/{name}": {"get": op(
             "An output file (local storage; S3 outputs are presigned URLs).",
             [("200", {"description": "The file.", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},

@@ -15,6 +15,7 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.urls import uri_to_iri
 
 from api.app import create_app
+from api.fanout import Handoff, StreamServer
 from api.request_id import ENVIRON_KEY
 from genq.logs import REQUEST_ID, Context, RedactKeys, formatter
 from genq.settings import Settings
@@ -45,9 +46,11 @@ def main(settings: Settings, args) -> int:
     # (its import_app): how what was learned here reaches each gunicorn worker.
     factory = f"api.serve:gunicorn_app({', '.join(f'{k}={v!r}' for k, v in changes.items())})"
     # gthread: a request holds one of --threads while it is served; the API
-    # keeps all but GENQ_API_HELD_THREADS of them for short requests.
+    # keeps all but GENQ_API_HELD_THREADS of them for short requests. Event
+    # streams are handed from those threads to an asyncio loop in the same
+    # process (api/fanout.py: StreamWorker is gthread plus that hand-over).
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers),
-                               "--worker-class", "gthread", "--threads", str(settings.api_threads),
+                               "--worker-class", "api.fanout.StreamWorker", "--threads", str(settings.api_threads),
                                *(["--access-logfile", "-"] if settings.api_access_log else []),
                                "--logger-class", "api.serve.GunicornLogger", factory])
 
@@ -55,7 +58,13 @@ def main(settings: Settings, args) -> int:
 def gunicorn_app(**changes) -> Flask:
     """The app each gunicorn worker serves: the settings of the environment
     `genq api` ran in, with `changes` (the bound port) over them."""
-    return create_app(Settings.from_env(**changes))
+    settings = Settings.from_env(**changes)
+    app = create_app(settings)
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Event streams are held by the stream server, fed by Redis notifications;
+        # without Redis they are served from request threads, polling.
+        app.wsgi_app = Handoff(app.wsgi_app, StreamServer(app.extensions["genq"]))
+    return app
 
 
 class GunicornLogger(Logger):

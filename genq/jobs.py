@@ -401,6 +401,21 @@ def events(session: Session, job_id: str, after_id: int = 0) -> list[JobEvent]:
     )
 
 
+def tenant_events(session: Session, tenant_id: str, after_id: int = 0, job_ids: Iterable[str] | None = None,
+                  limit: int = 1000) -> list[JobEvent]:
+    """A tenant's events (of every job, or of `job_ids`) with ids above `after_id`, oldest first."""
+    query = (select(JobEvent).join(Job, Job.id == JobEvent.job_id)
+             .where(Job.tenant_id == tenant_id, JobEvent.id > after_id))
+    if job_ids is not None:
+        query = query.where(JobEvent.job_id.in_(list(job_ids)))
+    return list(session.scalars(query.order_by(JobEvent.id).limit(limit)))
+
+
+def last_event_id(session: Session) -> int:
+    """The highest event id there is: where a stream that starts now resumes."""
+    return session.scalar(select(func.max(JobEvent.id))) or 0
+
+
 def queued_heads(session: Session, pools: list[str], older_than: dt.datetime | None = None) -> list[tuple[str, str]]:
     """(job id, pool) of the first queued job of each model and batch key in
     these pools: the doorbells to ring when messages may have been lost."""

@@ -121,6 +121,22 @@ def _checked(deltas: Iterable[Delta]) -> list[Delta]:
     return out
 
 
+def stream_key(tenant_id: str, job_id: str, prefix: str = KEY_PREFIX) -> str:
+    """The Redis stream of a job's live output (RedisLive's key)."""
+    check_ids(tenant_id, job_id)
+    return f"{prefix}:{tenant_id}:{job_id}"
+
+
+def stream_cursor(after: int) -> str:
+    """The XREAD id that reads the deltas after index `after`."""
+    return f"{after + 1}-0"
+
+
+def decode_entries(entries) -> list[Delta]:
+    """(index, delta) pairs from the entries XREAD answered for one stream."""
+    return [(int(entry_id.split(b"-")[0]) - 1, fields[b"d"].decode()) for entry_id, fields in entries]
+
+
 class RedisLive:
     """One Redis stream per job (see the module's doc)."""
 
@@ -131,8 +147,7 @@ class RedisLive:
         self._lock = threading.Lock()
 
     def key(self, tenant_id: str, job_id: str) -> str:
-        check_ids(tenant_id, job_id)
-        return f"{self.prefix}:{tenant_id}:{job_id}"
+        return stream_key(tenant_id, job_id, self.prefix)
 
     def publish(self, tenant_id: str, job_id: str, deltas: Iterable[Delta]) -> None:
         self.publish_many([(tenant_id, job_id, deltas)])
@@ -171,7 +186,7 @@ class RedisLive:
             # BLOCK 0 would wait forever: no BLOCK at all when there is no time left.
             block = int(min(left, MAX_BLOCK_SECONDS) * 1000) if left >= 0.001 else None
             try:
-                answer = self.client.xread({key: f"{after + 1}-0"}, block=block)
+                answer = self.client.xread({key: stream_cursor(after)}, block=block)
             except redis.RedisError as exc:
                 # The stream goes on with its durable events: wait as asked, so
                 # a caller's loop does not spin while Redis is away.
@@ -179,8 +194,7 @@ class RedisLive:
                 time.sleep(max(deadline - time.monotonic(), 0.0))
                 return []
             if answer:
-                return [(int(entry_id.split(b"-")[0]) - 1, fields[b"d"].decode())
-                        for entry_id, fields in answer[0][1]]
+                return decode_entries(answer[0][1])
             if block is None or time.monotonic() >= deadline:
                 return []
 

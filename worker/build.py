@@ -3,6 +3,7 @@ registry, storage, model cache."""
 from __future__ import annotations
 
 from genq.db import make_engine, make_sessionmaker
+from genq.notify import Notifier, notify_after_commit
 from genq.settings import Settings
 from genq.storage import make_storage
 from models.registry import Registry
@@ -16,9 +17,12 @@ def build_runner(settings: Settings, **extra) -> Runner:
     """`extra`: the Runner's optional collaborators (shutdown, ring). Its
     fine-tunes go to the trainer (worker/training.py)."""
     storage = make_storage(settings)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    # Every state change and event it commits rings the API's event streams.
+    notify_after_commit(sessions, Notifier.from_settings(settings))
     return Runner(
         settings=settings,
-        sessions=make_sessionmaker(make_engine(settings.database_url)),
+        sessions=sessions,
         registry=Registry.load(settings.registry_path),
         storage=storage,
         cache=ModelCache(make_loader(settings, storage), settings.model_cache_bytes),

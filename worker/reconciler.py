@@ -12,6 +12,7 @@ from kombu.exceptions import ChannelError
 from genq import idempotency
 from genq.db import make_engine, make_sessionmaker
 from genq.jobs import queued_heads, requeue_expired
+from genq.notify import Notifier, notify_after_commit
 from genq.outage import unavailable
 from genq.queue import make_celery, publish
 from genq.schema import utcnow
@@ -37,6 +38,8 @@ class Reconciler(threading.Thread):
 
     def run(self) -> None:
         sessions = make_sessionmaker(make_engine(self.settings.database_url))
+        # Jobs it requeues or ends ring the API's event streams.
+        notify_after_commit(sessions, Notifier.from_settings(self.settings))
         app = make_celery(self.settings)
         first = True
         while True:
