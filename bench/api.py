@@ -258,7 +258,7 @@ def rss_mib(pid: int) -> float:
 
 # ---- the genq side
 
-def genq_settings(tmp: Path, pg_url: str, pool_suffix: str) -> Settings:
+def genq_settings(tmp: Path, pg_url: str, pool_suffix: str, watchers: int = 0) -> Settings:
     from cryptography.fernet import Fernet
 
     doc = yaml.safe_load(DEFAULT_REGISTRY.read_text())
@@ -269,7 +269,9 @@ def genq_settings(tmp: Path, pg_url: str, pool_suffix: str) -> Settings:
     return Settings.from_env({}, home=tmp / "home", database_url=pg_url, broker_url="redis://127.0.0.1:6379/0",
                              registry_path=registry, webhook_secret_keys=(Fernet.generate_key().decode(),),
                              # Counted (the limiter's round trip is part of every request), never reached.
-                             rate_limit="1000000000/minute", max_active_jobs=1_000_000_000)
+                             rate_limit="1000000000/minute", max_active_jobs=1_000_000_000,
+                             # --watchers N: one tenant holds all N streams, past the default cap of 4.
+                             **({"max_held_requests": watchers + 16} if watchers else {}))
 
 
 def seed(settings: Settings, n: int) -> tuple[dict, list[str]]:
@@ -321,7 +323,7 @@ def main() -> int:
     admin_url = os.environ.get("GENQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
     suffix = secrets.token_hex(4)
     with tempfile.TemporaryDirectory() as tmp, temporary_database(admin_url, f"genq_bench_{suffix}") as pg:
-        settings = genq_settings(Path(tmp), pg, suffix)
+        settings = genq_settings(Path(tmp), pg, suffix, args.watchers)
         workers = args.workers or settings.workers
         threads = args.threads or settings.api_threads
         settings = settings.replace(api_workers=workers, api_threads=threads)
