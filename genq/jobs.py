@@ -16,7 +16,7 @@ from typing import Any, Iterable, NamedTuple
 from sqlalchemy import Update, and_, bindparam, func, insert, literal, select, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from genq import line, webhooks
+from genq import line, notify, webhooks
 from genq.errors import IllegalTransition
 from genq.schema import Job, JobEvent, new_id, utcnow
 from genq.states import JobStatus, check_transition
@@ -142,6 +142,8 @@ def submit(
             raise TooManyActive(active)
         conn.execute(insert(Job.__table__), values)
         conn.execute(insert(JobEvent.__table__), {"job_id": values["id"], "type": "queued", "data": {}, "at": now})
+    # Its queued event went in by Core, unseen by the notify hook's flush.
+    notify.note(session, values["id"])
     job = Job(**values)
     make_transient_to_detached(job)
     session.add(job)

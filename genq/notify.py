@@ -3,7 +3,8 @@ Redis pub/sub once the transaction that wrote them commits.
 
 The events table stays the record; a notification carries no event, only the
 job's id (in the channel name, `genq-events:<job id>`) and the highest event id
-it knows of. API processes subscribe to the pattern `genq-events:*` once each
+it knows of (0 for events written by Core, whose ids were not read back; the
+API reads the job's new events either way). API processes subscribe to the pattern `genq-events:*` once each
 (api/fanout.py), read the job's new events once, and hand them to every watcher
 of that job or its tenant. A notification is best-effort: one lost (Redis
 restarting, a publish that failed) is made up by the API's slow re-check, so a
@@ -77,6 +78,14 @@ class Notifier:
             self._down_until = 0.0
 
 
+def note(session: Session, job_id: str, event_id: int = 0) -> None:
+    """Note events written without the ORM (a Core INSERT, as genq.jobs.submit
+    does): the flush hook below cannot see them, the commit hook publishes them
+    all the same. Harmless in a session that is not hooked."""
+    noted = session.info.setdefault(_NOTED, {})
+    noted[job_id] = max(noted.get(job_id, 0), event_id)
+
+
 def notify_after_commit(sessions: sessionmaker, notifier: Notifier | None) -> None:
     """Make sessions from `sessions` publish a doorbell for each job whose
     events they wrote, once they commit. No notifier: nothing is hooked."""
@@ -93,8 +102,7 @@ def notify_after_commit(sessions: sessionmaker, notifier: Notifier | None) -> No
         # lists what this flush inserted.
         for obj in session.new:
             if isinstance(obj, JobEvent) and obj.id is not None:
-                noted = session.info.setdefault(_NOTED, {})
-                noted[obj.job_id] = max(noted.get(obj.job_id, 0), obj.id)
+                note(session, obj.job_id, obj.id)
 
     @sa_event.listens_for(sessions, "after_commit")
     def _publish(session: Session) -> None:
