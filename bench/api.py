@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from genq.settings import DEFAULT_REGISTRY, Settings  # noqa: E402
+from tests.helpers import free_port, stop_process, wait_serving  # noqa: E402
 
 ROUTES = ("hello", "get", "get304", "list", "post")
 
@@ -176,41 +177,15 @@ def http_request(method: str, path: str, headers: dict | None = None, body: byte
 
 # ---- servers
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(port: int, proc: subprocess.Popen, path: str = "/healthz") -> None:
-    import http.client
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", path)
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit("server did not start within 60 s")
-
-
 @contextmanager
 def server(argv: list[str], env: dict, port: int, ready_path: str):
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(port, proc, ready_path)
+        wait_serving(f"http://127.0.0.1:{port}", proc, lambda: "(output not kept: rerun the command by hand)",
+                     path=ready_path)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def family(pid: int) -> list[int]:

@@ -23,13 +23,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.watchers import load, request, server_pids  # noqa: E402
+from tests.helpers import free_port, stop_process, wait_serving  # noqa: E402
 
 
 def asgi_app():
@@ -57,7 +57,6 @@ def main() -> int:
     from genq.keys import create_key
     from genq.migrate import upgrade
     from genq.settings import DEFAULT_REGISTRY, Settings
-    from tests.helpers import free_port
 
     suffix = secrets.token_hex(4)
     with tempfile.TemporaryDirectory() as tmp, postgres_db() as pg:
@@ -92,16 +91,10 @@ def main() -> int:
                 proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", *argv],
                                         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
                 try:
-                    deadline = time.monotonic() + 60
-                    while True:
-                        try:
-                            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                                break
-                        except requests.ConnectionError:
-                            pass
-                        if proc.poll() is not None or time.monotonic() > deadline:
-                            raise SystemExit(f"{name} did not start:\n" + (Path(tmp) / f"{name}.log").read_text()[-3000:])
-                        time.sleep(0.2)
+                    try:
+                        wait_serving(f"http://127.0.0.1:{port}", proc, lambda: (Path(tmp) / f"{name}.log").read_text()[-3000:])
+                    except RuntimeError as exc:
+                        raise SystemExit(f"{name}: {exc}") from None
                     if not ids:
                         for _ in range(20):
                             r = requests.post(f"http://127.0.0.1:{port}/v1/jobs", headers=auth, timeout=10,
@@ -121,8 +114,7 @@ def main() -> int:
                               f"p99 {r['p99_ms']:6.1f} ms  server CPU {r['server_ms']:.2f} ms/req  {r['statuses']}",
                               flush=True)
                 finally:
-                    proc.terminate()
-                    proc.wait(30)
+                    stop_process(proc)
                     log.close()
     print(f"\n{'shape':8} {'route':8} {'req/s':>7} {'vs gthread':>10} {'CPU ms/req':>10} {'vs gthread':>10}")
     for (name, route), runs in results.items():

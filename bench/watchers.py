@@ -35,7 +35,6 @@ import os
 import resource
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -339,42 +338,19 @@ def serve_and_measure(args) -> dict:
         with make_sessionmaker(engine).begin() as session:
             _, key = create_key(session, "bench-watchers")
         engine.dispose()
-        from tests.helpers import free_port
+        from tests.helpers import genq_api
 
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-        env.update(settings.as_env(), PYTHONUNBUFFERED="1")
-        log = open(Path(tmp) / "api.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "api", "--bind", f"127.0.0.1:{port}",
-                                 "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("genq api did not start:\n" + (Path(tmp) / "api.log").read_text()[-3000:])
-                time.sleep(0.2)
+        with genq_api(settings) as api:
             print(f"{os.cpu_count()} cores; genq api, 1 gunicorn worker x {settings.api_threads} threads; "
                   f"{args.watchers} watchers; load: {args.connections} connections x {args.seconds:g} s", flush=True)
             ids = []
             for _ in range(20):
-                r = requests.post(f"http://127.0.0.1:{port}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
+                r = requests.post(f"{api['url']}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
                                   json={"model": "demo-text", "input": {"prompt": "watched"}}, timeout=10)
                 ids.append(r.json()["id"])
-            return measure(f"http://127.0.0.1:{port}", key, ids, args.watchers, seconds=args.seconds,
+            return measure(api["url"], key, ids, args.watchers, seconds=args.seconds,
                            connections=args.connections, warmup=args.warmup,
                            out=lambda line: print(line, flush=True))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
 
 
 def main() -> int:

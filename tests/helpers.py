@@ -1,4 +1,6 @@
-"""Test helpers: API keys, a worker as a real subprocess, waiting on jobs."""
+"""Test helpers: API keys, `genq api` and a worker as real subprocesses, waiting on jobs.
+
+The benches in bench/ use the server helpers too."""
 from __future__ import annotations
 
 import atexit
@@ -24,6 +26,55 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_serving(url: str, proc: subprocess.Popen, output, timeout: float = 60, path: str = "/healthz") -> None:
+    """Until `url` + `path` answers 200. A server that exits or takes longer
+    than `timeout` raises, with `output()` (what it printed) in the message."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}{path}", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not start (exit {proc.poll()}):\n{output()}")
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def genq_api(settings: Settings, extra_env: dict | None = None, timeout: float = 60):
+    """`genq api --workers 1` with `settings` (and `extra_env` over them) on a
+    free port, its output collected line by line; yields {"url", "port",
+    "proc", "lines"} once it answers /healthz, and stops it after."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env.update(settings.as_env(), PYTHONUNBUFFERED="1", **(extra_env or {}))
+    proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: deque[str] = deque(maxlen=5000)
+    threading.Thread(target=lambda: [lines.append(line.rstrip()) for line in proc.stdout], daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_serving(url, proc, lambda: "\n".join(lines), timeout)
+        yield {"url": url, "port": port, "proc": proc, "lines": lines}
+    finally:
+        stop_process(proc)
 
 
 def make_key(settings: Settings, tenant: str, role: str = "user") -> dict[str, str]:

@@ -3,13 +3,8 @@ and Redis, spoken to over real HTTP. One tenant holding many event streams or
 `Prefer: wait` requests must not stall the API for anyone else."""
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
-import sys
-import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -23,7 +18,7 @@ from genq.keys import authenticate
 from genq.schema import Job
 from genq.settings import Settings
 from tests.conftest import REDIS_URL, WEBHOOK_KEYS
-from tests.helpers import free_port, make_key
+from tests.helpers import genq_api, make_key
 
 PROBLEM = "application/problem+json"
 # Each gunicorn worker runs THREADS threads, HELD of which may hold a stream or a
@@ -42,34 +37,13 @@ def server(tmp_path_factory, pg_url, registry_path):
     home = tmp_path_factory.mktemp("api-home")
     settings = Settings.from_env({}, home=home, database_url=pg_url, broker_url=REDIS_URL, registry_path=registry_path,
                                  webhook_secret_keys=WEBHOOK_KEYS)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    env.update(settings.as_env(), PYTHONUNBUFFERED="1", GENQ_API_THREADS=str(THREADS),
-               GENQ_API_HELD_THREADS=str(HELD), GENQ_MAX_HELD_REQUESTS=str(PER_TENANT))
-    proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: deque[str] = deque(maxlen=2000)
-    threading.Thread(target=lambda: [lines.append(line.rstrip()) for line in proc.stdout], daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "genq api did not start:\n" + "\n".join(lines)
-        time.sleep(0.2)
-    # `genq api` runs gunicorn in its own place with the threads the settings say.
-    argv = open(f"/proc/{proc.pid}/cmdline").read().split("\0")
-    assert "gunicorn" in argv[2] and argv[argv.index("--threads") + 1] == str(THREADS), argv
-    yield {"url": url, "settings": settings, "lines": lines}
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    extra = dict(GENQ_API_THREADS=str(THREADS), GENQ_API_HELD_THREADS=str(HELD),
+                 GENQ_MAX_HELD_REQUESTS=str(PER_TENANT))
+    with genq_api(settings, extra) as api:
+        # `genq api` runs gunicorn in its own place with the threads the settings say.
+        argv = open(f"/proc/{api['proc'].pid}/cmdline").read().split("\0")
+        assert "gunicorn" in argv[2] and argv[argv.index("--threads") + 1] == str(THREADS), argv
+        yield {**api, "settings": settings}
 
 
 def tenant(server, name: str) -> dict:

@@ -4,14 +4,9 @@ Postgres and Redis, spoken to over real sockets."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
-import subprocess
-import sys
-import threading
 import time
-from collections import deque
 
 import pytest
 import requests
@@ -19,7 +14,7 @@ import requests
 from genq.db import make_engine, make_sessionmaker
 from genq.settings import Settings
 from tests.conftest import REDIS_URL, WEBHOOK_KEYS
-from tests.helpers import free_port, make_key
+from tests.helpers import genq_api, make_key
 
 PROBLEM = "application/problem+json"
 # Few threads, on purpose: streams must not need them.
@@ -35,34 +30,12 @@ def server(tmp_path_factory, pg_url, registry_path):
     home = tmp_path_factory.mktemp("fanout-home")
     settings = Settings.from_env({}, home=home, database_url=pg_url, broker_url=REDIS_URL, registry_path=registry_path,
                                  webhook_secret_keys=WEBHOOK_KEYS)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    env.update(settings.as_env(), PYTHONUNBUFFERED="1", GENQ_API_THREADS=str(THREADS),
-               GENQ_API_HELD_THREADS=str(HELD), GENQ_MAX_HELD_REQUESTS=str(PER_TENANT),
-               GENQ_RATE_LIMIT="100000/minute")
-    proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: deque[str] = deque(maxlen=5000)
-    threading.Thread(target=lambda: [lines.append(line.rstrip()) for line in proc.stdout], daemon=True).start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "genq api did not start:\n" + "\n".join(lines)
-        time.sleep(0.2)
+    extra = dict(GENQ_API_THREADS=str(THREADS), GENQ_API_HELD_THREADS=str(HELD),
+                 GENQ_MAX_HELD_REQUESTS=str(PER_TENANT), GENQ_RATE_LIMIT="100000/minute")
     engine = make_engine(pg_url)
-    yield {"url": url, "port": port, "settings": settings, "lines": lines, "sessions": make_sessionmaker(engine)}
+    with genq_api(settings, extra) as api:
+        yield {**api, "settings": settings, "sessions": make_sessionmaker(engine)}
     engine.dispose()
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 def tenant(server, name: str) -> dict:

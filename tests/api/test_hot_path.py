@@ -30,12 +30,8 @@ def settings(embedded_settings, pg_url):
 
 @pytest.fixture
 def app(settings):
+    # tests/api/conftest.py's `client` serves this app.
     return create_app(settings)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 @contextmanager

@@ -6,22 +6,16 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
 import re
 import secrets
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections import deque
-from contextlib import contextmanager
 
 import pytest
 
 from api.app import create_app
 from api.serve import bind_dev_server
-from tests.helpers import finish_with_outputs, make_key
+from tests.helpers import finish_with_outputs, genq_api, make_key
 
 SAFETY = 60  # seconds; a net for a loaded machine, not a measurement
 
@@ -60,35 +54,9 @@ def test_werkzeug_says_genq_and_logs_no_key(embedded_settings, caplog):
     assert key not in caplog.text
 
 
-@contextmanager
 def serve_gunicorn(settings):
     """`genq api --workers 1` on a free port, its output collected line by line."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    env.update(settings.as_env(), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: deque[str] = deque(maxlen=5000)
-    threading.Thread(target=lambda: [lines.append(line.rstrip()) for line in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + SAFETY
-    while True:
-        try:
-            if get(port, "/healthz")[0] == 200:
-                break
-        except OSError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "\n".join(lines)
-        time.sleep(0.2)
-    try:
-        yield {"port": port, "lines": lines, "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return genq_api(settings, timeout=SAFETY)
 
 
 @pytest.fixture

@@ -322,13 +322,19 @@ def test_updates_carry_counts_and_limits(text_model):
     assert last.text == last.output["text"] and len(engine) == 0 and engine.step() == []
 
 
-def test_a_failed_step_leaves_the_batch_as_it_was(text_model):
-    jobs = [text.Input(prompt="Once upon a time", max_new_tokens=12, temperature=0.9, seed=s) for s in (1, 2)]
-    solo = alone(text_model, jobs)
-    engine = text_model.engine(2)
+def two_rows_one_step(model, tokens: int, seeds: tuple[int, int]):
+    """An engine of two sampled rows that has taken one step, its recorder, and what each row makes alone."""
+    jobs = [text.Input(prompt="Once upon a time", max_new_tokens=tokens, temperature=0.9, seed=s) for s in seeds]
+    solo = alone(model, jobs)
+    engine = model.engine(2)
     rec = Recorder(engine)
-    rec.take(engine.add([text_model.sequence(k, inp) for k, inp in enumerate(jobs)]))
+    rec.take(engine.add([model.sequence(k, inp) for k, inp in enumerate(jobs)]))
     rec.take(engine.step())
+    return engine, rec, solo
+
+
+def test_a_failed_step_leaves_the_batch_as_it_was(text_model):
+    engine, rec, solo = two_rows_one_step(text_model, 12, (1, 2))
     # The third of the model's four blocks runs out of memory mid-forward: two layers' caches have grown.
     block = text_model.model.transformer.h[2]
 
@@ -351,12 +357,7 @@ def test_a_step_writes_its_column_in_place_instead_of_copying_the_cache(model):
     """A running batch's cache grows into spare room: steps between joins and
     leaves leave its storage where it was (a copy per step per layer cost about
     as much as the forward pass at 8 rows), and the tokens stay the solo ones."""
-    jobs = [text.Input(prompt="Once upon a time", max_new_tokens=20, temperature=0.9, seed=s) for s in (3, 4)]
-    solo = alone(model, jobs)
-    engine = model.engine(2)
-    rec = Recorder(engine)
-    rec.take(engine.add([model.sequence(k, inp) for k, inp in enumerate(jobs)]))
-    rec.take(engine.step())
+    engine, rec, solo = two_rows_one_step(model, 20, (3, 4))
     storage = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in engine.cache.layers]
     for _ in range(10):
         rec.take(engine.step())
