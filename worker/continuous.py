@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from genq import jobs as joblib
 from genq.outage import retry
@@ -26,7 +26,7 @@ from genq.states import JobStatus
 from models.base import InputInvalid, Result
 from models.registry import ModelSpec
 from worker import metrics as prom
-from worker.batch import BatchTracker, Phase, Ran, Row, Stop, Verdict, error_for, verdict
+from worker.batch import BatchTracker, Ran, Row, Stop, Verdict, error_for, verdict
 
 log = logging.getLogger(__name__)
 
