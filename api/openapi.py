@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, abort, current_app, request, send_from_directory
 
-from api.admin import KeyCreate
+from api.admin import KeyCreate, RetentionSet
 from api.context import ctx
 from api.errors import ApiError
 from api.jobs import JobCreate, job_types
@@ -136,6 +136,8 @@ def job_schema() -> dict:
             "webhook_events_filter": {"type": "array", "items": {"type": "string"}},
             "metrics": {"type": "object"},
             "created_at": TIME, "started_at": TIME_OR_NULL, "completed_at": TIME_OR_NULL,
+            "expires_at": {**TIME_OR_NULL, "description": "When the job's outputs were or will be deleted "
+                                                          "(retention); null while it runs, or when they are kept."},
         },
     }
 
@@ -169,7 +171,8 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
     schemas["File"] = {"type": "object", "required": ["id", "bytes", "filename", "purpose", "created_at"],
                        "properties": {"id": ID, "object": {"type": "string"}, "bytes": {"type": "integer"},
                                       "filename": {"type": "string"}, "purpose": {"type": "string"},
-                                      "rows": {"type": "integer"}, "format": {"type": "string"}, "created_at": TIME}}
+                                      "rows": {"type": "integer"}, "format": {"type": "string"}, "created_at": TIME,
+                                      "expires_at": TIME_OR_NULL}}
     schemas["FileList"] = listing(ref("File"))
     schemas["WebhookSecret"] = {"type": "object", "required": ["key"],
                                 "properties": {"key": {"type": "string", "pattern": "^whsec_"},
@@ -184,6 +187,11 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                                           "created_at": TIME, "updated_at": TIME}}
     schemas["DeliveryList"] = listing(ref("Delivery"))
     _pydantic(schemas, KeyCreate, "KeyCreate")
+    _pydantic(schemas, RetentionSet, "RetentionSet")
+    seconds = {"type": "object", "properties": {f"{k}_seconds": {"anyOf": [{"type": "integer"}, {"type": "null"}]}
+                                                for k in ("outputs", "jobs", "files")}}
+    schemas["Retention"] = {"type": "object", "required": ["tenant", "own", "effective"],
+                            "properties": {"tenant": {"type": "string"}, "own": seconds, "effective": seconds}}
     schemas["Key"] = {"type": "object", "required": ["key", "prefix", "tenant", "role"],
                       "properties": {"key": {"type": "string"}, "prefix": {"type": "string"},
                                      "tenant": {"type": "string"}, "role": {"type": "string"}}}
@@ -306,7 +314,11 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
         "/v1/jobs/{job_id}": {"get": op("A job.", [resp(200, "Job", "The job.", {**applied, **validators}),
                                                    resp(304, None, "Not modified since the ETag sent in If-None-Match; "
                                                                    "no body.", validators)],
-                                        std, params=[path_param("job_id"), prefer, if_none_match], tag="jobs")},
+                                        std, params=[path_param("job_id"), prefer, if_none_match], tag="jobs"),
+                              "delete": op("Delete a job that has ended: its row, events, webhook deliveries and "
+                                           "outputs. 409 while it is queued or running: cancel it first.",
+                                           [resp(204, None, "Deleted.")], std + [409], params=[path_param("job_id")],
+                                           tag="jobs")},
         "/v1/jobs/{job_id}/cancel": {"post": op("Cancel a job.", [resp(200, "Job", "Canceled, or cancel requested.")],
                                                 std + [409], params=[path_param("job_id")], tag="jobs")},
         "/v1/jobs/{job_id}/events": {"get": op(
@@ -369,16 +381,30 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
             "get": op("List your files.", [resp(200, "FileList", "A page of files.")], [401, 422], params=page, tag="files"),
         },
         "/v1/files/{file_id}": {"get": op("A file's record.", [resp(200, "File", "The file.")], std,
-                                          params=[path_param("file_id")], tag="files")},
+                                          params=[path_param("file_id")], tag="files"),
+                                "delete": op("Delete a file and its content; 409 while a queued or running "
+                                             "fine-tune trains on it.", [resp(204, None, "Deleted.")], std + [409],
+                                             params=[path_param("file_id")], tag="files")},
         "/v1/files/{file_id}/content": {"get": op(
             "A file's content.", [("200", {"description": "JSONL.", "content": {"application/jsonl": {"schema": {"type": "string"}}}})],
             std, params=[path_param("file_id")], tag="files")},
         "/v1/models": {"get": op("Models you can run, yours included.", [resp(200, "ModelList", "Models.")], [401],
                                  tag="models")},
         "/v1/models/{name}": {"get": op("A model.", [resp(200, "Model", "The model.")], std,
-                                        params=[path_param("name", {"type": "string"})], tag="models")},
+                                        params=[path_param("name", {"type": "string"})], tag="models"),
+                              "delete": op("Delete one of your fine-tuned models: its weights and its fine-tune's "
+                                           "checkpoints. Jobs still queued for it fail (unknown_model). 403 for a "
+                                           "shared model.", [resp(204, None, "Deleted.")], std + [403],
+                                           params=[path_param("name", {"type": "string"})], tag="models")},
         "/v1/admin/tenants": {"get": op("Tenants (admin).", [resp(200, "TenantList", "Tenants.")], [401, 403],
                                         tag="admin")},
+        "/v1/admin/tenants/{name}/retention": {
+            "get": op("A tenant's retention: its own values and those in effect (admin).",
+                      [resp(200, "Retention", "Retention.")], [401, 403, 404],
+                      params=[path_param("name", {"type": "string"})], tag="admin"),
+            "put": op("Set a tenant's own retention, in place of the service's settings (admin).",
+                      [resp(200, "Retention", "Retention.")], [400, 401, 403, 404, 422],
+                      params=[path_param("name", {"type": "string"})], body=json_body("RetentionSet"), tag="admin")},
         "/v1/admin/keys": {"post": op("Create an API key (admin); shown once.", [resp(201, "Key", "The new key.")],
                                       [400, 401, 403, 422], body=json_body("KeyCreate"), tag="admin")},
         "/v1/admin/keys/{prefix}/revoke": {"post": op(

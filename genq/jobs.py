@@ -127,7 +127,7 @@ def submit(
                   priority=priority, attempts=0, max_attempts=max_attempts, cancel_requested=False,
                   lease_owner=None, lease_until=None, webhook=webhook,
                   webhook_events_filter=webhook_events_filter or ["completed"], metrics={}, created_at=now,
-                  started_at=None, completed_at=None, updated_at=now)
+                  started_at=None, completed_at=None, updated_at=now, expired_at=None)
     # Core on the session's connection: the ORM's bulk path would coerce every value anew.
     conn = session.connection()
     if conn.dialect.name == "postgresql":

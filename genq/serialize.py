@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Callable
 
+from genq.retention import expires_at
 from genq.schema import Job
 from genq.storage import Storage
 
@@ -44,9 +45,11 @@ def output_urls(storage: Storage, base_url: str, job_id: str) -> UrlForKey:
     return url
 
 
-def job(j: Job, url_for_key: UrlForKey | None) -> dict[str, Any]:
+def job(j: Job, url_for_key: UrlForKey | None, output_retention: int | None = None) -> dict[str, Any]:
     """The job as GET shows it. With url_for_key None, outputs keep their
-    storage keys (a webhook payload frozen now, its URLs made when it is sent)."""
+    storage keys (a webhook payload frozen now, its URLs made when it is sent).
+    `expires_at`: when its outputs were deleted, or will be given
+    `output_retention` seconds (genq.retention); null while it runs, or kept."""
     output = j.output
     if output is not None and url_for_key is not None:
         output = with_urls(output, url_for_key)
@@ -68,4 +71,5 @@ def job(j: Job, url_for_key: UrlForKey | None) -> dict[str, Any]:
         "created_at": rfc3339(j.created_at),
         "started_at": rfc3339(j.started_at),
         "completed_at": rfc3339(j.completed_at),
+        "expires_at": rfc3339(j.expired_at or expires_at(j.completed_at, output_retention or 0)),
     }

@@ -127,6 +127,20 @@ class Settings(BaseModel):
                                           "messages older than the visibility timeout.")
     idempotency_ttl: int = knob(24 * 3600, RECOVERY, "Seconds an `Idempotency-Key` record is kept at least, "
                                 "then purged.")
+    output_retention_seconds: int = knob(7 * 24 * 3600, RECOVERY, "A finished job's outputs (its files in "
+                                         "storage and its `output`) are deleted this long after it ended "
+                                         "(seconds; 0 keeps them). A job shows when as `expires_at`. An admin can "
+                                         "set a tenant's own (`PUT /v1/admin/tenants/<name>/retention`).")
+    job_retention_seconds: int = knob(30 * 24 * 3600, RECOVERY, "A finished job's row, with its events and "
+                                      "webhook deliveries, is deleted this long after it ended (seconds; 0 "
+                                      "keeps it).")
+    file_retention_seconds: int = knob(0, RECOVERY, "An uploaded file is deleted this long after its upload "
+                                       "(seconds; 0 keeps it until deleted), unless a queued or running "
+                                       "fine-tune uses it. A file shows when as `expires_at`.")
+    sweep_interval: float = knob(60.0, RECOVERY, "Seconds between a worker's retention sweeps (expired outputs, "
+                                 "jobs and files, and storage deletes still owed).")
+    sweep_batch: int = knob(500, RECOVERY, "The most rows one sweep step expires at once: a long backlog is "
+                            "worked off in bounded transactions.")
     execution_log: Path | None = knob(None, RECOVERY, "A file workers append one JSON line to when a job starts "
                                       "and stops executing (worker, attempt, time): evidence of what ran where.")
 

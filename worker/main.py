@@ -13,6 +13,7 @@ from models.registry import Registry
 from worker import app as worker_app
 from worker.heartbeat import Heartbeat
 from worker.reconciler import Reconciler
+from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def main(settings: Settings, args) -> int:
         from worker.shutdown import begin_on_signals
 
         Reconciler(settings, model_pools).start()
+        Sweeper(settings).start()
         # SIGTERM: claim nothing new, bound the batch in hand, hand it back past the timeout.
         begin_on_signals()
         if pool_kind == "solo":
