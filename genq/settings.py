@@ -76,6 +76,12 @@ class Settings(BaseModel):
                             "`file:///dir` for a local folder.")
     s3_endpoint_url: str | None = knob(None, PLACES, "S3 endpoint for MinIO, moto or another S3-compatible "
                                        "store; unset means AWS itself.")
+    s3_public_endpoint_url: str | None = knob(None, PLACES, "The S3 endpoint as clients see it, used only to "
+                                              "presign output URLs (the signature covers the host, so a URL cannot "
+                                              "be rewritten afterwards); every read and write still goes to "
+                                              "`GENQ_S3_ENDPOINT_URL`. Set it when the services reach S3 by a name "
+                                              "clients cannot resolve (Compose's `s3:8333`); unset presigns for "
+                                              "`GENQ_S3_ENDPOINT_URL`.")
     s3_region: str = knob("us-east-1", PLACES, "S3 region.")
     s3_access_key_id: str | None = knob(None, PLACES, "S3 credentials; unset lets boto3 find them "
                                         "(instance role, `~/.aws`, ...).")
