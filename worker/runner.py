@@ -273,7 +273,8 @@ class Runner:
             else:
                 log.exception("batch of %s failed", spec.name, extra={"job_ids": [r.job.id for r in runnable]})
         run_seconds = time.monotonic() - started
-        prom.RUN_SECONDS.labels(spec.name).observe(run_seconds)
+        for _ in runnable:
+            prom.RUN_SECONDS.labels(spec.name).observe(run_seconds)
         # The tracker stops before anything below writes, so no job is finished twice.
         if tracker is not None:
             tracker.close()
@@ -363,11 +364,13 @@ class Runner:
                 if ran:
                     self.executions.ended(row.job.id, row.job.attempts, "not_written")
             raise
-        for (row, status, _), ran in zip(outcomes, executing):
+        for (row, status, fields), ran in zip(outcomes, executing):
             if ran:
                 self.executions.ended(row.job.id, row.job.attempts, status.value if done[row.job.id] else "not_written")
             if done[row.job.id]:
                 prom.JOBS_FINISHED.labels(row.job.model, row.job.pool, status.value).inc()
+                if status is JobStatus.SUCCEEDED:
+                    prom.count_output(row.job.model, fields.get("output"))
                 log.info("job %s %s", row.job.id, status.value, extra={"job_id": row.job.id})
             else:
                 log.warning("job %s: lease lost before it finished; result discarded", row.job.id,
