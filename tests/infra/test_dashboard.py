@@ -1,5 +1,5 @@
-"""infra/grafana/dashboards/genq.json: every panel's PromQL names metrics genq
-exports, checked against live /metrics: the API's, and a `genq worker`'s that
+"""infra/grafana/dashboards/genq.json and the alert rules: every panel's and
+rule's PromQL names metrics genq exports, checked against live /metrics: the API's, and a `genq worker`'s that
 has run a text and an image job. Metrics only a GPU brings are read from the
 collector with a stand-in CUDA. Also: the token and image counters count, and
 the run-time histogram counts once per job."""
@@ -25,6 +25,7 @@ from tests.helpers import WorkerProcess, free_port, make_key, wait_job
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "infra" / "grafana" / "dashboards" / "genq.json"
+RULES = ROOT / "infra" / "prometheus" / "rules" / "genq.rules.yml"
 
 # Labels Prometheus adds to every scraped series (and the Compose scrape's
 # relabelled `service`); `le` is a histogram bucket's bound.
@@ -47,6 +48,8 @@ def queries() -> list[tuple[str, str]]:
     out = [(p["title"], t["expr"]) for p in panels(dashboard) for t in p.get("targets", [])]
     out += [(f"variable {v['name']}", v["query"]["query"]) for v in dashboard["templating"]["list"]
             if v["type"] == "query"]
+    # The alert rules' expressions face the same check.
+    out += [(f"alert {r['alert']}", r["expr"]) for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
     return out
 
 

@@ -350,3 +350,19 @@ def test_worker_image_installs_cuda_torch_and_runs_its_pool():
     assert not any(re.search(r"-c\s+constraints\.txt", r) for r in runs)
     argv = cmd_argv(WORKER_DOCKERFILE)
     assert "genq worker --pool" in " ".join(argv) and "GENQ_POOL" in " ".join(argv)
+def test_the_observability_profile_is_provisioned_from_the_repo(services):
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["observability"], name
+        for source, target in bind_mounts(services[name]):
+            assert source.exists(), f"{name} mounts {source}, which is not in the repository"
+    mounted = dict((target, source) for source, target in bind_mounts(services["grafana"]))
+    provisioning = mounted["/etc/grafana/provisioning"]
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert datasources[0]["url"] == "http://prometheus:9090" and datasources[0]["uid"] == "prometheus"
+    providers = yaml.safe_load((provisioning / "dashboards" / "genq.yaml").read_text())["providers"]
+    folder = providers[0]["options"]["path"]
+    assert mounted[folder].joinpath("genq.json").is_file(), "the provider's folder must hold the dashboard"
+    home = environment(services["grafana"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{folder}/genq.json"
+    rules = dict((target, source) for source, target in bind_mounts(services["prometheus"]))["/etc/prometheus/rules"]
+    assert list(rules.glob("*.yml")), "Prometheus would evaluate no rules"

@@ -21,7 +21,7 @@ MODEL_WORKER_GRACE = 300
 SENDER_GRACE = 2 * DEFAULTS.webhook_timeout + 1
 
 API_VERSIONS = {"Deployment": "apps/v1", "Service": "v1", "Job": "batch/v1", "ConfigMap": "v1",
-                "ScaledObject": "keda.sh/v1alpha1"}
+                "ScaledObject": "keda.sh/v1alpha1", "PrometheusRule": "monitoring.coreos.com/v1"}
 
 
 def documents() -> list[tuple[str, dict]]:
