@@ -132,6 +132,9 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     completed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The creating request's trace context (W3C headers) while traces are on
+    # (genq.tracing): the worker's span for the job joins that trace.
+    trace_context: Mapped[dict[str, Any] | None] = mapped_column(default=None)
 
 
 # The line (genq.line) reads these a tenant at a time, in each tenant's own

@@ -237,6 +237,13 @@ class Settings(BaseModel):
                                         "once per this many seconds per process (0 = on every scrape).")
     metrics_token: str | None = knob(None, OBSERVING, "When set, the API's `/metrics` needs "
                                      "`Authorization: Bearer <this>`.", secret=True)
+    otel_endpoint: str | None = knob(None, OBSERVING, "OpenTelemetry traces: the OTLP/HTTP collector every genq "
+                                     "process sends spans to (`http://otel-collector:4318`); unset, nothing is traced "
+                                     "and OpenTelemetry is not imported. Needs the `otel` extra. The API's requests, "
+                                     "SQL statements, Celery messages and S3 calls are traced, and each job keeps its "
+                                     "creating request's trace context, so the worker's span for the job joins that "
+                                     "trace (see [Operators](#operators)). The SDK's own `OTEL_*` variables (headers, "
+                                     "sampling) apply.")
 
     # ---- reading
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from genq import catalog
 from genq import jobs as joblib
 from genq import pools as poollib
+from genq import tracing
 from genq.errors import GenqError
 from genq.outage import retry
 from genq.schema import Job
@@ -160,11 +161,17 @@ class Runner:
                     return ran
                 if spec.batching == "continuous" and hasattr(loaded, "engine"):
                     running = ContinuousBatch(self, spec, pool, head, loaded)
-                    done = running.run()
+                    # Jobs join a continuous batch as it runs: its span links
+                    # to none of them; each job's span links to it.
+                    with tracing.batch_span(spec.name, pool):
+                        done = running.run()
                     stored = running.stored_ok
                 else:
                     batch = self.claim(spec, pool, head)
-                    stored = not batch or self.run_batch(spec, batch, loaded)
+                    stored = True
+                    if batch:
+                        with tracing.batch_span(spec.name, pool, [j.trace_context for j in batch]):
+                            stored = self.run_batch(spec, batch, loaded)
                     done = len(batch)
                 if not stored:
                     # Storage is down: what could not be stored went back to the
@@ -371,7 +378,9 @@ class Runner:
                 prom.JOBS_FINISHED.labels(row.job.model, row.job.pool, status.value).inc()
                 if status is JobStatus.SUCCEEDED:
                     prom.count_output(row.job.model, fields.get("output"))
-                log.info("job %s %s", row.job.id, status.value, extra={"job_id": row.job.id})
+                # The job's span joins the trace of the request that created it.
+                with tracing.job_span(row.job, status.value, fields.get("error")):
+                    log.info("job %s %s", row.job.id, status.value, extra={"job_id": row.job.id})
             else:
                 log.warning("job %s: lease lost before it finished; result discarded", row.job.id,
                             extra={"job_id": row.job.id})

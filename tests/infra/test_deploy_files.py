@@ -334,7 +334,7 @@ def test_dockerfile_base_user_and_genq_entry_point(dockerfile):
 def test_api_image_has_no_worker_extra():
     runs = " ".join(args for word, args in instructions(API_DOCKERFILE) if word == "RUN")
     assert "pip install" in runs
-    assert "[worker" not in runs and "torch" not in runs, "the API never imports torch; keep it out of the image"
+    assert "worker" not in runs and "torch" not in runs, "the API never imports torch; keep it out of the image"
     assert ("EXPOSE", "8000") in instructions(API_DOCKERFILE)
     assert cmd_argv(API_DOCKERFILE)[:2] == ["genq", "api"] and "0.0.0.0:8000" in cmd_argv(API_DOCKERFILE)
 
@@ -345,7 +345,7 @@ def test_worker_image_installs_cuda_torch_and_runs_its_pool():
                for word, args in steps)
     runs = [args for word, args in steps if word == "RUN"]
     assert any("TORCH_INDEX_URL" in r and "torch" in r for r in runs)
-    assert any(".[worker]" in r for r in runs)
+    assert any(re.search(r"\.\[worker[],]", r) for r in runs)
     # constraints.txt pins the CPU torch build; applied as is it would undo the CUDA one.
     assert not any(re.search(r"-c\s+constraints\.txt", r) for r in runs)
     argv = cmd_argv(WORKER_DOCKERFILE)
