@@ -151,19 +151,20 @@ def batch_span(model: str, pool: str, contexts: Iterable[dict | None] = ()) -> I
 
 
 @contextmanager
-def job_span(job, status: str, error: dict | None = None) -> Iterator[None]:
+def job_span(job, status: str, error: dict | None = None, batch=None) -> Iterator[None]:
     """The span of one job on its worker, from its start to its finish,
     made a child of the request that created it (the context stored on the
-    job) and linked to the span current now: its batch's. Current while the
-    caller records the finish, so its log lines carry the job's trace id."""
+    job) and linked to `batch`, its batch's span (handed over rather than
+    taken as the current span: a continuous batch finishes its rows on a
+    thread of its own). Current while the caller records the finish, so its
+    log lines carry the job's trace id."""
     if _provider is None:
         yield
         return
     from opentelemetry import trace
     from opentelemetry.trace import Link, Status, StatusCode
 
-    batch = trace.get_current_span().get_span_context()
-    links = [Link(batch)] if batch.is_valid else []
+    links = [Link(batch.get_span_context())] if batch is not None and batch.get_span_context().is_valid else []
     span = tracer().start_span("genq.job", context=_context(job.trace_context), links=links,
                                start_time=_ns(job.started_at), kind=trace.SpanKind.CONSUMER,
                                attributes={"genq.job_id": job.id, "genq.model": job.model, "genq.pool": job.pool,

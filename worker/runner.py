@@ -81,6 +81,9 @@ class Runner:
         # Fine-tunes are not batches of the model's own: they go to the trainer.
         self.train = train
         self.executions = ExecutionLog(settings.execution_log, self.owner)
+        # The span of the batch running now (genq.tracing; None while traces are
+        # off): each job finished links to it, from whichever thread finishes it.
+        self.batch_span = None
         # Where running jobs publish their output as it grows (genq.live).
         self._live = live
 
@@ -163,16 +166,17 @@ class Runner:
                     running = ContinuousBatch(self, spec, pool, head, loaded)
                     # Jobs join a continuous batch as it runs: its span links
                     # to none of them; each job's span links to it.
-                    with tracing.batch_span(spec.name, pool):
+                    with tracing.batch_span(spec.name, pool) as self.batch_span:
                         done = running.run()
                     stored = running.stored_ok
                 else:
                     batch = self.claim(spec, pool, head)
                     stored = True
                     if batch:
-                        with tracing.batch_span(spec.name, pool, [j.trace_context for j in batch]):
+                        with tracing.batch_span(spec.name, pool, [j.trace_context for j in batch]) as self.batch_span:
                             stored = self.run_batch(spec, batch, loaded)
                     done = len(batch)
+                self.batch_span = None
                 if not stored:
                     # Storage is down: what could not be stored went back to the
                     # queue and was rung for; claiming the same jobs straight
@@ -379,7 +383,7 @@ class Runner:
                 if status is JobStatus.SUCCEEDED:
                     prom.count_output(row.job.model, fields.get("output"))
                 # The job's span joins the trace of the request that created it.
-                with tracing.job_span(row.job, status.value, fields.get("error")):
+                with tracing.job_span(row.job, status.value, fields.get("error"), self.batch_span):
                     log.info("job %s %s", row.job.id, status.value, extra={"job_id": row.job.id})
             else:
                 log.warning("job %s: lease lost before it finished; result discarded", row.job.id,
