@@ -178,6 +178,8 @@ def test_prometheus_scrapes_the_api_and_every_worker_service(services):
     discovered = {(name, sd["port"]) for sd in jobs["genq-workers"]["dns_sd_configs"] for name in sd["names"]}
     for name, service in worker_services(services).items():
         assert (name, int(environment(service)["GENQ_METRICS_PORT"])) in discovered, f"nothing scrapes {name}"
+    # A name no service has would be a target that never resolves.
+    assert {name for name, _ in discovered} <= set(worker_services(services))
     assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
 
 
