@@ -137,3 +137,39 @@ def test_traces_off_store_nothing_and_log_no_trace_id(tmp_path):
     ids, logged = submit_and_run(settings, ["a"])
     assert stored_contexts(settings, ids) == {ids[0]: None}
     assert all("trace_id" not in json.loads(x) for x in logged.splitlines())
+
+
+def test_an_endpoint_set_sends_spans_over_otlp_http(tmp_path):
+    """GENQ_OTEL_ENDPOINT alone turns traces on: spans are POSTed to
+    <endpoint>/v1/traces as OTLP protobuf (a collector stands in here)."""
+    import http.server
+    import threading
+
+    received: list[tuple[str, str, bytes]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, self.headers["Content-Type"], body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = Settings.from_env({"GENQ_OTEL_ENDPOINT": f"http://127.0.0.1:{server.server_port}/"})
+        provider = tracing.setup(settings, "genq-test")
+        assert provider is not None and tracing.enabled()
+        with tracing.batch_span("m", "p"):
+            pass
+        assert provider.force_flush(10_000)
+    finally:
+        tracing.shutdown()
+        server.shutdown()
+    assert received, "no spans reached the collector"
+    path, content_type, body = received[0]
+    assert path == "/v1/traces" and content_type == "application/x-protobuf"
+    assert b"genq.batch" in body and b"genq-test" in body
