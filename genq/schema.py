@@ -137,6 +137,9 @@ class Job(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # When its outputs were deleted by retention (the row stays until job retention).
     expired_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # The creating request's trace context (W3C headers) while traces are on
+    # (genq.tracing): the worker's span for the job joins that trace.
+    trace_context: Mapped[dict[str, Any] | None] = mapped_column(default=None)
 
 
 # The line (genq.line) reads these a tenant at a time, in each tenant's own

@@ -76,6 +76,12 @@ class Settings(BaseModel):
                             "`file:///dir` for a local folder.")
     s3_endpoint_url: str | None = knob(None, PLACES, "S3 endpoint for MinIO, moto or another S3-compatible "
                                        "store; unset means AWS itself.")
+    s3_public_endpoint_url: str | None = knob(None, PLACES, "The S3 endpoint as clients see it, used only to "
+                                              "presign output URLs (the signature covers the host, so a URL cannot "
+                                              "be rewritten afterwards); every read and write still goes to "
+                                              "`GENQ_S3_ENDPOINT_URL`. Set it when the services reach S3 by a name "
+                                              "clients cannot resolve (Compose's `s3:8333`); unset presigns for "
+                                              "`GENQ_S3_ENDPOINT_URL`.")
     s3_region: str = knob("us-east-1", PLACES, "S3 region.")
     s3_access_key_id: str | None = knob(None, PLACES, "S3 credentials; unset lets boto3 find them "
                                         "(instance role, `~/.aws`, ...).")
@@ -245,6 +251,13 @@ class Settings(BaseModel):
                                         "once per this many seconds per process (0 = on every scrape).")
     metrics_token: str | None = knob(None, OBSERVING, "When set, the API's `/metrics` needs "
                                      "`Authorization: Bearer <this>`.", secret=True)
+    otel_endpoint: str | None = knob(None, OBSERVING, "OpenTelemetry traces: the OTLP/HTTP collector every genq "
+                                     "process sends spans to (`http://otel-collector:4318`); unset, nothing is traced "
+                                     "and OpenTelemetry is not imported. Needs the `otel` extra. The API's requests, "
+                                     "SQL statements, Celery messages and S3 calls are traced, and each job keeps its "
+                                     "creating request's trace context, so the worker's span for the job joins that "
+                                     "trace (see [Operators](#operators)). The SDK's own `OTEL_*` variables (headers, "
+                                     "sampling) apply.")
 
     # ---- reading
 

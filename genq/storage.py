@@ -142,15 +142,25 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.expires = settings.presign_seconds
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key_id,
-            aws_secret_access_key=settings.s3_secret_access_key,
-            # Short timeouts and a few retries: a hung S3 must not hang a request.
-            config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3}, signature_version="s3v4"),
-        )
+
+        def client(endpoint_url: str | None):
+            return boto3.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=settings.s3_region,
+                aws_access_key_id=settings.s3_access_key_id,
+                aws_secret_access_key=settings.s3_secret_access_key,
+                # Short timeouts and a few retries: a hung S3 must not hang a request.
+                config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3},
+                              signature_version="s3v4"),
+            )
+
+        self.client = client(settings.s3_endpoint_url)
+        # Presigning is local arithmetic (no request), and the signature covers
+        # the host: a URL for clients must be signed for the address they use,
+        # which may not resolve from here (and the other way round).
+        public = settings.s3_public_endpoint_url
+        self.presigner = client(public) if public and public != settings.s3_endpoint_url else self.client
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -188,7 +198,7 @@ class S3Storage:
                     raise OSError(f"S3 refused to delete {first.get('Key')}: {first.get('Code')} {first.get('Message')}")
 
     def presigned_url(self, key: str) -> str | None:
-        return self.client.generate_presigned_url(
+        return self.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=self.expires
         )
 

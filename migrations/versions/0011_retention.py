@@ -1,17 +1,17 @@
 """Retention and deletes: when a job's outputs were expired, a tenant's own
 retention, the storage deletes owed by deleted rows, and the sweep's index
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010_job_trace_context
 Create Date: 2026-12-04
 """
 from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0010'
+revision = '0011'
 # Other migrations may be written beside this one; at merge this points at the last of them.
-down_revision = '0009'
+down_revision = '0010_job_trace_context'
 branch_labels = None
 depends_on = None
 
