@@ -27,7 +27,6 @@ else SQLite and the filesystem broker, like bench/batching.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import secrets
