@@ -458,9 +458,10 @@ DOCS_PAGE = """<!doctype html>
 
 
 def _assets() -> Path:
-    import swagger_ui_bundle
+    # flask-swagger-ui ships Swagger UI 5's built assets; only its files are used, not its blueprint.
+    import flask_swagger_ui
 
-    return Path(swagger_ui_bundle.swagger_ui_path)
+    return Path(flask_swagger_ui.__file__).parent / "dist"
 
 
 @bp.get("/docs")
