@@ -41,6 +41,18 @@ def list_tenants():
                 "next_cursor": None}
 
 
+@bp.get("/keys")
+@require_admin
+def list_keys():
+    """Every key by its prefix (never the key, stored only hashed), newest first, revoked ones too."""
+    with ctx().session() as session:
+        rows = session.execute(select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+                               .order_by(ApiKey.created_at.desc())).all()
+        return {"data": [{"prefix": k.prefix, "tenant": name, "role": k.role, "created_at": rfc3339(k.created_at),
+                          "revoked_at": rfc3339(k.revoked_at)} for k, name in rows],
+                "next_cursor": None}
+
+
 @bp.post("/keys")
 @require_admin
 def make_key():

@@ -187,6 +187,11 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
     schemas["Key"] = {"type": "object", "required": ["key", "prefix", "tenant", "role"],
                       "properties": {"key": {"type": "string"}, "prefix": {"type": "string"},
                                      "tenant": {"type": "string"}, "role": {"type": "string"}}}
+    schemas["KeyInfo"] = {"type": "object", "required": ["prefix", "tenant", "role", "created_at", "revoked_at"],
+                          "properties": {"prefix": {"type": "string"}, "tenant": {"type": "string"},
+                                         "role": {"type": "string", "enum": ["user", "admin"]},
+                                         "created_at": TIME, "revoked_at": TIME_OR_NULL}}
+    schemas["KeyInfoList"] = listing(ref("KeyInfo"))
     schemas["TenantList"] = listing({"type": "object"})
     nullable_number = {"anyOf": [{"type": "number"}, {"type": "null"}]}
     schemas["Pool"] = {"type": "object", "required": ["name", "models", "paused", "paused_at", "queued", "running",
@@ -379,8 +384,11 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                                         params=[path_param("name", {"type": "string"})], tag="models")},
         "/v1/admin/tenants": {"get": op("Tenants (admin).", [resp(200, "TenantList", "Tenants.")], [401, 403],
                                         tag="admin")},
-        "/v1/admin/keys": {"post": op("Create an API key (admin); shown once.", [resp(201, "Key", "The new key.")],
-                                      [400, 401, 403, 422], body=json_body("KeyCreate"), tag="admin")},
+        "/v1/admin/keys": {
+            "post": op("Create an API key (admin); shown once.", [resp(201, "Key", "The new key.")],
+                       [400, 401, 403, 422], body=json_body("KeyCreate"), tag="admin"),
+            "get": op("Every API key by its prefix, newest first, revoked ones too (admin).",
+                      [resp(200, "KeyInfoList", "Keys.")], [401, 403], tag="admin")},
         "/v1/admin/keys/{prefix}/revoke": {"post": op(
             "Revoke keys by prefix (admin).", [resp(200, None, "Revoked.")], [401, 403, 404],
             params=[path_param("prefix", {"type": "string"})], tag="admin")},
