@@ -1,13 +1,13 @@
 """The OpenAPI 3.1 document of the API, built from the registry and the same
 pydantic models the routes validate with (so it cannot drift from them), and
-/docs, which renders it with a Swagger UI bundled in the package (no internet)."""
+/docs, which renders it with Swagger UI 5 (flask-swagger-ui's assets, served from here: no internet)."""
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
 
-from flask import Blueprint, Response, abort, current_app, request, send_from_directory
+from flask import Blueprint, Response, abort, current_app, redirect, request, send_from_directory
 
 from api.admin import KeyCreate
 from api.context import ctx
@@ -192,7 +192,14 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                                          "role": {"type": "string", "enum": ["user", "admin"]},
                                          "created_at": TIME, "revoked_at": TIME_OR_NULL}}
     schemas["KeyInfoList"] = listing(ref("KeyInfo"))
+    schemas["Revoked"] = {"type": "object", "required": ["revoked"], "properties": {"revoked": {"type": "integer"}}}
     schemas["TenantList"] = listing({"type": "object"})
+    schemas["Index"] = {"type": "object", "required": ["name", "version", "docs", "openapi"],
+                        "properties": {k: {"type": "string"} for k in ("name", "version", "docs", "openapi")}}
+    schemas["Health"] = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "const": "ok"}}}
+    schemas["Ready"] = {"type": "object", "required": ["status", "checks"],
+                        "properties": {"status": {"type": "string", "const": "ready"},
+                                       "checks": {"type": "object", "additionalProperties": {"type": "string"}}}}
     nullable_number = {"anyOf": [{"type": "number"}, {"type": "null"}]}
     schemas["Pool"] = {"type": "object", "required": ["name", "models", "paused", "paused_at", "queued", "running",
                                                       "oldest_queued_seconds", "workers", "succeeded_last_5m",
@@ -290,8 +297,11 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
     std = [401, 404]
 
     paths = {
-        "/healthz": {"get": op("The process is up.", [resp(200, None, "Up.")], [], tag="service", auth=False)},
-        "/readyz": {"get": op("Database, broker and storage answer.", [resp(200, None, "Ready.")], [], tag="service",
+        "/": {"get": op("Where things are; a browser (Accept: text/html) is redirected to /docs.",
+                        [resp(200, "Index", "Links."), resp(302, None, "To /docs.", {"Location": {"schema": {"type": "string"}}})],
+                        [], tag="service", auth=False)},
+        "/healthz": {"get": op("The process is up.", [resp(200, "Health", "Up.")], [], tag="service", auth=False)},
+        "/readyz": {"get": op("Database, broker and storage answer.", [resp(200, "Ready", "Ready.")], [], tag="service",
                               auth=False)},
         "/openapi.json": {"get": op("This document.", [resp(200, None, "The OpenAPI document.")], [], tag="service",
                                     auth=False)},
@@ -390,7 +400,7 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
             "get": op("Every API key by its prefix, newest first, revoked ones too (admin).",
                       [resp(200, "KeyInfoList", "Keys.")], [401, 403], tag="admin")},
         "/v1/admin/keys/{prefix}/revoke": {"post": op(
-            "Revoke keys by prefix (admin).", [resp(200, None, "Revoked.")], [401, 403, 404],
+            "Revoke keys by prefix (admin).", [resp(200, "Revoked", "Revoked.")], [401, 403, 404],
             params=[path_param("prefix", {"type": "string"})], tag="admin")},
         "/v1/admin/pools": {"get": op("Pools: queue, workers, throughput (admin).", [resp(200, "PoolList", "Pools.")],
                                       [401, 403], tag="admin")},
@@ -416,15 +426,68 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
     }
     for name in [n for n in schemas if n.startswith(("Input_", "JobCreate", "KeyCreate", "Hyperparameters"))]:
         _no_nul(schemas[name])
+    for name, schema in schemas.items():
+        # Generators name a class after each title: one title per component,
+        # never pydantic's class name (four inputs are each a class `Input`).
+        schema["title"] = name
+        _drop_null_bounds(schema)
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            operation["operationId"] = OPERATION_IDS[(method, path)]
     return {
         "openapi": "3.1.0",
-        "info": {"title": "genq", "version": "1.0.0",
+        "info": {"title": "genq", "version": _version(),
                  "description": "A job queue for generative models. Every 4xx/5xx is application/problem+json."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": schemas},
         "paths": paths,
     }
+
+
+# One name per operation, as generated clients call it (genq_client.api.jobs.create_job...).
+OPERATION_IDS = {
+    ("get", "/"): "index", ("get", "/healthz"): "healthz", ("get", "/readyz"): "readyz", ("get", "/openapi.json"): "get_openapi",
+    ("post", "/v1/jobs"): "create_job", ("get", "/v1/jobs"): "list_jobs", ("get", "/v1/jobs/{job_id}"): "get_job",
+    ("post", "/v1/jobs/{job_id}/cancel"): "cancel_job", ("get", "/v1/jobs/{job_id}/events"): "list_job_events",
+    ("get", "/v1/events"): "list_events", ("get", "/v1/jobs/{job_id}/outputs/{name}"): "get_job_output",
+    ("get", "/v1/jobs/{job_id}/webhook-deliveries"): "list_webhook_deliveries",
+    ("post", "/v1/jobs/{job_id}/webhook-deliveries/{delivery_id}/redeliver"): "redeliver_webhook",
+    ("get", "/v1/webhooks/secret"): "get_webhook_secret", ("post", "/v1/webhooks/secret/rotate"): "rotate_webhook_secret",
+    ("post", "/v1/files"): "upload_file", ("get", "/v1/files"): "list_files", ("get", "/v1/files/{file_id}"): "get_file",
+    ("get", "/v1/files/{file_id}/content"): "get_file_content", ("get", "/v1/models"): "list_models",
+    ("get", "/v1/models/{name}"): "get_model", ("get", "/v1/admin/tenants"): "list_tenants",
+    ("post", "/v1/admin/keys"): "create_key", ("get", "/v1/admin/keys"): "list_keys",
+    ("post", "/v1/admin/keys/{prefix}/revoke"): "revoke_key", ("get", "/v1/admin/pools"): "list_pools",
+    ("post", "/v1/admin/pools/{name}/pause"): "pause_pool", ("post", "/v1/admin/pools/{name}/resume"): "resume_pool",
+    ("get", "/v1/admin/workers"): "list_workers", ("post", "/v1/admin/workers/{name}/drain"): "drain_worker",
+    ("post", "/v1/admin/jobs/{job_id}/retry"): "retry_job", ("get", "/metrics"): "get_metrics",
+}
+
+
+def _drop_null_bounds(schema) -> None:
+    """A bound pydantic left as null (`"minimum": null`) bounds nothing and is
+    not valid JSON Schema: drop it."""
+    if isinstance(schema, dict):
+        for key in [k for k in BOUNDS if k in schema and schema[k] is None]:
+            del schema[key]
+        for value in schema.values():
+            _drop_null_bounds(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _drop_null_bounds(value)
+
+
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genq")
+    except PackageNotFoundError:  # a source tree never installed
+        return "0.0.0"
 
 
 def document() -> dict:
@@ -456,12 +519,16 @@ def check_query_params() -> None:
                        errors=[{"field": name, "message": "is not a known query parameter"} for name in unknown])
 
 
+# Swagger UI 5 reads OpenAPI 3.1. validatorUrl null: the page asks nothing of
+# any host but this one (by default it would fetch a badge from swagger.io).
 DOCS_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>genq API</title>
+<html lang="en"><head><meta charset="utf-8"><title>genq API</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
 <body><div id="ui"></div>
 <script src="/docs/assets/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui", deepLinking: true, validatorUrl: null,
+  displayOperationId: true, presets: [SwaggerUIBundle.presets.apis]});</script>
 </body></html>"""
 
 
@@ -470,6 +537,14 @@ def _assets() -> Path:
     import flask_swagger_ui
 
     return Path(flask_swagger_ui.__file__).parent / "dist"
+
+
+@bp.get("/")
+def index():
+    """A browser is sent to the docs; any other client gets where things are."""
+    if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
+        return redirect("/docs", 302)
+    return {"name": "genq", "version": _version(), "docs": "/docs", "openapi": "/openapi.json"}
 
 
 @bp.get("/docs")
