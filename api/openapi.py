@@ -255,7 +255,11 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                                 "content": {"application/problem+json": {"schema": ref("Problem")}}}
         responses["503"] = {"description": "A dependency is down.", "headers": retry_after,
                             "content": {"application/problem+json": {"schema": ref("Problem")}}}
-        out = {"summary": summary, "tags": [tag], "responses": responses}
+        # The first sentence is the one-line summary a viewer shows in the operation's bar; all of it, the description.
+        first, sep, _ = summary.partition(". ")
+        out = {"summary": first + "." if sep else summary, "tags": [tag], "responses": responses}
+        if sep:
+            out["description"] = summary
         if params:
             out["parameters"] = params
         if body:
