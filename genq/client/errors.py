@@ -110,7 +110,7 @@ BY_STATUS: dict[int, type[APIError]] = {
 
 def retry_after(headers) -> float | None:
     """Retry-After as seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
-    raw = (headers.get("retry-after") or "").strip()
+    raw = next((str(v).strip() for k, v in headers.items() if k.lower() == "retry-after"), "")
     if not raw:
         return None
     if raw.isdigit():
