@@ -8,11 +8,16 @@ import re
 from pathlib import Path
 
 from flask import Blueprint, Response, abort, current_app, redirect, request, send_from_directory
+from pydantic import TypeAdapter
 
-from api.admin import KeyCreate
+from api.admin import KeyCreate, PoolView
+from api.catalog import ModelView
 from api.context import ctx
 from api.errors import ApiError
+from api.files import FileView
 from api.jobs import JobCreate, job_types
+from api.serialize import EventView, TenantEventView
+from genq.serialize import JobView
 from genq.settings import Settings
 from models import finetune
 from models.registry import Registry
@@ -27,6 +32,15 @@ TIME_OR_NULL = {"anyOf": [TIME, {"type": "null"}]}
 
 def ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _typed(schemas: dict, shape, name: str) -> dict:
+    """A typed dict's JSON schema as a component; the typed dicts it holds too."""
+    schema = TypeAdapter(shape).json_schema(ref_template=REF)
+    for sub, sub_schema in schema.pop("$defs", {}).items():
+        schemas.setdefault(sub, sub_schema)
+    schemas[name] = schema
+    return ref(name)
 
 
 def _pydantic(schemas: dict, model, name: str, **kwargs) -> dict:
@@ -110,36 +124,6 @@ def problem_schema() -> dict:
     }
 
 
-def job_schema() -> dict:
-    nullable_obj = {"anyOf": [{"type": "object"}, {"type": "null"}]}
-    return {
-        "type": "object",
-        "required": ["id", "type", "model", "status", "input", "output", "error", "progress", "priority", "attempts",
-                     "cancel_requested", "webhook", "webhook_events_filter", "metrics", "created_at", "started_at",
-                     "completed_at"],
-        "properties": {
-            "id": ID, "type": {"type": "string", "enum": ["text-generation", "image-generation", "fine-tune"]},
-            "model": {"type": "string"},
-            "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
-            "input": {"type": "object"},
-            "output": {**nullable_obj, "description": "text: {text, tokens, finish_reason}; image: {images: [{url, "
-                                                      "content_type, width, height, seed}]}; fine-tune: {model, checkpoints, metrics}"},
-            "error": {"anyOf": [{"type": "object", "required": ["code", "message"],
-                                 "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
-                                {"type": "null"}]},
-            "progress": {"anyOf": [{"type": "object", "required": ["current", "total", "unit"],
-                                    "properties": {"current": {"type": "integer"}, "total": {"type": "integer"},
-                                                   "unit": {"type": "string"}}}, {"type": "null"}]},
-            "priority": {"type": "integer"}, "attempts": {"type": "integer"},
-            "cancel_requested": {"type": "boolean"},
-            "webhook": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-            "webhook_events_filter": {"type": "array", "items": {"type": "string"}},
-            "metrics": {"type": "object"},
-            "created_at": TIME, "started_at": TIME_OR_NULL, "completed_at": TIME_OR_NULL,
-        },
-    }
-
-
 def listing(item: dict) -> dict:
     return {"type": "object", "required": ["data", "next_cursor"],
             "properties": {"data": {"type": "array", "items": item},
@@ -147,29 +131,17 @@ def listing(item: dict) -> dict:
 
 
 def build(registry: Registry, settings: Settings | None = None) -> dict:
-    schemas: dict = {"Problem": problem_schema(), "Job": job_schema()}
+    schemas: dict = {"Problem": problem_schema()}
+    # The answers' shapes are the typed dicts their serializers return.
+    for name, shape in (("Job", JobView), ("Event", EventView), ("TenantEvent", TenantEventView),
+                        ("Model", ModelView), ("File", FileView), ("Pool", PoolView)):
+        _typed(schemas, shape, name)
     schemas["JobList"] = listing(ref("Job"))
-    schemas["Event"] = {"type": "object", "required": ["id", "type", "at", "data"],
-                        "properties": {"id": {"type": "integer"}, "type": {"type": "string"}, "at": TIME,
-                                       "data": {"type": "object"}}}
     schemas["EventList"] = {"type": "object", "required": ["data"],
                             "properties": {"data": {"type": "array", "items": ref("Event")}}}
-    schemas["TenantEvent"] = {"type": "object", "required": ["job_id", "id", "type", "at", "data"],
-                              "properties": {"job_id": ID, "id": {"type": "integer"}, "type": {"type": "string"},
-                                             "at": TIME, "data": {"type": "object"}}}
     schemas["TenantEventList"] = {"type": "object", "required": ["data"],
                                   "properties": {"data": {"type": "array", "items": ref("TenantEvent")}}}
-    schemas["Model"] = {"type": "object", "required": ["name", "type", "status", "input_schema"],
-                        "properties": {"name": {"type": "string"}, "owned_by": {"type": "string"},
-                                       "type": {"type": "string"}, "status": {"type": "string"},
-                                       "description": {"type": "string"}, "pool": {"type": "string"},
-                                       "dtype": {"type": "string"}, "max_batch_size": {"type": "integer"},
-                                       "limits": {"type": "object"}, "input_schema": {"type": "object"}}}
     schemas["ModelList"] = listing(ref("Model"))
-    schemas["File"] = {"type": "object", "required": ["id", "bytes", "filename", "purpose", "created_at"],
-                       "properties": {"id": ID, "object": {"type": "string"}, "bytes": {"type": "integer"},
-                                      "filename": {"type": "string"}, "purpose": {"type": "string"},
-                                      "rows": {"type": "integer"}, "format": {"type": "string"}, "created_at": TIME}}
     schemas["FileList"] = listing(ref("File"))
     schemas["WebhookSecret"] = {"type": "object", "required": ["key"],
                                 "properties": {"key": {"type": "string", "pattern": "^whsec_"},
@@ -200,16 +172,6 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
     schemas["Ready"] = {"type": "object", "required": ["status", "checks"],
                         "properties": {"status": {"type": "string", "const": "ready"},
                                        "checks": {"type": "object", "additionalProperties": {"type": "string"}}}}
-    nullable_number = {"anyOf": [{"type": "number"}, {"type": "null"}]}
-    schemas["Pool"] = {"type": "object", "required": ["name", "models", "paused", "paused_at", "queued", "running",
-                                                      "oldest_queued_seconds", "workers", "succeeded_last_5m",
-                                                      "throughput_per_minute"],
-                       "properties": {"name": {"type": "string"}, "models": {"type": "array", "items": {"type": "string"}},
-                                      "paused": {"type": "boolean"}, "paused_at": TIME_OR_NULL,
-                                      "queued": {"type": "integer"}, "running": {"type": "integer"},
-                                      "oldest_queued_seconds": nullable_number, "workers": {"type": "integer"},
-                                      "succeeded_last_5m": {"type": "integer"},
-                                      "throughput_per_minute": {"type": "number"}}}
     schemas["PoolList"] = listing(ref("Pool"))
     schemas["Worker"] = {"type": "object", "required": ["name", "pools", "hostname", "pid", "alive", "draining",
                                                         "running_jobs", "started_at", "last_seen_at", "drain_requested_at"],

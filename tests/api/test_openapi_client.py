@@ -66,3 +66,26 @@ def test_a_browser_is_sent_to_the_docs_and_a_client_told_where_things_are(client
     assert resp.status_code == 302 and resp.headers["Location"].endswith("/docs")
     body = client.get("/", headers={"Accept": "application/json"}).get_json()
     assert body["docs"] == "/docs" and body["openapi"] == "/openapi.json"
+
+
+def test_answers_are_the_shapes_the_document_declares(client, embedded_settings):
+    """The response schemas are made from these typed dicts: a real answer of each validates."""
+    import io
+
+    from pydantic import TypeAdapter
+
+    from api.catalog import ModelView
+    from api.files import FileView
+    from api.serialize import EventView
+    from genq.serialize import JobView
+
+    headers = make_key(embedded_settings, "shapes")
+    job = client.post("/v1/jobs", json={"model": "demo-image", "input": {"prompt": "x"}}, headers=headers).get_json()
+    TypeAdapter(JobView).validate_python(job, strict=True)
+    [queued] = client.get(f"/v1/jobs/{job['id']}/events", headers=headers).get_json()["data"]
+    TypeAdapter(EventView).validate_python(queued, strict=True)
+    f = client.post("/v1/files", data={"purpose": "fine-tune", "file": (io.BytesIO(b'{"text": "a"}\n'), "d.jsonl")},
+                    headers=headers, content_type="multipart/form-data").get_json()
+    TypeAdapter(FileView).validate_python(f, strict=True)
+    for model in client.get("/v1/models", headers=headers).get_json()["data"]:
+        TypeAdapter(ModelView).validate_python(model, strict=True)
