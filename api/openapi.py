@@ -35,17 +35,8 @@ def ref(name: str) -> dict:
 
 
 def _typed(schemas: dict, shape, name: str) -> dict:
-    """A typed dict's JSON schema as a component; the typed dicts it holds too."""
+    """The JSON schema of a pydantic model or typed dict as a component; the ones it holds too."""
     schema = TypeAdapter(shape).json_schema(ref_template=REF)
-    for sub, sub_schema in schema.pop("$defs", {}).items():
-        schemas.setdefault(sub, sub_schema)
-    schemas[name] = schema
-    return ref(name)
-
-
-def _pydantic(schemas: dict, model, name: str, **kwargs) -> dict:
-    """A pydantic model's JSON schema as a component; its nested models too."""
-    schema = model.model_json_schema(ref_template=REF, **kwargs)
     for sub, sub_schema in schema.pop("$defs", {}).items():
         schemas.setdefault(sub, sub_schema)
     schemas[name] = schema
@@ -155,7 +146,7 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                                           "last_error": {"anyOf": [{"type": "string"}, {"type": "null"}]},
                                           "created_at": TIME, "updated_at": TIME}}
     schemas["DeliveryList"] = listing(ref("Delivery"))
-    _pydantic(schemas, KeyCreate, "KeyCreate")
+    _typed(schemas, KeyCreate, "KeyCreate")
     schemas["Key"] = {"type": "object", "required": ["key", "prefix", "tenant", "role"],
                       "properties": {"key": {"type": "string"}, "prefix": {"type": "string"},
                                      "tenant": {"type": "string"}, "role": {"type": "string"}}}
