@@ -86,10 +86,10 @@ def main(args) -> int:
     except errors.APIError as exc:
         fields = [f"{e.get('field')}: {e.get('message')}" for e in exc.errors]
         _fail(f"{exc.status} {exc.title}" + ("" if fields else f": {exc.detail}"), fields)
-    except (errors.GenqError, UsageError, OSError) as exc:
+    except (errors.GenqError, UsageError, OSError, ValueError) as exc:  # ValueError: a bad GENQ_URL or id
         _fail(str(exc))
     except KeyboardInterrupt:
-        print("interrupted; the job goes on (genq jobs cancel ID stops it)", file=sys.stderr)
+        print("interrupted; a job already submitted goes on (genq jobs cancel ID stops it)", file=sys.stderr)
         return 130
     return USAGE
 

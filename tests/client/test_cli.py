@@ -19,12 +19,14 @@ from tests.client.test_client import pause
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def genq(up, *args, key: str | None = None, tty: bool = False, cwd=None, timeout: float = 120) -> tuple[int, str]:
+def genq(up, *args, key: str | None = None, tty: bool = False, cwd=None, timeout: float = 120,
+         env: dict | None = None) -> tuple[int, str]:
     """`genq ARGS` as a user runs it; (exit code, what it wrote: stdout, then
-    stderr; in a pty both together, ANSI codes removed)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    env.update(GENQ_URL=up["url"], GENQ_API_KEY=key or up["key"], COLUMNS="100", TERM="xterm-256color",
-               PYTHONUNBUFFERED="1")
+    stderr; in a pty both together, ANSI codes removed). `env` replaces the
+    GENQ_* variables it is given (GENQ_URL, GENQ_API_KEY by default)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    env = {**base, "COLUMNS": "100", "TERM": "xterm-256color", "PYTHONUNBUFFERED": "1",
+           **(env if env is not None else {"GENQ_URL": up["url"], "GENQ_API_KEY": key or up["key"]})}
     cmd = [sys.executable, "-m", "genq.cli", *args]
     if not tty:
         out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -156,5 +158,10 @@ def test_keys_list_and_version(up):
     assert code == 0 and up["key"][:10] in {k["prefix"] for k in json.loads(out)}
     code, out = genq(up, "keys", "list", key=new_tenant(up))  # a user key: admin only
     assert code == 2 and "403" in out
+    # No GENQ_API_KEY: the key `genq up` keeps in GENQ_HOME, as for its user at the same machine.
+    code, out = genq(up, "jobs", "ls", "--json", env={"GENQ_URL": up["url"], "GENQ_HOME": str(up["home"])})
+    assert code == 0 and isinstance(json.loads(out), list)
+    code, out = genq(up, "jobs", "ls", env={"GENQ_URL": "ftp://nowhere"})
+    assert code == 2 and "base_url must be an http(s) URL" in out
     code, out = genq(up, "--version")
     assert code == 0 and re.fullmatch(r"genq \d+\.\d+\.\d+\S*\n", out)
