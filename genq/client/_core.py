@@ -10,7 +10,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -237,5 +237,3 @@ def same_origin(url: str, base_url: str) -> bool:
     a, b = urlsplit(url), urlsplit(base_url)
     return (a.scheme, a.netloc) == (b.scheme, b.netloc)
 
-
-Sleep = Callable[[float], Any]

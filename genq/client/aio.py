@@ -36,8 +36,10 @@ class AsyncClient:
         """Submit a job, wait for it, return its output (like `replicate.run`).
         A job that fails or is canceled raises JobFailed; `timeout` passing
         first raises WaitTimeout. `options` are `jobs.create`'s."""
+        started = time.monotonic()
         job = await self.jobs.create(model, input, wait=_hold(timeout), **options)
-        job = await self.jobs.wait(job, timeout=timeout)
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        job = await self.jobs.wait(job, timeout=left)
         if not job.succeeded:
             raise errors.JobFailed(job)
         return job.output
