@@ -15,7 +15,8 @@ from tests.test_up import start_up, stop_up
 # Streams end after 2 s, so most streams in these tests is resumed at
 # least once; a tenant may hold 2 streams (the 3rd is 429), the server 4 (the
 # 5th is 503): small numbers the error tests reach with a few connections.
-UP_ENV = dict(GENQ_EVENT_STREAM_SECONDS="2", GENQ_MAX_HELD_REQUESTS="2", GENQ_API_HELD_THREADS="4",
+STREAM_SECONDS = 2
+UP_ENV = dict(GENQ_EVENT_STREAM_SECONDS=str(STREAM_SECONDS), GENQ_MAX_HELD_REQUESTS="2", GENQ_API_HELD_THREADS="4",
               GENQ_PROGRESS_INTERVAL="0.1")
 
 
