@@ -325,6 +325,12 @@ def follow(client, job, quiet: bool = False):
                    disable=quiet or not console.is_terminal)  # a bar is for a person: none in a pipe or a log
     task = bar.add_task(f"{job.id[:8]} {_status(job.status)}", total=None, unit="", extra="")
     written: list[str] = []
+
+    def show(progress: dict) -> None:
+        extra = f"loss {progress['loss']:.4f}" if isinstance(progress.get("loss"), (int, float)) else ""
+        bar.update(task, completed=progress.get("current", 0), total=progress.get("total"),
+                   unit=_plural(progress.get("unit", "")), extra=extra)
+
     with bar:
         for event in client.jobs.stream(job.id):
             if event.delta is not None:
@@ -337,15 +343,12 @@ def follow(client, job, quiet: bool = False):
             elif event.type == "start":
                 bar.update(task, description=f"{job.id[:8]} {_status('running')}")
             elif event.type == "progress" and isinstance(event.data, dict):
-                extra = f"loss {event.data['loss']:.4f}" if "loss" in event.data else ""
-                bar.update(task, completed=event.data.get("current", 0), total=event.data.get("total"),
-                           unit=_plural(event.data.get("unit", "")), extra=extra)
-            elif event.type == "completed":
-                status = (event.data or {}).get("status", "")
-                total = bar.tasks[0].total
-                bar.update(task, description=f"{job.id[:8]} {_status(status)}",
-                           completed=total if status == "succeeded" and total else bar.tasks[0].completed)
-    job = client.jobs.get(job.id)
+                show(event.data)
+        # The record's last progress: a job quicker than the progress interval streamed none.
+        job = client.jobs.get(job.id)
+        if job.progress:
+            show(job.progress)
+        bar.update(task, description=f"{job.id[:8]} {_status(job.status)}")
     if text and not quiet and written:
         final = (job.output or {}).get("text", "")
         streamed = "".join(written)

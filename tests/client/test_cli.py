@@ -85,7 +85,7 @@ def test_watch_follows_a_queued_job_to_its_end(up, key):
         watched = []
         watcher = threading.Thread(target=lambda: watched.append(genq(up, "jobs", "watch", job_id, key=key, tty=True)))
         watcher.start()
-        time.sleep(2)
+        time.sleep(4)  # time for the watcher to start and draw its first bar on a loaded machine
     finally:
         pause(up, "gpu-image", resume=True)
     watcher.join(120)
