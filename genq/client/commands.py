@@ -304,6 +304,16 @@ def _progress_text(progress: dict | None) -> str:
     return text
 
 
+# C0 and C1 control characters but newline and tab: a model's output may hold
+# escape sequences, which a terminal would obey (move the cursor, retitle the window).
+CONTROL = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f, *range(0x80, 0xa0)]}
+
+
+def _for_terminal(text: str) -> str:
+    """Model output as a terminal should show it; written unchanged to a pipe or a file."""
+    return text.translate(CONTROL) if sys.stdout.isatty() else text
+
+
 def _plural(unit: str) -> str:
     return f"{unit}s" if unit and not unit.endswith("s") else unit
 
@@ -338,7 +348,7 @@ def follow(client, job, quiet: bool = False):
                     bar.stop()  # from here the text itself shows progress
                 written.append(event.delta)
                 if not quiet:
-                    sys.stdout.write(event.delta)
+                    sys.stdout.write(_for_terminal(event.delta))
                     sys.stdout.flush()
             elif event.type == "start":
                 bar.update(task, description=f"{job.id[:8]} {_status('running')}")
@@ -353,7 +363,7 @@ def follow(client, job, quiet: bool = False):
         final = (job.output or {}).get("text", "")
         streamed = "".join(written)
         # Live output is best-effort: what the stream missed, the record has.
-        sys.stdout.write(final[len(streamed):] if final.startswith(streamed) else "\n" + final)
+        sys.stdout.write(_for_terminal(final[len(streamed):] if final.startswith(streamed) else "\n" + final))
         sys.stdout.write("\n")
     return job, bool(text and not quiet and written)
 
@@ -369,7 +379,7 @@ def finish(job, output_dir: str | None, as_json: bool, streamed: bool = False) -
               file=sys.stderr)
     elif job.type == "text-generation":
         if not streamed:
-            print((job.output or {}).get("text", ""))
+            print(_for_terminal((job.output or {}).get("text", "")))
     elif job.type == "image-generation":
         from genq.client import _core as core
 

@@ -94,3 +94,19 @@ def test_the_url_and_key_resolve_from_the_environment():
     assert core.resolve("http://given:2", "g", env={"GENQ_URL": "http://h:1"}) == ("http://given:2", "g")
     with pytest.raises(ValueError):
         core.resolve("ftp://nope", None, env={})
+
+
+def test_model_output_reaches_a_terminal_without_its_control_characters(monkeypatch):
+    import io
+
+    from genq.client import commands
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    text = "ok\tline\n\x1b]0;owned\x07\x08\x9bend"
+    monkeypatch.setattr("sys.stdout", Terminal())
+    assert commands._for_terminal(text) == "ok\tline\n\ufffd]0;owned\ufffd\ufffd\ufffdend"
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    assert commands._for_terminal(text) == text  # a pipe gets the output as it is
