@@ -390,7 +390,7 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
         _drop_null_bounds(schema)
     for path, operations in paths.items():
         for method, operation in operations.items():
-            operation["operationId"] = OPERATION_IDS[(method, path)]
+            operation["operationId"] = operation_id(method, path)
     return {
         "openapi": "3.1.0",
         "info": {"title": "genq", "version": _version(),
@@ -420,6 +420,11 @@ OPERATION_IDS = {
     ("get", "/v1/admin/workers"): "list_workers", ("post", "/v1/admin/workers/{name}/drain"): "drain_worker",
     ("post", "/v1/admin/jobs/{job_id}/retry"): "retry_job", ("get", "/metrics"): "get_metrics",
 }
+
+
+def operation_id(method: str, path: str) -> str:
+    """The name given above, else one made from the route (`delete_v1_jobs_job_id`): unique either way."""
+    return OPERATION_IDS.get((method, path)) or "_".join([method, *re.findall(r"[a-z0-9]+", path.lower())])
 
 
 def _drop_null_bounds(schema) -> None:
