@@ -6,7 +6,7 @@ from typing import Annotated
 
 from flask import Blueprint
 from pydantic import BaseModel, ConfigDict, Field, with_config
-from sqlalchemy import func, select
+from sqlalchemy import func, null, select
 from typing_extensions import TypedDict
 
 from api import serialize
@@ -15,6 +15,7 @@ from api.context import ctx
 from api.errors import ApiError
 from api.jobs import ID_RE, json_body, render
 from genq import pools as poollib
+from genq import retention
 from genq.keys import create_key, revoke
 from genq.queue import publish
 from genq.schema import ApiKey, Job, Tenant
@@ -42,6 +43,57 @@ def list_tenants():
         return {"data": [{"id": t.id, "name": t.name, "created_at": serialize.rfc3339(t.created_at),
                           "jobs": jobs.get(t.id, 0), "active_keys": keys.get(t.id, 0)} for t in tenants],
                 "next_cursor": None}
+
+
+class RetentionSet(BaseModel):
+    """A tenant's own retention (seconds; 0 keeps; null or absent: the service's setting)."""
+
+    model_config = ConfigDict(extra="forbid", title="RetentionSet")
+
+    outputs_seconds: int | None = Field(None, ge=0, le=10 * 365 * 24 * 3600)
+    jobs_seconds: int | None = Field(None, ge=0, le=10 * 365 * 24 * 3600)
+    files_seconds: int | None = Field(None, ge=0, le=10 * 365 * 24 * 3600)
+
+
+def _named_tenant(session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        raise ApiError(404, f"no tenant {name!r}")
+    return tenant
+
+
+def _retention(name: str, own: dict | None) -> dict:
+    own = own or {}
+    found = retention.effective(ctx().settings, own)
+    return {"tenant": name, "own": {f"{k}_seconds": own.get(k) for k in retention.KINDS},
+            "effective": {f"{k}_seconds": v for k, v in found.items()}}
+
+
+@bp.get("/tenants/<name>/retention")
+@require_admin
+def get_retention(name: str):
+    with ctx().session() as session:
+        tenant = _named_tenant(session, name)
+        return _retention(tenant.name, tenant.retention)
+
+
+@bp.put("/tenants/<name>/retention")
+@require_admin
+def set_retention(name: str):
+    """How long this tenant's outputs, finished jobs and files are kept, in
+    place of the settings; the next sweep applies it, `expires_at` shows it
+    within 30 s."""
+    req = RetentionSet.model_validate(json_body(), strict=True)
+    own = {k: v for k, v in (("outputs", req.outputs_seconds), ("jobs", req.jobs_seconds),
+                             ("files", req.files_seconds)) if v is not None}
+    with ctx().session() as session, session.begin():
+        tenant = _named_tenant(session, name)
+        # SQL NULL, not JSON null: no override at all.
+        tenant.retention = own or null()
+        answer = _retention(tenant.name, own)
+    # Each API process shows it in `expires_at` once its cached keys of this
+    # tenant are verified again (GENQ_KEY_CACHE_SECONDS); the sweep reads it now.
+    return answer
 
 
 @bp.get("/keys")

@@ -9,7 +9,7 @@ from api.held import init_slots
 from api.limits import init_limiter, storage_uri
 from api.request_id import init_request_ids
 from api import webhooks as webhook_routes
-from genq import webhook_secrets, webhooks
+from genq import tracing, webhook_secrets, webhooks
 from genq.db import make_engine, make_sessionmaker
 from genq.notify import Notifier, notify_after_commit
 from genq.queue import make_celery
@@ -24,6 +24,9 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     (registry, storage, celery, sealer) by keyword."""
     settings = settings or Settings.from_env()
     configure_logging(settings)
+    # Before the engine is made: tracing wraps SQLAlchemy's create_engine. Off
+    # unless GENQ_OTEL_ENDPOINT is set.
+    tracing.setup(settings, "genq-api")
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
@@ -55,4 +58,5 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     for blueprint in (health.bp, jobs.bp, events.bp, files.bp, catalog.bp, admin.bp, openapi.bp, metrics.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(webhook_routes.bp)
+    tracing.instrument_flask(app)
     return app

@@ -16,6 +16,8 @@ class Caller:
     tenant_id: str
     tenant_name: str
     role: str
+    # The tenant's own retention override, read with the key (so cached with it).
+    retention: dict | None = None
 
 
 def _unauthorized(detail: str) -> ApiError:
@@ -45,7 +47,7 @@ def current_caller() -> Caller | None:
             if found is not None:
                 keys.put(raw, found)
         if found is not None:
-            result = Caller(found.tenant_id, found.tenant_name, found.role)
+            result = Caller(found.tenant_id, found.tenant_name, found.role, found.retention)
     g.caller = result
     return result
 

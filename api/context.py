@@ -3,6 +3,7 @@ the Celery app, the webhook secrets' sealer, live output. Built once by the app
 factory and kept in app.extensions."""
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +63,16 @@ class Context:
     def session(self) -> Iterator[Session]:
         with self.sessions() as session:
             yield session
+
+    def settle_deletes(self, owed: list[int]) -> None:
+        """Delete from storage what a delete just committed owes. Best effort:
+        what fails here stays owed, and the workers' retention sweep retries it."""
+        from genq.retention import settle_deletes
+
+        try:
+            settle_deletes(self.sessions, self.storage, ids=owed)
+        except Exception:
+            logging.getLogger(__name__).warning("storage deletes %s left to the sweep", owed, exc_info=True)
 
 
 def ctx() -> Context:

@@ -11,10 +11,10 @@ import re
 import unicodedata
 from urllib.parse import quote
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from flask import Blueprint, Response, request
-from pydantic import ConfigDict, with_config
+from pydantic import ConfigDict, Field, with_config
 from sqlalchemy import select
 from typing_extensions import TypedDict
 
@@ -22,8 +22,9 @@ from api import idempotency, serialize
 from api.auth import caller, require_key
 from api.context import ctx
 from api.errors import ApiError, invalid
-from api.jobs import ID_RE, page_args
+from api.jobs import ID_RE, page_args, retention_of
 from api.limits import check_file_quota
+from genq import retention
 from genq.schema import File, new_id
 from genq.serialize import ObjectId, Timestamp
 from models.finetune import parse_dataset
@@ -42,11 +43,14 @@ class FileView(TypedDict):
     rows: int
     format: Literal["prompt_completion", "text"]
     created_at: Timestamp
+    expires_at: Annotated[Timestamp | None, Field(description="When the file is deleted (retention); null when kept.")]
 
 
 def describe(f: File) -> FileView:
+    kept = retention_of(f.tenant_id)["files"]
     return {"id": f.id, "object": "file", "bytes": f.bytes, "filename": f.filename, "purpose": f.purpose,
-            "rows": f.rows, "format": f.format, "created_at": serialize.rfc3339(f.created_at)}
+            "rows": f.rows, "format": f.format, "created_at": serialize.rfc3339(f.created_at),
+            "expires_at": serialize.rfc3339(retention.expires_at(f.created_at, kept))}
 
 
 def own_file(session, file_id: str) -> File:
@@ -146,6 +150,16 @@ def list_files():
 def get_file(file_id: str):
     with ctx().session() as session:
         return describe(own_file(session, file_id))
+
+
+@bp.delete("/<file_id>")
+@require_key
+def delete_file(file_id: str):
+    """The file and its content go; 409 while a queued or running fine-tune trains on it."""
+    with ctx().session() as session, session.begin():
+        owed = retention.delete_file(session, own_file(session, file_id))
+    ctx().settle_deletes(owed)
+    return Response(status=204)
 
 
 @bp.get("/<file_id>/content")

@@ -20,7 +20,8 @@ from api.errors import ApiError, invalid
 from api.limits import lock_for_active_jobs, too_many_active
 from genq import catalog
 from genq import jobs as joblib
-from genq.schema import File, Job
+from genq import retention
+from genq.schema import File, Job, Tenant
 from genq.serialize import output_urls
 from genq.states import JobStatus, JobType
 from genq.storage import NotFound, UnsafeKey, job_key
@@ -108,7 +109,19 @@ def url_for_key(job_id: str):
 
 
 def render(job: Job) -> dict:
-    return serialize.job(job, url_for_key(job.id))
+    # A job read by read_own has no tenant_id: it is the caller's.
+    return serialize.job(job, url_for_key(job.id), retention_of(getattr(job, "tenant_id", None))["outputs"])
+
+
+def retention_of(tenant_id: str | None) -> dict[str, int]:
+    """A tenant's retention (genq.retention): the caller's came with its key
+    (cached with it, GENQ_KEY_CACHE_SECONDS); another tenant's (an admin's
+    view) is read."""
+    c, who = ctx(), caller()
+    if tenant_id is None or tenant_id == who.tenant_id:
+        return retention.effective(c.settings, who.retention)
+    with c.session() as session:
+        return retention.effective(c.settings, session.scalar(select(Tenant.retention).where(Tenant.id == tenant_id)))
 
 
 def own_job(session, job_id: str) -> Job:
@@ -359,6 +372,17 @@ def cancel_job(job_id: str):
     with ctx().session() as session, session.begin():
         job = joblib.cancel(session, own_job(session, job_id))
     return render(job)
+
+
+@bp.delete("/<job_id>")
+@require_key
+def delete_job(job_id: str):
+    """A finished job goes, with its events, webhook deliveries and outputs;
+    then GET says 404. A job that has not ended: 409, cancel it first."""
+    with ctx().session() as session, session.begin():
+        owed = retention.delete_job(session, own_job(session, job_id))
+    ctx().settle_deletes(owed)
+    return Response(status=204)
 
 
 @bp.get("/<job_id>/events")

@@ -10,7 +10,7 @@ from pathlib import Path
 from flask import Blueprint, Response, abort, current_app, redirect, request, send_from_directory
 from pydantic import TypeAdapter
 
-from api.admin import KeyCreate, PoolView
+from api.admin import KeyCreate, PoolView, RetentionSet
 from api.catalog import ModelView
 from api.context import ctx
 from api.errors import ApiError
@@ -147,6 +147,11 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                                           "created_at": TIME, "updated_at": TIME}}
     schemas["DeliveryList"] = listing(ref("Delivery"))
     _typed(schemas, KeyCreate, "KeyCreate")
+    _typed(schemas, RetentionSet, "RetentionSet")
+    seconds = {"type": "object", "properties": {f"{k}_seconds": {"anyOf": [{"type": "integer"}, {"type": "null"}]}
+                                                for k in ("outputs", "jobs", "files")}}
+    schemas["Retention"] = {"type": "object", "required": ["tenant", "own", "effective"],
+                            "properties": {"tenant": {"type": "string"}, "own": seconds, "effective": seconds}}
     schemas["Key"] = {"type": "object", "required": ["key", "prefix", "tenant", "role"],
                       "properties": {"key": {"type": "string"}, "prefix": {"type": "string"},
                                      "tenant": {"type": "string"}, "role": {"type": "string"}}}
@@ -278,7 +283,11 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
         "/v1/jobs/{job_id}": {"get": op("A job.", [resp(200, "Job", "The job.", {**applied, **validators}),
                                                    resp(304, None, "Not modified since the ETag sent in If-None-Match; "
                                                                    "no body.", validators)],
-                                        std, params=[path_param("job_id"), prefer, if_none_match], tag="jobs")},
+                                        std, params=[path_param("job_id"), prefer, if_none_match], tag="jobs"),
+                              "delete": op("Delete a job that has ended: its row, events, webhook deliveries and "
+                                           "outputs. 409 while it is queued or running: cancel it first.",
+                                           [resp(204, None, "Deleted.")], std + [409], params=[path_param("job_id")],
+                                           tag="jobs")},
         "/v1/jobs/{job_id}/cancel": {"post": op("Cancel a job.", [resp(200, "Job", "Canceled, or cancel requested.")],
                                                 std + [409], params=[path_param("job_id")], tag="jobs")},
         "/v1/jobs/{job_id}/events": {"get": op(
@@ -341,16 +350,30 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
             "get": op("List your files.", [resp(200, "FileList", "A page of files.")], [401, 422], params=page, tag="files"),
         },
         "/v1/files/{file_id}": {"get": op("A file's record.", [resp(200, "File", "The file.")], std,
-                                          params=[path_param("file_id")], tag="files")},
+                                          params=[path_param("file_id")], tag="files"),
+                                "delete": op("Delete a file and its content; 409 while a queued or running "
+                                             "fine-tune trains on it.", [resp(204, None, "Deleted.")], std + [409],
+                                             params=[path_param("file_id")], tag="files")},
         "/v1/files/{file_id}/content": {"get": op(
             "A file's content.", [("200", {"description": "JSONL.", "content": {"application/jsonl": {"schema": {"type": "string"}}}})],
             std, params=[path_param("file_id")], tag="files")},
         "/v1/models": {"get": op("Models you can run, yours included.", [resp(200, "ModelList", "Models.")], [401],
                                  tag="models")},
         "/v1/models/{name}": {"get": op("A model.", [resp(200, "Model", "The model.")], std,
-                                        params=[path_param("name", {"type": "string"})], tag="models")},
+                                        params=[path_param("name", {"type": "string"})], tag="models"),
+                              "delete": op("Delete one of your fine-tuned models: its weights and its fine-tune's "
+                                           "checkpoints. Jobs still queued for it fail (unknown_model). 403 for a "
+                                           "shared model.", [resp(204, None, "Deleted.")], std + [403],
+                                           params=[path_param("name", {"type": "string"})], tag="models")},
         "/v1/admin/tenants": {"get": op("Tenants (admin).", [resp(200, "TenantList", "Tenants.")], [401, 403],
                                         tag="admin")},
+        "/v1/admin/tenants/{name}/retention": {
+            "get": op("A tenant's retention: its own values and those in effect (admin).",
+                      [resp(200, "Retention", "Retention.")], [401, 403, 404],
+                      params=[path_param("name", {"type": "string"})], tag="admin"),
+            "put": op("Set a tenant's own retention, in place of the service's settings (admin).",
+                      [resp(200, "Retention", "Retention.")], [400, 401, 403, 404, 422],
+                      params=[path_param("name", {"type": "string"})], body=json_body("RetentionSet"), tag="admin")},
         "/v1/admin/keys": {
             "post": op("Create an API key (admin); shown once.", [resp(201, "Key", "The new key.")],
                        [400, 401, 403, 422], body=json_body("KeyCreate"), tag="admin"),
@@ -419,6 +442,9 @@ OPERATION_IDS = {
     ("post", "/v1/admin/pools/{name}/pause"): "pause_pool", ("post", "/v1/admin/pools/{name}/resume"): "resume_pool",
     ("get", "/v1/admin/workers"): "list_workers", ("post", "/v1/admin/workers/{name}/drain"): "drain_worker",
     ("post", "/v1/admin/jobs/{job_id}/retry"): "retry_job", ("get", "/metrics"): "get_metrics",
+    ("delete", "/v1/jobs/{job_id}"): "delete_job", ("delete", "/v1/files/{file_id}"): "delete_file",
+    ("delete", "/v1/models/{name}"): "delete_model", ("get", "/v1/admin/tenants/{name}/retention"): "get_retention",
+    ("put", "/v1/admin/tenants/{name}/retention"): "set_retention",
 }
 
 

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, text
+import sqlalchemy
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
@@ -49,7 +50,7 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
         # API threads and worker processes share one file: WAL lets readers run
         # beside the writer, and busy_timeout waits for the write lock instead
         # of failing at once.
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = sqlalchemy.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
@@ -62,7 +63,8 @@ def make_engine(url: str, pool_size: int = 5) -> Engine:
         return engine
     # connect_timeout: a database host that does not answer fails a request
     # in seconds (a 503) instead of hanging it; libpq's default waits forever.
-    engine = create_engine(url, pool_size=pool_size, max_overflow=max(10, pool_size),
+    # Through the module: tracing (genq.tracing) wraps sqlalchemy.create_engine.
+    engine = sqlalchemy.create_engine(url, pool_size=pool_size, max_overflow=max(10, pool_size),
                            connect_args={"connect_timeout": 5})
     ping_when_idle(engine)
     return engine
@@ -111,7 +113,7 @@ def temporary_database(admin_url: str, name: str) -> Iterator[str]:
     """A Postgres database of its own named `name`, created through `admin_url`
     (a server the caller may create databases on) and dropped afterwards, with
     whatever is still connected to it. For tests and benchmarks."""
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     try:

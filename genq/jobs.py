@@ -16,7 +16,7 @@ from typing import Any, Iterable, NamedTuple
 from sqlalchemy import Update, and_, bindparam, func, insert, literal, select, update
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from genq import line, notify, webhooks
+from genq import line, notify, tracing, webhooks
 from genq.errors import IllegalTransition
 from genq.schema import Job, JobEvent, new_id, utcnow
 from genq.states import JobStatus, check_transition
@@ -44,7 +44,7 @@ def record_event(session: Session, job_id: str, type_: str, data: dict | None = 
 # Only the columns a job's answer shows (genq.serialize) and its ETag: each
 # column read costs the driver a description per statement.
 SHOWN = tuple(c for c in Job.__table__.c if c.name not in ("tenant_id", "pool", "batch_key", "max_attempts",
-                                                            "lease_owner", "lease_until"))
+                                                            "lease_owner", "lease_until", "trace_context"))
 _OWN_JOB = select(*SHOWN).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
 
 
@@ -127,7 +127,8 @@ def submit(
                   priority=priority, attempts=0, max_attempts=max_attempts, cancel_requested=False,
                   lease_owner=None, lease_until=None, webhook=webhook,
                   webhook_events_filter=webhook_events_filter or ["completed"], metrics={}, created_at=now,
-                  started_at=None, completed_at=None, updated_at=now)
+                  started_at=None, completed_at=None, updated_at=now, expired_at=None,
+                  trace_context=tracing.carrier())
     # Core on the session's connection: the ORM's bulk path would coerce every value anew.
     conn = session.connection()
     if conn.dialect.name == "postgresql":

@@ -70,11 +70,14 @@ class Verified:
     tenant_name: str
     role: str
     prefix: str
+    # The tenant's own retention (genq.retention), if an admin set one.
+    retention: dict | None = None
 
 
 # One statement: the key by its hash, with its tenant. Built once; SQLAlchemy
 # caches its compiled form.
-_VERIFY = (select(ApiKey.key_hash, ApiKey.revoked_at, ApiKey.role, ApiKey.prefix, Tenant.id, Tenant.name)
+_VERIFY = (select(ApiKey.key_hash, ApiKey.revoked_at, ApiKey.role, ApiKey.prefix, Tenant.id, Tenant.name,
+                   Tenant.retention)
            .join(Tenant, Tenant.id == ApiKey.tenant_id)
            .where(ApiKey.key_hash == bindparam("digest")))
 
@@ -90,7 +93,7 @@ def verify(conn: Connection | Session, raw: str) -> Verified | None:
     # constant-time compare guards against a collation or index surprise.
     if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_hash, digest):
         return None
-    return Verified(row.id, row.name, row.role, row.prefix)
+    return Verified(row.id, row.name, row.role, row.prefix, row.retention)
 
 
 class KeyCache:

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 
+from genq import tracing
 from genq.keys import KEY_IN_TEXT, KEY_PARAMS
 from genq.settings import Settings
 
@@ -77,6 +78,9 @@ class JsonFormatter(logging.Formatter):
         for name in CONTEXT_FIELDS:
             if getattr(record, name, None) is not None:
                 out[name] = getattr(record, name)
+        # The trace and span this line was written in, when traces are on:
+        # a log pipeline can jump from a line to its trace.
+        out.update(tracing.current_ids())
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)

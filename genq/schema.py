@@ -77,6 +77,9 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # An admin's override of the retention settings for this tenant:
+    # {"outputs": s, "jobs": s, "files": s}, each seconds (0 keeps), absent = the setting.
+    retention: Mapped[dict[str, Any] | None] = mapped_column(default=None)
 
 
 class ApiKey(Base):
@@ -132,12 +135,20 @@ class Job(Base):
     started_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     completed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # When its outputs were deleted by retention (the row stays until job retention).
+    expired_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    # The creating request's trace context (W3C headers) while traces are on
+    # (genq.tracing): the worker's span for the job joins that trace.
+    trace_context: Mapped[dict[str, Any] | None] = mapped_column(default=None)
 
 
 # The line (genq.line) reads these a tenant at a time, in each tenant's own
 # order (priority, then age): a pool's queued jobs, for the pool's head, and
 # those of one model and batch key, for the batch built around it.
 Index("ix_jobs_line", Job.status, Job.pool, Job.tenant_id, Job.priority.desc(), Job.created_at, Job.id)
+# The retention sweep: finished jobs by when they ended, those whose outputs are still kept.
+Index("ix_jobs_expiry", Job.completed_at, postgresql_where=text("completed_at IS NOT NULL"),
+      sqlite_where=text("completed_at IS NOT NULL"))
 Index("ix_jobs_claim", Job.status, Job.model, Job.batch_key, Job.tenant_id, Job.priority.desc(), Job.created_at, Job.id)
 
 
@@ -184,6 +195,22 @@ class ModelVersion(Base):
     # Storage prefix holding the adapter (LoRA) or full weights, safetensors.
     storage_prefix: Mapped[str] = mapped_column(String(300))
     job_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class StorageDelete(Base):
+    """Storage a deleted row owned, owed a delete: written in the same
+    transaction as the row's delete, removed once the objects are gone. A
+    crash between the two leaves this row, and the sweep finishes the job."""
+
+    __tablename__ = "storage_deletes"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    # A key, or a prefix ending in "/" (everything under it).
+    key: Mapped[str] = mapped_column(String(300))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Callable, Literal
 from pydantic import ConfigDict, Field, with_config
 from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
+from genq.retention import expires_at
 from genq.schema import Job
 from genq.storage import Storage
 
@@ -51,6 +52,9 @@ class JobView(TypedDict):
     created_at: Timestamp
     started_at: Timestamp | None
     completed_at: Timestamp | None
+    expires_at: Annotated[Timestamp | None, Field(description=(
+        "When the job's outputs were deleted, or will be (GENQ_OUTPUT_RETENTION after it ended); null while it "
+        "runs, or when outputs are kept."))]
 
 UrlForKey = Callable[[str], str]
 
@@ -88,9 +92,11 @@ def output_urls(storage: Storage, base_url: str, job_id: str) -> UrlForKey:
     return url
 
 
-def job(j: Job, url_for_key: UrlForKey | None) -> JobView:
+def job(j: Job, url_for_key: UrlForKey | None, output_retention: int | None = None) -> JobView:
     """The job as GET shows it. With url_for_key None, outputs keep their
-    storage keys (a webhook payload frozen now, its URLs made when it is sent)."""
+    storage keys (a webhook payload frozen now, its URLs made when it is sent).
+    `expires_at`: when its outputs were deleted, or will be given
+    `output_retention` seconds (genq.retention); null while it runs, or kept."""
     output = j.output
     if output is not None and url_for_key is not None:
         output = with_urls(output, url_for_key)
@@ -112,4 +118,5 @@ def job(j: Job, url_for_key: UrlForKey | None) -> JobView:
         "created_at": rfc3339(j.created_at),
         "started_at": rfc3339(j.started_at),
         "completed_at": rfc3339(j.completed_at),
+        "expires_at": rfc3339(j.expired_at or expires_at(j.completed_at, output_retention or 0)),
     }

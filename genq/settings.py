@@ -78,6 +78,12 @@ class Settings(BaseModel):
                             "`file:///dir` for a local folder.")
     s3_endpoint_url: str | None = knob(None, PLACES, "S3 endpoint for MinIO, moto or another S3-compatible "
                                        "store; unset means AWS itself.")
+    s3_public_endpoint_url: str | None = knob(None, PLACES, "The S3 endpoint as clients see it, used only to "
+                                              "presign output URLs (the signature covers the host, so a URL cannot "
+                                              "be rewritten afterwards); every read and write still goes to "
+                                              "`GENQ_S3_ENDPOINT_URL`. Set it when the services reach S3 by a name "
+                                              "clients cannot resolve (Compose's `s3:8333`); unset presigns for "
+                                              "`GENQ_S3_ENDPOINT_URL`.")
     s3_region: str = knob("us-east-1", PLACES, "S3 region.")
     s3_access_key_id: str | None = knob(None, PLACES, "S3 credentials; unset lets boto3 find them "
                                         "(instance role, `~/.aws`, ...).")
@@ -129,6 +135,20 @@ class Settings(BaseModel):
                                           "messages older than the visibility timeout.")
     idempotency_ttl: int = knob(24 * 3600, RECOVERY, "Seconds an `Idempotency-Key` record is kept at least, "
                                 "then purged.")
+    output_retention_seconds: int = knob(7 * 24 * 3600, RECOVERY, "A finished job's outputs (its files in "
+                                         "storage and its `output`) are deleted this long after it ended "
+                                         "(seconds; 0 keeps them). A job shows when as `expires_at`. An admin can "
+                                         "set a tenant's own (`PUT /v1/admin/tenants/<name>/retention`).")
+    job_retention_seconds: int = knob(30 * 24 * 3600, RECOVERY, "A finished job's row, with its events and "
+                                      "webhook deliveries, is deleted this long after it ended (seconds; 0 "
+                                      "keeps it).")
+    file_retention_seconds: int = knob(0, RECOVERY, "An uploaded file is deleted this long after its upload "
+                                       "(seconds; 0 keeps it until deleted), unless a queued or running "
+                                       "fine-tune uses it. A file shows when as `expires_at`.")
+    sweep_interval: float = knob(60.0, RECOVERY, "Seconds between a worker's retention sweeps (expired outputs, "
+                                 "jobs and files, and storage deletes still owed).")
+    sweep_batch: int = knob(500, RECOVERY, "The most rows one sweep step expires at once: a long backlog is "
+                            "worked off in bounded transactions.")
     execution_log: Path | None = knob(None, RECOVERY, "A file workers append one JSON line to when a job starts "
                                       "and stops executing (worker, attempt, time): evidence of what ran where.")
 
@@ -233,6 +253,13 @@ class Settings(BaseModel):
                                         "once per this many seconds per process (0 = on every scrape).")
     metrics_token: str | None = knob(None, OBSERVING, "When set, the API's `/metrics` needs "
                                      "`Authorization: Bearer <this>`.", secret=True)
+    otel_endpoint: str | None = knob(None, OBSERVING, "OpenTelemetry traces: the OTLP/HTTP collector every genq "
+                                     "process sends spans to (`http://otel-collector:4318`); unset, nothing is traced "
+                                     "and OpenTelemetry is not imported. Needs the `otel` extra. The API's requests, "
+                                     "SQL statements, Celery messages and S3 calls are traced, and each job keeps its "
+                                     "creating request's trace context, so the worker's span for the job joins that "
+                                     "trace (see [Operators](#operators)). The SDK's own `OTEL_*` variables (headers, "
+                                     "sampling) apply.")
 
     # ---- reading
 

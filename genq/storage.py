@@ -15,6 +15,7 @@ normalise `..` in a URL.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
@@ -63,6 +64,10 @@ class Storage(Protocol):
     def presigned_url(self, key: str) -> str | None:
         """A URL anyone holding it can GET, or None when the API must serve the key."""
 
+    def delete(self, key: str) -> None:
+        """Remove an object, or with a key ending in "/" every object under that
+        prefix. Idempotent: what is already gone is no error."""
+
     def check(self) -> None:
         """Raise if the storage cannot be reached (for /readyz)."""
 
@@ -109,6 +114,20 @@ class LocalStorage:
         check_key(key)
         return None
 
+    def delete(self, key: str) -> None:
+        if key.endswith("/"):
+            path = self._path(key.rstrip("/"))
+            # Errors ignored, then checked: another sweeper removing the same
+            # files meanwhile is no failure, anything left behind is.
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists():
+                raise OSError(f"could not remove everything under {key!r} in local storage")
+            return
+        try:
+            self._path(key).unlink()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            pass
+
     def check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
@@ -123,15 +142,25 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.expires = settings.presign_seconds
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key_id,
-            aws_secret_access_key=settings.s3_secret_access_key,
-            # Short timeouts and a few retries: a hung S3 must not hang a request.
-            config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3}, signature_version="s3v4"),
-        )
+
+        def client(endpoint_url: str | None):
+            return boto3.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=settings.s3_region,
+                aws_access_key_id=settings.s3_access_key_id,
+                aws_secret_access_key=settings.s3_secret_access_key,
+                # Short timeouts and a few retries: a hung S3 must not hang a request.
+                config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3},
+                              signature_version="s3v4"),
+            )
+
+        self.client = client(settings.s3_endpoint_url)
+        # Presigning is local arithmetic (no request), and the signature covers
+        # the host: a URL for clients must be signed for the address they use,
+        # which may not resolve from here (and the other way round).
+        public = settings.s3_public_endpoint_url
+        self.presigner = client(public) if public and public != settings.s3_endpoint_url else self.client
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -154,8 +183,22 @@ class S3Storage:
                 keys.append(item["Key"][len(self.prefix) + 1:] if self.prefix else item["Key"])
         return sorted(keys)
 
+    def delete(self, key: str) -> None:
+        if not key.endswith("/"):
+            # S3 answers 204 for a key that is not there: already idempotent.
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+            return
+        full = self._key(key.rstrip("/")) + "/"
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if objects:  # a page holds at most 1,000 keys, as many as one DeleteObjects takes
+                found = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+                if found.get("Errors"):
+                    first = found["Errors"][0]
+                    raise OSError(f"S3 refused to delete {first.get('Key')}: {first.get('Code')} {first.get('Message')}")
+
     def presigned_url(self, key: str) -> str | None:
-        return self.client.generate_presigned_url(
+        return self.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=self.expires
         )
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from genq import jobs as joblib
 from genq.outage import retry
@@ -26,7 +26,7 @@ from genq.states import JobStatus
 from models.base import InputInvalid, Result
 from models.registry import ModelSpec
 from worker import metrics as prom
-from worker.batch import BatchTracker, Phase, Ran, Row, Stop, Verdict, error_for, verdict
+from worker.batch import BatchTracker, Ran, Row, Stop, Verdict, error_for, verdict
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,16 @@ class ContinuousBatch:
         # transformers engine does; vLLM's keeps its own threads and stays here).
         self.stepper = ThreadPoolExecutor(1, thread_name_prefix=f"step-{spec.name}") \
             if getattr(self.engine, "steps_off_thread", False) else None
+        # With a stepper, the step boundary's database and Redis work (storing
+        # and finishing the rows that ended, publishing live output, claiming
+        # jobs for free rows) runs on this thread, one piece of work at a time,
+        # and the decode does not wait for it: a piece started at one boundary
+        # is collected at the first later boundary that finds it done. A
+        # commit's or a claim's round trips (milliseconds, several decode
+        # steps) then cost the running rows nothing.
+        self.books = ThreadPoolExecutor(1, thread_name_prefix=f"books-{spec.name}") \
+            if self.stepper is not None else None
+        self.booking = None  # the piece of work in flight on `books`: (future, ended members, asked rows)
         # The tracker renews leases, reads cancel requests and writes progress
         # for every row held here, off the decode's path. Rows it is asked to
         # stop are dropped and written by this loop at the next step, so one
@@ -127,6 +137,8 @@ class ContinuousBatch:
             self.tracker.close()
             if self.stepper is not None:
                 self.stepper.shutdown(wait=False)
+            if self.books is not None:
+                self.books.shutdown(wait=False)
 
     def step(self):
         """One decode step. While an engine that allows it decodes on the
@@ -142,12 +154,65 @@ class ContinuousBatch:
             return self.engine.step()
         future = self.stepper.submit(self.engine.step)
         try:
-            self.write_finished()
-            self.admit()
+            self.book()
         finally:
             # The step's own exception, if any, is the one raised.
             updates = future.result()
         return updates
+
+    # --- the books: the boundary's writes and claims, off the decode's path ----
+
+    def book(self) -> None:
+        """Collect the boundary work in flight if it is done, and start the
+        next piece: the rows that ended since, the live output held back, and
+        a claim when rows are free. Never waits: while a piece is in flight,
+        rows that end wait for the next one (their leases still renewed)."""
+        if self.booking is not None:
+            if not self.booking[0].done():
+                return
+            self.settle()
+        out, self.unpublished = self.unpublished, []
+        done, self.ended = self.ended, []
+        free = self.claimable()
+        if not (out or done or free):
+            return
+        future = self.books.submit(self.keep_books, out, done, free)
+        self.booking = (future, done, free)
+
+    def keep_books(self, out: list, done: list, free: int):
+        """On the books thread: publish, store and finish, then claim. Touches
+        no state the decode loop reads: members leave at settle()."""
+        self.publish(out)
+        written = self.finished(done, pop=False) if done else []
+        claimed = None
+        if free:
+            try:
+                claimed = self.claim(free)
+            except Exception as exc:
+                claimed = exc
+        return written, claimed
+
+    def settle(self) -> None:
+        """Wait for the boundary work in flight, if any, and take in what it did:
+        finished rows leave, claimed jobs wait to join. Raises what it raised."""
+        if self.booking is None:
+            return
+        future, done, free = self.booking
+        self.booking = None
+        try:
+            written, claimed = future.result()
+        except BaseException:
+            # As a failed write in line: those rows are not ours to write again.
+            for m, _ in done:
+                self.members.pop(m.row.job.id, None)
+            self.track()
+            raise
+        for job_id in written:
+            self.members.pop(job_id, None)
+        if written:
+            self.track()
+        if free:
+            self.took(claimed, time.monotonic())
 
     def engine_rows(self) -> int:
         return len(self.engine)
@@ -163,24 +228,41 @@ class ContinuousBatch:
 
     def admit(self) -> None:
         """Claim queued jobs of this model into free rows, if the door is open
-        and it is time to look."""
-        runner, door = self.runner, self.door
-        if not door.open:
-            return
-        if runner.shutdown.requested:
-            door.close("the worker is shutting down")
-            return
-        if door.alone or self.waiting:
-            return
-        free = self.spec.max_batch_size - len(self.engine)
-        now = time.monotonic()
-        if free <= 0 or now < door.next_claim:
+        and it is time to look, and wait for the claim."""
+        self.settle()
+        free = self.claimable()
+        if not free:
             return
         try:
             jobs = self.claim(free)
         except Exception as exc:
+            jobs = exc
+        self.took(jobs, time.monotonic())
+
+    def claimable(self) -> int:
+        """How many jobs to claim now: the free rows, when the door is open and
+        it is time to look again (0 otherwise)."""
+        runner, door = self.runner, self.door
+        if not door.open:
+            return 0
+        if runner.shutdown.requested:
+            door.close("the worker is shutting down")
+            return 0
+        if door.alone or self.waiting:
+            return 0
+        free = self.spec.max_batch_size - len(self.engine)
+        if free <= 0 or time.monotonic() < door.next_claim:
+            return 0
+        return free
+
+    def took(self, jobs, now: float) -> None:
+        """Take in what a claim returned: its jobs wait to join (or the
+        exception it raised, which ends the batch only if it holds nothing)."""
+        door = self.door
+        if isinstance(jobs, BaseException):
+            exc = jobs
             if not self.members:
-                raise
+                raise exc
             # The rows in hand are ours under their lease: run them rather than
             # fail them for a claim the database refused.
             log.warning("claiming into the running batch of %s failed (%s); running the %d job(s) in hand",
@@ -317,7 +399,9 @@ class ContinuousBatch:
         self.ended.extend(done)
 
     def write_finished(self) -> None:
-        """Publish the live output held back and store and finish the rows that ended."""
+        """Publish the live output held back and store and finish the rows that
+        ended, and wait for it (after any boundary work in flight)."""
+        self.settle()
         out, self.unpublished = self.unpublished, []
         self.publish(out)
         done, self.ended = self.ended, []
@@ -334,10 +418,12 @@ class ContinuousBatch:
         if items:
             self.runner.live.publish_many(items)
 
-    def finished(self, done) -> None:
-        """Store and finish the rows that ended this step, in one transaction."""
+    def finished(self, done, pop: bool = True) -> list[str]:
+        """Store and finish the rows that ended this step, in one transaction;
+        the ids of the jobs that are no longer this batch's to write. With
+        `pop=False` (on the books thread) they stay members until settle()."""
         runner = self.runner
-        outcomes, rest = [], []
+        outcomes, rest, gone = [], [], []
         for m, u in done:
             job = m.row.job
             m.ending = False
@@ -355,7 +441,9 @@ class ContinuousBatch:
                 log.exception("storing the outputs of job %s failed; handing it back", job.id, extra={"job_id": job.id})
                 self.stored_ok = False
                 self.door.close("storage is down")
-                self.members.pop(job.id, None)
+                gone.append(job.id)
+                if pop:
+                    self.members.pop(job.id, None)
                 runner.not_stored([(m.row, exc)])
                 continue
             run_seconds = time.monotonic() - m.joined
@@ -367,7 +455,8 @@ class ContinuousBatch:
                 metrics["model_load_seconds"] = round(m.load_seconds, 4)
             outcomes.append((m, JobStatus.SUCCEEDED, {"output": output, "metrics": metrics}))
         self.publish(rest)
-        self.write(outcomes)
+        self.write(outcomes, pop=pop)
+        return gone + [m.row.job.id for m, _, _ in outcomes]
 
     def stop_asked(self) -> None:
         """Drop the rows the tracker asked to stop, and write what becomes of them."""
@@ -398,11 +487,13 @@ class ContinuousBatch:
         self.write(outcomes)
         self.track()
 
-    def write(self, outcomes: list[tuple[Member, JobStatus, dict]]) -> None:
-        for m, _, _ in outcomes:
-            self.members.pop(m.row.job.id, None)
+    def write(self, outcomes: list[tuple[Member, JobStatus, dict]], pop: bool = True) -> None:
+        if pop:
+            for m, _, _ in outcomes:
+                self.members.pop(m.row.job.id, None)
         self.runner.finish([(m.row, status, fields) for m, status, fields in outcomes])
-        self.track()
+        if pop:
+            self.track()
 
     def failed(self, exc: Exception) -> None:
         """The engine (or a write) raised: every job still here fails with the
@@ -416,7 +507,7 @@ class ContinuousBatch:
             log.exception("continuous batch of %s failed", self.spec.name,
                           extra={"job_ids": list(self.members)})
         self.tracker.close()
-        if self.ended:
+        if self.ended or self.booking is not None:
             # Rows that ended before the failure have their outputs: keep them.
             try:
                 self.write_finished()

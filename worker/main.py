@@ -13,6 +13,7 @@ from models.registry import Registry
 from worker import app as worker_app
 from worker.heartbeat import Heartbeat
 from worker.reconciler import Reconciler
+from worker.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,13 @@ def main(settings: Settings, args) -> int:
     # /v1/admin/workers and drain use it, and lease owners start with it.
     node = f"{'+'.join(pools)}.{os.getpid()}@{socket.gethostname()}"
     settings = settings.replace(worker_name=node)
+    # First, so the engines, Celery and boto3 clients made below are traced
+    # (when GENQ_OTEL_ENDPOINT is set). Prefork children (--concurrency > 1)
+    # inherit the instrumentation; their span exporter's thread is restarted
+    # after the fork by the SDK.
+    from genq import tracing
+
+    tracing.setup(settings, "genq-webhooks" if pools == [settings.webhook_queue] else "genq-worker")
     # The app and its tasks take these settings, not the environment's; made
     # before any pool process is forked, so every one inherits them.
     app = worker_app.make(settings)
@@ -73,6 +81,7 @@ def main(settings: Settings, args) -> int:
         from worker.shutdown import begin_on_signals
 
         Reconciler(settings, model_pools).start()
+        Sweeper(settings).start()
         # SIGTERM: claim nothing new, bound the batch in hand, hand it back past the timeout.
         begin_on_signals()
         if pool_kind == "solo":

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from genq import catalog
 from genq import jobs as joblib
 from genq import pools as poollib
+from genq import tracing
 from genq.errors import GenqError
 from genq.outage import retry
 from genq.schema import Job
@@ -80,6 +81,9 @@ class Runner:
         # Fine-tunes are not batches of the model's own: they go to the trainer.
         self.train = train
         self.executions = ExecutionLog(settings.execution_log, self.owner)
+        # The span of the batch running now (genq.tracing; None while traces are
+        # off): each job finished links to it, from whichever thread finishes it.
+        self.batch_span = None
         # Where running jobs publish their output as it grows (genq.live).
         self._live = live
 
@@ -160,12 +164,19 @@ class Runner:
                     return ran
                 if spec.batching == "continuous" and hasattr(loaded, "engine"):
                     running = ContinuousBatch(self, spec, pool, head, loaded)
-                    done = running.run()
+                    # Jobs join a continuous batch as it runs: its span links
+                    # to none of them; each job's span links to it.
+                    with tracing.batch_span(spec.name, pool) as self.batch_span:
+                        done = running.run()
                     stored = running.stored_ok
                 else:
                     batch = self.claim(spec, pool, head)
-                    stored = not batch or self.run_batch(spec, batch, loaded)
+                    stored = True
+                    if batch:
+                        with tracing.batch_span(spec.name, pool, [j.trace_context for j in batch]) as self.batch_span:
+                            stored = self.run_batch(spec, batch, loaded)
                     done = len(batch)
+                self.batch_span = None
                 if not stored:
                     # Storage is down: what could not be stored went back to the
                     # queue and was rung for; claiming the same jobs straight
@@ -273,7 +284,8 @@ class Runner:
             else:
                 log.exception("batch of %s failed", spec.name, extra={"job_ids": [r.job.id for r in runnable]})
         run_seconds = time.monotonic() - started
-        prom.RUN_SECONDS.labels(spec.name).observe(run_seconds)
+        for _ in runnable:
+            prom.RUN_SECONDS.labels(spec.name).observe(run_seconds)
         # The tracker stops before anything below writes, so no job is finished twice.
         if tracker is not None:
             tracker.close()
@@ -363,12 +375,16 @@ class Runner:
                 if ran:
                     self.executions.ended(row.job.id, row.job.attempts, "not_written")
             raise
-        for (row, status, _), ran in zip(outcomes, executing):
+        for (row, status, fields), ran in zip(outcomes, executing):
             if ran:
                 self.executions.ended(row.job.id, row.job.attempts, status.value if done[row.job.id] else "not_written")
             if done[row.job.id]:
                 prom.JOBS_FINISHED.labels(row.job.model, row.job.pool, status.value).inc()
-                log.info("job %s %s", row.job.id, status.value, extra={"job_id": row.job.id})
+                if status is JobStatus.SUCCEEDED:
+                    prom.count_output(row.job.model, fields.get("output"))
+                # The job's span joins the trace of the request that created it.
+                with tracing.job_span(row.job, status.value, fields.get("error"), self.batch_span):
+                    log.info("job %s %s", row.job.id, status.value, extra={"job_id": row.job.id})
             else:
                 log.warning("job %s: lease lost before it finished; result discarded", row.job.id,
                             extra={"job_id": row.job.id})

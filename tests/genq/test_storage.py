@@ -2,6 +2,8 @@
 refuse any key that could step out of where it is put."""
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
 
 from genq.settings import Settings
@@ -64,3 +66,29 @@ def test_a_symbolic_link_out_of_the_root_is_not_followed(tmp_path):
     (tmp_path / "storage" / "jobs" / "a").symlink_to(outside)
     with pytest.raises(NotFound):
         storage.get("jobs/a/secret")
+
+
+def test_presigned_urls_name_the_public_endpoint_and_everything_else_goes_to_the_inner_one(tmp_path, s3_endpoint):
+    # The inner endpoint is moto at 127.0.0.1; "localhost" stands in for the
+    # address clients use (Compose: the published port instead of s3:8333).
+    bucket = new_bucket(s3_endpoint)
+    port = s3_endpoint.rsplit(":", 1)[1]
+    public = f"http://localhost:{port}"
+    store = make_storage(Settings.from_env({}, home=tmp_path, s3_public_endpoint_url=public, **bucket))
+    store.put("jobs/a/0.png", b"png", "image/png")
+    url = store.presigned_url("jobs/a/0.png")
+    assert url.startswith(f"{public}/"), url
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.read() == b"png"
+
+    # A public address this machine cannot reach at all: reads and writes
+    # still work, so they never use it; only the URL names it.
+    unreachable = "http://genq-public.invalid:9"
+    store = make_storage(Settings.from_env({}, home=tmp_path, s3_public_endpoint_url=unreachable, **bucket))
+    store.put("jobs/b/0.png", b"b", "image/png")
+    assert store.get("jobs/b/0.png") == b"b" and store.list("jobs/b") == ["jobs/b/0.png"]
+    assert store.presigned_url("jobs/b/0.png").startswith(f"{unreachable}/")
+
+    # Unset: presigned for the one endpoint there is, as before.
+    plain = make_storage(Settings.from_env({}, home=tmp_path, **bucket))
+    assert plain.presigned_url("jobs/a/0.png").startswith(f"{s3_endpoint}/")

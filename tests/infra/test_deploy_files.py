@@ -18,8 +18,10 @@ REGISTRY = ROOT / "models" / "registry.yaml"
 API_DOCKERFILE = ROOT / "infra" / "Dockerfile.api"
 WORKER_DOCKERFILE = ROOT / "infra" / "Dockerfile.worker"
 
-REQUIRED_SERVICES = {"postgres", "redis", "minio", "minio-init", "migrate", "api"}
-WEBHOOK_QUEUE = Settings.from_env({}).webhook_queue
+REQUIRED_SERVICES = {"postgres", "redis", "s3", "s3-init", "migrate", "api"}
+DEFAULTS = Settings.from_env({})
+WEBHOOK_QUEUE = DEFAULTS.webhook_queue
+PROMETHEUS_CONFIG = ROOT / "infra" / "prometheus" / "prometheus.yml"
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +119,83 @@ def test_every_gpu_pool_has_a_worker_that_reserves_a_gpu(services, pool):
         assert environment(service).get("GENQ_DEVICE", "").startswith("cuda"), name
 
 
+def every_pool() -> list[str]:
+    """Every queue something is put on: the registry's pools, fine-tunes' and webhooks'."""
+    models = yaml.safe_load(REGISTRY.read_text())["models"]
+    return sorted({m["pool"] for m in models.values()} | {DEFAULTS.training_pool, WEBHOOK_QUEUE})
+
+
+@pytest.mark.parametrize("pool", every_pool())
+def test_every_pool_has_a_consumer(services, pool):
+    # A queue no service consumes holds its jobs for ever (fine-tunes did).
+    default = {name: s for name, s in services.items() if not s.get("profiles")}
+    assert any(serves_pool(s, pool) for s in default.values()), \
+        f"no service of the default profile consumes pool {pool!r}"
+
+
+def long_running(services: dict) -> dict[str, dict]:
+    """Every service but the one-shot jobs (restart "no": they run to their end)."""
+    return {name: s for name, s in services.items() if str(s.get("restart", "no")) != "no"}
+
+
+def test_every_long_running_service_has_a_health_check(services):
+    assert set(long_running(services)) >= {"postgres", "redis", "s3", "api", "webhooks", "prometheus", "grafana",
+                                           *worker_services(services)}
+    for name, service in long_running(services).items():
+        check = service.get("healthcheck") or {}
+        assert check.get("test") and not check.get("disable"), f"{name} has no health check"
+        assert check["test"][0] in ("CMD", "CMD-SHELL"), name
+
+
+# A release tag (major.minor at least, v-prefix allowed) or a digest: `postgres:16`
+# or `redis:7` move with every patch release, `latest` or no tag with every push.
+PINNED = re.compile(r"^[^@\s]+(:v?\d+\.\d+[^\s]*|@sha256:[0-9a-f]{64})$")
+
+
+def test_every_pulled_image_is_pinned(services):
+    pulled = {name: s["image"] for name, s in services.items() if "build" not in s}
+    assert set(pulled) >= {"postgres", "redis", "s3", "prometheus", "grafana"}
+    for name, image in pulled.items():
+        assert PINNED.match(image) and not image.endswith(":latest"), f"{name}: {image!r} is not pinned"
+
+
+@pytest.mark.parametrize("image", ["postgres:16", "redis", "minio/minio", "x:latest", "grafana/grafana:11"])
+def test_the_pin_check_refuses_moving_tags(image):
+    assert not PINNED.match(image)
+
+
+def test_workers_and_the_sender_serve_metrics(services):
+    for name, service in worker_services(services).items():
+        port = environment(service).get("GENQ_METRICS_PORT", "0")
+        assert port not in ("", "0"), f"{name} serves no /metrics"
+        assert f":{port}/metrics" in json.dumps(service["healthcheck"]["test"]), name
+
+
+def test_prometheus_scrapes_the_api_and_every_worker_service(services):
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["genq-api"]["static_configs"][0]["targets"] == ["api:8000"]
+    discovered = {(name, sd["port"]) for sd in jobs["genq-workers"]["dns_sd_configs"] for name in sd["names"]}
+    for name, service in worker_services(services).items():
+        assert (name, int(environment(service)["GENQ_METRICS_PORT"])) in discovered, f"nothing scrapes {name}"
+    # A name no service has would be a target that never resolves.
+    assert {name for name, _ in discovered} <= set(worker_services(services))
+    assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
+
+
+def bind_mounts(service: dict) -> list[tuple[Path, str]]:
+    out = []
+    for volume in service.get("volumes") or []:
+        source, target = str(volume).split(":")[:2]
+        if source.startswith("."):
+            out.append(((ROOT / source).resolve(), target))
+    return out
+
+
 def test_worker_pools_exist_in_the_registry(services):
     # A worker for a renamed or removed pool would fail at start (`genq worker` exits 2).
-    pools = {m["pool"] for m in yaml.safe_load(REGISTRY.read_text())["models"].values()}
+    # `genq worker` takes the registry's pools and fine-tunes' (GENQ_TRAINING_POOL).
+    pools = {m["pool"] for m in yaml.safe_load(REGISTRY.read_text())["models"].values()} | {DEFAULTS.training_pool}
     workers = worker_services(services)
     assert workers
     for name, service in workers.items():
@@ -145,7 +221,7 @@ def test_api_and_workers_wait_for_migration_and_services(services):
         deps = depends_on(services[name])
         assert deps.get("migrate") == "service_completed_successfully", name
         assert deps.get("redis") == "service_healthy", name
-        assert deps.get("minio-init") == "service_completed_successfully", name
+        assert deps.get("s3-init") == "service_completed_successfully", name
     assert depends_on(services["migrate"]).get("postgres") == "service_healthy"
     assert command_words(services["migrate"]) == ["genq", "migrate"]
 
@@ -157,8 +233,10 @@ def test_backing_services(services):
     assert "redis-cli" in json.dumps(services["redis"]["healthcheck"]["test"])
     # Without persistence a Redis restart drops every queued doorbell.
     assert "--appendonly yes" in " ".join(command_words(services["redis"]))
-    assert services["minio-init"]["image"].startswith("minio/mc")
-    assert "genq/genq" in json.dumps(services["minio-init"]), "minio-init must create the bucket of GENQ_STORAGE_URL"
+    # s3-init makes the bucket with genq's own storage code, from the same settings as every genq process.
+    assert "ensure_bucket" in json.dumps(services["s3-init"]["command"])
+    assert environment(services["s3-init"])["GENQ_STORAGE_URL"] == "s3://genq"
+    assert depends_on(services["s3-init"]).get("s3") == "service_healthy"
 
 
 def test_api_serves_port_8000_with_a_healthcheck(services):
@@ -181,9 +259,9 @@ def published(service: dict) -> list[tuple[str, str]]:
     return out
 
 
-def test_minio_is_published_on_this_host_only(services):
-    ports = published(services["minio"])
-    assert {target for _, target in ports} == {"9000", "9001"}
+def test_s3_is_published_on_this_host_only(services):
+    ports = published(services["s3"])
+    assert {target for _, target in ports} == {"8333"}
     assert all(address == "127.0.0.1" for address, _ in ports), ports
     # Only the API is for the world; every backing service stays on this host or the compose network.
     for name, service in services.items():
@@ -191,7 +269,8 @@ def test_minio_is_published_on_this_host_only(services):
             assert all(address in ("127.0.0.1", "::1") for address, _ in published(service)), name
 
 
-CREDENTIALS = ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "GENQ_WEBHOOK_SECRET_KEYS")
+CREDENTIALS = ("POSTGRES_PASSWORD", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "GENQ_WEBHOOK_SECRET_KEYS",
+               "GRAFANA_ADMIN_PASSWORD")
 
 
 def test_credentials_come_from_the_users_env_file_with_no_defaults():
@@ -201,12 +280,12 @@ def test_credentials_come_from_the_users_env_file_with_no_defaults():
         assert uses, f"{name} is not used in docker-compose.yml"
         # ${NAME:?message}: Compose refuses to start while it is unset or empty.
         assert all(use.startswith(":?") for use in uses), f"{name} has a default or no check: {uses}"
-    for old_default in ("genq-minio-secret", "${POSTGRES_PASSWORD:-", "${MINIO_ROOT_USER:-"):
+    for old_default in ("genq-minio-secret", "${POSTGRES_PASSWORD:-", "${S3_ACCESS_KEY_ID:-"):
         assert old_default not in text
     environments = [environment(s) for s in yaml.safe_load(text)["services"].values()]
     for env in environments:
-        for key in ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "GENQ_S3_SECRET_ACCESS_KEY",
-                    "GENQ_WEBHOOK_SECRET_KEYS"):
+        for key in ("POSTGRES_PASSWORD", "GENQ_S3_ACCESS_KEY_ID", "GENQ_S3_SECRET_ACCESS_KEY",
+                    "GENQ_WEBHOOK_SECRET_KEYS", "GF_SECURITY_ADMIN_PASSWORD"):
             if key in env:
                 assert env[key].startswith("${") and ":?" in env[key], (key, env[key])
 
@@ -227,7 +306,9 @@ def test_genq_services_share_settings(services):
         assert env.get("GENQ_DATABASE_URL", "").startswith("postgresql+psycopg://"), name
         assert env.get("GENQ_BROKER_URL") == "redis://redis:6379/0", name
         assert env.get("GENQ_STORAGE_URL") == "s3://genq", name
-        assert env.get("GENQ_S3_ENDPOINT_URL") == "http://minio:9000", name
+        assert env.get("GENQ_S3_ENDPOINT_URL") == "http://s3:8333", name
+        # Presigned URLs name the port published on this host, not the network-only name.
+        assert env.get("GENQ_S3_PUBLIC_ENDPOINT_URL", "").endswith("http://localhost:8333}"), name
         # genq refuses to start on a misspelt variable.
         assert not settings.unknown(env), name
 
@@ -255,7 +336,7 @@ def test_dockerfile_base_user_and_genq_entry_point(dockerfile):
 def test_api_image_has_no_worker_extra():
     runs = " ".join(args for word, args in instructions(API_DOCKERFILE) if word == "RUN")
     assert "pip install" in runs
-    assert "[worker" not in runs and "torch" not in runs, "the API never imports torch; keep it out of the image"
+    assert "worker" not in runs and "torch" not in runs, "the API never imports torch; keep it out of the image"
     assert ("EXPOSE", "8000") in instructions(API_DOCKERFILE)
     assert cmd_argv(API_DOCKERFILE)[:2] == ["genq", "api"] and "0.0.0.0:8000" in cmd_argv(API_DOCKERFILE)
 
@@ -266,8 +347,24 @@ def test_worker_image_installs_cuda_torch_and_runs_its_pool():
                for word, args in steps)
     runs = [args for word, args in steps if word == "RUN"]
     assert any("TORCH_INDEX_URL" in r and "torch" in r for r in runs)
-    assert any(".[worker]" in r for r in runs)
+    assert any(re.search(r"\.\[worker[],]", r) for r in runs)
     # constraints.txt pins the CPU torch build; applied as is it would undo the CUDA one.
     assert not any(re.search(r"-c\s+constraints\.txt", r) for r in runs)
     argv = cmd_argv(WORKER_DOCKERFILE)
     assert "genq worker --pool" in " ".join(argv) and "GENQ_POOL" in " ".join(argv)
+def test_the_observability_profile_is_provisioned_from_the_repo(services):
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["observability"], name
+        for source, target in bind_mounts(services[name]):
+            assert source.exists(), f"{name} mounts {source}, which is not in the repository"
+    mounted = dict((target, source) for source, target in bind_mounts(services["grafana"]))
+    provisioning = mounted["/etc/grafana/provisioning"]
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert datasources[0]["url"] == "http://prometheus:9090" and datasources[0]["uid"] == "prometheus"
+    providers = yaml.safe_load((provisioning / "dashboards" / "genq.yaml").read_text())["providers"]
+    folder = providers[0]["options"]["path"]
+    assert mounted[folder].joinpath("genq.json").is_file(), "the provider's folder must hold the dashboard"
+    home = environment(services["grafana"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{folder}/genq.json"
+    rules = dict((target, source) for source, target in bind_mounts(services["prometheus"]))["/etc/prometheus/rules"]
+    assert list(rules.glob("*.yml")), "Prometheus would evaluate no rules"

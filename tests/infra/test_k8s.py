@@ -1,9 +1,15 @@
-"""infra/k8s: every document parses and carries the fields its schema requires
-(the Kubernetes and KEDA schemas' required fields, written down here since no
-schema download is possible offline), and every pool has a Deployment and a
-KEDA ScaledObject that agree with the registry."""
+"""infra/k8s, a kustomize base: it renders (with `kubectl kustomize` where
+kubectl is installed, else with the Python equivalent below), every object
+carries the fields its schema requires (the Kubernetes, KEDA and Prometheus
+Operator schemas' required fields, written down here since no schema download
+is possible offline), every pool has a Deployment with probes and a KEDA
+ScaledObject that agree with the registry, and the monitors select what they
+should."""
 from __future__ import annotations
 
+import functools
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,37 +25,96 @@ DEFAULTS = Settings.from_env({})
 # docker-compose.yml gives a worker; the sender's longest POST is twice its timeout.
 MODEL_WORKER_GRACE = 300
 SENDER_GRACE = 2 * DEFAULTS.webhook_timeout + 1
+NAMESPACE = "genq"
+KUBECTL = shutil.which("kubectl")
 
-API_VERSIONS = {"Deployment": "apps/v1", "Service": "v1", "Job": "batch/v1", "ConfigMap": "v1",
-                "ScaledObject": "keda.sh/v1alpha1"}
+API_VERSIONS = {"Deployment": "apps/v1", "Service": "v1", "Job": "batch/v1", "ConfigMap": "v1", "Namespace": "v1",
+                "ScaledObject": "keda.sh/v1alpha1", "PrometheusRule": "monitoring.coreos.com/v1",
+                "ServiceMonitor": "monitoring.coreos.com/v1", "PodMonitor": "monitoring.coreos.com/v1"}
+CLUSTER_SCOPED = {"Namespace"}
 
 
-def documents() -> list[tuple[str, dict]]:
+def kustomization() -> dict:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def render_in_python() -> list[dict]:
+    """What `kubectl kustomize` makes of the fields this base uses: the
+    resources' documents in order, each namespaced kind put in `namespace`.
+    kubectl may be missing (it is no Python package); this keeps the checks
+    below running without it, and test_the_python_render_matches_kubectl keeps
+    it honest where kubectl is there."""
+    k = kustomization()
     out = []
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc is not None:
-                out.append((path.name, doc))
+    for resource in k["resources"]:
+        for doc in yaml.safe_load_all((K8S / resource).read_text()):
+            if doc is None:
+                continue
+            if "namespace" in k and doc["kind"] not in CLUSTER_SCOPED:
+                doc["metadata"]["namespace"] = k["namespace"]
+            out.append(doc)
     return out
 
 
+@functools.cache
+def render_with_kubectl() -> tuple[dict, ...]:
+    out = subprocess.run([KUBECTL, "kustomize", str(K8S)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc is not None)
+
+
+def documents() -> list[dict]:
+    return list(render_with_kubectl()) if KUBECTL else render_in_python()
+
+
+def test_the_kustomization_uses_only_what_the_python_render_knows_and_lists_every_file():
+    k = kustomization()
+    assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
+    assert set(k) <= {"apiVersion", "kind", "namespace", "resources"}, \
+        f"teach render_in_python {set(k) - {'apiVersion', 'kind', 'namespace', 'resources'}}"
+    assert k["namespace"] == NAMESPACE
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(k["resources"]) == files, "a manifest in infra/k8s that kustomization.yaml leaves out is never applied"
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: the Python render stands in for it")
+def test_the_python_render_matches_kubectl():
+    def key(doc):
+        return doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace")
+
+    assert sorted(map(key, render_with_kubectl())) == sorted(map(key, render_in_python()))
+
+
+def test_every_document_has_kind_api_version_name_and_namespace():
+    docs = documents()
+    assert len(docs) >= 14
+    for doc in docs:
+        name = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+        assert doc.get("kind") in API_VERSIONS, name
+        assert doc.get("apiVersion") == API_VERSIONS[doc["kind"]], name
+        assert doc.get("metadata", {}).get("name"), name
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in doc["metadata"], name
+        else:
+            assert doc["metadata"].get("namespace") == NAMESPACE, name
+    assert NAMESPACE in of_kind("Namespace")
+
+
+def test_the_sources_leave_the_namespace_to_the_kustomization():
+    # One place decides it, so an overlay can change it.
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") != "Kustomization":
+                assert "namespace" not in doc["metadata"], f"{path.name}: the namespace comes from kustomization.yaml"
+
+
 def of_kind(kind: str) -> dict[str, dict]:
-    return {doc["metadata"]["name"]: doc for _, doc in documents() if doc["kind"] == kind}
+    return {doc["metadata"]["name"]: doc for doc in documents() if doc["kind"] == kind}
 
 
 def pools() -> list[str]:
     models = yaml.safe_load(REGISTRY.read_text())["models"]
     return sorted({m["pool"] for m in models.values()} | {DEFAULTS.training_pool, DEFAULTS.webhook_queue})
-
-
-def test_every_document_has_kind_api_version_and_name():
-    docs = documents()
-    assert len(docs) >= 8
-    for name, doc in docs:
-        assert doc.get("kind") in API_VERSIONS, (name, doc.get("kind"))
-        assert doc.get("apiVersion") == API_VERSIONS[doc["kind"]], name
-        assert doc.get("metadata", {}).get("name"), name
-        assert "namespace" not in doc["metadata"], f"{name}: keep manifests namespace-agnostic (kubectl -n)"
 
 
 def pod_spec_ok(where: str, template: dict) -> dict:
@@ -129,3 +194,59 @@ def test_config_names_only_known_settings():
     from genq.settings import unknown
 
     assert not unknown(of_kind("ConfigMap")["genq-config"]["data"])
+
+
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+@pytest.mark.parametrize("pool", pools())
+def test_every_worker_has_probes_on_its_metrics_port(pool):
+    worker = of_kind("Deployment")[f"genq-worker-{pool}"]["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in worker.get("ports", [])}
+    config = of_kind("ConfigMap")["genq-config"]["data"]
+    assert ports.get("metrics") == int(config["GENQ_METRICS_PORT"]), "the worker serves /metrics on GENQ_METRICS_PORT"
+    for probe in PROBES:
+        check = worker.get(probe, {}).get("httpGet")
+        assert check and check["path"] == "/metrics" and check["port"] in ("metrics", ports["metrics"]), probe
+
+
+def test_the_service_monitor_selects_the_api_service_by_a_port_it_has():
+    monitor = of_kind("ServiceMonitor")["genq-api"]["spec"]
+    service = of_kind("Service")["genq-api"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    assert all(e["port"] in port_names and e["path"] == "/metrics" for e in monitor["endpoints"])
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A label selector's matchLabels and matchExpressions (In, NotIn, Exists, DoesNotExist)."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        present, value = e["key"] in labels, labels.get(e["key"])
+        ok = {"Exists": present, "DoesNotExist": not present, "In": present and value in e.get("values", []),
+              "NotIn": not present or value not in e.get("values", [])}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def test_the_pod_monitor_scrapes_every_worker_pod_and_nothing_else():
+    monitor = of_kind("PodMonitor")["genq-workers"]["spec"]
+    endpoints = monitor["podMetricsEndpoints"]
+    for name, deployment in of_kind("Deployment").items():
+        template = deployment["spec"]["template"]
+        selected = selects(monitor["selector"], template["metadata"]["labels"])
+        assert selected == name.startswith("genq-worker-"), name
+        if selected:
+            ports = {p.get("name") for c in template["spec"]["containers"] for p in c.get("ports", [])}
+            assert all(e["port"] in ports for e in endpoints), f"{name} has no port {[e['port'] for e in endpoints]}"
+
+
+def test_the_selector_check_can_refuse():
+    assert not selects({"matchExpressions": [{"key": "genq/pool", "operator": "Exists"}]}, {"a": "b"})
+    assert not selects({"matchLabels": {"a": "c"}}, {"a": "b"})
+
+
+def test_the_rules_are_in_the_base():
+    assert of_kind("PrometheusRule")["genq"]["spec"]["groups"]

@@ -70,7 +70,7 @@ def batch_of(keys):
     b.waiting, b.ended, b.unpublished, b.last_publish = [], [], [], 0.0
     b.stored_ok = True
     b.tracker = types.SimpleNamespace(rows=[], close=lambda: None)
-    b.stepper = ThreadPoolExecutor(1)
+    b.stepper, b.books, b.booking = ThreadPoolExecutor(1), ThreadPoolExecutor(1), None
     return b, runner
 
 
@@ -99,3 +99,47 @@ def test_a_cancel_that_reaches_an_ended_row_before_its_write_does_not_write_it_t
     b.write_finished()
     assert runner.finished == [("a", JobStatus.SUCCEEDED)]
     assert list(b.members) == ["b"]
+
+
+class SteppingEngine:
+    """Rows that run until told: `ends` maps a step number to the key that ends at it."""
+
+    steps_off_thread = True
+
+    def __init__(self, keys, ends):
+        self.rows, self.ends, self.steps = list(keys), ends, 0
+        self.reached = threading.Event()
+
+    def __len__(self):
+        return len(self.rows)
+
+    def step(self):
+        self.steps += 1
+        if self.steps >= 4:
+            self.reached.set()
+        key = self.ends.get(self.steps)
+        if key is None:
+            return [Update(k, self.steps, 100, "", None) for k in self.rows]
+        self.rows.remove(key)
+        return [Update(key, self.steps, self.steps, "x", {"text": "x", "tokens": self.steps, "finish_reason": "length"})]
+
+
+def test_a_slow_write_does_not_hold_up_the_decode():
+    """The rows that ended are written on the books thread; the running rows
+    keep stepping meanwhile, however long the commit takes. Here the write of
+    "a" returns only once three more steps have run: a decode that waited for
+    it would never get there."""
+    b, runner = batch_of(["a", "b"])
+    engine = SteppingEngine(["a", "b"], {1: "a"})
+    b.engine = engine
+
+    def finish(outcomes):
+        assert engine.reached.wait(10), "the decode stood still while a finished row was written"
+        runner.finished.extend((row.job.id, status) for row, status, _ in outcomes)
+
+    runner.finish = finish
+    for _ in range(5):
+        b.apply(b.step())
+    assert engine.steps == 5
+    b.write_finished()
+    assert runner.finished == [("a", JobStatus.SUCCEEDED)] and list(b.members) == ["b"]
