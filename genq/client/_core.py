@@ -139,6 +139,11 @@ def cancel_job(job_id: str) -> Call:
     return Call("POST", f"/v1/jobs/{_segment(job_id)}/cancel")
 
 
+def delete(path: str) -> Call:
+    # Not retried on a dropped connection: a second delete of what the first removed would be a 404.
+    return Call("DELETE", path)
+
+
 def upload_file(content: bytes, filename: str, purpose: str, idempotency_key: str | None) -> Call:
     return Call("POST", "/v1/files", files={"file": (filename, content, "application/jsonl")},
                 data={"purpose": purpose}, headers={"Idempotency-Key": idempotency_key or uuid.uuid4().hex},

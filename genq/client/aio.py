@@ -115,6 +115,10 @@ class Jobs:
             if not cursor:
                 return
 
+    async def delete(self, job_id: str) -> None:
+        """A finished job goes, with its events and outputs (409 while it runs: cancel it first)."""
+        await self._client._send(core.delete(f"/v1/jobs/{core._segment(_id(job_id))}"))
+
     async def cancel(self, job_id: str) -> Job:
         return Job.from_json(await self._client._json(core.cancel_job(_id(job_id))), self._client)
 
@@ -210,6 +214,11 @@ class Files:
         content, name = core.read_upload(file)
         return core.to_file(await self._client._json(core.upload_file(content, name, purpose, idempotency_key)))
 
+    async def delete(self, file_id: str) -> None:
+        """The file and its content go (409 while a fine-tune trains on it)."""
+        file_id = file_id.id if isinstance(file_id, File) else file_id
+        await self._client._send(core.delete(f"/v1/files/{core._segment(file_id)}"))
+
     async def get(self, file_id: str) -> File:
         return core.to_file(await self._client._json(core.Call("GET", f"/v1/files/{core._segment(file_id)}", idempotent=True)))
 
@@ -242,6 +251,10 @@ class Models:
 
     async def list(self) -> list[dict]:
         return (await self._client._json(core.Call("GET", "/v1/models", idempotent=True)))["data"]
+
+    async def delete(self, name: str) -> None:
+        """One of your fine-tuned models goes, with its weights (403 for a shared model)."""
+        await self._client._send(core.delete(f"/v1/models/{core._segment(name)}"))
 
     async def get(self, name: str) -> dict:
         return await self._client._json(core.Call("GET", f"/v1/models/{core._segment(name)}", idempotent=True))

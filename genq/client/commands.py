@@ -50,6 +50,8 @@ def add_parsers(sub) -> None:
     cancel = jobs_sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id")
     _json_flag(cancel)
+    rm = jobs_sub.add_parser("rm", help="delete finished jobs, with their events and outputs")
+    rm.add_argument("job_ids", nargs="+", metavar="job_id")
 
     files = sub.add_parser("files", help="upload fine-tuning datasets")
     files_sub = files.add_subparsers(dest="files_command", required=True)
@@ -233,6 +235,13 @@ def cmd_jobs_cancel(client, args) -> int:
     return OK
 
 
+def cmd_jobs_rm(client, args) -> int:
+    for job_id in args.job_ids:
+        client.jobs.delete(job_id)
+        print(f"{job_id} deleted")
+    return OK
+
+
 def cmd_files_upload(client, args) -> int:
     f = client.files.upload(args.path, purpose=args.purpose)
     if args.json:
@@ -281,7 +290,7 @@ def cmd_keys_list(client, args) -> int:
 
 COMMANDS = {
     "run": cmd_run, "jobs ls": cmd_jobs_ls, "jobs get": cmd_jobs_get, "jobs watch": cmd_jobs_watch,
-    "jobs cancel": cmd_jobs_cancel, "files upload": cmd_files_upload, "fine-tune create": cmd_fine_tune_create,
+    "jobs cancel": cmd_jobs_cancel, "jobs rm": cmd_jobs_rm, "files upload": cmd_files_upload, "fine-tune create": cmd_fine_tune_create,
     "keys list": cmd_keys_list,
 }
 

@@ -128,6 +128,10 @@ class Jobs:
             if not cursor:
                 return
 
+    def delete(self, job_id: str) -> None:
+        """A finished job goes, with its events and outputs (409 while it runs: cancel it first)."""
+        self._client._send(core.delete(f"/v1/jobs/{core._segment(_id(job_id))}"))
+
     def cancel(self, job_id: str) -> Job:
         return Job.from_json(self._client._json(core.cancel_job(_id(job_id))), self._client)
 
@@ -223,6 +227,11 @@ class Files:
         content, name = core.read_upload(file)
         return core.to_file(self._client._json(core.upload_file(content, name, purpose, idempotency_key)))
 
+    def delete(self, file_id: str) -> None:
+        """The file and its content go (409 while a fine-tune trains on it)."""
+        file_id = file_id.id if isinstance(file_id, File) else file_id
+        self._client._send(core.delete(f"/v1/files/{core._segment(file_id)}"))
+
     def get(self, file_id: str) -> File:
         return core.to_file(self._client._json(core.Call("GET", f"/v1/files/{core._segment(file_id)}", idempotent=True)))
 
@@ -254,6 +263,10 @@ class Models:
 
     def list(self) -> list[dict]:
         return self._client._json(core.Call("GET", "/v1/models", idempotent=True))["data"]
+
+    def delete(self, name: str) -> None:
+        """One of your fine-tuned models goes, with its weights (403 for a shared model)."""
+        self._client._send(core.delete(f"/v1/models/{core._segment(name)}"))
 
     def get(self, name: str) -> dict:
         return self._client._json(core.Call("GET", f"/v1/models/{core._segment(name)}", idempotent=True))

@@ -122,6 +122,10 @@ def test_cancel_get_and_exit_codes(up, key):
     assert code == 1 and f"job {job_id} canceled" in out
     code, out = genq(up, "jobs", "cancel", job_id, key=key)
     assert code == 2 and "409" in out and "already canceled" in out
+    code, out = genq(up, "jobs", "rm", job_id, key=key)
+    assert code == 0 and out == f"{job_id} deleted\n"
+    code, out = genq(up, "jobs", "get", job_id, key=key)
+    assert code == 2 and "404" in out
     code, out = genq(up, "jobs", "get", "0" * 32, key=key)
     assert code == 2 and "404" in out
     code, out = genq(up, "run", "demo-image", "-i", "prompt=x", "-i", "width=100000", key=key)
@@ -135,8 +139,8 @@ def test_cancel_get_and_exit_codes(up, key):
 
 
 def test_ls_filters_and_json(up, key):
-    code, out = genq(up, "jobs", "ls", "--status", "canceled", "--json", key=key)
-    assert code == 0 and {j["status"] for j in json.loads(out)} == {"canceled"}
+    code, out = genq(up, "jobs", "ls", "--status", "succeeded", "--json", key=key)
+    assert code == 0 and {j["status"] for j in json.loads(out)} == {"succeeded"}
     code, out = genq(up, "jobs", "ls", "--model", "demo-image", "-n", "1", key=key, tty=True)
     assert code == 0 and "demo-image" in out and "demo-text" not in out and "STATUS" in out
 

@@ -72,6 +72,20 @@ def test_cancel_then_409_for_a_finished_job(up, client):
     assert conflict.value.status == 409 and "already canceled" in conflict.value.detail
 
 
+def test_delete_a_finished_job_and_a_file(up, client, tmp_path):
+    job = client.jobs.wait(client.jobs.create("demo-text", TEXT), timeout=60)
+    client.jobs.delete(job.id)
+    with pytest.raises(NotFound):
+        client.jobs.get(job.id)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a row"}\n')
+    f = client.files.upload(data)
+    client.files.delete(f)
+    assert list(client.files.list()) == []
+    with pytest.raises(NotFound):
+        client.models.delete("demo-text:ft-none-000000")
+
+
 def test_typed_errors_401_404_413_422(up, client):
     with Client(up["url"], "gq_not-a-key", max_retries=0) as stranger:
         with pytest.raises(AuthenticationError) as e401:
