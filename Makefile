@@ -13,13 +13,21 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q $(FIND_LINKS) -c constraints.txt -e '.[worker,test]'
 	touch $(STAMP)
 
-.PHONY: install up test bench test-vllm
+.PHONY: install up test bench test-vllm browser
 install: $(STAMP)
+
+# tests/client/test_docs_browser.py opens /docs in Debian's chromium. Where it
+# is missing and apt-get can be run (as root), it is installed once; elsewhere
+# that test skips and says why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } ; } || \
+	  echo "chromium is not installed: the /docs browser test will skip"
 
 up: $(STAMP)
 	$(VENV)/bin/genq up
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

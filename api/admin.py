@@ -2,9 +2,12 @@
 resume), workers (drain) and retrying failed jobs."""
 from __future__ import annotations
 
+from typing import Annotated
+
 from flask import Blueprint
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, with_config
 from sqlalchemy import func, null, select
+from typing_extensions import TypedDict
 
 from api import serialize
 from api.auth import require_admin
@@ -16,7 +19,7 @@ from genq import retention
 from genq.keys import create_key, revoke
 from genq.queue import publish
 from genq.schema import ApiKey, Job, Tenant
-from genq.serialize import rfc3339
+from genq.serialize import Timestamp, rfc3339
 
 bp = Blueprint("admin", __name__, url_prefix="/v1/admin")
 
@@ -93,6 +96,18 @@ def set_retention(name: str):
     return answer
 
 
+@bp.get("/keys")
+@require_admin
+def list_keys():
+    """Every key by its prefix (never the key, stored only hashed), newest first, revoked ones too."""
+    with ctx().session() as session:
+        rows = session.execute(select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+                               .order_by(ApiKey.created_at.desc())).all()
+        return {"data": [{"prefix": k.prefix, "tenant": name, "role": k.role, "created_at": rfc3339(k.created_at),
+                          "revoked_at": rfc3339(k.revoked_at)} for k, name in rows],
+                "next_cursor": None}
+
+
 @bp.post("/keys")
 @require_admin
 def make_key():
@@ -128,9 +143,29 @@ def _times(row: dict, *names: str) -> dict:
     return {**row, **{n: rfc3339(row[n]) for n in names}}
 
 
-def _pool(session, name: str) -> dict:
-    row = next(p for p in poollib.stats(session, known_pools(), ctx().settings.heartbeat_interval) if p["name"] == name)
+@with_config(ConfigDict(title="Pool"))
+class PoolView(TypedDict):
+    name: str
+    models: list[str]
+    paused: bool
+    paused_at: Timestamp | None
+    queued: int
+    running: int
+    oldest_queued_seconds: float | None
+    workers: int
+    succeeded_last_5m: int
+    throughput_per_minute: float
+    model_errors: Annotated[dict[str, str], Field(description="Models a live worker of the pool could not load, "
+                                                              "with the reason.")]
+
+
+def pool_view(row: dict) -> PoolView:
     return _times(row, "paused_at")
+
+
+def _pool(session, name: str) -> PoolView:
+    return pool_view(next(p for p in poollib.stats(session, known_pools(), ctx().settings.heartbeat_interval)
+                          if p["name"] == name))
 
 
 @bp.get("/pools")
@@ -138,7 +173,7 @@ def _pool(session, name: str) -> dict:
 def list_pools():
     with ctx().session() as session:
         rows = poollib.stats(session, known_pools(), ctx().settings.heartbeat_interval)
-    return {"data": [_times(r, "paused_at") for r in rows], "next_cursor": None}
+    return {"data": [pool_view(r) for r in rows], "next_cursor": None}
 
 
 def _existing_pool(name: str) -> str:

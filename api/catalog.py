@@ -1,8 +1,12 @@
 """The /v1/models routes: what can be run, with each model's input schema."""
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from flask import Blueprint, Response
+from pydantic import ConfigDict, with_config
 from sqlalchemy import select
+from typing_extensions import TypedDict
 
 from api.auth import caller, require_key
 from api.context import ctx
@@ -14,7 +18,21 @@ from models.registry import ModelSpec
 bp = Blueprint("models", __name__, url_prefix="/v1/models")
 
 
-def describe(spec: ModelSpec, owned: bool = False) -> dict:
+@with_config(ConfigDict(title="Model"))
+class ModelView(TypedDict):
+    name: str
+    owned_by: Literal["you", "genq"]
+    type: str
+    status: Literal["ready"]
+    description: str | None
+    pool: str
+    dtype: str
+    max_batch_size: int
+    limits: dict[str, Any]
+    input_schema: dict[str, Any]
+
+
+def describe(spec: ModelSpec, owned: bool = False) -> ModelView:
     return {
         "name": spec.name,
         "owned_by": "you" if owned else "genq",

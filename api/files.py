@@ -11,8 +11,12 @@ import re
 import unicodedata
 from urllib.parse import quote
 
+from typing import Annotated, Literal
+
 from flask import Blueprint, Response, request
+from pydantic import ConfigDict, Field, with_config
 from sqlalchemy import select
+from typing_extensions import TypedDict
 
 from api import idempotency, serialize
 from api.auth import caller, require_key
@@ -22,13 +26,27 @@ from api.jobs import ID_RE, page_args, retention_of
 from api.limits import check_file_quota
 from genq import retention
 from genq.schema import File, new_id
+from genq.serialize import ObjectId, Timestamp
 from models.finetune import parse_dataset
 
 bp = Blueprint("files", __name__, url_prefix="/v1/files")
 PURPOSES = ("fine-tune",)
 
 
-def describe(f: File) -> dict:
+@with_config(ConfigDict(title="File"))
+class FileView(TypedDict):
+    id: ObjectId
+    object: Literal["file"]
+    bytes: int
+    filename: str
+    purpose: Literal["fine-tune"]
+    rows: int
+    format: Literal["prompt_completion", "text"]
+    created_at: Timestamp
+    expires_at: Annotated[Timestamp | None, Field(description="When the file is deleted (retention); null when kept.")]
+
+
+def describe(f: File) -> FileView:
     kept = retention_of(f.tenant_id)["files"]
     return {"id": f.id, "object": "file", "bytes": f.bytes, "filename": f.filename, "purpose": f.purpose,
             "rows": f.rows, "format": f.format, "created_at": serialize.rfc3339(f.created_at),

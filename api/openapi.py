@@ -1,18 +1,23 @@
 """The OpenAPI 3.1 document of the API, built from the registry and the same
 pydantic models the routes validate with (so it cannot drift from them), and
-/docs, which renders it with a Swagger UI bundled in the package (no internet)."""
+/docs, which renders it with Swagger UI 5 (flask-swagger-ui's assets, served from here: no internet)."""
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
 
-from flask import Blueprint, Response, abort, current_app, request, send_from_directory
+from flask import Blueprint, Response, abort, current_app, redirect, request, send_from_directory
+from pydantic import TypeAdapter
 
-from api.admin import KeyCreate, RetentionSet
+from api.admin import KeyCreate, PoolView, RetentionSet
+from api.catalog import ModelView
 from api.context import ctx
 from api.errors import ApiError
+from api.files import FileView
 from api.jobs import JobCreate, job_types
+from api.serialize import EventView, TenantEventView
+from genq.serialize import JobView
 from genq.settings import Settings
 from models import finetune
 from models.registry import Registry
@@ -29,9 +34,9 @@ def ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _pydantic(schemas: dict, model, name: str, **kwargs) -> dict:
-    """A pydantic model's JSON schema as a component; its nested models too."""
-    schema = model.model_json_schema(ref_template=REF, **kwargs)
+def _typed(schemas: dict, shape, name: str) -> dict:
+    """The JSON schema of a pydantic model or typed dict as a component; the ones it holds too."""
+    schema = TypeAdapter(shape).json_schema(ref_template=REF)
     for sub, sub_schema in schema.pop("$defs", {}).items():
         schemas.setdefault(sub, sub_schema)
     schemas[name] = schema
@@ -110,38 +115,6 @@ def problem_schema() -> dict:
     }
 
 
-def job_schema() -> dict:
-    nullable_obj = {"anyOf": [{"type": "object"}, {"type": "null"}]}
-    return {
-        "type": "object",
-        "required": ["id", "type", "model", "status", "input", "output", "error", "progress", "priority", "attempts",
-                     "cancel_requested", "webhook", "webhook_events_filter", "metrics", "created_at", "started_at",
-                     "completed_at"],
-        "properties": {
-            "id": ID, "type": {"type": "string", "enum": ["text-generation", "image-generation", "fine-tune"]},
-            "model": {"type": "string"},
-            "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
-            "input": {"type": "object"},
-            "output": {**nullable_obj, "description": "text: {text, tokens, finish_reason}; image: {images: [{url, "
-                                                      "content_type, width, height, seed}]}; fine-tune: {model, checkpoints, metrics}"},
-            "error": {"anyOf": [{"type": "object", "required": ["code", "message"],
-                                 "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
-                                {"type": "null"}]},
-            "progress": {"anyOf": [{"type": "object", "required": ["current", "total", "unit"],
-                                    "properties": {"current": {"type": "integer"}, "total": {"type": "integer"},
-                                                   "unit": {"type": "string"}}}, {"type": "null"}]},
-            "priority": {"type": "integer"}, "attempts": {"type": "integer"},
-            "cancel_requested": {"type": "boolean"},
-            "webhook": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-            "webhook_events_filter": {"type": "array", "items": {"type": "string"}},
-            "metrics": {"type": "object"},
-            "created_at": TIME, "started_at": TIME_OR_NULL, "completed_at": TIME_OR_NULL,
-            "expires_at": {**TIME_OR_NULL, "description": "When the job's outputs were or will be deleted "
-                                                          "(retention); null while it runs, or when they are kept."},
-        },
-    }
-
-
 def listing(item: dict) -> dict:
     return {"type": "object", "required": ["data", "next_cursor"],
             "properties": {"data": {"type": "array", "items": item},
@@ -149,30 +122,17 @@ def listing(item: dict) -> dict:
 
 
 def build(registry: Registry, settings: Settings | None = None) -> dict:
-    schemas: dict = {"Problem": problem_schema(), "Job": job_schema()}
+    schemas: dict = {"Problem": problem_schema()}
+    # The answers' shapes are the typed dicts their serializers return.
+    for name, shape in (("Job", JobView), ("Event", EventView), ("TenantEvent", TenantEventView),
+                        ("Model", ModelView), ("File", FileView), ("Pool", PoolView)):
+        _typed(schemas, shape, name)
     schemas["JobList"] = listing(ref("Job"))
-    schemas["Event"] = {"type": "object", "required": ["id", "type", "at", "data"],
-                        "properties": {"id": {"type": "integer"}, "type": {"type": "string"}, "at": TIME,
-                                       "data": {"type": "object"}}}
     schemas["EventList"] = {"type": "object", "required": ["data"],
                             "properties": {"data": {"type": "array", "items": ref("Event")}}}
-    schemas["TenantEvent"] = {"type": "object", "required": ["job_id", "id", "type", "at", "data"],
-                              "properties": {"job_id": ID, "id": {"type": "integer"}, "type": {"type": "string"},
-                                             "at": TIME, "data": {"type": "object"}}}
     schemas["TenantEventList"] = {"type": "object", "required": ["data"],
                                   "properties": {"data": {"type": "array", "items": ref("TenantEvent")}}}
-    schemas["Model"] = {"type": "object", "required": ["name", "type", "status", "input_schema"],
-                        "properties": {"name": {"type": "string"}, "owned_by": {"type": "string"},
-                                       "type": {"type": "string"}, "status": {"type": "string"},
-                                       "description": {"type": "string"}, "pool": {"type": "string"},
-                                       "dtype": {"type": "string"}, "max_batch_size": {"type": "integer"},
-                                       "limits": {"type": "object"}, "input_schema": {"type": "object"}}}
     schemas["ModelList"] = listing(ref("Model"))
-    schemas["File"] = {"type": "object", "required": ["id", "bytes", "filename", "purpose", "created_at"],
-                       "properties": {"id": ID, "object": {"type": "string"}, "bytes": {"type": "integer"},
-                                      "filename": {"type": "string"}, "purpose": {"type": "string"},
-                                      "rows": {"type": "integer"}, "format": {"type": "string"}, "created_at": TIME,
-                                      "expires_at": TIME_OR_NULL}}
     schemas["FileList"] = listing(ref("File"))
     schemas["WebhookSecret"] = {"type": "object", "required": ["key"],
                                 "properties": {"key": {"type": "string", "pattern": "^whsec_"},
@@ -186,8 +146,8 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                                           "last_error": {"anyOf": [{"type": "string"}, {"type": "null"}]},
                                           "created_at": TIME, "updated_at": TIME}}
     schemas["DeliveryList"] = listing(ref("Delivery"))
-    _pydantic(schemas, KeyCreate, "KeyCreate")
-    _pydantic(schemas, RetentionSet, "RetentionSet")
+    _typed(schemas, KeyCreate, "KeyCreate")
+    _typed(schemas, RetentionSet, "RetentionSet")
     seconds = {"type": "object", "properties": {f"{k}_seconds": {"anyOf": [{"type": "integer"}, {"type": "null"}]}
                                                 for k in ("outputs", "jobs", "files")}}
     schemas["Retention"] = {"type": "object", "required": ["tenant", "own", "effective"],
@@ -195,17 +155,19 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
     schemas["Key"] = {"type": "object", "required": ["key", "prefix", "tenant", "role"],
                       "properties": {"key": {"type": "string"}, "prefix": {"type": "string"},
                                      "tenant": {"type": "string"}, "role": {"type": "string"}}}
+    schemas["KeyInfo"] = {"type": "object", "required": ["prefix", "tenant", "role", "created_at", "revoked_at"],
+                          "properties": {"prefix": {"type": "string"}, "tenant": {"type": "string"},
+                                         "role": {"type": "string", "enum": ["user", "admin"]},
+                                         "created_at": TIME, "revoked_at": TIME_OR_NULL}}
+    schemas["KeyInfoList"] = listing(ref("KeyInfo"))
+    schemas["Revoked"] = {"type": "object", "required": ["revoked"], "properties": {"revoked": {"type": "integer"}}}
     schemas["TenantList"] = listing({"type": "object"})
-    nullable_number = {"anyOf": [{"type": "number"}, {"type": "null"}]}
-    schemas["Pool"] = {"type": "object", "required": ["name", "models", "paused", "paused_at", "queued", "running",
-                                                      "oldest_queued_seconds", "workers", "succeeded_last_5m",
-                                                      "throughput_per_minute"],
-                       "properties": {"name": {"type": "string"}, "models": {"type": "array", "items": {"type": "string"}},
-                                      "paused": {"type": "boolean"}, "paused_at": TIME_OR_NULL,
-                                      "queued": {"type": "integer"}, "running": {"type": "integer"},
-                                      "oldest_queued_seconds": nullable_number, "workers": {"type": "integer"},
-                                      "succeeded_last_5m": {"type": "integer"},
-                                      "throughput_per_minute": {"type": "number"}}}
+    schemas["Index"] = {"type": "object", "required": ["name", "version", "docs", "openapi"],
+                        "properties": {k: {"type": "string"} for k in ("name", "version", "docs", "openapi")}}
+    schemas["Health"] = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "const": "ok"}}}
+    schemas["Ready"] = {"type": "object", "required": ["status", "checks"],
+                        "properties": {"status": {"type": "string", "const": "ready"},
+                                       "checks": {"type": "object", "additionalProperties": {"type": "string"}}}}
     schemas["PoolList"] = listing(ref("Pool"))
     schemas["Worker"] = {"type": "object", "required": ["name", "pools", "hostname", "pid", "alive", "draining",
                                                         "running_jobs", "started_at", "last_seen_at", "drain_requested_at"],
@@ -251,7 +213,11 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
                                 "content": {"application/problem+json": {"schema": ref("Problem")}}}
         responses["503"] = {"description": "A dependency is down.", "headers": retry_after,
                             "content": {"application/problem+json": {"schema": ref("Problem")}}}
-        out = {"summary": summary, "tags": [tag], "responses": responses}
+        # The first sentence is the one-line summary a viewer shows in the operation's bar; all of it, the description.
+        first, sep, _ = summary.partition(". ")
+        out = {"summary": first + "." if sep else summary, "tags": [tag], "responses": responses}
+        if sep:
+            out["description"] = summary
         if params:
             out["parameters"] = params
         if body:
@@ -293,8 +259,11 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
     std = [401, 404]
 
     paths = {
-        "/healthz": {"get": op("The process is up.", [resp(200, None, "Up.")], [], tag="service", auth=False)},
-        "/readyz": {"get": op("Database, broker and storage answer.", [resp(200, None, "Ready.")], [], tag="service",
+        "/": {"get": op("Where things are; a browser (Accept: text/html) is redirected to /docs.",
+                        [resp(200, "Index", "Links."), resp(302, None, "To /docs.", {"Location": {"schema": {"type": "string"}}})],
+                        [], tag="service", auth=False)},
+        "/healthz": {"get": op("The process is up.", [resp(200, "Health", "Up.")], [], tag="service", auth=False)},
+        "/readyz": {"get": op("Database, broker and storage answer.", [resp(200, "Ready", "Ready.")], [], tag="service",
                               auth=False)},
         "/openapi.json": {"get": op("This document.", [resp(200, None, "The OpenAPI document.")], [], tag="service",
                                     auth=False)},
@@ -405,10 +374,13 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
             "put": op("Set a tenant's own retention, in place of the service's settings (admin).",
                       [resp(200, "Retention", "Retention.")], [400, 401, 403, 404, 422],
                       params=[path_param("name", {"type": "string"})], body=json_body("RetentionSet"), tag="admin")},
-        "/v1/admin/keys": {"post": op("Create an API key (admin); shown once.", [resp(201, "Key", "The new key.")],
-                                      [400, 401, 403, 422], body=json_body("KeyCreate"), tag="admin")},
+        "/v1/admin/keys": {
+            "post": op("Create an API key (admin); shown once.", [resp(201, "Key", "The new key.")],
+                       [400, 401, 403, 422], body=json_body("KeyCreate"), tag="admin"),
+            "get": op("Every API key by its prefix, newest first, revoked ones too (admin).",
+                      [resp(200, "KeyInfoList", "Keys.")], [401, 403], tag="admin")},
         "/v1/admin/keys/{prefix}/revoke": {"post": op(
-            "Revoke keys by prefix (admin).", [resp(200, None, "Revoked.")], [401, 403, 404],
+            "Revoke keys by prefix (admin).", [resp(200, "Revoked", "Revoked.")], [401, 403, 404],
             params=[path_param("prefix", {"type": "string"})], tag="admin")},
         "/v1/admin/pools": {"get": op("Pools: queue, workers, throughput (admin).", [resp(200, "PoolList", "Pools.")],
                                       [401, 403], tag="admin")},
@@ -434,15 +406,76 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
     }
     for name in [n for n in schemas if n.startswith(("Input_", "JobCreate", "KeyCreate", "Hyperparameters"))]:
         _no_nul(schemas[name])
+    for name, schema in schemas.items():
+        # Generators name a class after each title: one title per component,
+        # never pydantic's class name (four inputs are each a class `Input`).
+        schema["title"] = name
+        _drop_null_bounds(schema)
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            operation["operationId"] = operation_id(method, path)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "genq", "version": "1.0.0",
+        "info": {"title": "genq", "version": _version(),
                  "description": "A job queue for generative models. Every 4xx/5xx is application/problem+json."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": schemas},
         "paths": paths,
     }
+
+
+# One name per operation, as generated clients call it (genq_client.api.jobs.create_job...).
+OPERATION_IDS = {
+    ("get", "/"): "index", ("get", "/healthz"): "healthz", ("get", "/readyz"): "readyz", ("get", "/openapi.json"): "get_openapi",
+    ("post", "/v1/jobs"): "create_job", ("get", "/v1/jobs"): "list_jobs", ("get", "/v1/jobs/{job_id}"): "get_job",
+    ("post", "/v1/jobs/{job_id}/cancel"): "cancel_job", ("get", "/v1/jobs/{job_id}/events"): "list_job_events",
+    ("get", "/v1/events"): "list_events", ("get", "/v1/jobs/{job_id}/outputs/{name}"): "get_job_output",
+    ("get", "/v1/jobs/{job_id}/webhook-deliveries"): "list_webhook_deliveries",
+    ("post", "/v1/jobs/{job_id}/webhook-deliveries/{delivery_id}/redeliver"): "redeliver_webhook",
+    ("get", "/v1/webhooks/secret"): "get_webhook_secret", ("post", "/v1/webhooks/secret/rotate"): "rotate_webhook_secret",
+    ("post", "/v1/files"): "upload_file", ("get", "/v1/files"): "list_files", ("get", "/v1/files/{file_id}"): "get_file",
+    ("get", "/v1/files/{file_id}/content"): "get_file_content", ("get", "/v1/models"): "list_models",
+    ("get", "/v1/models/{name}"): "get_model", ("get", "/v1/admin/tenants"): "list_tenants",
+    ("post", "/v1/admin/keys"): "create_key", ("get", "/v1/admin/keys"): "list_keys",
+    ("post", "/v1/admin/keys/{prefix}/revoke"): "revoke_key", ("get", "/v1/admin/pools"): "list_pools",
+    ("post", "/v1/admin/pools/{name}/pause"): "pause_pool", ("post", "/v1/admin/pools/{name}/resume"): "resume_pool",
+    ("get", "/v1/admin/workers"): "list_workers", ("post", "/v1/admin/workers/{name}/drain"): "drain_worker",
+    ("post", "/v1/admin/jobs/{job_id}/retry"): "retry_job", ("get", "/metrics"): "get_metrics",
+    ("delete", "/v1/jobs/{job_id}"): "delete_job", ("delete", "/v1/files/{file_id}"): "delete_file",
+    ("delete", "/v1/models/{name}"): "delete_model", ("get", "/v1/admin/tenants/{name}/retention"): "get_retention",
+    ("put", "/v1/admin/tenants/{name}/retention"): "set_retention",
+}
+
+
+def operation_id(method: str, path: str) -> str:
+    """The name given above, else one made from the route (`delete_v1_jobs_job_id`): unique either way."""
+    return OPERATION_IDS.get((method, path)) or "_".join([method, *re.findall(r"[a-z0-9]+", path.lower())])
+
+
+def _drop_null_bounds(schema) -> None:
+    """A bound pydantic left as null (`"minimum": null`) bounds nothing and is
+    not valid JSON Schema: drop it."""
+    if isinstance(schema, dict):
+        for key in [k for k in BOUNDS if k in schema and schema[k] is None]:
+            del schema[key]
+        for value in schema.values():
+            _drop_null_bounds(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _drop_null_bounds(value)
+
+
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genq")
+    except PackageNotFoundError:  # a source tree never installed
+        return "0.0.0"
 
 
 def document() -> dict:
@@ -474,19 +507,32 @@ def check_query_params() -> None:
                        errors=[{"field": name, "message": "is not a known query parameter"} for name in unknown])
 
 
+# Swagger UI 5 reads OpenAPI 3.1. validatorUrl null: the page asks nothing of
+# any host but this one (by default it would fetch a badge from swagger.io).
 DOCS_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>genq API</title>
+<html lang="en"><head><meta charset="utf-8"><title>genq API</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
 <body><div id="ui"></div>
 <script src="/docs/assets/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui", deepLinking: true, validatorUrl: null,
+  displayOperationId: true, presets: [SwaggerUIBundle.presets.apis]});</script>
 </body></html>"""
 
 
 def _assets() -> Path:
-    import swagger_ui_bundle
+    # flask-swagger-ui ships Swagger UI 5's built assets; only its files are used, not its blueprint.
+    import flask_swagger_ui
 
-    return Path(swagger_ui_bundle.swagger_ui_path)
+    return Path(flask_swagger_ui.__file__).parent / "dist"
+
+
+@bp.get("/")
+def index():
+    """A browser is sent to the docs; any other client gets where things are."""
+    if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
+        return redirect("/docs", 302)
+    return {"name": "genq", "version": _version(), "docs": "/docs", "openapi": "/openapi.json"}
 
 
 @bp.get("/docs")

@@ -1,8 +1,11 @@
-"""The `genq` command: up, api, worker, migrate, keys.
+"""The `genq` command: up, api, worker, migrate, keys (the service's side);
+run, jobs, files, fine-tune, keys list (a user's side, over the REST API:
+genq/client/commands.py).
 
 The kernel imports nothing of api/, worker/ or models/ (tests/test_imports.py):
 each deployable is reached by its dotted name when its command runs, and is
-handed the Settings this command read."""
+handed the Settings this command read. The user's commands read no Settings:
+they talk to an API that may be on another machine."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +13,7 @@ import importlib
 import logging
 import sys
 
+from genq.client import commands as user_commands
 from genq.errors import ConfigError
 from genq.logs import configure as configure_logging
 from genq.settings import Settings
@@ -23,7 +27,11 @@ DEPLOYABLES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="genq", description="A job queue for generative models.")
+    parser = argparse.ArgumentParser(prog="genq", description="A job queue for generative models. The job commands "
+                                     "(run, jobs, files, fine-tune) talk to the API at GENQ_URL (default "
+                                     "http://127.0.0.1:8000) with the key GENQ_API_KEY (default: the one `genq up` "
+                                     "keeps in GENQ_HOME).")
+    parser.add_argument("--version", action="version", version=f"genq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run API and worker together on this machine, no services needed")
@@ -51,8 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--role", default="user", choices=["user", "admin"])
     revoke = keys_sub.add_parser("revoke", help="revoke keys by the prefix shown when they were made")
     revoke.add_argument("prefix")
+    listing = keys_sub.add_parser("list", help="every key by its prefix, over the API (an admin key)")
+    listing.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
+
+    user_commands.add_parsers(sub)
 
     args = parser.parse_args(argv)
+    if args.command in USER_COMMANDS or (args.command == "keys" and args.keys_command == "list"):
+        return user_commands.main(args)
     try:
         settings = Settings.from_env()
         configure_logging(settings)
@@ -98,7 +112,18 @@ def cmd_keys(settings: Settings, args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genq")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 COMMANDS = {"migrate": cmd_migrate, "keys": cmd_keys}
+# Commands of a user of the API, run by genq/client/commands.py.
+USER_COMMANDS = ("run", "jobs", "files", "fine-tune")
 
 if __name__ == "__main__":
     sys.exit(main())

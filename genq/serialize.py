@@ -3,11 +3,58 @@ payloads alike, so a webhook body is exactly what `GET /v1/jobs/<id>` returns.""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
+
+from pydantic import ConfigDict, Field, with_config
+from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from genq.retention import expires_at
 from genq.schema import Job
 from genq.storage import Storage
+
+# The shapes the API answers with, as typed dicts: the serializers below build
+# them, and api/openapi.py makes the document's response schemas from them.
+ObjectId = Annotated[str, Field(pattern="^[0-9a-f]{32}$", description="An id this API returned.")]
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"}, description="RFC 3339, UTC.")]
+
+
+class JobError(TypedDict):
+    code: str
+    message: str
+
+
+class JobProgress(TypedDict):
+    """`current` of `total` units (token, step); a fine-tune's also has epoch and loss."""
+
+    current: int
+    total: int
+    unit: str
+
+
+@with_config(ConfigDict(title="Job"))
+class JobView(TypedDict):
+    id: ObjectId
+    type: Literal["text-generation", "image-generation", "fine-tune"]
+    model: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    input: dict[str, Any]
+    output: Annotated[dict[str, Any] | None, Field(description=(
+        "text: {text, tokens, finish_reason}; image: {images: [{url, content_type, width, height, seed}]}; "
+        "fine-tune: {model, checkpoints, metrics}"))]
+    error: JobError | None
+    progress: JobProgress | None
+    priority: int
+    attempts: int
+    cancel_requested: bool
+    webhook: str | None
+    webhook_events_filter: list[str] | None
+    metrics: dict[str, Any]
+    created_at: Timestamp
+    started_at: Timestamp | None
+    completed_at: Timestamp | None
+    expires_at: Annotated[Timestamp | None, Field(description=(
+        "When the job's outputs were deleted, or will be (GENQ_OUTPUT_RETENTION after it ended); null while it "
+        "runs, or when outputs are kept."))]
 
 UrlForKey = Callable[[str], str]
 
@@ -45,7 +92,7 @@ def output_urls(storage: Storage, base_url: str, job_id: str) -> UrlForKey:
     return url
 
 
-def job(j: Job, url_for_key: UrlForKey | None, output_retention: int | None = None) -> dict[str, Any]:
+def job(j: Job, url_for_key: UrlForKey | None, output_retention: int | None = None) -> JobView:
     """The job as GET shows it. With url_for_key None, outputs keep their
     storage keys (a webhook payload frozen now, its URLs made when it is sent).
     `expires_at`: when its outputs were deleted, or will be given

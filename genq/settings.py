@@ -36,8 +36,10 @@ HOME = "$GENQ_HOME"
 
 # GENQ_* variables that are not settings, so they are not refused as misspelt:
 # the worker image's pool, read by its start command's shell (infra/Dockerfile.worker),
+# the client's (genq/client/_core.py: where the API is, the key it sends; a
+# shell that runs `genq up` and `genq run` side by side has them set),
 # and the tests' and benchmarks' own knobs (GENQ_TEST_PG_URL, GENQ_BENCH_PG_URL...).
-NOT_SETTINGS = ("GENQ_POOL",)
+NOT_SETTINGS = ("GENQ_POOL", "GENQ_URL", "GENQ_API_KEY")
 NOT_SETTING_PREFIXES = ("GENQ_TEST_", "GENQ_BENCH_")
 
 # The README table's sections, in this order.
