@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from genq.keys import KeyCache
 from genq.live import Live, live_for
+from genq.position import Line
 from genq.settings import Settings
 from genq.storage import Storage
 from genq.webhook_secrets import Sealer
@@ -48,6 +49,9 @@ class Context:
     def __post_init__(self):
         if self.keys is None:
             self.keys = KeyCache(self.settings.key_cache_seconds)
+        # Queued jobs' places in line, each pool's counts and each job's place
+        # kept a few seconds (genq.position).
+        self.line = Line()
         # Reads of one statement need no transaction: in autocommit a read is
         # its one round trip, without a BEGIN before it and a ROLLBACK after.
         engine: Engine = self.sessions.kw["bind"]

@@ -108,9 +108,19 @@ def url_for_key(job_id: str):
     return output_urls(ctx().storage, ctx().settings.api_base_url, job_id)
 
 
-def render(job: Job) -> dict:
+def render(job: Job, queue: dict | None = None) -> dict:
     # A job read by read_own has no tenant_id: it is the caller's.
-    return serialize.job(job, url_for_key(job.id), retention_of(getattr(job, "tenant_id", None))["outputs"])
+    return serialize.job(job, url_for_key(job.id), retention_of(getattr(job, "tenant_id", None))["outputs"],
+                         queue)
+
+
+def queue_of(job) -> dict | None:
+    """A queued job's place in line (genq.position), or None."""
+    if job.status != JobStatus.QUEUED.value:
+        return None
+    with ctx().read() as conn:
+        place = ctx().line.place(conn, job.id)
+    return place.shown() if place is not None else None
 
 
 def retention_of(tenant_id: str | None) -> dict[str, int]:
@@ -274,14 +284,15 @@ def fine_tune_request(req: JobCreate):
 def get_job(job_id: str):
     job = read_own_job(job_id)
     job, applied = waited(job)
-    headers = {"ETag": etag(job), "Cache-Control": "private, no-cache", **applied}
+    queue = queue_of(job)
+    headers = {"ETag": etag(job, queue), "Cache-Control": "private, no-cache", **applied}
     if not JobStatus(job.status).terminal:
         # When to poll again: a hint, not a limit.
         headers["Retry-After"] = POLL_HINT[job.status]
     if request.if_none_match and request.if_none_match.contains_weak(headers["ETag"][3:-1]):
         # The caller's copy is current: no body. Only the owner gets this far.
         return Response(status=304, headers=headers)
-    return render(job), headers
+    return render(job, queue), headers
 
 
 # Seconds a client had best wait before polling a job again, by status.
@@ -310,14 +321,14 @@ def read_own_job(job_id: str):
     return job
 
 
-def etag(job) -> str:
+def etag(job, queue: dict | None = None) -> str:
     """A weak validator of what GET shows of the job: it changes whenever
-    its status, progress, output, error or update time do. Weak, because the
-    output's presigned URLs are signed anew on each answer."""
+    its status, progress, output, error, update time or place in line do.
+    Weak, because the output's presigned URLs are signed anew on each answer."""
     digest = hashlib.blake2b(digest_size=12)
     for part in (job.id, job.status, job.updated_at.isoformat(), job.attempts, job.cancel_requested):
         digest.update(f"{part}\x1f".encode())
-    for part in (job.progress, job.output, job.error, job.metrics, job.started_at, job.completed_at):
+    for part in (job.progress, job.output, job.error, job.metrics, job.started_at, job.completed_at, queue):
         digest.update(json.dumps(part, sort_keys=True, default=str).encode() + b"\x1f")
     return f'W/"{digest.hexdigest()}"'
 

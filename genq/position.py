@@ -103,9 +103,24 @@ class Line:
         self._pools: dict[str, Pool] = {}
         self._lock = threading.Lock()
         self._sql: tuple[str, dict] | None = None
+        self._places: dict[str, tuple[float, Place | None]] = {}
 
     def place(self, conn: Connection, job_id: str) -> Place | None:
-        """The job's place, or None if it is not queued (any more)."""
+        """The job's place, or None if it is not queued (any more). A job's
+        place is kept `seconds` too: a client polling one queued job pays for
+        it once per `seconds`, not on every poll."""
+        now = time.monotonic()
+        kept = self._places.get(job_id)
+        if kept is not None and now - kept[0] < self.seconds:
+            return kept[1]
+        found = self._place(conn, job_id)
+        with self._lock:
+            if len(self._places) > 10_000:
+                self._places = {k: v for k, v in self._places.items() if now - v[0] < self.seconds}
+            self._places[job_id] = (now, found)
+        return found
+
+    def _place(self, conn: Connection, job_id: str) -> Place | None:
         me = conn.execute(_ME, {"job_id": job_id}).first()
         if me is None:
             return None

@@ -31,6 +31,18 @@ class JobProgress(TypedDict):
     unit: str
 
 
+class JobQueue(TypedDict):
+    """Where a queued job stands (genq.position): jobs of its pool that would
+    start before it, and when it should start at the pool's recent pace."""
+
+    position: int
+    position_is_lower_bound: Annotated[bool, Field(description=(
+        "More of its own tenant's jobs are ahead of it than are counted (1,000): `position` is at least this."))]
+    eta_seconds: Annotated[float | None, Field(description=(
+        "Seconds until it should start: (position + 1) / the jobs of its pool that ended per second over the "
+        "last 5 minutes; null when none did."))]
+
+
 @with_config(ConfigDict(title="Job"))
 class JobView(TypedDict):
     id: ObjectId
@@ -52,6 +64,9 @@ class JobView(TypedDict):
     created_at: Timestamp
     started_at: Timestamp | None
     completed_at: Timestamp | None
+    queue: Annotated[JobQueue | None, Field(description=(
+        "A queued job's place in line, on GET /v1/jobs/<id> (refreshed at most every 5 s); null otherwise and "
+        "in lists."))]
     expires_at: Annotated[Timestamp | None, Field(description=(
         "When the job's outputs were deleted, or will be (GENQ_OUTPUT_RETENTION after it ended); null while it "
         "runs, or when outputs are kept."))]
@@ -92,7 +107,8 @@ def output_urls(storage: Storage, base_url: str, job_id: str) -> UrlForKey:
     return url
 
 
-def job(j: Job, url_for_key: UrlForKey | None, output_retention: int | None = None) -> JobView:
+def job(j: Job, url_for_key: UrlForKey | None, output_retention: int | None = None,
+        queue: JobQueue | None = None) -> JobView:
     """The job as GET shows it. With url_for_key None, outputs keep their
     storage keys (a webhook payload frozen now, its URLs made when it is sent).
     `expires_at`: when its outputs were deleted, or will be given
@@ -118,5 +134,6 @@ def job(j: Job, url_for_key: UrlForKey | None, output_retention: int | None = No
         "created_at": rfc3339(j.created_at),
         "started_at": rfc3339(j.started_at),
         "completed_at": rfc3339(j.completed_at),
+        "queue": queue,
         "expires_at": rfc3339(j.expired_at or expires_at(j.completed_at, output_retention or 0)),
     }

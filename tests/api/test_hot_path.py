@@ -70,13 +70,20 @@ def set_job(settings, job_id, **values):
 def test_a_poll_with_a_warm_key_cache_is_one_statement(app, client, settings):
     headers = tenant(settings)
     job_id = submit(client, headers)  # verifies the key: the cache is warm
+    # A queued job's first poll reads its place in line too (genq.position):
+    # its row, its rank, its pool's counts. The process keeps the place 5 s.
+    with statements(app) as sent:
+        assert client.get(f"/v1/jobs/{job_id}", headers=headers).get_json()["queue"]["position"] == 0
+    assert len(sent) > 1
     with statements(app) as sent:
         resp = client.get(f"/v1/jobs/{job_id}", headers=headers)
     assert resp.status_code == 200 and resp.get_json()["id"] == job_id
     assert len(sent) == 1, sent
     # By id and owner at once: another tenant's job is never read into the process.
     assert "FROM jobs" in sent[0] and "jobs.id =" in sent[0] and "jobs.tenant_id =" in sent[0]
-    # A cold process verifies the key first, in one statement of its own.
+    # A cold process verifies the key first, in one statement of its own
+    # (the job running now: no place in line to read).
+    set_job(settings, job_id, status="running")
     cold = create_app(settings)
     with statements(cold) as sent:
         assert cold.test_client().get(f"/v1/jobs/{job_id}", headers=headers).status_code == 200
@@ -247,6 +254,7 @@ def test_a_poll_survives_a_connection_the_database_dropped(app, client, settings
 
     headers = tenant(settings)
     job_id = submit(client, headers)
+    set_job(settings, job_id, status="running")  # a queued job's place in line would add its own reads
     engine = app.extensions["genq"].sessions.kw["bind"]
     pooled = [record.dbapi_connection.info.backend_pid for record in list(engine.pool._pool.queue)]
     assert pooled
