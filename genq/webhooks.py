@@ -268,11 +268,16 @@ def record(session: Session, delivery: WebhookDelivery, outcome: Outcome, backof
     return values["status"]
 
 
-def body(delivery: WebhookDelivery, url_for_key: serialize.UrlForKey) -> dict:
-    """The payload as sent: the job frozen at event time, its output URLs made now."""
+def body(delivery: WebhookDelivery, url_for_key: serialize.UrlForKey, output_retention: int = 0) -> dict:
+    """The payload as sent: the job frozen at event time, its output URLs made
+    now, and when its outputs expire given the tenant's `output_retention`
+    (the frozen payload cannot know it: retention is the sender's setting)."""
     payload = dict(delivery.payload)
     if payload.get("output") is not None:
         payload["output"] = serialize.with_urls(payload["output"], url_for_key)
+    if payload.get("expires_at") is None and payload.get("completed_at") and output_retention:
+        ended = dt.datetime.fromisoformat(payload["completed_at"].replace("Z", "+00:00"))
+        payload["expires_at"] = serialize.rfc3339(ended + dt.timedelta(seconds=output_retention))
     return payload
 
 

@@ -19,11 +19,12 @@ import time
 from typing import Callable
 
 import urllib3
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from genq import serialize, webhook_secrets, webhooks
+from genq import retention, serialize, webhook_secrets, webhooks
 from genq.queue import publish_delivery
-from genq.schema import utcnow
+from genq.schema import Tenant, utcnow
 from genq.settings import Settings
 from genq.storage import Storage
 from genq.webhook_guard import Policy, Resolver, Target, WebhookRefused, allowed_addresses, parse, system_resolver
@@ -138,8 +139,10 @@ class Sender:
                          "deliveries in flight are at the limit)", delivery_id)
                 return None
             keys = webhook_secrets.signing_keys(session, delivery.tenant_id, self.sealer, self.clock())
+            own = session.scalar(select(Tenant.retention).where(Tenant.id == delivery.tenant_id))
         url_for_key = serialize.output_urls(self.storage, self.settings.api_base_url, delivery.job_id)
-        payload = webhook_secrets.encode(webhooks.body(delivery, url_for_key))
+        kept = retention.effective(self.settings, own)["outputs"]
+        payload = webhook_secrets.encode(webhooks.body(delivery, url_for_key, kept))
         headers = webhook_secrets.sign(keys, delivery.webhook_id, payload, self.clock())
         outcome = post(delivery.url, payload, headers, policy=self.policy, timeout=self.settings.webhook_timeout,
                        resolver=self.resolver, ca_certs=self.ca_certs)
