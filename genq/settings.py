@@ -159,7 +159,9 @@ class Settings(BaseModel):
                                   "listen on.", shown="`http://$GENQ_API_HOST:$GENQ_API_PORT`")
     rate_limit: str = knob("1200/minute", API, "Requests per tenant across every route (a caller without a key: per address), "
                            "as `N/second`, `N/minute`, `N/hour` or `N/day` (the `limits` library's syntax); empty turns it off. "
-                           "Counted in a sliding window, in Redis, one round trip a request.",
+                           "Counted in a sliding window in Redis, which each API process leases tokens from in batches "
+                           "(api/limits.py): within a window a tenant gets at most the limit plus "
+                           "limit/100 (at most 50) per API process; under 100 a window, exactly the limit.",
                            empty_is_a_value=True)
     ratelimit_storage_url: str = knob("", API, "Where request counts live; empty means the broker's Redis, or "
                                       "memory when embedded.")
