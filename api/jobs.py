@@ -285,8 +285,12 @@ def read_own_job(job_id: str):
     tenant_id = caller().tenant_id
     for attempt in (1, 2):
         try:
-            with ctx().read() as conn:
-                job = joblib.read_own(conn, job_id, tenant_id)
+            if ctx().driver_reads:
+                with ctx().driver() as conn:
+                    job = joblib.read_own_driver(conn, job_id, tenant_id)
+            else:
+                with ctx().read() as conn:
+                    job = joblib.read_own(conn, job_id, tenant_id)
             break
         except DBAPIError as exc:
             if attempt == 2 or not exc.connection_invalidated:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+from collections import namedtuple
 from typing import Any, Iterable, NamedTuple
 
 from sqlalchemy import Update, and_, bindparam, func, insert, literal, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from genq import line, notify, webhooks
@@ -51,6 +53,21 @@ _OWN_JOB = select(*SHOWN).where(Job.id == bindparam("job_id"), Job.tenant_id == 
 def read_own(conn, job_id: str, tenant_id: str):
     """The job's row (attributes as a Job's) if `tenant_id` owns it, else None."""
     return conn.execute(_OWN_JOB, {"job_id": job_id, "tenant_id": tenant_id}).first()
+
+
+# The same statement for psycopg itself (Postgres), compiled once by SQLAlchemy.
+_OWN_JOB_SQL = str(_OWN_JOB.compile(dialect=postgresql.psycopg.dialect()))
+JobRow = namedtuple("JobRow", [c.name for c in SHOWN])
+
+
+def read_own_driver(conn, job_id: str, tenant_id: str) -> JobRow | None:
+    """read_own on a psycopg connection (api.context.Context.driver): a
+    prepared statement, its row as a JobRow (the same attributes, the same
+    values: psycopg decodes JSON and timestamps either way)."""
+    with conn.cursor() as cur:
+        cur.execute(_OWN_JOB_SQL, {"job_id": job_id, "tenant_id": tenant_id}, prepare=True)
+        row = cur.fetchone()
+    return None if row is None else JobRow._make(row)
 
 
 # A job and its `queued` event, one statement (Postgres), built once: the
