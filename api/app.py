@@ -5,6 +5,7 @@ from flask import Flask
 
 from api import admin, catalog, errors, events, files, health, jobs, metrics, openapi, params
 from api.context import Context
+from api.fastpoll import FastPoll
 from api.held import init_slots
 from api.limits import init_limiter, storage_uri
 from api.request_id import init_request_ids
@@ -55,4 +56,7 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     for blueprint in (health.bp, jobs.bp, events.bp, files.bp, catalog.bp, admin.bp, openapi.bp, metrics.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(webhook_routes.bp)
+    if context.driver_reads:
+        # Plain polls answered below Flask (api/fastpoll.py).
+        app.wsgi_app = FastPoll(app)
     return app

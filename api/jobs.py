@@ -12,6 +12,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
+from werkzeug.http import parse_etags
 
 from api import fanout, held, idempotency, serialize
 from api.auth import caller, require_key
@@ -261,18 +262,29 @@ def fine_tune_request(req: JobCreate):
 def get_job(job_id: str):
     job = read_own_job(job_id)
     job, applied = waited(job)
-    headers = {"ETag": etag(job), "Cache-Control": "private, no-cache", **applied}
-    if not JobStatus(job.status).terminal:
-        # When to poll again: a hint, not a limit.
-        headers["Retry-After"] = POLL_HINT[job.status]
-    if request.if_none_match and request.if_none_match.contains_weak(headers["ETag"][3:-1]):
-        # The caller's copy is current: no body. Only the owner gets this far.
+    status, headers, body = poll_answer(job, request.headers.get("If-None-Match"), ctx())
+    headers.update(applied)
+    if status == 304:
         return Response(status=304, headers=headers)
-    return render(job), headers
+    return body, headers
 
 
 # Seconds a client had best wait before polling a job again, by status.
 POLL_HINT = {JobStatus.QUEUED.value: "2", JobStatus.RUNNING.value: "1"}
+
+
+def poll_answer(job, if_none_match: str | None, context) -> tuple[int, dict, dict | None]:
+    """What a poll of its owner's job answers (the view's and api/fastpoll.py's
+    alike): 304 and no body when `If-None-Match` names the job's ETag, else
+    200 and the job; with the ETag, and Retry-After while the job has not ended."""
+    headers = {"ETag": etag(job), "Cache-Control": "private, no-cache"}
+    if not JobStatus(job.status).terminal:
+        # When to poll again: a hint, not a limit.
+        headers["Retry-After"] = POLL_HINT[job.status]
+    if if_none_match and parse_etags(if_none_match).contains_weak(headers["ETag"][3:-1]):
+        # The caller's copy is current: no body. Only the owner gets this far.
+        return 304, headers, None
+    return 200, headers, serialize.job(job, output_urls(context.storage, context.settings.api_base_url, job.id))
 
 
 def read_own_job(job_id: str):

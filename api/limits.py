@@ -29,6 +29,8 @@ EXEMPT_ENDPOINTS = {"health.healthz", "health.readyz", "docs.openapi", "docs.doc
 # After Redis fails, count in memory this long (seconds) before trying it again.
 REDIS_RETRY_SECONDS = 5.0
 PREFIX = "genq-rl"
+# Set in a request's environ once its token was spent below Flask (api/fastpoll.py).
+COUNTED = "genq.rate_counted"
 
 
 def limit_key() -> str:
@@ -137,6 +139,18 @@ class Limiter:
                 lease.left += granted - 1
         return True
 
+    def spend_leased(self, key: str) -> bool:
+        """Spend a token this process holds already, with no I/O: False when
+        it holds none (then `hit`, which may lease more, decides)."""
+        if self._strategy() is self.memory:
+            return False
+        with self._lock:
+            lease = self._leases.get(key)
+            if lease is not None and lease.left > 0 and lease.until > self.clock():
+                lease.left -= 1
+                return True
+        return False
+
     def _spend_or_size(self, key: str) -> int:
         """0 when a token of this process's lease was spent; else how many to
         lease: twice the last lease when it was all spent before it lapsed,
@@ -186,7 +200,7 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter | None:
 
     @app.before_request
     def _limit():
-        if request.endpoint in EXEMPT_ENDPOINTS:
+        if request.endpoint in EXEMPT_ENDPOINTS or request.environ.get(COUNTED):
             return None
         key = limit_key()
         if limiter.hit(key):
