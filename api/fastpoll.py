@@ -6,7 +6,9 @@ more CPU than the poll's own work (its one prepared statement and its JSON).
 A poll this lane takes: no query string, no `Prefer`, a key this process
 verified within GENQ_KEY_CACHE_SECONDS (genq.keys.KeyCache) and a rate-limit
 token this process leased already (api.limits.Limiter.spend_leased), and the
-caller's job found. It answers exactly as the Flask view does (one function,
+caller's job found; a conditional poll of a job this process read within
+GENQ_POLL_CACHE_SECONDS and heard no change of since is a 304 with no
+statement at all (api/pollcache.py). It answers exactly as the Flask view does (one function,
 api.jobs.poll_answer, makes both answers), with the request id, and counts
 the request in the metrics under the view's route. Anything else, a 404, a
 database error included, goes to Flask as if this lane were not there (its
@@ -20,9 +22,11 @@ import re
 import time
 
 from flask import Flask
+from werkzeug.http import parse_etags
 
 from api.jobs import poll_answer
 from api.limits import COUNTED
+from api.pollcache import PollCache
 from api.request_id import ENVIRON_KEY, HEADER, SANE
 from genq.jobs import read_own_driver
 
@@ -40,6 +44,11 @@ class FastPoll:
         self.limiter = app.extensions.get("genq_limiter")
         self.observe = app.extensions["genq_observe"]
         self.ensure_ascii = app.json.ensure_ascii
+        settings = self.context.settings
+        # Conditional polls of unchanged jobs, answered from memory while this
+        # process hears the job event notifications (Redis only).
+        self.cache = PollCache(settings.broker_url, settings.poll_cache_seconds) \
+            if settings.poll_cache_seconds > 0 and settings.broker_url.startswith(("redis://", "rediss://")) else None
         self.served = 0  # polls this lane answered (tests read it)
 
     def __call__(self, environ, start_response):
@@ -65,14 +74,24 @@ class FastPoll:
             if not self.limiter.spend_leased(f"tenant:{caller.tenant_id}"):
                 return None
             environ[COUNTED] = True  # Flask, if it answers after all, does not count it again
-        try:
-            with self.context.driver() as conn:
-                job = read_own_driver(conn, match[1], caller.tenant_id)
-        except Exception:  # noqa: BLE001 - Flask reads again, and answers 503 or whatever it is
-            return None
-        if job is None:
-            return None
-        code, headers, data = poll_answer(job, environ.get("HTTP_IF_NONE_MATCH"), self.context)
+        job_id, if_none_match = match[1], environ.get("HTTP_IF_NONE_MATCH")
+        cache = self.cache
+        entry = cache.lookup(job_id, caller.tenant_id) if cache is not None and if_none_match else None
+        if entry is not None and parse_etags(if_none_match).contains_weak(entry.etag[3:-1]):
+            # Unchanged since this process read it (api/pollcache.py): no statement.
+            code, headers, data = 304, dict(entry.headers), None
+        else:
+            read_at = cache.clock() if cache is not None else 0.0
+            try:
+                with self.context.driver() as conn:
+                    job = read_own_driver(conn, job_id, caller.tenant_id)
+            except Exception:  # noqa: BLE001 - Flask reads again, and answers 503 or whatever it is
+                return None
+            if job is None:
+                return None
+            code, headers, data = poll_answer(job, if_none_match, self.context)
+            if cache is not None:
+                cache.put(job_id, caller.tenant_id, headers["ETag"], dict(headers), read_at)
         given = environ.get("HTTP_X_REQUEST_ID", "")
         request_id = given if SANE.fullmatch(given) else f"{random.getrandbits(128):032x}"
         environ[ENVIRON_KEY] = request_id  # for the access line

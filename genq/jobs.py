@@ -185,6 +185,8 @@ def cancel(session: Session, job: Job) -> Job:
         session.execute(
             update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING.value).values(cancel_requested=True, updated_at=now)
         )
+        # No event, but a change polls show: API processes drop their cached ETag (api/pollcache.py).
+        notify.note(session, job.id)
         session.flush()
         session.refresh(job)
         return job

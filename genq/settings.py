@@ -172,6 +172,13 @@ class Settings(BaseModel):
                                     "within this bound; the process that revokes it forgets it at once. 0 checks "
                                     "every request.")
 
+    poll_cache_seconds: float = knob(1.0, API, "An API process answers `If-None-Match` polls of a job it read "
+                                     "this recently (seconds) with 304 and no database statement, while it is "
+                                     "subscribed to the job event notifications in Redis: a change (every one "
+                                     "writes a job event) drops the job's entry as soon as its notification "
+                                     "arrives, and this is how stale an answer can be when a notification is "
+                                     "lost. 0 reads the database on every poll.")
+
     # ---- files and fine-tuning
     max_file_bytes: int = knob(50 * 2**20, LIMITS, "Largest file `POST /v1/files` accepts.")
     max_dataset_rows: int = knob(100_000, LIMITS, "Most rows in a dataset.")
@@ -299,7 +306,7 @@ class Settings(BaseModel):
             raise ValueError(f"must be 0 (no limit) or more, got {value}")
         return value
 
-    @field_validator("max_held_requests", "metrics_cache_seconds", "key_cache_seconds")
+    @field_validator("max_held_requests", "metrics_cache_seconds", "key_cache_seconds", "poll_cache_seconds")
     @classmethod
     def _zero_or_more(cls, value):
         if value < 0:
