@@ -1,5 +1,5 @@
 """What the API's request handlers share: settings, sessions, registry, storage,
-the Celery app, the webhook secrets' sealer, live output. Built once by the app
+the Celery app and its doorbells, the webhook secrets' sealer, live output. Built once by the app
 factory and kept in app.extensions."""
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.doorbell import Doorbells
 from genq.keys import KeyCache
+from genq.notify import Notifier
 from genq.live import Live, live_for
 from genq.settings import Settings
 from genq.storage import Storage
@@ -32,6 +34,10 @@ class Context:
     sealer: Sealer
     # Verified API keys, for GENQ_KEY_CACHE_SECONDS (made from settings when not given).
     keys: KeyCache | None = None
+    # Event notifications (genq.notify) on the broker's Redis; None without one.
+    notifier: Notifier | None = None
+    # Submits' doorbells, sent after the answer (made from `celery` when not given).
+    doorbells: Doorbells | None = None
     _live: Live | None = field(default=None, repr=False)
     _live_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -48,6 +54,8 @@ class Context:
     def __post_init__(self):
         if self.keys is None:
             self.keys = KeyCache(self.settings.key_cache_seconds)
+        if self.doorbells is None:
+            self.doorbells = Doorbells(self.celery, self.notifier)
         # Reads of one statement need no transaction: in autocommit a read is
         # its one round trip, without a BEGIN before it and a ROLLBACK after.
         engine: Engine = self.sessions.kw["bind"]
@@ -63,22 +71,25 @@ class Context:
             yield conn
 
     @contextmanager
-    def driver(self) -> Iterator[Any]:
-        """A pooled psycopg connection in autocommit, for a single-statement
+    def driver(self, autocommit: bool = True) -> Iterator[Any]:
+        """A pooled psycopg connection, in autocommit for a single-statement
         read on the hot path with no SQLAlchemy between it and its row: its
         statement and result machinery cost a poll more CPU than the read
-        (0.15 ms against 0.04 ms, measured). The pool's checkout (and its ping
-        of a connection idle too long) still applies. A driver error leaves as
-        SQLAlchemy's DBAPIError, as from any other read: with
-        `connection_invalidated` when the connection died (it is then dropped
-        from the pool), and mapped to 503 when the database is down."""
+        (0.15 ms against 0.04 ms, measured); or not, for a transaction the
+        caller commits (genq.jobs.submit_pipelined), rolled back if it did not.
+        The pool's checkout (and its ping of a connection idle too long) still
+        applies. A driver error leaves as SQLAlchemy's DBAPIError, as from any
+        other statement: with `connection_invalidated` when the connection
+        died (it is then dropped from the pool), and mapped to 503 when the
+        database is down."""
         fairy = self._engine.raw_connection()
         conn = fairy.driver_connection
         try:
-            conn.autocommit = True
+            conn.autocommit = autocommit
             yield conn
+            conn.rollback()  # a transaction left open (none is, normally): no round trip when idle
             conn.autocommit = False
-        except self._engine.dialect.loaded_dbapi.Error as exc:
+        except BaseException as exc:
             dropped = conn.broken or conn.closed
             if dropped:
                 # As SQLAlchemy does on a disconnect: every connection pooled
@@ -86,9 +97,12 @@ class Context:
                 # and each is replaced at its next checkout.
                 self._engine.pool._invalidate(fairy, exc)
             else:
+                conn.rollback()
                 conn.autocommit = False
-            raise DBAPIError.instance(None, None, exc, self._engine.dialect.loaded_dbapi.Error,
-                                      connection_invalidated=dropped, dialect=self._engine.dialect) from exc
+            if isinstance(exc, self._engine.dialect.loaded_dbapi.Error):
+                raise DBAPIError.instance(None, None, exc, self._engine.dialect.loaded_dbapi.Error,
+                                          connection_invalidated=dropped, dialect=self._engine.dialect) from exc
+            raise
         finally:
             fairy.close()
 

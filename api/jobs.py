@@ -189,34 +189,43 @@ def create_job():
             check_at_submit(req.webhook, Policy.from_settings(c.settings))
         except WebhookRefused as exc:
             raise invalid("webhook", exc.message) from None
+    job_args = dict(
+        tenant_id=caller().tenant_id,
+        type_=req.type or spec.family,
+        model=spec.name,
+        pool=pool,
+        batch_key=batch_key,
+        input_=inp.model_dump(mode="json"),
+        priority=req.priority,
+        webhook=req.webhook,
+        webhook_events_filter=list(req.webhook_events_filter) if req.webhook_events_filter is not None else None,
+        max_attempts=c.settings.max_attempts,
+    )
+    if idem is None and c.driver_reads:
+        # Postgres, no Idempotency-Key: one pipelined transaction at the driver,
+        # holding the tenant's lock no longer than the server runs it.
+        try:
+            with c.driver(autocommit=False) as conn:
+                job = joblib.submit_pipelined(conn, joblib.new_job_values(**job_args), c.settings.max_active_jobs)
+        except joblib.TooManyActive as exc:
+            raise too_many_active(exc, c.settings) from None
+        c.doorbells.ring(job.id, job.pool, notify=True)
+        return respond(job)
     with idempotency.race(idem) as race, c.session() as session, session.begin():
         most = lock_for_active_jobs(session, caller().tenant_id, c.settings)
         try:
-            job = joblib.submit(
-                session,
-                tenant_id=caller().tenant_id,
-                type_=req.type or spec.family,
-                model=spec.name,
-                pool=pool,
-                batch_key=batch_key,
-                input_=inp.model_dump(mode="json"),
-                priority=req.priority,
-                webhook=req.webhook,
-                webhook_events_filter=list(req.webhook_events_filter) if req.webhook_events_filter is not None else None,
-                max_attempts=c.settings.max_attempts,
-                max_active=most,
-            )
+            job = joblib.submit(session, **job_args, max_active=most)
         except joblib.TooManyActive as exc:
             raise too_many_active(exc, c.settings) from None
         race.record(session, job.id)
     if race.winner is not None:  # a concurrent request with the same key committed first
         return respond(race.winner, idempotency.REPLAYED)
-    # Publish only after the commit: a worker must find the row it is told about.
-    # A broker that is down is no failure: the job is recorded, and the
-    # reconciler beside every worker rings for it after a grace period.
-    from genq.queue import publish
-
-    publish(c.celery, job.id, job.pool)
+    # Ring only after the commit: a worker must find the row it is told about.
+    # Sent by a thread of this process after the answer (api/doorbell.py): a
+    # doorbell is a hint, and a broker that is down, or a process that dies
+    # before sending it, loses nothing: the reconciler beside every worker
+    # rings for a job queued past its grace period.
+    c.doorbells.ring(job.id, job.pool)
     return respond(job)
 
 
