@@ -1,6 +1,6 @@
-"""What the API's request handlers share: settings, sessions, registry, storage,
-the Celery app and its doorbells, the webhook secrets' sealer, live output. Built once by the app
-factory and kept in app.extensions."""
+"""What the API's request handlers share: settings, sessions, registry,
+storage, the Celery app and its doorbells, the webhook secrets' sealer, live
+output. Built once by the app factory and kept in app.extensions."""
 from __future__ import annotations
 
 import threading
@@ -91,14 +91,17 @@ class Context:
             conn.autocommit = False
         except BaseException as exc:
             dropped = conn.broken or conn.closed
+            if not dropped:
+                try:
+                    conn.rollback()
+                    conn.autocommit = False
+                except Exception:  # noqa: BLE001 - it died meanwhile
+                    dropped = True
             if dropped:
                 # As SQLAlchemy does on a disconnect: every connection pooled
                 # before now is suspect (a database restart drops them all),
                 # and each is replaced at its next checkout.
                 self._engine.pool._invalidate(fairy, exc)
-            else:
-                conn.rollback()
-                conn.autocommit = False
             if isinstance(exc, self._engine.dialect.loaded_dbapi.Error):
                 raise DBAPIError.instance(None, None, exc, self._engine.dialect.loaded_dbapi.Error,
                                           connection_invalidated=dropped, dialect=self._engine.dialect) from exc
