@@ -19,6 +19,10 @@ servers, as wrk would: on a 2-core machine its own cost shows in every figure
 alike, so compare ratios, not absolute rates, across machines. "client CPU"
 says how much of a core it used; near 100% it would be the bottleneck.
 
+Each server is measured once all its workers have booted and gone idle
+(`settle`): otherwise the first worker up takes the first connections, kept
+alive for the whole route.
+
 POST submits small text jobs under the default active-jobs quota (200),
 locked and counted on every submit. No worker runs: a stand-in marks the
 submitted jobs succeeded every 0.1 s, as workers would finish them, so the
@@ -183,14 +187,34 @@ def http_request(method: str, path: str, headers: dict | None = None, body: byte
 # ---- servers
 
 @contextmanager
-def server(argv: list[str], env: dict, port: int, ready_path: str):
+def server(argv: list[str], env: dict, port: int, ready_path: str, workers: int):
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_serving(f"http://127.0.0.1:{port}", proc, lambda: "(output not kept: rerun the command by hand)",
                      path=ready_path)
+        settle(proc.pid, workers)
         yield proc
     finally:
         stop_process(proc)
+
+
+def settle(pid: int, workers: int, quiet: float = 0.02, limit: float = 60.0) -> None:
+    """Wait until the server's `workers` worker processes are all up and idle
+    (each used under `quiet` s of CPU in the last 0.5 s). The first worker to
+    boot answers the readiness probe while the others may still be importing
+    the app; connections opened then all land on the ones that are up and,
+    kept alive, stay there for the whole route: the slower an app boots, the
+    more one worker serves alone (genq's first route measured at up to 100% of
+    the CPU in one of four workers). Both servers are waited for alike."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        children = [p for p in family(pid) if p != pid]
+        before = cpu_seconds(children)
+        time.sleep(0.5)
+        after = cpu_seconds(children)
+        if len(before) >= workers and all(after.get(p, 0) - used < quiet for p, used in before.items()):
+            return
+    print(f"(workers still busy after {limit:g} s; measuring anyway)", flush=True)
 
 
 def family(pid: int) -> list[int]:
@@ -341,7 +365,7 @@ def main() -> int:
         hello_port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
         with server([*gunicorn, "--bind", f"127.0.0.1:{hello_port}", "bench.api:hello_app()"], env, hello_port,
-                    "/") as hello:
+                    "/", workers) as hello:
             hello_req = [http_request("GET", "/")]
             if "hello" in routes:
                 measure("hello", hello_port, hello_req, hello.pid)
@@ -350,7 +374,7 @@ def main() -> int:
             port = free_port()
             genq_env = {**env, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
             with server([sys.executable, "-m", "genq.cli", "api", "--bind", f"127.0.0.1:{port}"], genq_env, port,
-                        "/healthz") as api:
+                        "/healthz", workers) as api:
                 auth = {**headers, "Accept": "application/json"}
                 if "get" in routes:
                     measure("get", port, [http_request("GET", f"/v1/jobs/{i}", auth) for i in ids], api.pid)
