@@ -5,6 +5,7 @@ from flask import Flask
 
 from api import admin, catalog, errors, events, files, health, jobs, metrics, openapi, params
 from api.context import Context
+from api.fastpoll import FastPoll
 from api.held import init_slots
 from api.limits import init_limiter, storage_uri
 from api.request_id import init_request_ids
@@ -32,6 +33,7 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     app.json.sort_keys = False
     # A connection per server thread: none is opened and closed per request.
     engine = make_engine(settings.database_url, pool_size=settings.api_threads)
+    notifier = Notifier.from_settings(settings)
     app.extensions["genq"] = Context(
         settings=settings,
         sessions=overrides.get("sessions") or make_sessionmaker(engine),
@@ -40,12 +42,13 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
         celery=overrides.get("celery") or make_celery(settings),
         # Now, not on first use: an API that cannot open the webhook secrets must not start.
         sealer=overrides.get("sealer") or webhook_secrets.Sealer.from_settings(settings),
+        notifier=notifier,
     )
     context = app.extensions["genq"]
     # Deliveries the API enqueues (cancel, redeliver) ring the sender once committed.
     webhooks.ring_after_commit(context.sessions, context.celery, settings.webhook_queue)
     # Jobs it submits or cancels ring every API process's event streams (api/fanout.py).
-    notify_after_commit(context.sessions, Notifier.from_settings(settings))
+    notify_after_commit(context.sessions, notifier)
     errors.register(app)
     # First of all: every request gets its id, for its log lines and its answer.
     init_request_ids(app)
@@ -59,4 +62,8 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
         app.register_blueprint(blueprint)
     app.register_blueprint(webhook_routes.bp)
     tracing.instrument_flask(app)
+    if context.driver_reads:
+        # Plain polls answered below Flask (api/fastpoll.py), and below the
+        # tracing middleware too: a traced deployment sees no span for them.
+        app.wsgi_app = FastPoll(app)
     return app

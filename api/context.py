@@ -1,20 +1,23 @@
-"""What the API's request handlers share: settings, sessions, registry, storage,
-the Celery app, the webhook secrets' sealer, live output. Built once by the app
-factory and kept in app.extensions."""
+"""What the API's request handlers share: settings, sessions, registry,
+storage, the Celery app and its doorbells, the webhook secrets' sealer, live
+output. Built once by the app factory and kept in app.extensions."""
 from __future__ import annotations
 
 import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 from celery import Celery
 from flask import current_app
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.doorbell import Doorbells
 from genq.keys import KeyCache
+from genq.notify import Notifier
 from genq.live import Live, live_for
 from genq.position import Line
 from genq.settings import Settings
@@ -33,6 +36,10 @@ class Context:
     sealer: Sealer
     # Verified API keys, for GENQ_KEY_CACHE_SECONDS (made from settings when not given).
     keys: KeyCache | None = None
+    # Event notifications (genq.notify) on the broker's Redis; None without one.
+    notifier: Notifier | None = None
+    # Submits' doorbells, sent after the answer (made from `celery` when not given).
+    doorbells: Doorbells | None = None
     _live: Live | None = field(default=None, repr=False)
     _live_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -52,16 +59,60 @@ class Context:
         # Queued jobs' places in line, each pool's counts and each job's place
         # kept a few seconds (genq.position).
         self.line = Line()
+        if self.doorbells is None:
+            self.doorbells = Doorbells(self.celery, self.notifier)
         # Reads of one statement need no transaction: in autocommit a read is
         # its one round trip, without a BEGIN before it and a ROLLBACK after.
         engine: Engine = self.sessions.kw["bind"]
+        self._engine = engine
         self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Postgres: the poll's read goes to psycopg itself (see `driver`).
+        self.driver_reads = engine.dialect.name == "postgresql"
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
         """A connection for a single-statement read, outside any transaction."""
         with self._reads.connect() as conn:
             yield conn
+
+    @contextmanager
+    def driver(self, autocommit: bool = True) -> Iterator[Any]:
+        """A pooled psycopg connection, in autocommit for a single-statement
+        read on the hot path with no SQLAlchemy between it and its row: its
+        statement and result machinery cost a poll more CPU than the read
+        (0.15 ms against 0.04 ms, measured); or not, for a transaction the
+        caller commits (genq.jobs.submit_pipelined), rolled back if it did not.
+        The pool's checkout (and its ping of a connection idle too long) still
+        applies. A driver error leaves as SQLAlchemy's DBAPIError, as from any
+        other statement: with `connection_invalidated` when the connection
+        died (it is then dropped from the pool), and mapped to 503 when the
+        database is down."""
+        fairy = self._engine.raw_connection()
+        conn = fairy.driver_connection
+        try:
+            conn.autocommit = autocommit
+            yield conn
+            conn.rollback()  # a transaction left open (none is, normally): no round trip when idle
+            conn.autocommit = False
+        except BaseException as exc:
+            dropped = conn.broken or conn.closed
+            if not dropped:
+                try:
+                    conn.rollback()
+                    conn.autocommit = False
+                except Exception:  # noqa: BLE001 - it died meanwhile
+                    dropped = True
+            if dropped:
+                # As SQLAlchemy does on a disconnect: every connection pooled
+                # before now is suspect (a database restart drops them all),
+                # and each is replaced at its next checkout.
+                self._engine.pool._invalidate(fairy, exc)
+            if isinstance(exc, self._engine.dialect.loaded_dbapi.Error):
+                raise DBAPIError.instance(None, None, exc, self._engine.dialect.loaded_dbapi.Error,
+                                          connection_invalidated=dropped, dialect=self._engine.dialect) from exc
+            raise
+        finally:
+            fairy.close()
 
     @contextmanager
     def session(self) -> Iterator[Session]:

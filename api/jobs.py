@@ -12,6 +12,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
+from werkzeug.http import parse_etags
 
 from api import fanout, held, idempotency, serialize
 from api.auth import caller, require_key
@@ -108,18 +109,17 @@ def url_for_key(job_id: str):
     return output_urls(ctx().storage, ctx().settings.api_base_url, job_id)
 
 
-def render(job: Job, queue: dict | None = None) -> dict:
+def render(job: Job) -> dict:
     # A job read by read_own has no tenant_id: it is the caller's.
-    return serialize.job(job, url_for_key(job.id), retention_of(getattr(job, "tenant_id", None))["outputs"],
-                         queue)
+    return serialize.job(job, url_for_key(job.id), retention_of(getattr(job, "tenant_id", None))["outputs"])
 
 
-def queue_of(job) -> dict | None:
+def queue_of(job, context) -> dict | None:
     """A queued job's place in line (genq.position), or None."""
     if job.status != JobStatus.QUEUED.value:
         return None
-    with ctx().read() as conn:
-        place = ctx().line.place(conn, job.id)
+    with context.read() as conn:
+        place = context.line.place(conn, job.id)
     return place.shown() if place is not None else None
 
 
@@ -211,34 +211,43 @@ def create_job():
             check_at_submit(req.webhook, Policy.from_settings(c.settings))
         except WebhookRefused as exc:
             raise invalid("webhook", exc.message) from None
+    job_args = dict(
+        tenant_id=caller().tenant_id,
+        type_=req.type or spec.family,
+        model=spec.name,
+        pool=pool,
+        batch_key=batch_key,
+        input_=inp.model_dump(mode="json"),
+        priority=req.priority,
+        webhook=req.webhook,
+        webhook_events_filter=list(req.webhook_events_filter) if req.webhook_events_filter is not None else None,
+        max_attempts=c.settings.max_attempts,
+    )
+    if idem is None and c.driver_reads:
+        # Postgres, no Idempotency-Key: one pipelined transaction at the driver,
+        # holding the tenant's lock no longer than the server runs it.
+        try:
+            with c.driver(autocommit=False) as conn:
+                job = joblib.submit_pipelined(conn, joblib.new_job_values(**job_args), c.settings.max_active_jobs)
+        except joblib.TooManyActive as exc:
+            raise too_many_active(exc, c.settings) from None
+        c.doorbells.ring(job.id, job.pool, notify=True)
+        return respond(job)
     with idempotency.race(idem) as race, c.session() as session, session.begin():
         most = lock_for_active_jobs(session, caller().tenant_id, c.settings)
         try:
-            job = joblib.submit(
-                session,
-                tenant_id=caller().tenant_id,
-                type_=req.type or spec.family,
-                model=spec.name,
-                pool=pool,
-                batch_key=batch_key,
-                input_=inp.model_dump(mode="json"),
-                priority=req.priority,
-                webhook=req.webhook,
-                webhook_events_filter=list(req.webhook_events_filter) if req.webhook_events_filter is not None else None,
-                max_attempts=c.settings.max_attempts,
-                max_active=most,
-            )
+            job = joblib.submit(session, **job_args, max_active=most)
         except joblib.TooManyActive as exc:
             raise too_many_active(exc, c.settings) from None
         race.record(session, job.id)
     if race.winner is not None:  # a concurrent request with the same key committed first
         return respond(race.winner, idempotency.REPLAYED)
-    # Publish only after the commit: a worker must find the row it is told about.
-    # A broker that is down is no failure: the job is recorded, and the
-    # reconciler beside every worker rings for it after a grace period.
-    from genq.queue import publish
-
-    publish(c.celery, job.id, job.pool)
+    # Ring only after the commit: a worker must find the row it is told about.
+    # Sent by a thread of this process after the answer (api/doorbell.py): a
+    # doorbell is a hint, and a broker that is down, or a process that dies
+    # before sending it, loses nothing: the reconciler beside every worker
+    # rings for a job queued past its grace period.
+    c.doorbells.ring(job.id, job.pool)
     return respond(job)
 
 
@@ -284,19 +293,35 @@ def fine_tune_request(req: JobCreate):
 def get_job(job_id: str):
     job = read_own_job(job_id)
     job, applied = waited(job)
-    queue = queue_of(job)
-    headers = {"ETag": etag(job, queue), "Cache-Control": "private, no-cache", **applied}
-    if not JobStatus(job.status).terminal:
-        # When to poll again: a hint, not a limit.
-        headers["Retry-After"] = POLL_HINT[job.status]
-    if request.if_none_match and request.if_none_match.contains_weak(headers["ETag"][3:-1]):
-        # The caller's copy is current: no body. Only the owner gets this far.
+    c = ctx()
+    status, headers, body = poll_answer(job, request.headers.get("If-None-Match"), c,
+                                        retention.effective(c.settings, caller().retention)["outputs"])
+    headers.update(applied)
+    if status == 304:
         return Response(status=304, headers=headers)
-    return render(job, queue), headers
+    return body, headers
 
 
 # Seconds a client had best wait before polling a job again, by status.
 POLL_HINT = {JobStatus.QUEUED.value: "2", JobStatus.RUNNING.value: "1"}
+
+
+def poll_answer(job, if_none_match: str | None, context, output_retention: int) -> tuple[int, dict, dict | None]:
+    """What a poll of its owner's job answers (the view's and api/fastpoll.py's
+    alike): 304 and no body when `If-None-Match` names the job's ETag, else
+    200 and the job (with its place in line while queued, and when its outputs
+    expire given `output_retention`); with the ETag, and Retry-After while the
+    job has not ended."""
+    queue = queue_of(job, context)
+    headers = {"ETag": etag(job, queue), "Cache-Control": "private, no-cache"}
+    if not JobStatus(job.status).terminal:
+        # When to poll again: a hint, not a limit.
+        headers["Retry-After"] = POLL_HINT[job.status]
+    if if_none_match and parse_etags(if_none_match).contains_weak(headers["ETag"][3:-1]):
+        # The caller's copy is current: no body. Only the owner gets this far.
+        return 304, headers, None
+    return 200, headers, serialize.job(job, output_urls(context.storage, context.settings.api_base_url, job.id),
+                                       output_retention, queue)
 
 
 def read_own_job(job_id: str):
@@ -309,8 +334,12 @@ def read_own_job(job_id: str):
     tenant_id = caller().tenant_id
     for attempt in (1, 2):
         try:
-            with ctx().read() as conn:
-                job = joblib.read_own(conn, job_id, tenant_id)
+            if ctx().driver_reads:
+                with ctx().driver() as conn:
+                    job = joblib.read_own_driver(conn, job_id, tenant_id)
+            else:
+                with ctx().read() as conn:
+                    job = joblib.read_own(conn, job_id, tenant_id)
             break
         except DBAPIError as exc:
             if attempt == 2 or not exc.connection_invalidated:

@@ -1,5 +1,5 @@
 """Per-tenant request rate limits (counted in Redis so every API process
-shares them), the quota on jobs queued or running at once and the quota on
+shares them, in leased batches), the quota on jobs queued or running at once and the quota on
 bytes of uploaded files."""
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ EXEMPT_ENDPOINTS = {"health.healthz", "health.readyz", "docs.openapi", "docs.doc
 # After Redis fails, count in memory this long (seconds) before trying it again.
 REDIS_RETRY_SECONDS = 5.0
 PREFIX = "genq-rl"
+# Set in a request's environ once its token was spent below Flask (api/fastpoll.py).
+COUNTED = "genq.rate_counted"
 
 
 def limit_key() -> str:
@@ -43,45 +45,140 @@ def storage_uri(settings: Settings) -> str:
     return settings.broker_url if settings.broker_url.startswith(("redis://", "rediss://")) else "memory://"
 
 
+# A process leases tokens from the shared budget in batches and spends them
+# locally: most requests cost no Redis round trip. A lease is at most
+# 1/LEASE_SHARE of the limit and at most MAX_LEASE tokens (so a limit under
+# LEASE_SHARE is counted one request at a time, exactly as before), and its
+# tokens lapse LEASE_SECONDS after they were counted.
+LEASE_SHARE = 100
+MAX_LEASE = 50
+LEASE_SECONDS = 1.0
+# Leases held at once (one per caller a process served in the last second);
+# past it, lapsed ones are dropped.
+MAX_LEASES = 10_000
+
+
+class Lease:
+    """Tokens of one caller's budget this process has counted in the shared
+    storage and not spent yet; `size` is what the next lease asks for."""
+
+    __slots__ = ("left", "until", "size")
+
+    def __init__(self) -> None:
+        self.left, self.until, self.size = 0, 0.0, 1
+
+
 class Limiter:
     """One budget per caller (a tenant, or an address without a key) across
-    every route: a sliding-window counter (the `limits` library's), one Redis
-    round trip (a Lua script) per request. Redis down is no outage: requests
-    are counted in this process's memory meanwhile, and Redis is tried again
-    every REDIS_RETRY_SECONDS."""
+    every route: a sliding-window counter (the `limits` library's), shared by
+    every API process through Redis.
 
-    def __init__(self, item: RateLimitItem, uri: str):
+    Tokens are leased: a process takes a batch of them from the shared budget
+    in one round trip (a Lua script) and spends them locally, so most requests
+    make no round trip at all. A lease starts at one token, doubles while the
+    caller keeps spending them all within LEASE_SECONDS and halves when some
+    lapse unspent, up to the cap: 1/LEASE_SHARE of the limit, at most MAX_LEASE
+    (`lease_cap`). Near the limit, when a whole lease no longer fits, one
+    token is counted at a time (a second round trip). The bound: tokens are counted up to LEASE_SECONDS before the requests
+    they admit, so in any window a caller gets at most the limit plus one
+    lease cap per API process (1200/minute: 12 per process; under 100 per
+    window: exact); tokens that lapse unspent count against the caller, at
+    most a lease per process and second.
+
+    Redis down is no outage: requests are counted in this process's memory
+    meanwhile (one at a time), and Redis is tried again every
+    REDIS_RETRY_SECONDS."""
+
+    def __init__(self, item: RateLimitItem, uri: str, clock=time.monotonic):
         self.item = item
         self.memory = SlidingWindowCounterRateLimiter(MemoryStorage())
         self.shared = None
         if not uri.startswith("memory://"):
             options = {"socket_timeout": 1, "socket_connect_timeout": 1} if uri.startswith(("redis", "rediss")) else {}
             self.shared = SlidingWindowCounterRateLimiter(storage_from_string(uri, **options))
+        self.lease_cap = max(1, min(MAX_LEASE, item.amount // LEASE_SHARE))
+        self.clock = clock
+        self._leases: dict[str, Lease] = {}
         self._down_until = 0.0
         self._lock = threading.Lock()
 
     def _strategy(self) -> SlidingWindowCounterRateLimiter:
-        if self.shared is not None and time.monotonic() >= self._down_until:
+        if self.shared is not None and self.clock() >= self._down_until:
             return self.shared
         return self.memory
 
     def _failed(self, exc: Exception) -> None:
         with self._lock:
-            if time.monotonic() >= self._down_until:
+            if self.clock() >= self._down_until:
                 log.warning("rate limits are counted in this process for %gs: their storage failed: %s",
                             REDIS_RETRY_SECONDS, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-            self._down_until = time.monotonic() + REDIS_RETRY_SECONDS
+            self._down_until = self.clock() + REDIS_RETRY_SECONDS
 
     def hit(self, key: str) -> bool:
         """Count a request; False when it is over the budget."""
         strategy = self._strategy()
+        if strategy is self.memory:
+            return self.memory.hit(self.item, PREFIX, key)
+        size = self._spend_or_size(key)
+        if not size:
+            return True
         try:
-            return strategy.hit(self.item, PREFIX, key)
+            granted = self._take(key, size)
         except Exception as exc:  # the shared storage is down: count here meanwhile
-            if strategy is self.memory:
-                raise
             self._failed(exc)
             return self.memory.hit(self.item, PREFIX, key)
+        if not granted:
+            return False
+        with self._lock:
+            lease = self._leases.get(key)
+            if lease is not None:
+                now = self.clock()
+                if lease.left <= 0 or lease.until <= now:
+                    lease.left, lease.until = 0, now + LEASE_SECONDS
+                # Tokens another thread leased meanwhile keep their (earlier) lapse time.
+                lease.left += granted - 1
+        return True
+
+    def spend_leased(self, key: str) -> bool:
+        """Spend a token this process holds already, with no I/O: False when
+        it holds none (then `hit`, which may lease more, decides)."""
+        if self._strategy() is self.memory:
+            return False
+        with self._lock:
+            lease = self._leases.get(key)
+            if lease is not None and lease.left > 0 and lease.until > self.clock():
+                lease.left -= 1
+                return True
+        return False
+
+    def _spend_or_size(self, key: str) -> int:
+        """0 when a token of this process's lease was spent; else how many to
+        lease: twice the last lease when it was all spent before it lapsed,
+        half when some of it lapsed unspent, the cap at most."""
+        now = self.clock()
+        with self._lock:
+            lease = self._leases.get(key)
+            if lease is None:
+                if len(self._leases) >= MAX_LEASES:
+                    self._leases = {k: v for k, v in self._leases.items() if v.until > now}
+                lease = self._leases[key] = Lease()
+            elif lease.left > 0 and lease.until > now:
+                lease.left -= 1
+                return 0
+            elif lease.until:
+                spent = lease.left <= 0 and lease.until > now
+                lease.size = min(self.lease_cap, lease.size * 2) if spent else max(1, lease.size // 2)
+            # Judged once: a thread that finds it empty too asks for the same size.
+            lease.left, lease.until = 0, 0.0
+            return lease.size
+
+    def _take(self, key: str, size: int) -> int:
+        """Count `size` tokens in the shared budget, or one when fewer are left;
+        how many were counted (0: none are left)."""
+        for cost in (size, 1) if size > 1 else (1,):
+            if self.shared.hit(self.item, PREFIX, key, cost=cost):
+                return cost
+        return 0
 
     def retry_after(self, key: str) -> int:
         """Seconds until the budget has room again: at least 1, at most the window."""
@@ -103,7 +200,7 @@ def init_limiter(app: Flask, settings: Settings) -> Limiter | None:
 
     @app.before_request
     def _limit():
-        if request.endpoint in EXEMPT_ENDPOINTS:
+        if request.endpoint in EXEMPT_ENDPOINTS or request.environ.get(COUNTED):
             return None
         key = limit_key()
         if limiter.hit(key):

@@ -77,13 +77,20 @@ def init_metrics(app) -> None:
     def _start():
         g.metrics_started = time.monotonic()
 
+    def observe(method: str, route: str, status: int, seconds: float | None) -> None:
+        requests.labels(method, route, str(status)).inc()
+        if seconds is not None:
+            latency.labels(method, route).observe(seconds)
+
+    # For what answers below Flask (api/fastpoll.py).
+    app.extensions["genq_observe"] = observe
+
     @app.after_request
     def _count(response):
         # The URL rule, not the path: ids in paths would make a series per job.
         route = request.url_rule.rule if request.url_rule else "unmatched"
-        requests.labels(request.method, route, str(response.status_code)).inc()
-        if "metrics_started" in g:
-            latency.labels(request.method, route).observe(time.monotonic() - g.metrics_started)
+        started = g.get("metrics_started")
+        observe(request.method, route, response.status_code, None if started is None else time.monotonic() - started)
         return response
 
 

@@ -6,7 +6,7 @@ under the same gunicorn settings and the same load generator:
   GET a job, GET a job with If-None-Match (304), list jobs, POST a job.
 
     .venv/bin/python bench/api.py [--seconds 5] [--connections 32] [--workers N] [--threads 8]
-                                  [--routes hello,get,get304,list,post] [--watchers N]
+                                  [--routes hello,get,get304,list,post] [--watchers N] [--queue]
 
 It prints requests/s, p50 and p99 latency per route, each route's ratio to
 hello (measured before and after the genq routes, the mean of both), and the
@@ -19,9 +19,18 @@ servers, as wrk would: on a 2-core machine its own cost shows in every figure
 alike, so compare ratios, not absolute rates, across machines. "client CPU"
 says how much of a core it used; near 100% it would be the bottleneck.
 
-POST submits small text jobs; no worker runs, so they stay queued (the
-active-jobs quota is raised so it still locks and counts, never refuses).
-Their doorbells go to a queue of the bench's own on Redis, purged afterwards.
+Each server is measured once all its workers have booted and gone idle
+(`settle`): otherwise the first worker up takes the first connections, kept
+alive for the whole route.
+
+POST submits small text jobs under the default active-jobs quota (200),
+locked and counted on every submit. No worker runs: a stand-in marks the
+submitted jobs succeeded every 0.1 s, as workers would finish them, so the
+quota's count reads what it reads in production (at most the quota's rows)
+and nothing is refused. `--queue` measures as before this stand-in: the jobs
+pile up queued, the quota lifted, and each submit counts all of them
+(thousands by the end of a run, inside the tenant's lock). Their doorbells
+go to a queue of the bench's own on Redis, purged afterwards.
 
 --watchers N is where the event-stream measurement plugs in: it calls
 bench.watchers.measure(base_url, headers, job_ids, n) when that module exists.
@@ -178,14 +187,34 @@ def http_request(method: str, path: str, headers: dict | None = None, body: byte
 # ---- servers
 
 @contextmanager
-def server(argv: list[str], env: dict, port: int, ready_path: str):
+def server(argv: list[str], env: dict, port: int, ready_path: str, workers: int):
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_serving(f"http://127.0.0.1:{port}", proc, lambda: "(output not kept: rerun the command by hand)",
                      path=ready_path)
+        settle(proc.pid, workers)
         yield proc
     finally:
         stop_process(proc)
+
+
+def settle(pid: int, workers: int, quiet: float = 0.02, limit: float = 60.0) -> None:
+    """Wait until the server's `workers` worker processes are all up and idle
+    (each used under `quiet` s of CPU in the last 0.5 s). The first worker to
+    boot answers the readiness probe while the others may still be importing
+    the app; connections opened then all land on the ones that are up and,
+    kept alive, stay there for the whole route: the slower an app boots, the
+    more one worker serves alone (genq's first route measured at up to 100% of
+    the CPU in one of four workers). Both servers are waited for alike."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        children = [p for p in family(pid) if p != pid]
+        before = cpu_seconds(children)
+        time.sleep(0.5)
+        after = cpu_seconds(children)
+        if len(before) >= workers and all(after.get(p, 0) - used < quiet for p, used in before.items()):
+            return
+    print(f"(workers still busy after {limit:g} s; measuring anyway)", flush=True)
 
 
 def family(pid: int) -> list[int]:
@@ -233,7 +262,7 @@ def rss_mib(pid: int) -> float:
 
 # ---- the genq side
 
-def genq_settings(tmp: Path, pg_url: str, pool_suffix: str, watchers: int = 0) -> Settings:
+def genq_settings(tmp: Path, pg_url: str, pool_suffix: str, watchers: int = 0, lift_quota: bool = False) -> Settings:
     from cryptography.fernet import Fernet
 
     doc = yaml.safe_load(DEFAULT_REGISTRY.read_text())
@@ -243,14 +272,18 @@ def genq_settings(tmp: Path, pg_url: str, pool_suffix: str, watchers: int = 0) -
     registry.write_text(yaml.safe_dump(doc))
     return Settings.from_env({}, home=tmp / "home", database_url=pg_url, broker_url="redis://127.0.0.1:6379/0",
                              registry_path=registry, webhook_secret_keys=(Fernet.generate_key().decode(),),
-                             # Counted (the limiter's round trip is part of every request), never reached.
-                             rate_limit="1000000000/minute", max_active_jobs=1_000_000_000,
+                             # Counted (leased from Redis, as for every request), never reached.
+                             rate_limit="1000000000/minute",
+                             # The default quota, locked and counted on every submit; `finishing` keeps the
+                             # tenant under it. Lifted for --queue, where jobs pile up.
+                             **({"max_active_jobs": 1_000_000_000} if lift_quota else {}),
                              # --watchers N: one tenant holds all N streams, past the default cap of 4.
                              **({"max_held_requests": watchers + 16} if watchers else {}))
 
 
-def seed(settings: Settings, n: int) -> tuple[dict, list[str]]:
-    """A tenant, its key and `n` jobs of its own (and one other tenant's, for 404 checks)."""
+def seed(settings: Settings, n: int) -> tuple[dict, list[str], dict, str]:
+    """A tenant, its key and `n` jobs of its own, to read; and a second
+    tenant's key and id, to submit as (its quota counts only what it submits)."""
     from genq import jobs as joblib
     from genq.db import make_engine, make_sessionmaker
     from genq.keys import create_key
@@ -261,8 +294,9 @@ def seed(settings: Settings, n: int) -> tuple[dict, list[str]]:
         ids = [joblib.submit(session, tenant_id=tenant.id, type_="text-generation", model="demo-text",
                              pool="bench", batch_key="k", input_={"prompt": "hi", "max_new_tokens": 8}).id
                for _ in range(n)]
+        submitter, submitter_raw = create_key(session, "bench-submits")
     engine.dispose()
-    return {"Authorization": f"Bearer {raw}"}, ids
+    return {"Authorization": f"Bearer {raw}"}, ids, {"Authorization": f"Bearer {submitter_raw}"}, submitter.id
 
 
 def etags(port: int, headers: dict, ids: list[str]) -> dict[str, str]:
@@ -289,6 +323,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="threads per worker (default: GENQ_API_THREADS)")
     parser.add_argument("--routes", default=",".join(ROUTES))
     parser.add_argument("--watchers", type=int, default=0, help="also open N event streams (bench/watchers.py)")
+    parser.add_argument("--queue", action="store_true",
+                        help="POST: let submitted jobs pile up, queued, with the active-jobs quota lifted "
+                             "(before: every submit counts them all); default: they finish as they would with workers")
     args = parser.parse_args()
     routes = [r for r in args.routes.split(",") if r]
 
@@ -298,12 +335,12 @@ def main() -> int:
     admin_url = os.environ.get("GENQ_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
     suffix = secrets.token_hex(4)
     with tempfile.TemporaryDirectory() as tmp, temporary_database(admin_url, f"genq_bench_{suffix}") as pg:
-        settings = genq_settings(Path(tmp), pg, suffix, args.watchers)
+        settings = genq_settings(Path(tmp), pg, suffix, args.watchers, lift_quota=args.queue)
         workers = args.workers or settings.workers
         threads = args.threads or settings.api_threads
         settings = settings.replace(api_workers=workers, api_threads=threads)
         upgrade(settings.database_url)
-        headers, ids = seed(settings, 100)
+        headers, ids, submit_headers, submitter = seed(settings, 100)
         gunicorn = [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--worker-class", "gthread",
                     "--threads", str(threads)]
         print(f"{os.cpu_count()} cores; gunicorn {workers} workers x gthread {threads} threads; "
@@ -328,7 +365,7 @@ def main() -> int:
         hello_port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
         with server([*gunicorn, "--bind", f"127.0.0.1:{hello_port}", "bench.api:hello_app()"], env, hello_port,
-                    "/") as hello:
+                    "/", workers) as hello:
             hello_req = [http_request("GET", "/")]
             if "hello" in routes:
                 measure("hello", hello_port, hello_req, hello.pid)
@@ -337,7 +374,7 @@ def main() -> int:
             port = free_port()
             genq_env = {**env, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
             with server([sys.executable, "-m", "genq.cli", "api", "--bind", f"127.0.0.1:{port}"], genq_env, port,
-                        "/healthz") as api:
+                        "/healthz", workers) as api:
                 auth = {**headers, "Accept": "application/json"}
                 if "get" in routes:
                     measure("get", port, [http_request("GET", f"/v1/jobs/{i}", auth) for i in ids], api.pid)
@@ -349,8 +386,10 @@ def main() -> int:
                     measure("list", port, [http_request("GET", "/v1/jobs?limit=20", auth)], api.pid)
                 if "post" in routes:
                     body = json.dumps({"model": "demo-text", "input": {"prompt": "hello", "max_new_tokens": 8}}).encode()
-                    measure("post", port, [http_request("POST", "/v1/jobs", {**auth, "Content-Type": "application/json"},
-                                                        body)], api.pid)
+                    with finishing(settings, submitter, args.queue):
+                        measure("post", port, [http_request("POST", "/v1/jobs", {
+                            **submit_headers, "Accept": "application/json", "Content-Type": "application/json"}, body)],
+                                api.pid)
                 if args.watchers:
                     try:
                         import bench.watchers as watchers
@@ -387,6 +426,47 @@ def main() -> int:
     if "hello" in results and len(results["hello"]) > 1:
         print("hello before / after: " + " / ".join(f"{r['rps']:.0f}" for r in results["hello"]) + " req/s")
     return 0
+
+
+@contextmanager
+def finishing(settings: Settings, tenant_id: str, grow: bool):
+    """While the submits run, a stand-in for workers: every FINISH_EVERY
+    seconds the submitting tenant's jobs queued since are marked succeeded (one
+    UPDATE), so that, as in production, its jobs queued or running stay under
+    the active-jobs quota and the quota's count, inside the tenant's lock,
+    reads at most that many rows. With --queue (the old behaviour) nothing
+    finishes, the quota is lifted, and each submit counts every job queued
+    before it, thousands by the end of a run."""
+    import threading
+
+    from sqlalchemy import text
+
+    from genq.db import make_engine
+
+    if grow:
+        yield
+        return
+    engine = make_engine(settings.database_url)
+    stop = threading.Event()
+
+    def finish() -> None:
+        while not stop.wait(FINISH_EVERY):
+            with engine.begin() as conn:
+                conn.execute(text("UPDATE jobs SET status = 'succeeded', completed_at = now(), updated_at = now() "
+                                  "WHERE tenant_id = :tenant AND status = 'queued'"), {"tenant": tenant_id})
+
+    thread = threading.Thread(target=finish, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        engine.dispose()
+
+
+# How often the stand-in for workers finishes the submitted jobs (seconds).
+FINISH_EVERY = 0.1
 
 
 def purge_queues(settings: Settings) -> None:

@@ -11,12 +11,16 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+from collections import namedtuple
 from typing import Any, Iterable, NamedTuple
 
-from sqlalchemy import Update, and_, bindparam, func, insert, literal, select, update
+from sqlalchemy import JSON, Update, and_, bindparam, cast, func, insert, literal_column, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from genq import line, notify, tracing, webhooks
+from psycopg.types.json import Json
+
+from genq import keys, line, notify, tracing, webhooks
 from genq.errors import IllegalTransition
 from genq.schema import Job, JobEvent, new_id, utcnow
 from genq.states import JobStatus, check_transition
@@ -53,14 +57,31 @@ def read_own(conn, job_id: str, tenant_id: str):
     return conn.execute(_OWN_JOB, {"job_id": job_id, "tenant_id": tenant_id}).first()
 
 
+# The same statement for psycopg itself (Postgres), compiled once by SQLAlchemy.
+_OWN_JOB_SQL = str(_OWN_JOB.compile(dialect=postgresql.psycopg.dialect()))
+JobRow = namedtuple("JobRow", [c.name for c in SHOWN])
+
+
+def read_own_driver(conn, job_id: str, tenant_id: str) -> JobRow | None:
+    """read_own on a psycopg connection (api.context.Context.driver): a
+    prepared statement, its row as a JobRow (the same attributes, the same
+    values: psycopg decodes JSON and timestamps either way)."""
+    with conn.cursor() as cur:
+        cur.execute(_OWN_JOB_SQL, {"job_id": job_id, "tenant_id": tenant_id}, prepare=True)
+        row = cur.fetchone()
+    return None if row is None else JobRow._make(row)
+
+
 # A job and its `queued` event, one statement (Postgres), built once: the
 # event's INSERT takes the job's id and time from the job's, in a CTE.
 _NEW_JOB = insert(Job.__table__).values({c.name: bindparam(c.name, type_=c.type) for c in Job.__table__.c}) \
     .returning(Job.__table__.c.id, Job.__table__.c.created_at).cte("new_job")
+# The event's constants are inline SQL, not parameters: the statement's only
+# parameters are the job's columns (submit_pipelined passes them to psycopg).
+_QUEUED_EVENT = (literal_column("'queued'"), cast(literal_column("'{}'"), JobEvent.data.type))
 _SUBMIT = insert(JobEvent.__table__).from_select(
     ["job_id", "type", "data", "at"],
-    select(_NEW_JOB.c.id, literal("queued", JobEvent.type.type), literal({}, JobEvent.data.type),
-           _NEW_JOB.c.created_at))
+    select(_NEW_JOB.c.id, *_QUEUED_EVENT, _NEW_JOB.c.created_at))
 
 
 # The same, only while the tenant has fewer than :most jobs queued or running:
@@ -72,7 +93,8 @@ _SUBMIT = insert(JobEvent.__table__).from_select(
 # submit committed before the lock was granted.
 _ACTIVE = select(func.count().label("n")).select_from(
     select(Job.__table__.c.id).where(Job.__table__.c.tenant_id == bindparam("tenant_id"),
-                                     Job.__table__.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+                                     Job.__table__.c.status.in_([literal_column(f"'{s.value}'")
+                                                                 for s in (JobStatus.QUEUED, JobStatus.RUNNING)]))
     .limit(bindparam("most")).subquery()).cte("active")
 _NEW_JOB_BELOW = insert(Job.__table__).from_select(
     [c.name for c in Job.__table__.c],
@@ -81,8 +103,7 @@ _NEW_JOB_BELOW = insert(Job.__table__).from_select(
     .returning(Job.__table__.c.id, Job.__table__.c.created_at).cte("new_job")
 _SUBMIT_BELOW = select(_ACTIVE.c.n).add_cte(insert(JobEvent.__table__).from_select(
     ["job_id", "type", "data", "at"],
-    select(_NEW_JOB_BELOW.c.id, literal("queued", JobEvent.type.type), literal({}, JobEvent.data.type),
-           _NEW_JOB_BELOW.c.created_at)).cte("new_event"))
+    select(_NEW_JOB_BELOW.c.id, *_QUEUED_EVENT, _NEW_JOB_BELOW.c.created_at)).cte("new_event"))
 
 
 class TooManyActive(Exception):
@@ -96,6 +117,54 @@ class TooManyActive(Exception):
 def count_active(session: Session, tenant_id: str, most: int) -> int:
     """A tenant's jobs queued or running, counted no further than `most`."""
     return session.connection().scalar(select(_ACTIVE.c.n), {"tenant_id": tenant_id, "most": most})
+
+
+def new_job_values(*, tenant_id: str, type_: str, model: str, pool: str, batch_key: str, input_: dict[str, Any],
+                   priority: int = 0, webhook: str | None = None, webhook_events_filter: list[str] | None = None,
+                   max_attempts: int = 3) -> dict[str, Any]:
+    """Every column of a job about to be submitted, queued now."""
+    now = utcnow()
+    return dict(id=new_id(), tenant_id=tenant_id, type=type_, model=model, pool=pool, batch_key=batch_key,
+                status=JobStatus.QUEUED.value, input=input_, output=None, error=None, progress=None,
+                priority=priority, attempts=0, max_attempts=max_attempts, cancel_requested=False,
+                lease_owner=None, lease_until=None, webhook=webhook,
+                webhook_events_filter=webhook_events_filter or ["completed"], metrics={}, created_at=now,
+                started_at=None, completed_at=None, updated_at=now, expired_at=None,
+                trace_context=tracing.carrier())
+
+
+# submit_pipelined's statements, for psycopg itself, compiled once by SQLAlchemy.
+_PG = postgresql.psycopg.dialect()
+_SUBMIT_SQL = str(_SUBMIT.compile(dialect=_PG))
+_SUBMIT_BELOW_SQL = str(_SUBMIT_BELOW.compile(dialect=_PG))
+_LOCK_TENANT_SQL = str(keys._LOCK_TENANT.compile(dialect=_PG))
+_JSON_COLUMNS = frozenset(c.name for c in Job.__table__.c if isinstance(c.type, JSON))
+
+
+def submit_pipelined(conn, values: dict[str, Any], max_active: int = 0) -> Job:
+    """submit() as a transaction of its own on a psycopg connection (Postgres,
+    not in autocommit), `values` from new_job_values: BEGIN, the tenant's lock
+    (with `max_active`), the count-and-insert and COMMIT go to Postgres in one
+    pipeline. The tenant's row is then locked only while the server runs the
+    insert and the commit, never across a round trip to this process or its
+    wait for the GIL: concurrent submits of one tenant queue on that lock, and
+    the time each holds it bounds their rate. The same statements as submit's,
+    the same guarantees; the caller publishes the notification (none is hooked
+    here). Raises TooManyActive (nothing inserted) as submit does."""
+    params = {k: Json(v) if k in _JSON_COLUMNS and v is not None else v for k, v in values.items()}
+    with conn.pipeline():
+        if max_active:
+            conn.execute(_LOCK_TENANT_SQL, {"tenant_id": values["tenant_id"]})
+            counted = conn.execute(_SUBMIT_BELOW_SQL, {**params, "most": max_active})
+        else:
+            conn.execute(_SUBMIT_SQL, params)
+        # Committed whatever the count said: at or past the quota the insert inserted nothing.
+        conn.commit()
+    if max_active and (active := counted.fetchone()[0]) >= max_active:
+        raise TooManyActive(active)
+    job = Job(**values)
+    make_transient_to_detached(job)
+    return job
 
 
 def submit(
@@ -121,14 +190,10 @@ def submit(
     With `max_active`, only while the tenant has fewer jobs queued or running
     (else TooManyActive, nothing inserted); lock the tenant's row first
     (genq.keys.lock_tenant). On Postgres the count is part of the one statement."""
-    now = utcnow()
-    values = dict(id=new_id(), tenant_id=tenant_id, type=type_, model=model, pool=pool, batch_key=batch_key,
-                  status=JobStatus.QUEUED.value, input=input_, output=None, error=None, progress=None,
-                  priority=priority, attempts=0, max_attempts=max_attempts, cancel_requested=False,
-                  lease_owner=None, lease_until=None, webhook=webhook,
-                  webhook_events_filter=webhook_events_filter or ["completed"], metrics={}, created_at=now,
-                  started_at=None, completed_at=None, updated_at=now, expired_at=None,
-                  trace_context=tracing.carrier())
+    values = new_job_values(tenant_id=tenant_id, type_=type_, model=model, pool=pool, batch_key=batch_key,
+                            input_=input_, priority=priority, webhook=webhook,
+                            webhook_events_filter=webhook_events_filter, max_attempts=max_attempts)
+    now = values["created_at"]
     # Core on the session's connection: the ORM's bulk path would coerce every value anew.
     conn = session.connection()
     if conn.dialect.name == "postgresql":
@@ -169,6 +234,8 @@ def cancel(session: Session, job: Job) -> Job:
         session.execute(
             update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING.value).values(cancel_requested=True, updated_at=now)
         )
+        # No event, but a change polls show: API processes drop their cached ETag (api/pollcache.py).
+        notify.note(session, job.id)
         session.flush()
         session.refresh(job)
         return job

@@ -181,7 +181,9 @@ class Settings(BaseModel):
                                   "listen on.", shown="`http://$GENQ_API_HOST:$GENQ_API_PORT`")
     rate_limit: str = knob("1200/minute", API, "Requests per tenant across every route (a caller without a key: per address), "
                            "as `N/second`, `N/minute`, `N/hour` or `N/day` (the `limits` library's syntax); empty turns it off. "
-                           "Counted in a sliding window, in Redis, one round trip a request.",
+                           "Counted in a sliding window in Redis, which each API process leases tokens from in batches "
+                           "(api/limits.py): within a window a tenant gets at most the limit plus "
+                           "limit/100 (at most 50) per API process; under 100 a window, exactly the limit.",
                            empty_is_a_value=True)
     ratelimit_storage_url: str = knob("", API, "Where request counts live; empty means the broker's Redis, or "
                                       "memory when embedded.")
@@ -191,6 +193,13 @@ class Settings(BaseModel):
                                     "another process (`genq keys revoke`, another API replica) stops working "
                                     "within this bound; the process that revokes it forgets it at once. 0 checks "
                                     "every request.")
+
+    poll_cache_seconds: float = knob(1.0, API, "An API process answers `If-None-Match` polls of a job it read "
+                                     "this recently (seconds) with 304 and no database statement, while it is "
+                                     "subscribed to the job event notifications in Redis: a change (every one "
+                                     "writes a job event) drops the job's entry as soon as its notification "
+                                     "arrives, and this is how stale an answer can be when a notification is "
+                                     "lost. 0 reads the database on every poll.")
 
     # ---- files and fine-tuning
     max_file_bytes: int = knob(50 * 2**20, LIMITS, "Largest file `POST /v1/files` accepts.")
@@ -326,7 +335,7 @@ class Settings(BaseModel):
             raise ValueError(f"must be 0 (no limit) or more, got {value}")
         return value
 
-    @field_validator("max_held_requests", "metrics_cache_seconds", "key_cache_seconds")
+    @field_validator("max_held_requests", "metrics_cache_seconds", "key_cache_seconds", "poll_cache_seconds")
     @classmethod
     def _zero_or_more(cls, value):
         if value < 0:

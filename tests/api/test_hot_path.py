@@ -8,6 +8,7 @@ import secrets
 import time
 from contextlib import contextmanager
 
+import psycopg
 import pytest
 from sqlalchemy import event, update
 
@@ -36,18 +37,30 @@ def app(settings):
 
 @contextmanager
 def statements(app):
-    """Every SQL statement the app's engine sends while the block runs."""
+    """Every SQL statement the app's engine sends while the block runs, as
+    psycopg is asked to send it: SQLAlchemy's and those the poll sends to
+    psycopg itself (api.context.Context.driver) alike."""
     engine = app.extensions["genq"].sessions.kw["bind"]
     sent: list[str] = []
+    mine: set[int] = set()  # the engine's connections, as its pool hands them out
 
-    def count(conn, cursor, statement, parameters, context, executemany):
-        sent.append(statement)
+    def checkout(dbapi_conn, record, proxy):
+        mine.add(id(dbapi_conn))
 
-    event.listen(engine, "before_cursor_execute", count)
+    original = psycopg.Cursor.execute
+
+    def execute(cursor, query, *args, **kwargs):
+        if id(cursor.connection) in mine:
+            sent.append(str(query))
+        return original(cursor, query, *args, **kwargs)
+
+    event.listen(engine, "checkout", checkout)
+    psycopg.Cursor.execute = execute
     try:
         yield sent
     finally:
-        event.remove(engine, "before_cursor_execute", count)
+        psycopg.Cursor.execute = original
+        event.remove(engine, "checkout", checkout)
 
 
 def tenant(settings, name="t"):
@@ -263,3 +276,24 @@ def test_a_poll_survives_a_connection_the_database_dropped(app, client, settings
         resp = client.get(f"/v1/jobs/{job_id}", headers=headers)
     assert resp.status_code == 200 and resp.get_json()["id"] == job_id
     assert len(sent) == 2, sent  # the read on the dropped connection, then again on a new one
+
+
+def test_the_driver_read_gives_what_the_core_read_gives(app, client, settings):
+    from api.jobs import etag
+    from genq import jobs as joblib
+    from genq.keys import verify
+
+    headers = tenant(settings)
+    job_id = submit(client, headers)
+    set_job(settings, job_id, status="succeeded", attempts=1, progress={"step": 2, "total": 2},
+            output={"text": "hi", "files": [{"key": f"jobs/{job_id}/0.txt"}]}, metrics={"tokens": 2},
+            started_at=utcnow(), completed_at=utcnow())
+    context = app.extensions["genq"]
+    with context.read() as conn:
+        tenant_id = verify(conn, headers["Authorization"].split()[1]).tenant_id
+        core = joblib.read_own(conn, job_id, tenant_id)
+    with context.driver() as conn:
+        driver = joblib.read_own_driver(conn, job_id, tenant_id)
+        assert joblib.read_own_driver(conn, job_id, "someone-else") is None
+    assert driver._asdict() == core._asdict() and etag(driver) == etag(core)
+    assert driver.output is not None and driver.completed_at.tzinfo is not None

@@ -54,6 +54,8 @@ def test_submit_returns_202_with_location_and_a_recorded_seed(client, alice, emb
     assert job["input"]["max_new_tokens"] == 4
     assert isinstance(job["input"]["seed"], int)
     assert job["webhook_events_filter"] == ["completed"]
+    # Its doorbell is sent after the answer, by the process's doorbell thread.
+    assert client.application.extensions["genq"].doorbells.flush(10)
     assert queued_messages(embedded_settings) == 1
     assert client.get(f"/v1/jobs/{job['id']}", headers=alice).get_json()["id"] == job["id"]
 

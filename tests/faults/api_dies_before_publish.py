@@ -18,7 +18,7 @@ def die_instead(*args, **kwargs):
 
 
 if __name__ == "__main__":
-    # The route publishes through genq.queue.publish, looked up after the commit.
+    # The doorbell thread publishes through genq.queue.publish, looked up at each send.
     genq.queue.publish = die_instead
     server = make_server("127.0.0.1", int(sys.argv[1]), create_app(), threaded=True)
     print("listening", flush=True)
