@@ -43,7 +43,7 @@ from sqlalchemy import select
 
 from api import held
 from api import serialize
-from genq import notify
+from genq import notify, position
 from genq.live import decode_entries, stream_cursor, stream_key
 from genq.schema import Job, JobEvent
 from genq.serialize import output_urls
@@ -62,6 +62,8 @@ RESYNC_SECONDS = 15.0
 LIVE_BLOCK_MS = 250
 # A watcher whose unsent output passes this many bytes is too slow: closed.
 MAX_BUFFER = 1 << 20
+# Queued jobs whose place in line one round reads, at most (genq.position).
+MAX_PLACES = 200
 # Events read in one query of a re-check; more are read in further pages.
 PAGE = 1000
 # A tenant-wide re-check reads from the highest event id seen at least this
@@ -103,6 +105,7 @@ class Watcher:
     last_delta: int = -1
     seen: dict[str, int] = field(default_factory=dict)
     closed: bool = False
+    place: dict | None = None  # the job's place in line last sent (a queued job's stream)
 
     def write(self, data: str) -> bool:
         if self.closed:
@@ -147,8 +150,9 @@ class Hub:
         self.subscribed = False
         self.releasing: list[held.Hold] = []
         self.release_wake = asyncio.Event()
+        self.line = position.Line()
         self.tasks = [loop.create_task(t()) for t in (self.subscribe, self.dispatch, self.live, self.maintain,
-                                                          self.releaser)]
+                                                          self.releaser, self.places)]
 
     # --- watchers ---------------------------------------------------------------
 
@@ -467,6 +471,39 @@ class Hub:
             holds = [w.plan.hold for w in watchers if not w.closed]
             if holds:
                 await self.loop.run_in_executor(None, _renew, holds)
+
+
+    # --- places in line -----------------------------------------------------------
+
+    async def places(self) -> None:
+        """A queued job's watchers hear where it stands whenever that changes,
+        and on joining: `event: queue` with genq.position's place, and no id
+        (a place is no event to resume from). Read every POOL_SECONDS, for
+        at most MAX_PLACES watched jobs a round."""
+        while True:
+            await asyncio.sleep(position.POOL_SECONDS / 2)
+            jobs = [j for j in self.by_job if j not in self.running][:MAX_PLACES]
+            if not jobs:
+                continue
+            try:
+                found = await self.loop.run_in_executor(None, self.read_places, jobs)
+            except Exception as exc:  # noqa: BLE001 - a place is a hint: try again next round
+                log.warning("event streams: places in line unreadable: %s", exc)
+                continue
+            for job_id, shown in found.items():
+                if shown is None:
+                    continue
+                data = f"event: queue\ndata: {json.dumps(shown)}\n\n"
+                for w in list(self.by_job.get(job_id, ())):
+                    if w.place != shown:
+                        w.place = shown
+                        if not w.write(data):
+                            self.close(w)
+
+    def read_places(self, jobs: list[str]) -> dict[str, dict | None]:
+        with self.sessions() as session:
+            conn = session.connection()
+            return {j: (p.shown() if (p := self.line.place(conn, j)) is not None else None) for j in jobs}
 
 
 def _release(holds: list[held.Hold]) -> None:

@@ -21,7 +21,7 @@ from api.errors import ApiError, invalid
 from api.limits import lock_for_active_jobs, too_many_active
 from genq import catalog
 from genq import jobs as joblib
-from genq import retention
+from genq import position, retention
 from genq.schema import File, Job, Tenant
 from genq.serialize import output_urls
 from genq.states import JobStatus, JobType
@@ -118,8 +118,13 @@ def queue_of(job, context) -> dict | None:
     """A queued job's place in line (genq.position), or None."""
     if job.status != JobStatus.QUEUED.value:
         return None
+    return queue_of_id(job.id, context)
+
+
+def queue_of_id(job_id: str, context) -> dict | None:
+    """The place in line of the job `job_id` if it is queued, or None."""
     with context.read() as conn:
-        place = context.line.place(conn, job.id)
+        place = context.line.place(conn, job_id)
     return place.shown() if place is not None else None
 
 
@@ -531,7 +536,19 @@ def _sse(tenant_id: str, job_id: str, first: list, last_id: int, last_delta: int
         pending = first
         now = time.monotonic()
         deadline, next_poll, quiet_since = now + c.settings.event_stream_seconds, now + POLL, now
+        # While the job is queued: its place in line when it changes (genq.position), no id.
+        place, next_place = None, now + position.POOL_SECONDS / 2
         while True:
+            if next_place is not None and time.monotonic() >= next_place:
+                shown = queue_of_id(job_id, c)
+                if shown is None:
+                    next_place = None  # started (or ended): no place any more
+                else:
+                    next_place = time.monotonic() + position.POOL_SECONDS / 2
+                    if shown != place:
+                        place = shown
+                        quiet_since = time.monotonic()
+                        yield f"event: queue\ndata: {json.dumps(shown)}\n\n"
             for e in pending:
                 if e.type in END_EVENTS:
                     # The worker publishes a job's last delta before it finishes

@@ -363,6 +363,12 @@ def follow(client, job, quiet: bool = False):
                 bar.update(task, description=f"{job.id[:8]} {_status('running')}")
             elif event.type == "progress" and isinstance(event.data, dict):
                 show(event.data)
+            elif event.type == "queue" and isinstance(event.data, dict):
+                # Its place in line while it waits: jobs ahead, and when it should start.
+                ahead, eta = event.data.get("position", 0), event.data.get("eta_seconds")
+                more = "+" if event.data.get("position_is_lower_bound") else ""
+                bar.update(task, description=f"{job.id[:8]} {_status('queued')} {ahead}{more} ahead"
+                                             + (f", ~{eta:.0f}s" if eta is not None else ""))
         # The record's last progress: a job quicker than the progress interval streamed none.
         job = client.jobs.get(job.id)
         if job.progress:

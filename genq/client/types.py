@@ -25,6 +25,10 @@ class Job:
     started_at: str | None
     completed_at: str | None
     raw: dict = field(repr=False)
+    # A queued job's place in line ({"position", "position_is_lower_bound",
+    # "eta_seconds"}) on a job read by id; when its outputs go (retention).
+    queue: dict | None = None
+    expires_at: str | None = None
     _client: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -32,7 +36,8 @@ class Job:
         return cls(id=body["id"], status=body["status"], model=body.get("model", ""), type=body.get("type", ""),
                    input=body.get("input") or {}, output=body.get("output"), error=body.get("error"),
                    progress=body.get("progress"), created_at=body.get("created_at"),
-                   started_at=body.get("started_at"), completed_at=body.get("completed_at"), raw=body, _client=client)
+                   started_at=body.get("started_at"), completed_at=body.get("completed_at"), raw=body,
+                   queue=body.get("queue"), expires_at=body.get("expires_at"), _client=client)
 
     @property
     def done(self) -> bool:

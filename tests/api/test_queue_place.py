@@ -29,3 +29,27 @@ def test_queued_jobs_show_their_place_and_others_none(embedded_settings):
     fresh = create_app(embedded_settings).test_client()
     assert fresh.get(f"/v1/jobs/{a1}", headers=alice).get_json()["queue"] is None
     assert fresh.get(f"/v1/jobs/{a2}", headers=alice).get_json()["queue"]["position"] == 1
+
+
+def test_a_queued_jobs_event_stream_tells_its_place(embedded_settings):
+    """The embedded stream (no stream server): `event: queue`, no id, then
+    the job's own events as before."""
+    client = create_app(embedded_settings).test_client()
+    alice = make_key(embedded_settings, "alice")
+    job_id = client.post("/v1/jobs", json=TEXT_JOB, headers=alice).get_json()["id"]
+    resp = client.get(f"/v1/jobs/{job_id}/events", headers={**alice, "Accept": "text/event-stream"}, buffered=False)
+    try:
+        blocks, buf = [], ""
+        for chunk in resp.response:
+            buf += chunk.decode() if isinstance(chunk, bytes) else chunk
+            while "\n\n" in buf:
+                block, buf = buf.split("\n\n", 1)
+                blocks.append(block)
+            if any(b.startswith("event: queue") for b in blocks):
+                break
+    finally:
+        resp.close()
+    kinds = [line[7:] for b in blocks for line in b.split("\n") if line.startswith("event: ")]
+    assert kinds == ["queued", "queue"]
+    place = next(b for b in blocks if b.startswith("event: queue"))
+    assert "id:" not in place and '"position": 0' in place
