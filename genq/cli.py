@@ -1,4 +1,4 @@
-"""The `genq` command: up, api, worker, migrate, keys.
+"""The `genq` command: up, api, worker, migrate, keys, models check.
 
 The kernel imports nothing of api/, worker/ or models/ (tests/test_imports.py):
 each deployable is reached by its dotted name when its command runs, and is
@@ -19,6 +19,8 @@ DEPLOYABLES = {
     "up": "api.up:main",
     "api": "api.serve:main",
     "worker": "worker.main:main",
+    # `genq models check`: the registry read strictly, checkpoints resolved, no weights loaded.
+    "models": "models.check:main",
 }
 
 
@@ -51,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--role", default="user", choices=["user", "admin"])
     revoke = keys_sub.add_parser("revoke", help="revoke keys by the prefix shown when they were made")
     revoke.add_argument("prefix")
+
+    models = sub.add_parser("models", help="inspect the model registry")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_check = models_sub.add_parser("check", help="read every registry entry and resolve its checkpoint's "
+                                                       "configs and files, loading no weights; exit 1 on a problem")
+    models_check.add_argument("--registry", help="registry file (default GENQ_REGISTRY or models/registry.yaml)")
 
     args = parser.parse_args(argv)
     try:

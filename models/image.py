@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -21,6 +23,8 @@ SCHEMA_LIMITS = [
     ("max_prompt_chars", "prompt", "maxLength"),
     ("max_prompt_chars", "negative_prompt", "maxLength"),
 ]
+# Every key a registry entry's `limits` may hold.
+LIMITS = {"max_width", "max_height", "max_inference_steps", "max_images", "max_prompt_chars"}
 
 
 class Input(BaseModel):
@@ -88,6 +92,49 @@ def load(checkpoint: str, device: str, dtype: str) -> "ImageModel":
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return ImageModel(pipe, torch.device(device))
+
+
+def check(checkpoint: str, revision: str | None = None, variant: str | None = None) -> list[str]:
+    """What is wrong with a checkpoint directory, read from its configs only
+    (no weights loaded): the pipeline index, each component's folder and
+    config, and weights of the pinned variant. [] when nothing is."""
+    root = Path(checkpoint)
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        return [f"{root}: no model_index.json (not a diffusers pipeline directory)"]
+    try:
+        index = json.loads(index_path.read_text())
+    except ValueError as exc:
+        return [f"{index_path}: not JSON ({exc})"]
+    problems = []
+    from diffusers import pipelines
+
+    if not hasattr(pipelines, str(index.get("_class_name"))):
+        problems.append(f"{index_path}: unknown pipeline class {index.get('_class_name')!r} in this diffusers")
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        folder = root / name
+        if not folder.is_dir():
+            problems.append(f"{folder}: missing (model_index.json names component {name!r})")
+            continue
+        configs = [f for f in ("config.json", "scheduler_config.json", "tokenizer_config.json",
+                               "preprocessor_config.json") if (folder / f).is_file()]
+        if not configs:
+            problems.append(f"{folder}: no config file")
+            continue
+        for config in configs:
+            try:
+                json.loads((folder / config).read_text())
+            except ValueError as exc:
+                problems.append(f"{folder / config}: not JSON ({exc})")
+        if "config.json" in configs and name not in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            weights = [f.name for f in folder.iterdir() if f.name.endswith((".safetensors", ".bin"))]
+            if variant:
+                weights = [w for w in weights if f".{variant}." in w]
+            if not weights:
+                problems.append(f"{folder}: no weights" + (f" of variant {variant!r}" if variant else ""))
+    return problems
 
 
 class ImageModel:
