@@ -13,6 +13,7 @@ from models.libraries import quiet
 DEMOS = {
     "demo:text": ("demo-text", "build_text"),
     "demo:image": ("demo-image", "build_image"),
+    "demo:image-xl": ("demo-image-xl", "build_image_xl"),
 }
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -155,6 +156,79 @@ def build_image(dest: Path) -> None:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(Path(dest))
+
+
+def build_image_xl(dest: Path) -> None:
+    """A tiny Stable Diffusion XL pipeline (two text encoders, size and crop
+    conditioning; diffusers' test shapes) with random weights, saved into `dest`:
+    a second pipeline class, so the image family's generic loader is exercised."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    quiet()
+
+    tok = _train_tokenizer(model_max_length=77, add_bos_eos=True)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 size/crop numbers x 8 + the pooled text embedding's 32
+        cross_attention_dim=64,  # both encoders' hidden states side by side
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=128,
+    )
+    config = CLIPTextConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=len(tok),
+        max_position_embeddings=tok.model_max_length,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(config).eval()
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tok,
+        tokenizer_2=tok,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
     )
     pipe.save_pretrained(Path(dest))
 

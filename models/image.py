@@ -1,10 +1,14 @@
-"""The image-generation family: input schema, validation, and batched Stable Diffusion runs."""
+"""The image-generation family: input schema, validation, and batched runs of
+any diffusers text-to-image pipeline (Stable Diffusion 1/2, SDXL, SD3, Flux,
+PixArt, ...), loaded through AutoPipelineForText2Image, with a scheduler
+chosen per job."""
 from __future__ import annotations
 
 import io
+import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -14,6 +18,22 @@ from models.libraries import quiet
 
 FAMILY = "image-generation"
 SEED_MAX = 2**32 - 1
+# The registry may pin a diffusers pipeline's `revision` and `variant`.
+PINS = True
+# A job's `scheduler` -> (diffusers class, extra config). Each is made from the
+# pipeline's own scheduler config, so betas and timestep spacing stay the model's.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+SchedulerName = Literal["euler", "euler-a", "dpm++", "dpm++-karras", "ddim", "pndm", "lms", "heun", "unipc"]
 # Registry limits as JSON-schema bounds of the input: (limit, field, keyword).
 SCHEMA_LIMITS = [
     ("max_width", "width", "maximum"),
@@ -23,8 +43,9 @@ SCHEMA_LIMITS = [
     ("max_prompt_chars", "prompt", "maxLength"),
     ("max_prompt_chars", "negative_prompt", "maxLength"),
 ]
-# Every key a registry entry's `limits` may hold.
-LIMITS = {"max_width", "max_height", "max_inference_steps", "max_images", "max_prompt_chars"}
+# Every key a registry entry's `limits` may hold; `schedulers` lists the
+# schedulers a job may pick (default: all of SCHEDULERS the pipeline takes).
+LIMITS = {"max_width", "max_height", "max_inference_steps", "max_images", "max_prompt_chars", "schedulers"}
 
 
 class Input(BaseModel):
@@ -43,6 +64,10 @@ class Input(BaseModel):
     num_images: int = Field(1, ge=1, description="Images to make from this prompt; image k uses seed + k.")
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, description="Random seed of the first image; the same input and seed give the same images."
+    )
+    scheduler: SchedulerName | None = Field(
+        None, description="The sampler of the denoising loop; none: the pipeline's own. Flow-matching pipelines "
+                          "(SD3, Flux) take none of these."
     )
 
     # Our own check before pydantic's generic one, so the message says what to do.
@@ -65,6 +90,10 @@ def validate(raw: Any, limits: dict) -> Input:
     check_bound(errors, "input.num_images", inp.num_images, limits.get("max_images"))
     check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
     check_chars(errors, "input.negative_prompt", inp.negative_prompt, limits.get("max_prompt_chars"))
+    allowed = limits.get("schedulers")
+    if inp.scheduler is not None and allowed is not None and inp.scheduler not in allowed:
+        errors.append({"field": "input.scheduler",
+                       "message": f"must be one of {sorted(allowed)} for this model, got {inp.scheduler!r}"})
     if errors:
         raise InputInvalid(errors)
     return inp
@@ -72,23 +101,38 @@ def validate(raw: Any, limits: dict) -> Input:
 
 def batch_key(inp: Input) -> str:
     # One pipeline call shares the latent shape, the scheduler's timesteps, the
-    # guidance (it decides whether the batch is doubled for CFG) and the images per prompt.
-    return f"{inp.width}x{inp.height}|{inp.num_inference_steps}|{inp.guidance_scale}|{inp.num_images}"
+    # guidance (it decides whether the batch is doubled for CFG), the images per
+    # prompt and the scheduler (one per pipeline call).
+    return (f"{inp.width}x{inp.height}|{inp.num_inference_steps}|{inp.guidance_scale}|{inp.num_images}"
+            f"|{inp.scheduler or 'default'}")
 
 
-def load(checkpoint: str, device: str, dtype: str) -> "ImageModel":
-    """Load a Stable Diffusion pipeline from `checkpoint` (a local directory or hub id) onto `device`."""
+def load(checkpoint: str, device: str, dtype: str, revision: str | None = None,
+         variant: str | None = None) -> "ImageModel":
+    """Load a text-to-image pipeline from `checkpoint` (a local directory or hub
+    id, at `revision`, with weights of `variant`) onto `device`. Whatever
+    pipeline class its model_index.json names, AutoPipelineForText2Image maps
+    to its text-to-image form (an img2img checkpoint loads as text-to-image);
+    one it does not know loads as the class named."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
     quiet()
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"dtype for an image model must be one of {sorted(dtypes)}, got {dtype!r}")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        checkpoint, safety_checker=None, requires_safety_checker=False, dtype=dtypes[dtype]
-    )
+    index = DiffusionPipeline.load_config(checkpoint, revision=revision)
+    kwargs: dict[str, Any] = {"revision": revision, "variant": variant, "dtype": dtypes[dtype]}
+    if "safety_checker" in index:
+        # genq stores what it makes; filtering it is the operator's policy, not a model component.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = AutoPipelineForText2Image.from_pretrained(checkpoint, **kwargs)
+    except ValueError as exc:
+        if "AutoPipeline can't find a pipeline" not in str(exc):
+            raise
+        pipe = DiffusionPipeline.from_pretrained(checkpoint, **kwargs)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return ImageModel(pipe, torch.device(device))
@@ -148,6 +192,24 @@ class ImageModel:
             if hasattr(component, "parameters"):
                 tensors += list(component.parameters()) + list(component.buffers())
         self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.call_args = set(inspect.signature(pipe.__call__).parameters)
+        # The pipeline's own scheduler, and those made from its config, by job choice.
+        self.schedulers = {None: pipe.scheduler}
+
+    def _use_scheduler(self, name: str | None) -> None:
+        """Put the job's scheduler in the pipeline, made once from the pipeline's own config."""
+        if name not in self.schedulers:
+            import diffusers
+
+            default = self.schedulers[None]
+            cls_name, extra = SCHEDULERS[name]
+            cls = getattr(diffusers, cls_name)
+            compatible = {c.__name__ for c in getattr(default, "compatibles", [])} | {type(default).__name__}
+            if cls_name not in compatible:
+                raise ValueError(f"input.scheduler {name!r} ({cls_name}) does not work with this pipeline's "
+                                 f"{type(default).__name__}; compatible: {sorted(compatible)}")
+            self.schedulers[name] = cls.from_config(default.config, **extra)
+        self.pipe.scheduler = self.schedulers[name]
 
     def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled) -> list[Result | None]:
         import torch
@@ -184,7 +246,7 @@ class ImageModel:
                 pipe._interrupt = True
             return {}
 
-        images = self.pipe(
+        args = dict(
             prompt=[inp.prompt for inp in rows],
             negative_prompt=[inp.negative_prompt for inp in rows],
             width=first.width,
@@ -195,7 +257,15 @@ class ImageModel:
             generator=generators,
             output_type="pil",
             callback_on_step_end=step_end,
-        ).images
+        )
+        # Pipelines differ in what they take (Flux has no negative prompt in
+        # some versions, a few no step callback): pass what this one does.
+        self._use_scheduler(first.scheduler)
+        try:
+            images = self.pipe(**{k: v for k, v in args.items() if k in self.call_args}).images
+        finally:
+            # Between batches the pipeline holds its own scheduler (what save_pretrained would write).
+            self._use_scheduler(None)
 
         for r, i in enumerate(live):
             if cancelled[r]:

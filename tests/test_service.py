@@ -82,6 +82,21 @@ def fetch_png(url: str) -> bytes:
     return resp.content
 
 
+def test_any_diffusers_pipeline_serves_jobs_each_with_its_scheduler(client, tenant):
+    """demo-image-xl is an SDXL pipeline: the same family loads it, and each job may pick its scheduler."""
+    body = {"model": "demo-image-xl", "input": {"prompt": "a red square", "width": 32, "height": 40,
+                                               "num_inference_steps": 2, "seed": 5, "scheduler": "dpm++"}}
+    ids = [client.post("/v1/jobs", json=b, headers=tenant).get_json()["id"]
+           for b in (body, {**body, "input": {**body["input"], "scheduler": "euler"}})]
+    dpm, euler = (wait_job(client.get, i, tenant) for i in ids)
+    assert dpm["status"] == euler["status"] == "succeeded", (dpm, euler)
+    pngs = [fetch_png(job["output"]["images"][0]["url"]) for job in (dpm, euler)]
+    for png in pngs:
+        img = Image.open(io.BytesIO(png))
+        assert (img.format, img.size) == ("PNG", (32, 40))
+    assert pngs[0] != pngs[1]
+
+
 def test_image_job_stores_a_png_at_the_requested_size_and_seed_repeats(client, tenant, stack):
     body = {"model": "demo-image", "input": {"prompt": "a red square", "width": 64, "height": 48,
                                             "num_inference_steps": 3, "seed": 42, "num_images": 2}}

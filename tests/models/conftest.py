@@ -26,6 +26,11 @@ def image_checkpoint(demo_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def image_xl_checkpoint(demo_dir) -> str:
+    return ensure_checkpoint("demo:image-xl", demo_dir)
+
+
+@pytest.fixture(scope="session")
 def text_model(text_checkpoint):
     from models import text
 

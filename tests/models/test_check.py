@@ -25,10 +25,10 @@ def test_the_shipped_registry_checks_clean_before_any_demo_is_built(tmp_path):
     assert all("built from random weights on first use" in notes[0] for _, _, notes in results)
 
 
-def test_built_demos_pass_their_family_checks(demo_dir, text_checkpoint, image_checkpoint):
+def test_built_demos_pass_their_family_checks(demo_dir, text_checkpoint, image_checkpoint, image_xl_checkpoint):
     results = check_registry(ROOT / "models" / "registry.yaml", demo_dir)
     assert {name: (problems, notes) for name, problems, notes in results} == {
-        "demo-text": ([], []), "demo-image": ([], [])}
+        "demo-text": ([], []), "demo-image": ([], []), "demo-image-xl": ([], [])}
 
 
 def test_what_is_wrong_is_said_per_entry(tmp_path, image_checkpoint, text_checkpoint):
@@ -46,8 +46,9 @@ def test_what_is_wrong_is_said_per_entry(tmp_path, image_checkpoint, text_checkp
   missing: {{family: text-generation, checkpoint: ./nowhere, pool: p}}
   broken: {{family: image-generation, checkpoint: {broken}, pool: p}}
   notext: {{family: text-generation, checkpoint: {no_tokenizer}, pool: p}}
+  wrongvariant: {{family: image-generation, checkpoint: {image_checkpoint}, pool: p, variant: fp16}}
   textasimage: {{family: image-generation, checkpoint: {text_checkpoint}, pool: p}}
-  hub: {{family: image-generation, checkpoint: nobody/nothing, pool: p}}
+  hub: {{family: image-generation, checkpoint: nobody/nothing, pool: p, revision: v1}}
 """)
     results = {name: (problems, notes) for name, problems, notes in check_registry(path, tmp_path)}
     assert results["typo"][0] == [f"{path}: model 'typo': unknown key 'max_batch_sise'; did you mean 'max_batch_size'?"]
@@ -55,8 +56,10 @@ def test_what_is_wrong_is_said_per_entry(tmp_path, image_checkpoint, text_checkp
     assert sorted(results["broken"][0]) == [f"{broken / 'unet'}: no weights",
                                             f"{broken / 'vae'}: missing (model_index.json names component 'vae')"]
     assert results["notext"][0] == [f"{no_tokenizer}: no tokenizer files"]
+    assert results["wrongvariant"][0] == [f"{image_checkpoint}/{c}: no weights of variant 'fp16'"
+                                          for c in ("text_encoder", "unet", "vae")]
     assert results["textasimage"][0] == [f"{text_checkpoint}: no model_index.json (not a diffusers pipeline directory)"]
-    assert results["hub"] == ([], ["nobody/nothing: hub id not in the local cache; a worker downloads "
+    assert results["hub"] == ([], ["nobody/nothing: hub id at revision 'v1' not in the local cache; a worker downloads "
                                    "it on first load (it fails where the hub is unreachable)"])
 
 

@@ -68,6 +68,11 @@ def test_an_unknown_top_level_key_is_refused(tmp_path):
         Registry.load(path)
 
 
+def test_image_models_take_revision_and_variant_pins(tmp_path):
+    spec = load(tmp_path, family="image-generation", checkpoint="org/sdxl", revision="abc123", variant="fp16")["m"]
+    assert (spec.revision, spec.variant) == ("abc123", "fp16")
+
+
 def test_read_reports_every_bad_entry_and_keeps_the_good_ones(tmp_path):
     path = tmp_path / "registry.yaml"
     path.write_text("models:\n"
