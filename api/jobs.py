@@ -192,6 +192,7 @@ def create_job():
         if req.type is not None and req.type != spec.family:
             raise invalid("type", f"model {req.model!r} runs {spec.family!r} jobs, not {req.type!r}")
         inp = spec.validate(req.input)
+        check_input_files(spec, inp)
         if getattr(inp, "seed", "absent") is None:
             # Record the seed we chose so the job can be reproduced exactly.
             inp = inp.model_copy(update={"seed": secrets.randbelow(2**32)})
@@ -240,6 +241,25 @@ def respond(job: Job | str, headers: dict | None = None):
     job, applied = waited(job)
     status = 200 if JobStatus(job.status).terminal else 202
     return render(job), status, {"Location": f"/v1/jobs/{job.id}", **applied, **(headers or {})}
+
+
+def check_input_files(spec, inp) -> None:
+    """Each file id in the input's file fields (an image-to-image job's
+    `image`) names an image of the caller's: another tenant's, or none, is 404."""
+    from models.image_input import is_file_id
+
+    ids = {name: getattr(inp, name) for name in getattr(spec.module, "FILE_FIELDS", ())}
+    ids = {name: value for name, value in ids.items() if isinstance(value, str) and is_file_id(value)}
+    if not ids:
+        return
+    with ctx().session() as session:
+        for name, file_id in ids.items():
+            f = session.get(File, file_id)
+            if f is None or f.tenant_id != caller().tenant_id:
+                message = f"no file {file_id!r}; upload one with POST /v1/files and purpose=image"
+                raise ApiError(404, f"input.{name}: {message}", errors=[{"field": f"input.{name}", "message": message}])
+            if f.purpose != "image":
+                raise invalid(f"input.{name}", f"file {f.id} has purpose {f.purpose!r}, not 'image'")
 
 
 def fine_tune_request(req: JobCreate):

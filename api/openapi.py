@@ -110,7 +110,7 @@ def problem_schema() -> dict:
     }
 
 
-def job_schema() -> dict:
+def job_schema(types: list[str]) -> dict:
     nullable_obj = {"anyOf": [{"type": "object"}, {"type": "null"}]}
     return {
         "type": "object",
@@ -118,7 +118,7 @@ def job_schema() -> dict:
                      "cancel_requested", "webhook", "webhook_events_filter", "metrics", "created_at", "started_at",
                      "completed_at"],
         "properties": {
-            "id": ID, "type": {"type": "string", "enum": ["text-generation", "image-generation", "fine-tune"]},
+            "id": ID, "type": {"type": "string", "enum": types},
             "model": {"type": "string"},
             "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
             "input": {"type": "object"},
@@ -149,7 +149,7 @@ def listing(item: dict) -> dict:
 
 
 def build(registry: Registry, settings: Settings | None = None) -> dict:
-    schemas: dict = {"Problem": problem_schema(), "Job": job_schema()}
+    schemas: dict = {"Problem": problem_schema(), "Job": job_schema(job_types(registry))}
     schemas["JobList"] = listing(ref("Job"))
     schemas["Event"] = {"type": "object", "required": ["id", "type", "at", "data"],
                         "properties": {"id": {"type": "integer"}, "type": {"type": "string"}, "at": TIME,
@@ -373,11 +373,12 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
         "/v1/webhooks/secret/rotate": {"post": op("A new signing key; the old signs beside it for a grace period.",
                                                   [resp(200, "WebhookSecret", "The new key.")], [401], tag="webhooks")},
         "/v1/files": {
-            "post": op("Upload a fine-tuning dataset (JSONL), checked row by row.", [resp(201, "File", "Stored.")],
+            "post": op("Upload a fine-tuning dataset (JSONL, checked row by row) or an input image (PNG, JPEG or "
+                       "WebP, its type, bytes and pixels checked).", [resp(201, "File", "Stored.")],
                        [400, 401, 413, 415, 422], tag="files", body={"required": True, "content": {"multipart/form-data": {"schema": {
                            "type": "object", "required": ["file", "purpose"],
                            "properties": {"file": {"type": "string", "format": "binary"},
-                                          "purpose": {"type": "string", "enum": ["fine-tune"]}}}}}}),
+                                          "purpose": {"type": "string", "enum": ["fine-tune", "image"]}}}}}}),
             "get": op("List your files.", [resp(200, "FileList", "A page of files.")], [401, 422], params=page, tag="files"),
         },
         "/v1/files/{file_id}": {"get": op("A file's record.", [resp(200, "File", "The file.")], std,

@@ -83,6 +83,14 @@ class Input(BaseModel):
 def validate(raw: Any, limits: dict) -> Input:
     """The job input as an `Input`; raises InputInvalid naming "input.<field>"."""
     inp = parse(Input, raw)
+    errors = limit_errors(inp, limits)
+    if errors:
+        raise InputInvalid(errors)
+    return inp
+
+
+def limit_errors(inp: Input, limits: dict) -> list[dict[str, str]]:
+    """What of a parsed input the model's registry limits refuse (the image-to-image family's too)."""
     errors: list[dict[str, str]] = []
     check_bound(errors, "input.width", inp.width, limits.get("max_width"))
     check_bound(errors, "input.height", inp.height, limits.get("max_height"))
@@ -94,9 +102,7 @@ def validate(raw: Any, limits: dict) -> Input:
     if inp.scheduler is not None and allowed is not None and inp.scheduler not in allowed:
         errors.append({"field": "input.scheduler",
                        "message": f"must be one of {sorted(allowed)} for this model, got {inp.scheduler!r}"})
-    if errors:
-        raise InputInvalid(errors)
-    return inp
+    return errors
 
 
 def batch_key(inp: Input) -> str:
@@ -115,27 +121,35 @@ def load(checkpoint: str, device: str, dtype: str, revision: str | None = None,
     to its text-to-image form (an img2img checkpoint loads as text-to-image);
     one it does not know loads as the class named."""
     import torch
-    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+    return ImageModel(load_pipeline("AutoPipelineForText2Image", checkpoint, device, dtype, revision, variant),
+                      torch.device(device))
+
+
+def load_pipeline(auto: str, checkpoint: str, device: str, dtype: str, revision: str | None, variant: str | None):
+    """The pipeline in `checkpoint` through diffusers' AutoPipeline `auto`, on `device`."""
+    import diffusers
+    import torch
 
     quiet()
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"dtype for an image model must be one of {sorted(dtypes)}, got {dtype!r}")
-    index = DiffusionPipeline.load_config(checkpoint, revision=revision)
+    index = diffusers.DiffusionPipeline.load_config(checkpoint, revision=revision)
     kwargs: dict[str, Any] = {"revision": revision, "variant": variant, "dtype": dtypes[dtype]}
     if "safety_checker" in index:
         # genq stores what it makes; filtering it is the operator's policy, not a model component.
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = AutoPipelineForText2Image.from_pretrained(checkpoint, **kwargs)
+        pipe = getattr(diffusers, auto).from_pretrained(checkpoint, **kwargs)
     except ValueError as exc:
-        if "AutoPipeline can't find a pipeline" not in str(exc):
+        if "AutoPipeline can't find a pipeline" not in str(exc) or auto != "AutoPipelineForText2Image":
             raise
-        pipe = DiffusionPipeline.from_pretrained(checkpoint, **kwargs)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(checkpoint, **kwargs)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return ImageModel(pipe, torch.device(device))
+    return pipe
 
 
 def check(checkpoint: str, revision: str | None = None, variant: str | None = None) -> list[str]:
@@ -196,6 +210,14 @@ class ImageModel:
         # The pipeline's own scheduler, and those made from its config, by job choice.
         self.schedulers = {None: pipe.scheduler}
 
+    def steps_run(self, first) -> int:
+        """Denoising steps a batch runs (progress counts to it)."""
+        return first.num_inference_steps
+
+    def extra_args(self, rows: list) -> dict:
+        """Pipeline arguments beyond text-to-image's (the image-to-image family adds its images)."""
+        return {}
+
     def _use_scheduler(self, name: str | None) -> None:
         """Put the job's scheduler in the pipeline, made once from the pipeline's own config."""
         if name not in self.schedulers:
@@ -223,7 +245,7 @@ class ImageModel:
         for inp in rows[1:]:
             if batch_key(inp) != batch_key(first):
                 raise ValueError(f"jobs in one batch must share batch_key {batch_key(first)!r}, got {batch_key(inp)!r}")
-        steps, per = first.num_inference_steps, first.num_images
+        steps, per = self.steps_run(first), first.num_images
         # One generator per image, seeded seed + k, in the order the pipeline lays
         # out its batch (prompt-major): image k of a job gets the same starting
         # noise whatever else is in the batch.
@@ -251,12 +273,13 @@ class ImageModel:
             negative_prompt=[inp.negative_prompt for inp in rows],
             width=first.width,
             height=first.height,
-            num_inference_steps=steps,
+            num_inference_steps=first.num_inference_steps,
             guidance_scale=first.guidance_scale,
             num_images_per_prompt=per,
             generator=generators,
             output_type="pil",
             callback_on_step_end=step_end,
+            **self.extra_args(rows),
         )
         # Pipelines differ in what they take (Flux has no negative prompt in
         # some versions, a few no step callback): pass what this one does.

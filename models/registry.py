@@ -25,6 +25,7 @@ from models import checkpoints
 FAMILIES = {
     "text-generation": "models.text",
     "image-generation": "models.image",
+    "image-to-image": "models.image_to_image",
 }
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 # How a model's jobs share the worker: "continuous" (rows join and leave a

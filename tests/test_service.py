@@ -82,6 +82,22 @@ def fetch_png(url: str) -> bytes:
     return resp.content
 
 
+def test_image_to_image_job_starts_from_an_uploaded_image(client, tenant):
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 40), (220, 20, 20)).save(buf, "PNG")
+    upload = client.post("/v1/files", data={"purpose": "image", "file": (io.BytesIO(buf.getvalue()), "red.png")},
+                         headers=tenant, content_type="multipart/form-data")
+    assert upload.status_code == 201, upload.get_data(as_text=True)
+    body = {"model": "demo-image-to-image", "input": {"prompt": "a fox", "image": upload.get_json()["id"],
+                                                     "width": 48, "height": 32, "num_inference_steps": 4,
+                                                     "strength": 0.5, "seed": 9}}
+    job = wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["total"] == 2  # strength 0.5 of 4 steps
+    img = Image.open(io.BytesIO(fetch_png(job["output"]["images"][0]["url"])))
+    assert (img.format, img.size) == ("PNG", (48, 32))
+
+
 def test_any_diffusers_pipeline_serves_jobs_each_with_its_scheduler(client, tenant):
     """demo-image-xl is an SDXL pipeline: the same family loads it, and each job may pick its scheduler."""
     body = {"model": "demo-image-xl", "input": {"prompt": "a red square", "width": 32, "height": 40,
