@@ -218,6 +218,10 @@ class ImageModel:
         """Pipeline arguments beyond text-to-image's (the image-to-image family adds its images)."""
         return {}
 
+    def finish_images(self, rows: list, images: list) -> list:
+        """The pipeline's images as stored (inpainting pastes them over their input outside the mask)."""
+        return images
+
     def _use_scheduler(self, name: str | None) -> None:
         """Put the job's scheduler in the pipeline, made once from the pipeline's own config."""
         if name not in self.schedulers:
@@ -290,6 +294,7 @@ class ImageModel:
             # Between batches the pipeline holds its own scheduler (what save_pretrained would write).
             self._use_scheduler(None)
 
+        images = self.finish_images(rows, images)
         for r, i in enumerate(live):
             if cancelled[r]:
                 continue

@@ -69,6 +69,11 @@ def check_reference(value: str, max_bytes: int = MAX_BYTES, max_pixels: int = MA
     check(from_data_uri(value), max_bytes, max_pixels)
 
 
+def read(value: str, read_file) -> bytes:
+    """The bytes a checked reference names: a file's through `read_file(file id)`, a data URI's own."""
+    return read_file(value) if is_file_id(value) else from_data_uri(value)
+
+
 def decode(data: bytes, width: int, height: int):
     """The image as RGB at width x height, as the pipeline takes it."""
     from PIL import Image

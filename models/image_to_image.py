@@ -39,6 +39,14 @@ class Input(image.Input):
 def validate(raw: Any, limits: dict) -> Input:
     """The job input as an `Input`; raises InputInvalid naming "input.<field>"."""
     inp = parse(Input, raw)
+    errors = reference_errors(inp, limits)
+    if errors:
+        raise InputInvalid(errors)
+    return inp
+
+
+def reference_errors(inp: Input, limits: dict) -> list[dict[str, str]]:
+    """What the registry limits refuse in a parsed input, its image and its strength (inpainting's too)."""
     errors = image.limit_errors(inp, limits)
     try:
         image_input.check_reference(inp.image, limits.get("max_input_bytes", image_input.MAX_BYTES),
@@ -48,9 +56,7 @@ def validate(raw: Any, limits: dict) -> Input:
     if int(inp.num_inference_steps * inp.strength) < 1:
         errors.append({"field": "input.strength", "message": f"runs no step: strength x num_inference_steps = "
                                                              f"{inp.strength} x {inp.num_inference_steps} is under 1"})
-    if errors:
-        raise InputInvalid(errors)
-    return inp
+    return errors
 
 
 def batch_key(inp: Input) -> str:
@@ -61,7 +67,7 @@ def batch_key(inp: Input) -> str:
 def attach_files(inp: Input, read_file) -> Input:
     """The input with its image's bytes read, from storage (`read_file(file id)`) or its data URI."""
     inp = inp.model_copy()
-    inp._image_bytes = read_file(inp.image) if image_input.is_file_id(inp.image) else image_input.from_data_uri(inp.image)
+    inp._image_bytes = image_input.read(inp.image, read_file)
     return inp
 
 

@@ -26,6 +26,7 @@ FAMILIES = {
     "text-generation": "models.text",
     "image-generation": "models.image",
     "image-to-image": "models.image_to_image",
+    "inpainting": "models.inpainting",
 }
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 # How a model's jobs share the worker: "continuous" (rows join and leave a

@@ -2,6 +2,7 @@
 S3 server over HTTP, and `genq worker` as a real subprocess."""
 from __future__ import annotations
 
+import base64
 import io
 import secrets
 import time
@@ -96,6 +97,24 @@ def test_image_to_image_job_starts_from_an_uploaded_image(client, tenant):
     assert job["progress"]["total"] == 2  # strength 0.5 of 4 steps
     img = Image.open(io.BytesIO(fetch_png(job["output"]["images"][0]["url"])))
     assert (img.format, img.size) == ("PNG", (48, 32))
+
+
+def test_inpainting_job_repaints_only_the_mask(client, tenant):
+    def data_uri(img) -> str:
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))
+    body = {"model": "demo-inpainting", "input": {"prompt": "a door", "image": data_uri(Image.new("RGB", (32, 32), (9, 99, 199))),
+                                                 "mask_image": data_uri(mask), "width": 32, "height": 32,
+                                                 "num_inference_steps": 2, "seed": 3}}
+    job = wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+    assert job["status"] == "succeeded", job
+    img = Image.open(io.BytesIO(fetch_png(job["output"]["images"][0]["url"]))).convert("RGB")
+    assert img.size == (32, 32)
+    assert {img.getpixel((x, y)) for x in range(16, 32) for y in range(32)} == {(9, 99, 199)}
 
 
 def test_any_diffusers_pipeline_serves_jobs_each_with_its_scheduler(client, tenant):
