@@ -33,6 +33,8 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 EVENT_TYPES = ("start", "progress", "completed")
 FINE_TUNE = JobType.FINE_TUNE.value
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
+# Output files' content types by extension, as the families write them.
+OUTPUT_TYPES = {"png": "image/png", "wav": "audio/wav"}
 # A stream's event ids: `N` (a durable event) or `N.k` (N, then live output k).
 EVENT_ID_RE = re.compile(r"^([0-9]{1,18})(?:\.([0-9]{1,18}))?$")
 
@@ -556,5 +558,5 @@ def job_output(job_id: str, name: str):
         data = ctx().storage.get(job_key(job_id, name))
     except (NotFound, UnsafeKey):
         raise ApiError(404, f"job {job_id} has no output {name!r}") from None
-    mimetype = "image/png" if name.endswith(".png") else "application/octet-stream"
+    mimetype = OUTPUT_TYPES.get(name.rsplit(".", 1)[-1], "application/octet-stream")
     return Response(data, mimetype=mimetype)

@@ -14,6 +14,7 @@ DEMOS = {
     "demo:text": ("demo-text", "build_text"),
     "demo:image": ("demo-image", "build_image"),
     "demo:image-xl": ("demo-image-xl", "build_image_xl"),
+    "demo:audio": ("demo-audio", "build_audio"),
 }
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -230,6 +231,77 @@ def build_image_xl(dest: Path) -> None:
         image_encoder=None,
         feature_extractor=None,
     )
+    pipe.save_pretrained(Path(dest))
+
+
+def build_audio(dest: Path) -> None:
+    """A tiny AudioLDM pipeline (CLAP text encoder, a UNet over mel latents, a
+    HiFi-GAN vocoder at 16 kHz; diffusers' test shapes) with random weights,
+    saved into `dest`. The vocoder upsamples 1,024x, so a second of audio is a
+    16-frame mel spectrogram: cheap on a CPU."""
+    import torch
+    from diffusers import AudioLDMPipeline, AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import ClapTextConfig, ClapTextModelWithProjection, SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    quiet()
+
+    tok = _train_tokenizer(model_max_length=77, add_bos_eos=True)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=(32, 64),
+        class_embed_type="simple_projection",  # the CLAP text embedding conditions every block
+        projection_class_embeddings_input_dim=32,
+        class_embeddings_concat=True,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=1,
+        out_channels=1,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+    torch.manual_seed(0)
+    text_encoder = ClapTextModelWithProjection(ClapTextConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=len(tok),
+        projection_dim=32,
+        # RoBERTa-style positions start after the pad id.
+        max_position_embeddings=tok.model_max_length + tok.pad_token_id + 2,
+    )).eval()
+    torch.manual_seed(0)
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=8,  # mel bins: the VAE's output width
+        sampling_rate=16000,
+        upsample_initial_channel=16,
+        upsample_rates=[8, 8, 4, 4],
+        upsample_kernel_sizes=[16, 16, 8, 8],
+        resblock_kernel_sizes=[3, 7],
+        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
+        normalize_before=False,
+        # Wider than the default 0.01 init: four upsampling stages of 0.01 weights
+        # leave ~1e-9 of signal, silence once written as 16-bit PCM.
+        initializer_range=0.2,
+    )).eval()
+    pipe = AudioLDMPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
+                            vocoder=vocoder)
     pipe.save_pretrained(Path(dest))
 
 

@@ -142,6 +142,7 @@ def load_pipeline(auto: str, checkpoint: str, device: str, dtype: str, revision:
         # genq stores what it makes; filtering it is the operator's policy, not a model component.
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
+        # DiffusionPipeline itself loads the class the index names (the audio family's way).
         pipe = getattr(diffusers, auto).from_pretrained(checkpoint, **kwargs)
     except ValueError as exc:
         if "AutoPipeline can't find a pipeline" not in str(exc) or auto != "AutoPipelineForText2Image":

@@ -36,6 +36,7 @@ def model_dir(tmp_path_factory) -> Path:
     ensure_checkpoint("demo:text", root)
     ensure_checkpoint("demo:image", root)
     ensure_checkpoint("demo:image-xl", root)
+    ensure_checkpoint("demo:audio", root)
     return root
 
 

@@ -117,6 +117,18 @@ def test_inpainting_job_repaints_only_the_mask(client, tenant):
     assert {img.getpixel((x, y)) for x in range(16, 32) for y in range(32)} == {(9, 99, 199)}
 
 
+def test_audio_job_stores_a_wav_of_the_asked_duration(client, tenant):
+    import wave
+
+    body = {"model": "demo-audio", "input": {"prompt": "rain", "duration_s": 0.5, "num_inference_steps": 2, "seed": 4}}
+    job = wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+    assert job["status"] == "succeeded", job
+    clip = job["output"]["audio"]
+    assert (clip["content_type"], clip["duration_s"], clip["seed"]) == ("audio/wav", 0.5, 4)
+    with wave.open(io.BytesIO(fetch_png(clip["url"]))) as w:
+        assert (w.getframerate(), w.getnframes()) == (16000, 8000)
+
+
 def test_any_diffusers_pipeline_serves_jobs_each_with_its_scheduler(client, tenant):
     """demo-image-xl is an SDXL pipeline: the same family loads it, and each job may pick its scheduler."""
     body = {"model": "demo-image-xl", "input": {"prompt": "a red square", "width": 32, "height": 40,

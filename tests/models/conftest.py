@@ -31,6 +31,11 @@ def image_xl_checkpoint(demo_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def audio_checkpoint(demo_dir) -> str:
+    return ensure_checkpoint("demo:audio", demo_dir)
+
+
+@pytest.fixture(scope="session")
 def text_model(text_checkpoint):
     from models import text
 

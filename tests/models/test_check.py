@@ -25,9 +25,11 @@ def test_the_shipped_registry_checks_clean_before_any_demo_is_built(tmp_path):
     assert all("built from random weights on first use" in notes[0] for _, _, notes in results)
 
 
-def test_built_demos_pass_their_family_checks(demo_dir, text_checkpoint, image_checkpoint, image_xl_checkpoint):
+def test_built_demos_pass_their_family_checks(demo_dir, text_checkpoint, image_checkpoint, image_xl_checkpoint,
+                                              audio_checkpoint):
     results = check_registry(ROOT / "models" / "registry.yaml", demo_dir)
-    assert {"demo-text", "demo-image", "demo-image-xl", "demo-image-to-image", "demo-inpainting"} <= {
+    assert {"demo-text", "demo-image", "demo-image-xl", "demo-image-to-image", "demo-inpainting",
+            "demo-audio"} <= {
         name for name, _, _ in results}
     assert [(name, problems, notes) for name, problems, notes in results if problems or notes] == []
 
