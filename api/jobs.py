@@ -34,7 +34,7 @@ EVENT_TYPES = ("start", "progress", "completed")
 FINE_TUNE = JobType.FINE_TUNE.value
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 # Output files' content types by extension, as the families write them.
-OUTPUT_TYPES = {"png": "image/png", "wav": "audio/wav"}
+OUTPUT_TYPES = {"png": "image/png", "wav": "audio/wav", "webp": "image/webp"}
 # A stream's event ids: `N` (a durable event) or `N.k` (N, then live output k).
 EVENT_ID_RE = re.compile(r"^([0-9]{1,18})(?:\.([0-9]{1,18}))?$")
 

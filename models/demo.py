@@ -15,6 +15,7 @@ DEMOS = {
     "demo:image": ("demo-image", "build_image"),
     "demo:image-xl": ("demo-image-xl", "build_image_xl"),
     "demo:audio": ("demo-audio", "build_audio"),
+    "demo:video": ("demo-video", "build_video"),
 }
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -302,6 +303,57 @@ def build_audio(dest: Path) -> None:
     )).eval()
     pipe = AudioLDMPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
                             vocoder=vocoder)
+    pipe.save_pretrained(Path(dest))
+
+
+def build_video(dest: Path) -> None:
+    """A tiny text-to-video pipeline (TextToVideoSD: a 3D UNet with temporal
+    attention, the image demo's VAE and CLIP shapes) with random weights, saved into `dest`."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    quiet()
+
+    tok = _train_tokenizer(model_max_length=77, add_bos_eos=True)
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=2,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=len(tok),
+        max_position_embeddings=tok.model_max_length,
+    )).eval()
+    pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(Path(dest))
 
 

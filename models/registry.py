@@ -28,6 +28,7 @@ FAMILIES = {
     "image-to-image": "models.image_to_image",
     "inpainting": "models.inpainting",
     "text-to-audio": "models.audio",
+    "text-to-video": "models.video",
 }
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 # How a model's jobs share the worker: "continuous" (rows join and leave a

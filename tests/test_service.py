@@ -129,6 +129,16 @@ def test_audio_job_stores_a_wav_of_the_asked_duration(client, tenant):
         assert (w.getframerate(), w.getnframes()) == (16000, 8000)
 
 
+def test_video_job_stores_an_animated_webp_of_the_asked_frames(client, tenant):
+    body = {"model": "demo-video", "input": {"prompt": "a cat", "num_frames": 3, "width": 32, "height": 32,
+                                            "num_inference_steps": 2, "seed": 4}}
+    job = wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+    assert job["status"] == "succeeded", job
+    clip = Image.open(io.BytesIO(fetch_png(job["output"]["video"]["url"])))
+    assert (clip.format, clip.n_frames, clip.size) == ("WEBP", 3, (32, 32))
+    assert job["progress"]["total"] == 2
+
+
 def test_any_diffusers_pipeline_serves_jobs_each_with_its_scheduler(client, tenant):
     """demo-image-xl is an SDXL pipeline: the same family loads it, and each job may pick its scheduler."""
     body = {"model": "demo-image-xl", "input": {"prompt": "a red square", "width": 32, "height": 40,

@@ -70,6 +70,8 @@ def test_submit_returns_202_with_location_and_a_recorded_seed(client, alice, emb
         ({"model": "demo-image", "input": {"prompt": "x", "scheduler": "fastest"}}, "input.scheduler"),
         ({"model": "demo-image-xl", "input": {"prompt": "x", "scheduler": "pndm"}}, "input.scheduler"),
         ({"model": "demo-audio", "input": {"prompt": "x", "duration_s": 60}}, "input.duration_s"),
+        ({"model": "demo-video", "input": {"prompt": "x", "num_frames": 17}}, "input.num_frames"),
+        ({"model": "demo-video", "input": {"prompt": "x", "num_frames": 16, "fps": 1}}, "input.fps"),
         ({"model": "no-such-model", "input": {"prompt": "x"}}, "model"),
         ({"model": "demo-text", "type": "image-generation", "input": {"prompt": "x"}}, "type"),
         ({"model": "demo-text", "input": {"prompt": "x"}, "priority": "high"}, "priority"),

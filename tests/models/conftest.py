@@ -36,6 +36,11 @@ def audio_checkpoint(demo_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def video_checkpoint(demo_dir) -> str:
+    return ensure_checkpoint("demo:video", demo_dir)
+
+
+@pytest.fixture(scope="session")
 def text_model(text_checkpoint):
     from models import text
 
