@@ -16,6 +16,7 @@ DEMOS = {
     "demo:image-xl": ("demo-image-xl", "build_image_xl"),
     "demo:audio": ("demo-audio", "build_audio"),
     "demo:video": ("demo-video", "build_video"),
+    "demo:vision-text": ("demo-vision-text", "build_vision_text"),
 }
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -355,6 +356,42 @@ def build_video(dest: Path) -> None:
     )).eval()
     pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(Path(dest))
+
+
+def build_vision_text(dest: Path) -> None:
+    """A tiny LLaVA (a CLIP vision tower on 32x32 images, a projector, a
+    2-layer Llama) with random weights and its processor, saved into `dest`."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    quiet()
+
+    tok = _train_tokenizer(model_max_length=512, add_bos_eos=False)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",  # drop the CLS token: 16 patch tokens per image
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    gen = model.generation_config
+    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    model.save_pretrained(Path(dest))
+    processor.save_pretrained(Path(dest))
 
 
 def ensure_checkpoint(checkpoint: str, model_dir: Path) -> str:

@@ -74,6 +74,15 @@ def read(value: str, read_file) -> bytes:
     return read_file(value) if is_file_id(value) else from_data_uri(value)
 
 
+def decode_rgb(data: bytes):
+    """The image as RGB at its own size (a model's processor resizes it its own way)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")
+
+
 def decode(data: bytes, width: int, height: int):
     """The image as RGB at width x height, as the pipeline takes it."""
     from PIL import Image

@@ -29,6 +29,7 @@ FAMILIES = {
     "inpainting": "models.inpainting",
     "text-to-audio": "models.audio",
     "text-to-video": "models.video",
+    "image-text-to-text": "models.vision_text",
 }
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 # How a model's jobs share the worker: "continuous" (rows join and leave a

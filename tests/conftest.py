@@ -38,6 +38,7 @@ def model_dir(tmp_path_factory) -> Path:
     ensure_checkpoint("demo:image-xl", root)
     ensure_checkpoint("demo:audio", root)
     ensure_checkpoint("demo:video", root)
+    ensure_checkpoint("demo:vision-text", root)
     return root
 
 

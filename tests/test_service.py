@@ -139,6 +139,20 @@ def test_video_job_stores_an_animated_webp_of_the_asked_frames(client, tenant):
     assert job["progress"]["total"] == 2
 
 
+def test_vision_text_job_answers_about_an_uploaded_image(client, tenant):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (20, 200, 20)).save(buf, "PNG")
+    file_id = client.post("/v1/files", data={"purpose": "image", "file": (io.BytesIO(buf.getvalue()), "g.png")},
+                          headers=tenant, content_type="multipart/form-data").get_json()["id"]
+    body = {"model": "demo-vision-text", "input": {"prompt": "what is it?", "image": file_id, "max_new_tokens": 5,
+                                                  "seed": 2}}
+    first, second = (wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+                     for _ in range(2))
+    assert first["status"] == second["status"] == "succeeded", first
+    assert first["output"] == second["output"] and first["output"]["tokens"] <= 5
+    assert first["progress"]["unit"] == "token"
+
+
 def test_any_diffusers_pipeline_serves_jobs_each_with_its_scheduler(client, tenant):
     """demo-image-xl is an SDXL pipeline: the same family loads it, and each job may pick its scheduler."""
     body = {"model": "demo-image-xl", "input": {"prompt": "a red square", "width": 32, "height": 40,

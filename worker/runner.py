@@ -233,7 +233,8 @@ class Runner:
         False when some outputs could not be stored (their jobs went back to
         the queue)."""
         rows = [Row(job) for job in batch]
-        unit = "token" if spec.family == "text-generation" else "step"
+        # What progress counts: tokens for text out, denoising steps otherwise (a family may say).
+        unit = getattr(spec.module, "PROGRESS_UNIT", "token" if spec.family == "text-generation" else "step")
         log.info("running batch of %d %s jobs: %s", len(rows), spec.name, [j.id for j in batch],
                  extra={"job_ids": [j.id for j in batch], "model": spec.name})
         prom.BATCH_SIZE.labels(spec.name).observe(len(rows))

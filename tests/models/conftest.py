@@ -41,6 +41,11 @@ def video_checkpoint(demo_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def vision_text_checkpoint(demo_dir) -> str:
+    return ensure_checkpoint("demo:vision-text", demo_dir)
+
+
+@pytest.fixture(scope="session")
 def text_model(text_checkpoint):
     from models import text
 

@@ -26,10 +26,10 @@ def test_the_shipped_registry_checks_clean_before_any_demo_is_built(tmp_path):
 
 
 def test_built_demos_pass_their_family_checks(demo_dir, text_checkpoint, image_checkpoint, image_xl_checkpoint,
-                                              audio_checkpoint, video_checkpoint):
+                                              audio_checkpoint, video_checkpoint, vision_text_checkpoint):
     results = check_registry(ROOT / "models" / "registry.yaml", demo_dir)
     assert {"demo-text", "demo-image", "demo-image-xl", "demo-image-to-image", "demo-inpainting",
-            "demo-audio", "demo-video"} <= {
+            "demo-audio", "demo-video", "demo-vision-text"} <= {
         name for name, _, _ in results}
     assert [(name, problems, notes) for name, problems, notes in results if problems or notes] == []
 
