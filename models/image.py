@@ -42,6 +42,7 @@ SCHEMA_LIMITS = [
     ("max_images", "num_images", "maximum"),
     ("max_prompt_chars", "prompt", "maxLength"),
     ("max_prompt_chars", "negative_prompt", "maxLength"),
+    ("schedulers", "scheduler", "enum"),
 ]
 # Every key a registry entry's `limits` may hold; `schedulers` lists the
 # schedulers a job may pick (default: all of SCHEDULERS the pipeline takes).

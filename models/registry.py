@@ -177,7 +177,10 @@ class ModelSpec:
                 prop = schema["properties"][fieldname]
                 target = next((b for b in prop.get("anyOf", []) if b.get("type") != "null"), prop)
                 current = target.get(keyword)
-                target[keyword] = self.limits[limit] if current is None else min(current, self.limits[limit])
+                if keyword == "enum":  # a list limit narrows the choices (an image model's schedulers)
+                    target[keyword] = [v for v in current or [] if v in self.limits[limit]]
+                else:
+                    target[keyword] = self.limits[limit] if current is None else min(current, self.limits[limit])
         return schema
 
 

@@ -252,3 +252,15 @@ def test_a_variant_pinned_in_the_registry_loads_those_weights(image_model, tmp_p
     assert pngs(pinned.run([inp], ignore, never)[0]) == pngs(image_model.run([inp], ignore, never)[0])
     with pytest.raises(ValueError, match="bf16"):
         image.load(str(tmp_path), "cpu", "float32", variant="bf16")
+
+
+def test_a_models_schedulers_narrow_its_input_schema():
+    from pathlib import Path
+
+    from models.registry import Registry
+
+    registry = Registry.load(Path(__file__).resolve().parents[2] / "models" / "registry.yaml")
+    [choices] = [b for b in registry["demo-image-xl"].input_schema()["properties"]["scheduler"]["anyOf"] if "enum" in b]
+    assert choices["enum"] == ["euler", "euler-a", "dpm++", "dpm++-karras", "ddim", "unipc"]
+    [everything] = [b for b in registry["demo-image"].input_schema()["properties"]["scheduler"]["anyOf"] if "enum" in b]
+    assert everything["enum"] == list(image.SCHEDULERS)
