@@ -67,17 +67,17 @@ class Entry(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, value: str) -> str:
-        return _one_of("dtype", value, DTYPES)
+        return _one_of(value, DTYPES)
 
     @field_validator("batching")
     @classmethod
     def _batching(cls, value: str | None) -> str | None:
-        return None if value is None else _one_of("batching", value, BATCHING)
+        return None if value is None else _one_of(value, BATCHING)
 
     @field_validator("engine")
     @classmethod
     def _engine(cls, value: str) -> str:
-        return _one_of("engine", value, ENGINES)
+        return _one_of(value, ENGINES)
 
     @field_validator("max_batch_tokens", mode="before")
     @classmethod
@@ -87,14 +87,15 @@ class Entry(BaseModel):
         return value
 
 
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> str:
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"must be one of {allowed}, got {value!r}")
     return value
 
 
 def _closest(key: str, known) -> str:
-    """ "; did you mean 'x'?" for the known key nearest a mistyped one, or "" when none is near."""
+    """ "; did you mean 'x'?" for the known key nearest a mistyped one (difflib), or the
+    known keys when none is near."""
     match = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
     return f"; did you mean {match[0]!r}?" if match else f"; known keys: {', '.join(sorted(known))}"
 
