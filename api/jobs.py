@@ -247,8 +247,11 @@ def respond(job: Job | str, headers: dict | None = None):
 
 def check_input_files(spec, inp) -> None:
     """Each file id in the input's file fields (an image-to-image job's
-    `image`) names an image of the caller's: another tenant's, or none, is 404."""
-    from models.image_input import is_file_id
+    `image`) names an image of the caller's: another tenant's, or none, is
+    404. The upload was checked against the service's bounds; the model's own
+    (max_input_bytes, max_input_pixels) may be tighter, so it is read once
+    more against them (a header read; the bytes are bounded by the upload's)."""
+    from models.image_input import MAX_BYTES, MAX_PIXELS, ImageRefused, check, is_file_id
 
     ids = {name: getattr(inp, name) for name in getattr(spec.module, "FILE_FIELDS", ())}
     ids = {name: value for name, value in ids.items() if isinstance(value, str) and is_file_id(value)}
@@ -262,6 +265,11 @@ def check_input_files(spec, inp) -> None:
                 raise ApiError(404, f"input.{name}: {message}", errors=[{"field": f"input.{name}", "message": message}])
             if f.purpose != "image":
                 raise invalid(f"input.{name}", f"file {f.id} has purpose {f.purpose!r}, not 'image'")
+            try:
+                check(ctx().storage.get(f.storage_key), spec.limits.get("max_input_bytes", MAX_BYTES),
+                      spec.limits.get("max_input_pixels", MAX_PIXELS))
+            except ImageRefused as exc:
+                raise invalid(f"input.{name}", f"file {f.id} {exc}") from None
 
 
 def fine_tune_request(req: JobCreate):

@@ -116,3 +116,12 @@ def test_a_data_uri_job_is_queued(client, alice):
     uri = "data:image/webp;base64," + base64.b64encode(png(fmt="WEBP")).decode()
     resp = client.post("/v1/jobs", json=job(uri, strength=0.5), headers=alice)
     assert resp.status_code == 202, resp.get_data(as_text=True)
+
+
+def test_a_file_over_the_models_own_pixel_bound_is_422(client, alice):
+    # Within the service's upload bound (4,194,304 pixels), over demo-image-to-image's (1,048,576).
+    file_id = upload(client, alice, png(1100, 1000)).get_json()["id"]
+    resp = client.post("/v1/jobs", json=job(file_id), headers=alice)
+    assert resp.status_code == 422
+    assert resp.get_json()["errors"] == [{"field": "input.image", "message": f"file {file_id} is 1100x1000 = "
+                                          "1100000 pixels; at most 1048576 are allowed"}]
