@@ -250,7 +250,7 @@ def check_input_files(spec, inp) -> None:
     `image`) names an image of the caller's: another tenant's, or none, is
     404. The upload was checked against the service's bounds; the model's own
     (max_input_bytes, max_input_pixels) may be tighter, so it is read once
-    more against them (a header read; the bytes are bounded by the upload's)."""
+    more against them (a decode, bounded by the upload's bytes and pixels)."""
     from models.image_input import MAX_BYTES, MAX_PIXELS, ImageRefused, check, is_file_id
 
     ids = {name: getattr(inp, name) for name in getattr(spec.module, "FILE_FIELDS", ())}
