@@ -47,6 +47,7 @@ SCHEMA_LIMITS = [
 # Every key a registry entry's `limits` may hold; `schedulers` lists the
 # schedulers a job may pick (default: all of SCHEDULERS the pipeline takes).
 LIMITS = {"max_width", "max_height", "max_inference_steps", "max_images", "max_prompt_chars", "schedulers"}
+LIMIT_CHOICES = {"schedulers": tuple(SCHEDULERS)}
 
 
 class Input(BaseModel):

@@ -18,6 +18,7 @@ PINS = True
 # (purpose=image), and the worker reads its bytes (attach_files).
 FILE_FIELDS = ("image",)
 SCHEMA_LIMITS = image.SCHEMA_LIMITS
+LIMIT_CHOICES = image.LIMIT_CHOICES
 LIMITS = image.LIMITS | {"max_input_bytes", "max_input_pixels"}
 
 

@@ -18,6 +18,7 @@ FAMILY = "inpainting"
 PINS = True
 FILE_FIELDS = ("image", "mask_image")
 SCHEMA_LIMITS = image.SCHEMA_LIMITS
+LIMIT_CHOICES = image.LIMIT_CHOICES
 LIMITS = image_to_image.LIMITS
 
 

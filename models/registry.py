@@ -126,6 +126,16 @@ def _check_limits(where: str, family: str, module: ModuleType, limits: dict) -> 
     for key in limits:
         if key not in known:
             raise RegistryError(f"{where}: unknown limit {key!r} for family {family!r}{_closest(key, known)}")
+    # A limit that lists choices (an image model's schedulers) lists known ones.
+    for key, choices in getattr(module, "LIMIT_CHOICES", {}).items():
+        value = limits.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not value:
+            raise RegistryError(f"{where}: limits.{key} must be a non-empty list, got {value!r:.80}")
+        for choice in value:
+            if choice not in choices:
+                raise RegistryError(f"{where}: limits.{key} has unknown {choice!r}{_closest(choice, choices)}")
 
 
 @dataclass(frozen=True)

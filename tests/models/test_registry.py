@@ -47,6 +47,10 @@ def test_a_wrong_batching_knob_is_refused_naming_it(tmp_path, entry, message):
     ({"max_batch_size": 0}, "max_batch_size Input should be greater than or equal to 1 (got 0)"),
     ({"pool": ""}, "needs 'pool'"),
     ({"variant": "fp16"}, "'revision' and 'variant' are for diffusers pipelines; 'text-generation' takes neither"),
+    ({"family": "image-generation", "checkpoint": "demo:image", "limits": {"schedulers": ["euler", "dpm+"]}},
+     "limits.schedulers has unknown 'dpm+'; did you mean 'dpm++'?"),
+    ({"family": "inpainting", "checkpoint": "demo:image", "limits": {"schedulers": "euler"}},
+     "limits.schedulers must be a non-empty list, got 'euler'"),
 ])
 def test_a_wrong_key_is_refused_naming_the_model_the_key_and_the_closest_known(tmp_path, entry, message):
     with pytest.raises(RegistryError) as exc:
