@@ -1,5 +1,5 @@
-"""The /v1/files routes: upload a fine-tuning dataset (checked before it is
-accepted), read its record and its content.
+"""The /v1/files routes: upload a fine-tuning dataset or an input image (each
+checked before it is accepted), read its record and its content.
 
 A file's content is stored at `files/<id>/content`: the name the client gave
 is never part of a storage key, only shown back (cleaned of control
@@ -27,10 +27,13 @@ from api.limits import check_file_quota
 from genq import retention
 from genq.schema import File, new_id
 from genq.serialize import ObjectId, Timestamp
+from genq.storage import file_key
+from models import image_input
 from models.finetune import parse_dataset
 
 bp = Blueprint("files", __name__, url_prefix="/v1/files")
-PURPOSES = ("fine-tune",)
+# fine-tune: a JSONL dataset; image: an input image of the image-to-image family.
+PURPOSES = ("fine-tune", "image")
 
 
 @with_config(ConfigDict(title="File"))
@@ -73,7 +76,7 @@ def upload():
         raise invalid("purpose", f"must be one of {list(PURPOSES)}, got {purpose!r}")
     upload = request.files.get("file")
     if upload is None:
-        raise invalid("file", "is required: a JSONL file")
+        raise invalid("file", "is required: " + ("an image" if purpose == "image" else "a JSONL file"))
     data = upload.read()
     name = display_name(upload.filename)
     # A retry with the same Idempotency-Key gets the file the first upload made.
@@ -85,15 +88,24 @@ def upload():
     # under a lock below, where two concurrent uploads are told apart.
     with c.session() as session:
         check_file_quota(session, caller().tenant_id, len(data), c.settings)
-    dataset = parse_dataset(data, max_rows=c.settings.max_dataset_rows)
+    if purpose == "image":
+        # Type, bytes and pixels checked here, so a job naming it is never queued with a bad one.
+        try:
+            content_type, _, _ = image_input.check(data, c.settings.max_image_bytes, c.settings.max_image_pixels)
+        except image_input.ImageRefused as exc:
+            raise invalid("file", str(exc)) from None
+        rows, fmt = 0, content_type
+    else:
+        dataset = parse_dataset(data, max_rows=c.settings.max_dataset_rows)
+        rows, fmt, content_type = len(dataset.rows), dataset.format, "application/jsonl"
     file_id = new_id()
-    key = f"files/{file_id}/content"
+    key = file_key(file_id)
     # Stored before the row is committed: a row always has its content.
-    c.storage.put(key, data, "application/jsonl")
+    c.storage.put(key, data, content_type)
     with idempotency.race(idem) as race, c.session() as session, session.begin():
         check_file_quota(session, caller().tenant_id, len(data), c.settings, lock=True)
         f = File(id=file_id, tenant_id=caller().tenant_id, purpose=purpose, filename=name, bytes=len(data),
-                 rows=len(dataset.rows), format=dataset.format, storage_key=key)
+                 rows=rows, format=fmt, storage_key=key)
         session.add(f)
         race.record(session, file_id)
     if race.winner is not None:
@@ -167,5 +179,7 @@ def delete_file(file_id: str):
 def file_content(file_id: str):
     with ctx().session() as session:
         f = own_file(session, file_id)
-    return Response(ctx().storage.get(f.storage_key), mimetype="application/jsonl",
+    # An image's format is its content type (image/png, ...); a dataset's is its row format.
+    mimetype = f.format if f.purpose == "image" else "application/jsonl"
+    return Response(ctx().storage.get(f.storage_key), mimetype=mimetype,
                     headers={"Content-Disposition": attachment(f.filename)})

@@ -34,6 +34,8 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 EVENT_TYPES = ("start", "progress", "completed")
 FINE_TUNE = JobType.FINE_TUNE.value
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
+# Output files' content types by extension, as the families write them.
+OUTPUT_TYPES = {"png": "image/png", "wav": "audio/wav", "webp": "image/webp"}
 # A stream's event ids: `N` (a durable event) or `N.k` (N, then live output k).
 EVENT_ID_RE = re.compile(r"^([0-9]{1,18})(?:\.([0-9]{1,18}))?$")
 
@@ -207,6 +209,7 @@ def create_job():
         if req.type is not None and req.type != spec.family:
             raise invalid("type", f"model {req.model!r} runs {spec.family!r} jobs, not {req.type!r}")
         inp = spec.validate(req.input)
+        check_input_files(spec, inp)
         if getattr(inp, "seed", "absent") is None:
             # Record the seed we chose so the job can be reproduced exactly.
             inp = inp.model_copy(update={"seed": secrets.randbelow(2**32)})
@@ -264,6 +267,33 @@ def respond(job: Job | str, headers: dict | None = None):
     job, applied = waited(job)
     status = 200 if JobStatus(job.status).terminal else 202
     return render(job), status, {"Location": f"/v1/jobs/{job.id}", **applied, **(headers or {})}
+
+
+def check_input_files(spec, inp) -> None:
+    """Each file id in the input's file fields (an image-to-image job's
+    `image`) names an image of the caller's: another tenant's, or none, is
+    404. The upload was checked against the service's bounds; the model's own
+    (max_input_bytes, max_input_pixels) may be tighter, so it is read once
+    more against them (a decode, bounded by the upload's bytes and pixels)."""
+    from models.image_input import MAX_BYTES, MAX_PIXELS, ImageRefused, check, is_file_id
+
+    ids = {name: getattr(inp, name) for name in getattr(spec.module, "FILE_FIELDS", ())}
+    ids = {name: value for name, value in ids.items() if isinstance(value, str) and is_file_id(value)}
+    if not ids:
+        return
+    with ctx().session() as session:
+        for name, file_id in ids.items():
+            f = session.get(File, file_id)
+            if f is None or f.tenant_id != caller().tenant_id:
+                message = f"no file {file_id!r}; upload one with POST /v1/files and purpose=image"
+                raise ApiError(404, f"input.{name}: {message}", errors=[{"field": f"input.{name}", "message": message}])
+            if f.purpose != "image":
+                raise invalid(f"input.{name}", f"file {f.id} has purpose {f.purpose!r}, not 'image'")
+            try:
+                check(ctx().storage.get(f.storage_key), spec.limits.get("max_input_bytes", MAX_BYTES),
+                      spec.limits.get("max_input_pixels", MAX_PIXELS))
+            except ImageRefused as exc:
+                raise invalid(f"input.{name}", f"file {f.id} {exc}") from None
 
 
 def fine_tune_request(req: JobCreate):
@@ -593,5 +623,5 @@ def job_output(job_id: str, name: str):
         data = ctx().storage.get(job_key(job_id, name))
     except (NotFound, UnsafeKey):
         raise ApiError(404, f"job {job_id} has no output {name!r}") from None
-    mimetype = "image/png" if name.endswith(".png") else "application/octet-stream"
+    mimetype = OUTPUT_TYPES.get(name.rsplit(".", 1)[-1], "application/octet-stream")
     return Response(data, mimetype=mimetype)

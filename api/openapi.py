@@ -342,11 +342,12 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
         "/v1/webhooks/secret/rotate": {"post": op("A new signing key; the old signs beside it for a grace period.",
                                                   [resp(200, "WebhookSecret", "The new key.")], [401], tag="webhooks")},
         "/v1/files": {
-            "post": op("Upload a fine-tuning dataset (JSONL), checked row by row.", [resp(201, "File", "Stored.")],
+            "post": op("Upload a fine-tuning dataset (JSONL, checked row by row) or an input image (PNG, JPEG or "
+                       "WebP, its type, bytes and pixels checked).", [resp(201, "File", "Stored.")],
                        [400, 401, 413, 415, 422], tag="files", body={"required": True, "content": {"multipart/form-data": {"schema": {
                            "type": "object", "required": ["file", "purpose"],
                            "properties": {"file": {"type": "string", "format": "binary"},
-                                          "purpose": {"type": "string", "enum": ["fine-tune"]}}}}}}),
+                                          "purpose": {"type": "string", "enum": ["fine-tune", "image"]}}}}}}),
             "get": op("List your files.", [resp(200, "FileList", "A page of files.")], [401, 422], params=page, tag="files"),
         },
         "/v1/files/{file_id}": {"get": op("A file's record.", [resp(200, "File", "The file.")], std,

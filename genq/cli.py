@@ -1,6 +1,6 @@
-"""The `genq` command: up, api, worker, migrate, keys (the service's side);
-run, jobs, files, fine-tune, keys list (a user's side, over the REST API:
-genq/client/commands.py).
+"""The `genq` command: up, api, worker, migrate, keys, models check (the
+service's side); run, jobs, files, fine-tune, keys list (a user's side, over
+the REST API: genq/client/commands.py).
 
 The kernel imports nothing of api/, worker/ or models/ (tests/test_imports.py):
 each deployable is reached by its dotted name when its command runs, and is
@@ -23,6 +23,8 @@ DEPLOYABLES = {
     "up": "api.up:main",
     "api": "api.serve:main",
     "worker": "worker.main:main",
+    # `genq models check`: the registry read strictly, checkpoints resolved, no weights loaded.
+    "models": "models.check:main",
 }
 
 
@@ -63,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     listing.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
 
     user_commands.add_parsers(sub)
+
+    models = sub.add_parser("models", help="inspect the model registry")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    models_check = models_sub.add_parser("check", help="read every registry entry and resolve its checkpoint's "
+                                                       "configs and files, loading no weights; exit 1 on a problem")
+    models_check.add_argument("--registry", help="registry file (default GENQ_REGISTRY or models/registry.yaml)")
 
     args = parser.parse_args(argv)
     if args.command in USER_COMMANDS or (args.command == "keys" and args.keys_command == "list"):

@@ -46,7 +46,9 @@ class JobQueue(TypedDict):
 @with_config(ConfigDict(title="Job"))
 class JobView(TypedDict):
     id: ObjectId
-    type: Literal["text-generation", "image-generation", "fine-tune"]
+    type: Annotated[str, Field(description=(
+        "The model's family (text-generation, image-generation, image-to-image, inpainting, text-to-audio, "
+        "text-to-video, image-text-to-text, or a registry's own), or fine-tune."))]
     model: str
     status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     input: dict[str, Any]

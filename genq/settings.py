@@ -204,6 +204,10 @@ class Settings(BaseModel):
     # ---- files and fine-tuning
     max_file_bytes: int = knob(50 * 2**20, LIMITS, "Largest file `POST /v1/files` accepts.")
     max_dataset_rows: int = knob(100_000, LIMITS, "Most rows in a dataset.")
+    max_image_bytes: int = knob(10 * 2**20, LIMITS, "Largest input image `POST /v1/files` accepts with "
+                                "`purpose=image` (PNG, JPEG or WebP).")
+    max_image_pixels: int = knob(2048 * 2048, LIMITS, "Most pixels (width x height) in an uploaded input image, "
+                                 "read from its header before it is decoded.")
     max_tenant_file_bytes: int = knob(2**30, LIMITS, "Bytes of uploaded files a tenant may have stored in all "
                                       "(0 = no limit). Outputs need no quota of their own: they are bounded by each "
                                       "model's input limits and the active-jobs quota.")

@@ -76,6 +76,11 @@ def job_key(job_id: str, name: str) -> str:
     return child_key(f"jobs/{job_id}", name)
 
 
+def file_key(file_id: str) -> str:
+    """Where an uploaded file's content lies: the id alone names it, never the client's file name."""
+    return f"files/{file_id}/content"
+
+
 class LocalStorage:
     def __init__(self, root: Path):
         self.root = Path(root)

@@ -13,6 +13,10 @@ from models.libraries import quiet
 DEMOS = {
     "demo:text": ("demo-text", "build_text"),
     "demo:image": ("demo-image", "build_image"),
+    "demo:image-xl": ("demo-image-xl", "build_image_xl"),
+    "demo:audio": ("demo-audio", "build_audio"),
+    "demo:video": ("demo-video", "build_video"),
+    "demo:vision-text": ("demo-vision-text", "build_vision_text"),
 }
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -157,6 +161,237 @@ def build_image(dest: Path) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(Path(dest))
+
+
+def build_image_xl(dest: Path) -> None:
+    """A tiny Stable Diffusion XL pipeline (two text encoders, size and crop
+    conditioning; diffusers' test shapes) with random weights, saved into `dest`:
+    a second pipeline class, so the image family's generic loader is exercised."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    quiet()
+
+    tok = _train_tokenizer(model_max_length=77, add_bos_eos=True)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 size/crop numbers x 8 + the pooled text embedding's 32
+        cross_attention_dim=64,  # both encoders' hidden states side by side
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=128,
+    )
+    config = CLIPTextConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=len(tok),
+        max_position_embeddings=tok.model_max_length,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(config).eval()
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(config).eval()
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tok,
+        tokenizer_2=tok,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    pipe.save_pretrained(Path(dest))
+
+
+def build_audio(dest: Path) -> None:
+    """A tiny AudioLDM pipeline (CLAP text encoder, a UNet over mel latents, a
+    HiFi-GAN vocoder at 16 kHz; diffusers' test shapes) with random weights,
+    saved into `dest`. The vocoder upsamples 1,024x, so a second of audio is a
+    16-frame mel spectrogram: cheap on a CPU."""
+    import torch
+    from diffusers import AudioLDMPipeline, AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import ClapTextConfig, ClapTextModelWithProjection, SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    quiet()
+
+    tok = _train_tokenizer(model_max_length=77, add_bos_eos=True)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=(32, 64),
+        class_embed_type="simple_projection",  # the CLAP text embedding conditions every block
+        projection_class_embeddings_input_dim=32,
+        class_embeddings_concat=True,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=1,
+        out_channels=1,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+    torch.manual_seed(0)
+    text_encoder = ClapTextModelWithProjection(ClapTextConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=len(tok),
+        projection_dim=32,
+        # RoBERTa-style positions start after the pad id.
+        max_position_embeddings=tok.model_max_length + tok.pad_token_id + 2,
+    )).eval()
+    torch.manual_seed(0)
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=8,  # mel bins: the VAE's output width
+        sampling_rate=16000,
+        upsample_initial_channel=16,
+        upsample_rates=[8, 8, 4, 4],
+        upsample_kernel_sizes=[16, 16, 8, 8],
+        resblock_kernel_sizes=[3, 7],
+        resblock_dilation_sizes=[[1, 3, 5], [1, 3, 5]],
+        normalize_before=False,
+        # Wider than the default 0.01 init: four upsampling stages of 0.01 weights
+        # leave ~1e-9 of signal, silence once written as 16-bit PCM.
+        initializer_range=0.2,
+    )).eval()
+    pipe = AudioLDMPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
+                            vocoder=vocoder)
+    pipe.save_pretrained(Path(dest))
+
+
+def build_video(dest: Path) -> None:
+    """A tiny text-to-video pipeline (TextToVideoSD: a 3D UNet with temporal
+    attention, the image demo's VAE and CLIP shapes) with random weights, saved into `dest`."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    quiet()
+
+    tok = _train_tokenizer(model_max_length=77, add_bos_eos=True)
+    torch.manual_seed(0)
+    unet = UNet3DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=2,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=len(tok),
+        max_position_embeddings=tok.model_max_length,
+    )).eval()
+    pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(Path(dest))
+
+
+def build_vision_text(dest: Path) -> None:
+    """A tiny LLaVA (a CLIP vision tower on 32x32 images, a projector, a
+    2-layer Llama) with random weights and its processor, saved into `dest`."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    quiet()
+
+    tok = _train_tokenizer(model_max_length=512, add_bos_eos=False)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",  # drop the CLS token: 16 patch tokens per image
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    gen = model.generation_config
+    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    model.save_pretrained(Path(dest))
+    processor.save_pretrained(Path(dest))
 
 
 def ensure_checkpoint(checkpoint: str, model_dir: Path) -> str:

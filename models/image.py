@@ -1,8 +1,14 @@
-"""The image-generation family: input schema, validation, and batched Stable Diffusion runs."""
+"""The image-generation family: input schema, validation, and batched runs of
+any diffusers text-to-image pipeline (Stable Diffusion 1/2, SDXL, SD3, Flux,
+PixArt, ...), loaded through AutoPipelineForText2Image, with a scheduler
+chosen per job."""
 from __future__ import annotations
 
 import io
-from typing import Any
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -12,6 +18,22 @@ from models.libraries import quiet
 
 FAMILY = "image-generation"
 SEED_MAX = 2**32 - 1
+# The registry may pin a diffusers pipeline's `revision` and `variant`.
+PINS = True
+# A job's `scheduler` -> (diffusers class, extra config). Each is made from the
+# pipeline's own scheduler config, so betas and timestep spacing stay the model's.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+SchedulerName = Literal["euler", "euler-a", "dpm++", "dpm++-karras", "ddim", "pndm", "lms", "heun", "unipc"]
 # Registry limits as JSON-schema bounds of the input: (limit, field, keyword).
 SCHEMA_LIMITS = [
     ("max_width", "width", "maximum"),
@@ -20,7 +42,12 @@ SCHEMA_LIMITS = [
     ("max_images", "num_images", "maximum"),
     ("max_prompt_chars", "prompt", "maxLength"),
     ("max_prompt_chars", "negative_prompt", "maxLength"),
+    ("schedulers", "scheduler", "enum"),
 ]
+# Every key a registry entry's `limits` may hold; `schedulers` lists the
+# schedulers a job may pick (default: all of SCHEDULERS the pipeline takes).
+LIMITS = {"max_width", "max_height", "max_inference_steps", "max_images", "max_prompt_chars", "schedulers"}
+LIMIT_CHOICES = {"schedulers": tuple(SCHEDULERS)}
 
 
 class Input(BaseModel):
@@ -40,6 +67,10 @@ class Input(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, description="Random seed of the first image; the same input and seed give the same images."
     )
+    scheduler: SchedulerName | None = Field(
+        None, description="The sampler of the denoising loop; none: the pipeline's own. Flow-matching pipelines "
+                          "(SD3, Flux) take none of these."
+    )
 
     # Our own check before pydantic's generic one, so the message says what to do.
     @field_validator("width", "height", mode="before")
@@ -54,6 +85,14 @@ class Input(BaseModel):
 def validate(raw: Any, limits: dict) -> Input:
     """The job input as an `Input`; raises InputInvalid naming "input.<field>"."""
     inp = parse(Input, raw)
+    errors = limit_errors(inp, limits)
+    if errors:
+        raise InputInvalid(errors)
+    return inp
+
+
+def limit_errors(inp: Input, limits: dict) -> list[dict[str, str]]:
+    """What of a parsed input the model's registry limits refuse (the image-to-image family's too)."""
     errors: list[dict[str, str]] = []
     check_bound(errors, "input.width", inp.width, limits.get("max_width"))
     check_bound(errors, "input.height", inp.height, limits.get("max_height"))
@@ -61,33 +100,102 @@ def validate(raw: Any, limits: dict) -> Input:
     check_bound(errors, "input.num_images", inp.num_images, limits.get("max_images"))
     check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
     check_chars(errors, "input.negative_prompt", inp.negative_prompt, limits.get("max_prompt_chars"))
-    if errors:
-        raise InputInvalid(errors)
-    return inp
+    allowed = limits.get("schedulers")
+    if inp.scheduler is not None and allowed is not None and inp.scheduler not in allowed:
+        errors.append({"field": "input.scheduler",
+                       "message": f"must be one of {sorted(allowed)} for this model, got {inp.scheduler!r}"})
+    return errors
 
 
 def batch_key(inp: Input) -> str:
     # One pipeline call shares the latent shape, the scheduler's timesteps, the
-    # guidance (it decides whether the batch is doubled for CFG) and the images per prompt.
-    return f"{inp.width}x{inp.height}|{inp.num_inference_steps}|{inp.guidance_scale}|{inp.num_images}"
+    # guidance (it decides whether the batch is doubled for CFG), the images per
+    # prompt and the scheduler (one per pipeline call).
+    return (f"{inp.width}x{inp.height}|{inp.num_inference_steps}|{inp.guidance_scale}|{inp.num_images}"
+            f"|{inp.scheduler or 'default'}")
 
 
-def load(checkpoint: str, device: str, dtype: str) -> "ImageModel":
-    """Load a Stable Diffusion pipeline from `checkpoint` (a local directory or hub id) onto `device`."""
+def load(checkpoint: str, device: str, dtype: str, revision: str | None = None,
+         variant: str | None = None) -> "ImageModel":
+    """Load a text-to-image pipeline from `checkpoint` (a local directory or hub
+    id, at `revision`, with weights of `variant`) onto `device`. Whatever
+    pipeline class its model_index.json names, AutoPipelineForText2Image maps
+    to its text-to-image form (an img2img checkpoint loads as text-to-image);
+    one it does not know loads as the class named."""
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    return ImageModel(load_pipeline("AutoPipelineForText2Image", checkpoint, device, dtype, revision, variant),
+                      torch.device(device))
+
+
+def load_pipeline(auto: str, checkpoint: str, device: str, dtype: str, revision: str | None, variant: str | None):
+    """The pipeline in `checkpoint` through diffusers' AutoPipeline `auto`, on `device`."""
+    import diffusers
+    import torch
 
     quiet()
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise ValueError(f"dtype for an image model must be one of {sorted(dtypes)}, got {dtype!r}")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        checkpoint, safety_checker=None, requires_safety_checker=False, dtype=dtypes[dtype]
-    )
+    index = diffusers.DiffusionPipeline.load_config(checkpoint, revision=revision)
+    kwargs: dict[str, Any] = {"revision": revision, "variant": variant, "dtype": dtypes[dtype]}
+    if "safety_checker" in index:
+        # genq stores what it makes; filtering it is the operator's policy, not a model component.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        # DiffusionPipeline itself loads the class the index names (the audio family's way).
+        pipe = getattr(diffusers, auto).from_pretrained(checkpoint, **kwargs)
+    except ValueError as exc:
+        if "AutoPipeline can't find a pipeline" not in str(exc) or auto != "AutoPipelineForText2Image":
+            raise
+        pipe = diffusers.DiffusionPipeline.from_pretrained(checkpoint, **kwargs)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return ImageModel(pipe, torch.device(device))
+    return pipe
+
+
+def check(checkpoint: str, revision: str | None = None, variant: str | None = None) -> list[str]:
+    """What is wrong with a checkpoint directory, read from its configs only
+    (no weights loaded): the pipeline index, each component's folder and
+    config, and weights of the pinned variant. [] when nothing is."""
+    root = Path(checkpoint)
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        return [f"{root}: no model_index.json (not a diffusers pipeline directory)"]
+    try:
+        index = json.loads(index_path.read_text())
+    except ValueError as exc:
+        return [f"{index_path}: not JSON ({exc})"]
+    problems = []
+    from diffusers import pipelines
+
+    if not hasattr(pipelines, str(index.get("_class_name"))):
+        problems.append(f"{index_path}: unknown pipeline class {index.get('_class_name')!r} in this diffusers")
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        folder = root / name
+        if not folder.is_dir():
+            problems.append(f"{folder}: missing (model_index.json names component {name!r})")
+            continue
+        configs = [f for f in ("config.json", "scheduler_config.json", "tokenizer_config.json",
+                               "preprocessor_config.json") if (folder / f).is_file()]
+        if not configs:
+            problems.append(f"{folder}: no config file")
+            continue
+        for config in configs:
+            try:
+                json.loads((folder / config).read_text())
+            except ValueError as exc:
+                problems.append(f"{folder / config}: not JSON ({exc})")
+        if "config.json" in configs and name not in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+            weights = [f.name for f in folder.iterdir() if f.name.endswith((".safetensors", ".bin"))]
+            if variant:
+                weights = [w for w in weights if f".{variant}." in w]
+            if not weights:
+                problems.append(f"{folder}: no weights" + (f" of variant {variant!r}" if variant else ""))
+    return problems
 
 
 class ImageModel:
@@ -101,6 +209,36 @@ class ImageModel:
             if hasattr(component, "parameters"):
                 tensors += list(component.parameters()) + list(component.buffers())
         self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.call_args = set(inspect.signature(pipe.__call__).parameters)
+        # The pipeline's own scheduler, and those made from its config, by job choice.
+        self.schedulers = {None: pipe.scheduler}
+
+    def steps_run(self, first) -> int:
+        """Denoising steps a batch runs (progress counts to it)."""
+        return first.num_inference_steps
+
+    def extra_args(self, rows: list) -> dict:
+        """Pipeline arguments beyond text-to-image's (the image-to-image family adds its images)."""
+        return {}
+
+    def finish_images(self, rows: list, images: list) -> list:
+        """The pipeline's images as stored (inpainting pastes them over their input outside the mask)."""
+        return images
+
+    def _use_scheduler(self, name: str | None) -> None:
+        """Put the job's scheduler in the pipeline, made once from the pipeline's own config."""
+        if name not in self.schedulers:
+            import diffusers
+
+            default = self.schedulers[None]
+            cls_name, extra = SCHEDULERS[name]
+            cls = getattr(diffusers, cls_name)
+            compatible = {c.__name__ for c in getattr(default, "compatibles", [])} | {type(default).__name__}
+            if cls_name not in compatible:
+                raise ValueError(f"input.scheduler {name!r} ({cls_name}) does not work with this pipeline's "
+                                 f"{type(default).__name__}; compatible: {sorted(compatible)}")
+            self.schedulers[name] = cls.from_config(default.config, **extra)
+        self.pipe.scheduler = self.schedulers[name]
 
     def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled) -> list[Result | None]:
         import torch
@@ -114,7 +252,7 @@ class ImageModel:
         for inp in rows[1:]:
             if batch_key(inp) != batch_key(first):
                 raise ValueError(f"jobs in one batch must share batch_key {batch_key(first)!r}, got {batch_key(inp)!r}")
-        steps, per = first.num_inference_steps, first.num_images
+        steps, per = self.steps_run(first), first.num_images
         # One generator per image, seeded seed + k, in the order the pipeline lays
         # out its batch (prompt-major): image k of a job gets the same starting
         # noise whatever else is in the batch.
@@ -137,19 +275,29 @@ class ImageModel:
                 pipe._interrupt = True
             return {}
 
-        images = self.pipe(
+        args = dict(
             prompt=[inp.prompt for inp in rows],
             negative_prompt=[inp.negative_prompt for inp in rows],
             width=first.width,
             height=first.height,
-            num_inference_steps=steps,
+            num_inference_steps=first.num_inference_steps,
             guidance_scale=first.guidance_scale,
             num_images_per_prompt=per,
             generator=generators,
             output_type="pil",
             callback_on_step_end=step_end,
-        ).images
+            **self.extra_args(rows),
+        )
+        # Pipelines differ in what they take (Flux has no negative prompt in
+        # some versions, a few no step callback): pass what this one does.
+        self._use_scheduler(first.scheduler)
+        try:
+            images = self.pipe(**{k: v for k, v in args.items() if k in self.call_args}).images
+        finally:
+            # Between batches the pipeline holds its own scheduler (what save_pretrained would write).
+            self._use_scheduler(None)
 
+        images = self.finish_images(rows, images)
         for r, i in enumerate(live):
             if cancelled[r]:
                 continue

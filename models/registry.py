@@ -7,6 +7,7 @@ override). Importing this module or a family's schema never imports torch.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from models import checkpoints
 
@@ -23,6 +25,11 @@ from models import checkpoints
 FAMILIES = {
     "text-generation": "models.text",
     "image-generation": "models.image",
+    "image-to-image": "models.image_to_image",
+    "inpainting": "models.inpainting",
+    "text-to-audio": "models.audio",
+    "text-to-video": "models.video",
+    "image-text-to-text": "models.vision_text",
 }
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 # How a model's jobs share the worker: "continuous" (rows join and leave a
@@ -34,6 +41,101 @@ ENGINES = ("transformers", "vllm")
 
 class RegistryError(ValueError):
     pass
+
+
+class Entry(BaseModel):
+    """One model's entry in the registry file, as written there. Unknown keys
+    are refused: a typo (`max_batch_sise: 8`) must not run silently at the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: str = Field(min_length=1)
+    checkpoint: str = Field(min_length=1)
+    pool: str = Field(min_length=1)
+    dtype: str = "float32"
+    max_batch_size: int = Field(1, ge=1)
+    max_wait_ms: int = Field(0, ge=0)
+    # None: the family's default (continuous where it decodes step by step).
+    batching: str | None = None
+    max_batch_tokens: int | None = None
+    engine: str = "transformers"
+    limits: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+    revision: str | None = Field(None, min_length=1)
+    variant: str | None = Field(None, min_length=1)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        return _one_of(value, DTYPES)
+
+    @field_validator("batching")
+    @classmethod
+    def _batching(cls, value: str | None) -> str | None:
+        return None if value is None else _one_of(value, BATCHING)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        return _one_of(value, ENGINES)
+
+    @field_validator("max_batch_tokens", mode="before")
+    @classmethod
+    def _max_batch_tokens(cls, value: Any) -> Any:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"must be a positive integer, got {value!r}")
+        return value
+
+
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _closest(key: str, known) -> str:
+    """ "; did you mean 'x'?" for the known key nearest a mistyped one (difflib), or the
+    known keys when none is near."""
+    match = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else f"; known keys: {', '.join(sorted(known))}"
+
+
+def _entry_errors(exc: ValidationError) -> str:
+    """pydantic's errors about a registry entry, in the registry's words."""
+    out = []
+    for err in exc.errors(include_url=False):
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            out.append(f"unknown key {key!r}{_closest(key, Entry.model_fields)}")
+        elif err["type"] == "missing" or (err["type"] == "string_too_short" and key in ("family", "checkpoint", "pool")):
+            out.append(f"needs {key!r}")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] != "value_error":
+                message = f"{message} (got {err['input']!r:.80})"
+            out.append(f"{key} {message}")
+    return "; ".join(out)
+
+
+def _check_limits(where: str, family: str, module: ModuleType, limits: dict) -> None:
+    """Every key under `limits` must be one the family reads (its LIMITS); a
+    family module that declares none (one kept outside this package) takes any."""
+    known = getattr(module, "LIMITS", None)
+    if known is None:
+        return
+    for key in limits:
+        if key not in known:
+            raise RegistryError(f"{where}: unknown limit {key!r} for family {family!r}{_closest(key, known)}")
+    # A limit that lists choices (an image model's schedulers) lists known ones.
+    for key, choices in getattr(module, "LIMIT_CHOICES", {}).items():
+        value = limits.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not value:
+            raise RegistryError(f"{where}: limits.{key} must be a non-empty list, got {value!r:.80}")
+        for choice in value:
+            if choice not in choices:
+                raise RegistryError(f"{where}: limits.{key} has unknown {choice!r}{_closest(choice, choices)}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +157,10 @@ class ModelSpec:
     description: str = ""
     # For a fine-tuned version: the base model's checkpoint its weights build on.
     base_checkpoint: str = ""
+    # Pins of a diffusers pipeline: the hub revision (a commit, tag or branch)
+    # and the weights' variant ("fp16" loads *.fp16.safetensors).
+    revision: str | None = None
+    variant: str | None = None
 
     @property
     def module(self) -> ModuleType:
@@ -82,7 +188,10 @@ class ModelSpec:
                 prop = schema["properties"][fieldname]
                 target = next((b for b in prop.get("anyOf", []) if b.get("type") != "null"), prop)
                 current = target.get(keyword)
-                target[keyword] = self.limits[limit] if current is None else min(current, self.limits[limit])
+                if keyword == "enum":  # a list limit narrows the choices (an image model's schedulers)
+                    target[keyword] = [v for v in current or [] if v in self.limits[limit]]
+                else:
+                    target[keyword] = self.limits[limit] if current is None else min(current, self.limits[limit])
         return schema
 
 
@@ -102,56 +211,70 @@ class Registry:
 
     @classmethod
     def load(cls, path: Path | str) -> "Registry":
+        """The registry in `path`; raises RegistryError at its first wrong entry."""
+        specs, errors = cls.read(path)
+        if errors:
+            raise RegistryError(next(iter(errors.values())))
+        return cls(specs)
+
+    @classmethod
+    def read(cls, path: Path | str) -> tuple[dict[str, ModelSpec], dict[str, str]]:
+        """Every entry of the registry in `path`: ({name: spec}, {name: what is wrong
+        with it}). A file that cannot be read at all raises RegistryError."""
         path = Path(path)
         try:
             doc = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
             raise RegistryError(f"model registry {str(path)!r} does not exist") from None
-        specs = {}
+        except yaml.YAMLError as exc:
+            raise RegistryError(f"model registry {str(path)!r} is not YAML: {exc}") from None
+        if not isinstance(doc, dict) or set(doc) - {"models"}:
+            extra = sorted(set(doc) - {"models"}) if isinstance(doc, dict) else [type(doc).__name__]
+            raise RegistryError(f"model registry {str(path)!r}: unknown top-level key {extra[0]!r}"
+                                f"{_closest(extra[0], ['models'])}")
+        specs, errors = {}, {}
         for name, entry in (doc.get("models") or {}).items():
-            specs[name] = cls._spec(name, entry or {}, path)
-        return cls(specs)
+            try:
+                specs[name] = cls._spec(name, {} if entry is None else entry, path)
+            except RegistryError as exc:
+                errors[name] = str(exc)
+        return specs, errors
 
     @staticmethod
-    def _spec(name: str, entry: dict, path: Path) -> ModelSpec:
+    def _spec(name: str, entry: Any, path: Path) -> ModelSpec:
         where = f"{path}: model {name!r}"
-        for key in ("family", "checkpoint", "pool"):
-            if not entry.get(key):
-                raise RegistryError(f"{where} needs {key!r}")
-        dtype = entry.get("dtype", "float32")
-        if dtype not in DTYPES:
-            raise RegistryError(f"{where}: dtype must be one of {DTYPES}, got {dtype!r}")
-        module = family_module(entry["family"])
+        if not isinstance(entry, dict):
+            raise RegistryError(f"{where} must be a mapping of keys, got {entry!r:.80}")
+        try:
+            parsed = Entry.model_validate(entry)
+        except ValidationError as exc:
+            raise RegistryError(f"{where}: {_entry_errors(exc)}") from None
+        module = family_module(parsed.family)
+        _check_limits(where, parsed.family, module, parsed.limits)
         # Families that can schedule per step batch continuously unless told not to.
-        batching = entry.get("batching", "continuous" if getattr(module, "CONTINUOUS", False) else "static")
-        if batching not in BATCHING:
-            raise RegistryError(f"{where}: batching must be one of {BATCHING}, got {batching!r}")
+        batching = parsed.batching or ("continuous" if getattr(module, "CONTINUOUS", False) else "static")
         if batching == "continuous" and not getattr(module, "CONTINUOUS", False):
             raise RegistryError(f"{where}: batching 'continuous' needs a family that decodes step by step; "
-                                f"{entry['family']!r} batches statically")
-        engine = entry.get("engine", "transformers")
-        if engine not in ENGINES:
-            raise RegistryError(f"{where}: engine must be one of {ENGINES}, got {engine!r}")
-        max_batch_tokens = entry.get("max_batch_tokens")
-        if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
-            raise RegistryError(f"{where}: max_batch_tokens must be a positive integer, got {max_batch_tokens!r}")
-        try:
-            return ModelSpec(
-                name=name,
-                family=entry["family"],
-                checkpoint=checkpoints.normalize(str(entry["checkpoint"]), path.parent),
-                pool=str(entry["pool"]),
-                dtype=dtype,
-                max_batch_size=int(entry.get("max_batch_size", 1)),
-                max_wait_ms=int(entry.get("max_wait_ms", 0)),
-                batching=batching,
-                max_batch_tokens=max_batch_tokens,
-                engine=engine,
-                limits=dict(entry.get("limits") or {}),
-                description=str(entry.get("description", "")),
-            )
-        except (TypeError, ValueError) as exc:
-            raise RegistryError(f"{where}: {exc}") from None
+                                f"{parsed.family!r} batches statically")
+        if (parsed.revision or parsed.variant) and not getattr(module, "PINS", False):
+            raise RegistryError(f"{where}: 'revision' and 'variant' are for diffusers pipelines; "
+                                f"{parsed.family!r} takes neither")
+        return ModelSpec(
+            name=name,
+            family=parsed.family,
+            checkpoint=checkpoints.normalize(parsed.checkpoint, path.parent),
+            pool=parsed.pool,
+            dtype=parsed.dtype,
+            max_batch_size=parsed.max_batch_size,
+            max_wait_ms=parsed.max_wait_ms,
+            batching=batching,
+            max_batch_tokens=parsed.max_batch_tokens,
+            engine=parsed.engine,
+            limits=dict(parsed.limits),
+            description=parsed.description,
+            revision=parsed.revision,
+            variant=parsed.variant,
+        )
 
     def get(self, name: str) -> ModelSpec | None:
         return self._specs.get(name)

@@ -17,6 +17,9 @@ SCHEMA_LIMITS = [
     ("max_new_tokens", "max_new_tokens", "maximum"),
     ("max_prompt_chars", "prompt", "maxLength"),
 ]
+# Every key a registry entry's `limits` may hold: the input's bounds, and the
+# bounds of fine-tunes of the model (models/finetune.py).
+LIMITS = {"max_new_tokens", "max_prompt_chars", "max_seq_len", "max_epochs", "max_train_steps", "max_train_examples"}
 SEED_MAX = 2**32 - 1
 MAX_STOPS = 4
 
@@ -126,6 +129,31 @@ def load(checkpoint: str, device: str, dtype: str, engine: str = "transformers",
         model = model.to(device)
     model.eval()
     return TextModel(model, tokenizer, torch.device(device))
+
+
+def check(checkpoint: str) -> list[str]:
+    """What is wrong with a causal LM's directory, read from its configs only
+    (no weights loaded): a config transformers can read as a causal LM, a
+    tokenizer, weights. [] when nothing is."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, MODEL_FOR_CAUSAL_LM_MAPPING
+
+    quiet()
+
+    root = Path(checkpoint)
+    try:
+        config = AutoConfig.from_pretrained(root, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError or KeyError here
+        return [f"{root}: no config transformers can read ({exc})"]
+    problems = []
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        problems.append(f"{root}: {type(config).__name__} has no causal LM class in this transformers")
+    if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        problems.append(f"{root}: no tokenizer files")
+    if not any(f.name.endswith((".safetensors", ".bin")) for f in root.iterdir()):
+        problems.append(f"{root}: no weights (*.safetensors or *.bin)")
+    return problems
 
 
 class TextModel:

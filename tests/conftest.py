@@ -35,6 +35,10 @@ def model_dir(tmp_path_factory) -> Path:
     root = Path(os.environ.get("GENQ_TEST_MODEL_DIR") or tmp_path_factory.mktemp("models"))
     ensure_checkpoint("demo:text", root)
     ensure_checkpoint("demo:image", root)
+    ensure_checkpoint("demo:image-xl", root)
+    ensure_checkpoint("demo:audio", root)
+    ensure_checkpoint("demo:video", root)
+    ensure_checkpoint("demo:vision-text", root)
     return root
 
 

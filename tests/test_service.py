@@ -2,6 +2,7 @@
 S3 server over HTTP, and `genq worker` as a real subprocess."""
 from __future__ import annotations
 
+import base64
 import io
 import secrets
 import time
@@ -80,6 +81,91 @@ def fetch_png(url: str) -> bytes:
     resp = requests.get(url, timeout=10)
     assert resp.status_code == 200, resp.text
     return resp.content
+
+
+def test_image_to_image_job_starts_from_an_uploaded_image(client, tenant):
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 40), (220, 20, 20)).save(buf, "PNG")
+    upload = client.post("/v1/files", data={"purpose": "image", "file": (io.BytesIO(buf.getvalue()), "red.png")},
+                         headers=tenant, content_type="multipart/form-data")
+    assert upload.status_code == 201, upload.get_data(as_text=True)
+    body = {"model": "demo-image-to-image", "input": {"prompt": "a fox", "image": upload.get_json()["id"],
+                                                     "width": 48, "height": 32, "num_inference_steps": 4,
+                                                     "strength": 0.5, "seed": 9}}
+    job = wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["total"] == 2  # strength 0.5 of 4 steps
+    img = Image.open(io.BytesIO(fetch_png(job["output"]["images"][0]["url"])))
+    assert (img.format, img.size) == ("PNG", (48, 32))
+
+
+def test_inpainting_job_repaints_only_the_mask(client, tenant):
+    def data_uri(img) -> str:
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))
+    body = {"model": "demo-inpainting", "input": {"prompt": "a door", "image": data_uri(Image.new("RGB", (32, 32), (9, 99, 199))),
+                                                 "mask_image": data_uri(mask), "width": 32, "height": 32,
+                                                 "num_inference_steps": 2, "seed": 3}}
+    job = wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+    assert job["status"] == "succeeded", job
+    img = Image.open(io.BytesIO(fetch_png(job["output"]["images"][0]["url"]))).convert("RGB")
+    assert img.size == (32, 32)
+    assert {img.getpixel((x, y)) for x in range(16, 32) for y in range(32)} == {(9, 99, 199)}
+
+
+def test_audio_job_stores_a_wav_of_the_asked_duration(client, tenant):
+    import wave
+
+    body = {"model": "demo-audio", "input": {"prompt": "rain", "duration_s": 0.5, "num_inference_steps": 2, "seed": 4}}
+    job = wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+    assert job["status"] == "succeeded", job
+    clip = job["output"]["audio"]
+    assert (clip["content_type"], clip["duration_s"], clip["seed"]) == ("audio/wav", 0.5, 4)
+    with wave.open(io.BytesIO(fetch_png(clip["url"]))) as w:
+        assert (w.getframerate(), w.getnframes()) == (16000, 8000)
+
+
+def test_video_job_stores_an_animated_webp_of_the_asked_frames(client, tenant):
+    body = {"model": "demo-video", "input": {"prompt": "a cat", "num_frames": 3, "width": 32, "height": 32,
+                                            "num_inference_steps": 2, "seed": 4}}
+    job = wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+    assert job["status"] == "succeeded", job
+    clip = Image.open(io.BytesIO(fetch_png(job["output"]["video"]["url"])))
+    assert (clip.format, clip.n_frames, clip.size) == ("WEBP", 3, (32, 32))
+    assert job["progress"]["total"] == 2
+
+
+def test_vision_text_job_answers_about_an_uploaded_image(client, tenant):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (20, 200, 20)).save(buf, "PNG")
+    file_id = client.post("/v1/files", data={"purpose": "image", "file": (io.BytesIO(buf.getvalue()), "g.png")},
+                          headers=tenant, content_type="multipart/form-data").get_json()["id"]
+    body = {"model": "demo-vision-text", "input": {"prompt": "what is it?", "image": file_id, "max_new_tokens": 5,
+                                                  "seed": 2}}
+    first, second = (wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+                     for _ in range(2))
+    assert first["status"] == second["status"] == "succeeded", first
+    assert first["output"] == second["output"] and first["output"]["tokens"] <= 5
+    assert first["progress"]["unit"] == "token"
+
+
+def test_any_diffusers_pipeline_serves_jobs_each_with_its_scheduler(client, tenant):
+    """demo-image-xl is an SDXL pipeline: the same family loads it, and each job may pick its scheduler."""
+    body = {"model": "demo-image-xl", "input": {"prompt": "a red square", "width": 32, "height": 40,
+                                               "num_inference_steps": 2, "seed": 5, "scheduler": "dpm++"}}
+    ids = [client.post("/v1/jobs", json=b, headers=tenant).get_json()["id"]
+           for b in (body, {**body, "input": {**body["input"], "scheduler": "euler"}})]
+    dpm, euler = (wait_job(client.get, i, tenant) for i in ids)
+    assert dpm["status"] == euler["status"] == "succeeded", (dpm, euler)
+    pngs = [fetch_png(job["output"]["images"][0]["url"]) for job in (dpm, euler)]
+    for png in pngs:
+        img = Image.open(io.BytesIO(png))
+        assert (img.format, img.size) == ("PNG", (32, 40))
+    assert pngs[0] != pngs[1]
 
 
 def test_image_job_stores_a_png_at_the_requested_size_and_seed_repeats(client, tenant, stack):

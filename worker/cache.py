@@ -112,6 +112,8 @@ def make_loader(settings, storage=None) -> Callable[[ModelSpec], object]:
             # vLLM sizes its rows and KV cache when it loads.
             extra = {"engine": spec.engine, "max_rows": spec.max_batch_size,
                      "max_batch_tokens": spec.max_batch_tokens} if spec.engine != "transformers" else {}
+            # Pins only a diffusers family takes (the registry refuses them elsewhere).
+            extra.update({k: v for k, v in (("revision", spec.revision), ("variant", spec.variant)) if v})
             return spec.module.load(checkpoints.resolve(spec, settings.model_dir, storage), device, spec.dtype,
                                     **extra)
         except GenqError:

@@ -28,7 +28,7 @@ from genq.outage import retry
 from genq.schema import Job
 from genq.settings import Settings
 from genq.states import JobStatus, JobType
-from genq.storage import Storage, job_key
+from genq.storage import NotFound, Storage, file_key, job_key
 from models.base import InputInvalid, Result
 from models.registry import ModelSpec, Registry
 from worker import metrics as prom
@@ -233,7 +233,8 @@ class Runner:
         False when some outputs could not be stored (their jobs went back to
         the queue)."""
         rows = [Row(job) for job in batch]
-        unit = "token" if spec.family == "text-generation" else "step"
+        # What progress counts: tokens for text out, denoising steps otherwise (a family may say).
+        unit = getattr(spec.module, "PROGRESS_UNIT", "token" if spec.family == "text-generation" else "step")
         log.info("running batch of %d %s jobs: %s", len(rows), spec.name, [j.id for j in batch],
                  extra={"job_ids": [j.id for j in batch], "model": spec.name})
         prom.BATCH_SIZE.labels(spec.name).observe(len(rows))
@@ -243,11 +244,16 @@ class Runner:
         inputs, runnable, invalid = [], [], []
         for r in rows:
             try:
-                inputs.append(spec.validate(r.job.input))
-                runnable.append(r)
+                inp = spec.validate(r.job.input)
             except InputInvalid as exc:
                 # Validated at submit; only a registry change can make it fail here.
                 invalid.append((r, JobStatus.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}))
+                continue
+            try:
+                inputs.append(self.attach_files(spec, inp))
+                runnable.append(r)
+            except Exception as exc:
+                invalid.append((r, JobStatus.FAILED, {"error": {"code": "input_file_unavailable", "message": str(exc)}}))
         self.finish(invalid)
         if not runnable:
             return True
@@ -340,6 +346,21 @@ class Runner:
         self.finish(last)
         self.hand_back([r for r, _ in failed if r.job.attempts < r.job.max_attempts], counted=True,
                        reason="its outputs could not be stored; queued again, the attempt counted")
+
+    def attach_files(self, spec: ModelSpec, inp):
+        """The input with the files it names read from storage, for families
+        that take them (image-to-image's `image`); others' inputs as they are."""
+        attach = getattr(spec.module, "attach_files", None)
+        if attach is None:
+            return inp
+
+        def read(file_id: str) -> bytes:
+            try:
+                return self.storage.get(file_key(file_id))
+            except NotFound:
+                raise ValueError(f"input file {file_id} is gone (deleted since the job was queued)") from None
+
+        return attach(inp, read)
 
     def store(self, job_id: str, result: Result) -> dict:
         """Put a result's files at deterministic keys and point the output at them."""

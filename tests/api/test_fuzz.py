@@ -86,6 +86,12 @@ def test_api_conforms_to_its_openapi_document(case, world):
         # Whether a webhook host is allowed depends on what it resolves to
         # (no loopback, private, link-local...), which no schema can say.
         excluded.append(positive_data_acceptance)
+    body_input = case.body.get("input") if isinstance(case.body, dict) else None
+    if case.operation.label == "POST /v1/jobs" and isinstance(body_input, dict) and (
+            "image" in body_input or "mask_image" in body_input):
+        # The schema can say "a file id or a data URI", not "an image that decodes":
+        # a random string there is schema-valid and rightly refused (422 naming the field).
+        excluded.append(positive_data_acceptance)
     case.call_and_validate(additional_checks=[never_another_tenants_object],
                            excluded_checks=excluded)
 

@@ -26,6 +26,26 @@ def image_checkpoint(demo_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def image_xl_checkpoint(demo_dir) -> str:
+    return ensure_checkpoint("demo:image-xl", demo_dir)
+
+
+@pytest.fixture(scope="session")
+def audio_checkpoint(demo_dir) -> str:
+    return ensure_checkpoint("demo:audio", demo_dir)
+
+
+@pytest.fixture(scope="session")
+def video_checkpoint(demo_dir) -> str:
+    return ensure_checkpoint("demo:video", demo_dir)
+
+
+@pytest.fixture(scope="session")
+def vision_text_checkpoint(demo_dir) -> str:
+    return ensure_checkpoint("demo:vision-text", demo_dir)
+
+
+@pytest.fixture(scope="session")
 def text_model(text_checkpoint):
     from models import text
 

@@ -27,8 +27,8 @@ def test_directories_and_hub_ids_pass_through(tmp_path):
 
 def test_a_demo_checkpoint_is_built_where_the_model_dir_says(text_checkpoint, demo_dir):
     assert checkpoints.resolve(spec("demo:text"), demo_dir) == text_checkpoint
-    with pytest.raises(ValueError, match="unknown demo checkpoint 'demo:video'"):
-        checkpoints.resolve(spec("demo:video"), demo_dir)
+    with pytest.raises(ValueError, match="unknown demo checkpoint 'demo:hologram'"):
+        checkpoints.resolve(spec("demo:hologram"), demo_dir)
 
 
 def test_relative_directories_are_relative_to_the_registry_file(tmp_path):

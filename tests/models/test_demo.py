@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_only_demo_checkpoints_are_built(tmp_path):
     # Other schemes are models.checkpoints.resolve's (tests/models/test_checkpoints.py).
-    for other in ("demo:video", "openai-community/gpt2", "/models/my-sd"):
+    for other in ("demo:hologram", "openai-community/gpt2", "/models/my-sd"):
         with pytest.raises(ValueError, match="unknown demo checkpoint"):
             ensure_checkpoint(other, tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -95,7 +95,7 @@ def test_valid_input_defaults_schema_and_batch_key():
     assert (inp.width, inp.height, inp.num_inference_steps, inp.num_images, inp.negative_prompt, inp.seed) == (
         64, 64, 10, 1, "", None
     )
-    assert image.batch_key(inp) == "64x64|10|7.0|1"
+    assert image.batch_key(inp) == "64x64|10|7.0|1|default"
     # Prompts and seeds do not split batches; shapes and steps do.
     assert image.batch_key(inp.model_copy(update={"prompt": "b", "seed": 3})) == image.batch_key(inp)
     assert image.batch_key(inp.model_copy(update={"width": 72})) != image.batch_key(inp)
@@ -202,4 +202,65 @@ def test_shipped_registry_limits_apply():
     with pytest.raises(InputInvalid) as exc:
         spec.validate({"prompt": "a fox", "width": 264})
     assert exc.value.errors[0]["field"] == "input.width"
-    assert spec.batch_key(spec.validate({"prompt": "a fox"})) == "float32|64x64|10|7.5|1"
+    assert spec.batch_key(spec.validate({"prompt": "a fox"})) == "float32|64x64|10|7.5|1|default"
+
+
+@pytest.mark.parametrize("raw, field, message", [
+    ({"prompt": "a fox", "scheduler": "dpm+++"}, "input.scheduler", "Input should be 'euler', 'euler-a'"),
+    ({"prompt": "a fox", "scheduler": "heun"}, "input.scheduler",
+     "must be one of ['ddim', 'euler'] for this model, got 'heun'"),
+])
+def test_a_scheduler_outside_the_choices_is_refused(raw, field, message):
+    with pytest.raises(InputInvalid) as exc:
+        image.validate(raw, {**LIMITS, "schedulers": ["euler", "ddim"]})
+    [error] = exc.value.errors
+    assert error["field"] == field and message in error["message"]
+
+
+def test_each_job_runs_with_its_own_scheduler(image_model):
+    default = pngs(image_model.run([job("a lighthouse", 3)], ignore, never)[0])
+    euler = pngs(image_model.run([job("a lighthouse", 3, scheduler="euler")], ignore, never)[0])
+    dpm = pngs(image_model.run([job("a lighthouse", 3, scheduler="dpm++")], ignore, never)[0])
+    assert len({default[0], euler[0], dpm[0]}) == 3
+    # The pipeline's own scheduler comes back for the next job that names none, state and all.
+    assert pngs(image_model.run([job("a lighthouse", 3)], ignore, never)[0]) == default
+    assert pngs(image_model.run([job("a lighthouse", 3, scheduler="euler")], ignore, never)[0]) == euler
+    assert image.batch_key(job("a", 1, scheduler="euler")) != image.batch_key(job("a", 1))
+
+
+def test_another_pipeline_class_loads_and_batches_the_same_way(image_xl_checkpoint):
+    """SDXL (two text encoders, size conditioning) through the same loader: AutoPipelineForText2Image."""
+    from PIL import Image
+
+    model = image.load(image_xl_checkpoint, "cpu", "float32")
+    assert type(model.pipe).__name__ == "StableDiffusionXLPipeline"
+    rows = [job("a lighthouse", 1, width=32, height=32, scheduler="euler-a"),
+            job("a red fox", 2, width=32, height=32, scheduler="euler-a")]
+    batched = model.run(rows, ignore, never)
+    img = Image.open(io.BytesIO(pngs(batched[0])[0]))
+    assert (img.format, img.size) == ("PNG", (32, 32))
+    assert_same_images(pngs(batched[1]), pngs(model.run([rows[1]], ignore, never)[0]))
+
+
+def test_a_variant_pinned_in_the_registry_loads_those_weights(image_model, tmp_path):
+    image_model.pipe.save_pretrained(tmp_path, variant="fp16")  # the name only: the tensors stay float32
+    assert image.check(str(tmp_path), variant="fp16") == []
+    assert image.check(str(tmp_path), variant="bf16") == [
+        f"{tmp_path / c}: no weights of variant 'bf16'" for c in ("text_encoder", "unet", "vae")]
+    pinned = image.load(str(tmp_path), "cpu", "float32", variant="fp16")
+    inp = job("a lighthouse", 9)
+    assert pngs(pinned.run([inp], ignore, never)[0]) == pngs(image_model.run([inp], ignore, never)[0])
+    with pytest.raises(ValueError, match="bf16"):
+        image.load(str(tmp_path), "cpu", "float32", variant="bf16")
+
+
+def test_a_models_schedulers_narrow_its_input_schema():
+    from pathlib import Path
+
+    from models.registry import Registry
+
+    registry = Registry.load(Path(__file__).resolve().parents[2] / "models" / "registry.yaml")
+    [choices] = [b for b in registry["demo-image-xl"].input_schema()["properties"]["scheduler"]["anyOf"] if "enum" in b]
+    assert choices["enum"] == ["euler", "euler-a", "dpm++", "dpm++-karras", "ddim", "unipc"]
+    [everything] = [b for b in registry["demo-image"].input_schema()["properties"]["scheduler"]["anyOf"] if "enum" in b]
+    assert everything["enum"] == list(image.SCHEDULERS)

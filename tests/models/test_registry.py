@@ -33,3 +33,57 @@ def test_a_wrong_batching_knob_is_refused_naming_it(tmp_path, entry, message):
     with pytest.raises(RegistryError) as exc:
         load(tmp_path, **entry)
     assert message in str(exc.value) and "model 'm'" in str(exc.value)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"max_batch_sise": 8}, "model 'm': unknown key 'max_batch_sise'; did you mean 'max_batch_size'?"),
+    ({"chekpoint": "demo:text"}, "unknown key 'chekpoint'; did you mean 'checkpoint'?"),
+    ({"limits": {"max_new_tokns": 9}}, "model 'm': unknown limit 'max_new_tokns' for family 'text-generation'; "
+                                        "did you mean 'max_new_tokens'?"),
+    ({"family": "image-generation", "checkpoint": "demo:image", "limits": {"max_widht": 9}},
+     "did you mean 'max_width'?"),
+    ({"zzz": 1}, "unknown key 'zzz'; known keys: "),
+    ({"dtype": "fp8"}, "dtype must be one of ('float32', 'float16', 'bfloat16', 'int8'), got 'fp8'"),
+    ({"max_batch_size": 0}, "max_batch_size Input should be greater than or equal to 1 (got 0)"),
+    ({"pool": ""}, "needs 'pool'"),
+    ({"variant": "fp16"}, "'revision' and 'variant' are for diffusers pipelines; 'text-generation' takes neither"),
+    ({"family": "image-generation", "checkpoint": "demo:image", "limits": {"schedulers": ["euler", "dpm+"]}},
+     "limits.schedulers has unknown 'dpm+'; did you mean 'dpm++'?"),
+    ({"family": "inpainting", "checkpoint": "demo:image", "limits": {"schedulers": "euler"}},
+     "limits.schedulers must be a non-empty list, got 'euler'"),
+])
+def test_a_wrong_key_is_refused_naming_the_model_the_key_and_the_closest_known(tmp_path, entry, message):
+    with pytest.raises(RegistryError) as exc:
+        load(tmp_path, **entry)
+    assert message in str(exc.value)
+
+
+def test_a_missing_key_is_named(tmp_path):
+    path = tmp_path / "registry.yaml"
+    path.write_text("models:\n  m: {family: text-generation, pool: p}\n")
+    with pytest.raises(RegistryError, match="model 'm': needs 'checkpoint'"):
+        Registry.load(path)
+
+
+def test_an_unknown_top_level_key_is_refused(tmp_path):
+    path = tmp_path / "registry.yaml"
+    path.write_text("model:\n  m: {family: text-generation, checkpoint: demo:text, pool: p}\n")
+    with pytest.raises(RegistryError, match="unknown top-level key 'model'; did you mean 'models'"):
+        Registry.load(path)
+
+
+def test_image_models_take_revision_and_variant_pins(tmp_path):
+    spec = load(tmp_path, family="image-generation", checkpoint="org/sdxl", revision="abc123", variant="fp16")["m"]
+    assert (spec.revision, spec.variant) == ("abc123", "fp16")
+
+
+def test_read_reports_every_bad_entry_and_keeps_the_good_ones(tmp_path):
+    path = tmp_path / "registry.yaml"
+    path.write_text("models:\n"
+                    "  good: {family: text-generation, checkpoint: demo:text, pool: p}\n"
+                    "  typo: {family: text-generation, checkpoint: demo:text, pool: p, max_wait: 5}\n"
+                    "  nofam: {family: speech, checkpoint: demo:text, pool: p}\n")
+    specs, errors = Registry.read(path)
+    assert list(specs) == ["good"]
+    assert "did you mean 'max_wait_ms'?" in errors["typo"]
+    assert "unknown model family 'speech'" in errors["nofam"]
