@@ -23,6 +23,7 @@ import time
 from celery import Celery
 
 import genq.queue
+from genq import tracing
 from genq.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class Doorbells:
     def __init__(self, celery: Celery, notifier: Notifier | None = None) -> None:
         self.celery = celery
         self.notifier = notifier
-        self._pending: queue.Queue[tuple[str, str, bool]] = queue.Queue(MAX_PENDING)
+        self._pending: queue.Queue[tuple[str, str, bool, dict | None]] = queue.Queue(MAX_PENDING)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -51,7 +52,8 @@ class Doorbells:
         if self._thread is None:
             self._start()
         try:
-            self._pending.put_nowait((job_id, pool, notify))
+            # The request's trace context goes along: the doorbell's span joins its trace.
+            self._pending.put_nowait((job_id, pool, notify, tracing.carrier()))
         except queue.Full:
             log.warning("doorbell of job %s not sent: %d are waiting already; the reconciler rings for it",
                         job_id, MAX_PENDING)
@@ -75,12 +77,13 @@ class Doorbells:
 
     def _send(self) -> None:
         while True:
-            job_id, pool, notify = self._pending.get()
+            job_id, pool, notify, trace = self._pending.get()
             try:
                 if notify and self.notifier is not None:
                     self.notifier.publish({job_id: 0})  # logs and drops it when Redis fails
                 # Looked up on each send: publish logs a broker that is down and returns.
-                genq.queue.publish(self.celery, job_id, pool)
+                with tracing.attached(trace):
+                    genq.queue.publish(self.celery, job_id, pool)
             except Exception:  # noqa: BLE001 - the thread must outlive any one doorbell
                 log.exception("doorbell of job %s failed", job_id)
             finally:

@@ -42,9 +42,11 @@ class FileView(TypedDict):
     object: Literal["file"]
     bytes: int
     filename: str
-    purpose: Literal["fine-tune"]
-    rows: int
-    format: Literal["prompt_completion", "text"]
+    purpose: Literal["fine-tune", "image"]
+    rows: Annotated[int, Field(description="A dataset's rows (0 for an image).")]
+    format: Annotated[str, Field(description=(
+        "A dataset's row format (prompt_completion, text), or an image's content type (image/png, image/jpeg, "
+        "image/webp)."))]
     created_at: Timestamp
     expires_at: Annotated[Timestamp | None, Field(description="When the file is deleted (retention); null when kept.")]
 

@@ -114,6 +114,22 @@ def carrier() -> dict[str, str] | None:
     return out or None
 
 
+@contextmanager
+def attached(stored: dict | None) -> Iterator[None]:
+    """Run the block in the trace context `stored` (carrier()'s), as work
+    handed to another thread is: its spans join the request that handed it."""
+    if _provider is None or not stored:
+        yield
+        return
+    from opentelemetry import context as otel_context
+
+    token = otel_context.attach(_context(stored))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 def _context(stored: dict | None):
     from opentelemetry.propagate import extract
 
