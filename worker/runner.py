@@ -247,7 +247,7 @@ class Runner:
                 runnable.append(r)
             except InputInvalid as exc:
                 # Validated at submit; only a registry change can make it fail here.
-                invalid.append((r, JobStatus.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}))
+                invalid.append((r, JobStatus.FAILED, {"error": {"code": getattr(exc, "code", "invalid_input"), "message": str(exc)}}))
         self.finish(invalid)
         if not runnable:
             return True
