@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import admin, catalog, errors, events, files, health, jobs, metrics, openapi, params
+from api import admin, catalog, errors, events, files, health, jobs, metrics, openai_compat, openapi, params
 from api.context import Context
 from api.held import init_slots
 from api.limits import init_limiter, storage_uri
@@ -58,5 +58,6 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     for blueprint in (health.bp, jobs.bp, events.bp, files.bp, catalog.bp, admin.bp, openapi.bp, metrics.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(webhook_routes.bp)
+    openai_compat.register(app)
     tracing.instrument_flask(app)
     return app
