@@ -184,7 +184,7 @@ class ImageRequest(BaseModel):
 
 def _parse(model: type[BaseModel], body: dict):
     try:
-        req = model.model_validate(body)
+        req = model.model_validate(body, strict=True)
     except ValidationError as exc:
         errors = pydantic_errors(exc, prefix="")
         first = errors[0]["field"].split(".")[0] if errors else None
@@ -271,7 +271,7 @@ def _wait(ids: list[str], hold: held.Hold) -> list[Job]:
 
 
 def _timeout(ids: list[str]) -> OpenAIError:
-    return OpenAIError(504, f"the request's jobs did not finish within {ctx().settings.openai_wait_seconds}s "
+    return OpenAIError(504, f"the request's jobs did not finish within {ctx().settings.openai_wait_seconds:g}s "
                             f"(GENQ_OPENAI_WAIT_SECONDS) and were canceled: {', '.join(ids)}", None, "timeout")
 
 
@@ -553,3 +553,105 @@ def register(app) -> None:
     app.register_blueprint(bp, url_prefix="/v1")
     app.register_blueprint(bp, url_prefix=PREFIX, name="openai_prefixed")
     app.register_blueprint(only_prefixed, url_prefix=PREFIX)
+
+
+# ---- the OpenAPI document's part (api/openapi.py adds it) ----------------------------------------------------
+
+def openapi_paths(schemas: dict, ref_template: str) -> dict:
+    """These routes' paths for /openapi.json, their schemas added to `schemas`."""
+
+    def body_schema(model: type[BaseModel], name: str) -> dict:
+        schema = model.model_json_schema(ref_template=ref_template)
+        for sub, sub_schema in schema.pop("$defs", {}).items():
+            schemas.setdefault(f"OpenAI{sub}", sub_schema)
+        schemas[name] = json.loads(json.dumps(schema).replace(ref_template.format(model=""), ref_template.format(
+            model="OpenAI")))
+        return {"$ref": ref_template.format(model=name)}
+
+    def obj(required: list[str], **props) -> dict:
+        return {"type": "object", "required": required, "properties": props}
+
+    nullable = lambda t: {"anyOf": [{"type": t}, {"type": "null"}]}  # noqa: E731
+    schemas["OpenAIError"] = obj(["error"], error=obj(["message", "type", "param", "code"],
+                                                      message={"type": "string"}, type={"type": "string"},
+                                                      param=nullable("string"), code=nullable("string")))
+    usage = obj(["prompt_tokens", "completion_tokens", "total_tokens"], prompt_tokens={"type": "integer"},
+                completion_tokens={"type": "integer"}, total_tokens={"type": "integer"})
+    schemas["OpenAICompletion"] = obj(["id", "object", "created", "model", "choices", "usage"],
+                                      id={"type": "string"}, object={"const": "text_completion"},
+                                      created={"type": "integer"}, model={"type": "string"},
+                                      choices={"type": "array", "items": obj(["text", "index", "finish_reason"])},
+                                      usage=usage)
+    schemas["OpenAIChatCompletion"] = obj(["id", "object", "created", "model", "choices", "usage"],
+                                          id={"type": "string"}, object={"const": "chat.completion"},
+                                          created={"type": "integer"}, model={"type": "string"},
+                                          choices={"type": "array", "items": obj(["index", "message", "finish_reason"])},
+                                          usage=usage)
+    schemas["OpenAIImages"] = obj(["created", "data"], created={"type": "integer"},
+                                  data={"type": "array", "items": {"type": "object"}})
+    schemas["OpenAIModel"] = obj(["id", "object", "created", "owned_by"], id={"type": "string"},
+                                 object={"const": "model"}, created={"type": "integer"}, owned_by={"type": "string"})
+    schemas["OpenAIModelList"] = obj(["object", "data"], object={"const": "list"},
+                                     data={"type": "array", "items": {"$ref": ref_template.format(model="OpenAIModel")}})
+    bodies = {"completions": body_schema(CompletionRequest, "OpenAICompletionRequest"),
+              "chat/completions": body_schema(ChatRequest, "OpenAIChatRequest"),
+              "images/generations": body_schema(ImageRequest, "OpenAIImageRequest")}
+    error = {"application/json": {"schema": {"$ref": ref_template.format(model="OpenAIError")}}}
+    either = {**error, "application/problem+json": {"schema": {"$ref": ref_template.format(model="Problem")}}}
+    retry_after = {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}}
+    sse = {"text/event-stream": {"schema": {"type": "string"},
+                                 "description": "With `stream: true`: OpenAI's chunks, then `data: [DONE]`."}}
+
+    def op(summary: str, ok: dict, errors: dict[int, str], body: dict | None = None, params=None) -> dict:
+        responses = {"200": {"description": "OK.", "content": ok}}
+        for code, why in {400: "Invalid parameter (`param` names it), bad JSON or an API key in the URL.",
+                          401: "No API key, or not a valid one.", **errors}.items():
+            # A path no route matches (a model name with a stray character) is genq's own 404.
+            responses[str(code)] = {"description": why, "content": either if code == 404 else error}
+        # The rate limiter and an unreachable dependency answer in genq's own shape.
+        responses["429"] = {"description": "A rate limit, the job quota, or all held-request slots in use.",
+                            "headers": retry_after, "content": either}
+        responses["503"] = {"description": "A dependency is down, or this process holds its most waiting requests.",
+                            "headers": retry_after, "content": either}
+        out = {"summary": summary, "tags": ["openai"], "responses": responses}
+        if body:
+            out["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        if params:
+            out["parameters"] = params
+        return out
+
+    wait = ("Waits for its jobs at most GENQ_OPENAI_WAIT_SECONDS, then 504 and the jobs are canceled. "
+            "Each choice is a genq job, listed in GET /v1/jobs.")
+    generation = {
+        "completions": op(f"OpenAI's completions: one job per choice. {wait}",
+                          {"application/json": {"schema": {"$ref": ref_template.format(model="OpenAICompletion")}},
+                           **sse},
+                          {404: "Unknown model.", 409: "A job was canceled meanwhile.", 413: "Body too large.",
+                           500: "The model failed the job.", 504: "Not finished in time; the jobs were canceled."},
+                          bodies["completions"]),
+        "chat/completions": op(f"OpenAI's chat completions, rendered with the model's chat template. {wait}",
+                               {"application/json": {"schema": {"$ref": ref_template.format(
+                                   model="OpenAIChatCompletion")}}, **sse},
+                               {404: "Unknown model.", 409: "A job was canceled meanwhile.", 413: "Body too large.",
+                                422: "The model has no chat template.", 500: "The model failed the job.",
+                                504: "Not finished in time; the jobs were canceled."},
+                               bodies["chat/completions"]),
+        "images/generations": op(f"OpenAI's image generations: one job, `n` images. {wait}",
+                                 {"application/json": {"schema": {"$ref": ref_template.format(model="OpenAIImages")}}},
+                                 {404: "Unknown model.", 409: "The job was canceled meanwhile.",
+                                  413: "Body too large.", 500: "The model failed the job.",
+                                  504: "Not finished in time; the job was canceled."},
+                                 bodies["images/generations"]),
+    }
+    paths = {}
+    for route, operation in generation.items():
+        paths[f"/v1/{route}"] = {"post": operation}
+        paths[f"{PREFIX}/{route}"] = {"post": operation}
+    paths[f"{PREFIX}/models"] = {"get": op(
+        "Models in OpenAI's list shape (genq's own, with input schemas, is GET /v1/models).",
+        {"application/json": {"schema": {"$ref": ref_template.format(model="OpenAIModelList")}}}, {})}
+    paths[f"{PREFIX}/models/{{name}}"] = {"get": op(
+        "One model in OpenAI's shape.", {"application/json": {"schema": {"$ref": ref_template.format(
+            model="OpenAIModel")}}}, {404: "Unknown model."},
+        params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}])}
+    return paths

@@ -172,7 +172,7 @@ class Settings(BaseModel):
                                      "reconnects with `Last-Event-ID` and misses nothing.")
     max_body_bytes: int = knob(1_048_576, API, "Largest request body the API accepts; bigger is 413.")
     max_prefer_wait: int = knob(60, API, "Longest `Prefer: wait=N` the API honours (seconds).")
-    openai_wait_seconds: int = knob(300, API, "How long the OpenAI-compatible routes (`/v1/completions`, "
+    openai_wait_seconds: float = knob(300.0, API, "How long the OpenAI-compatible routes (`/v1/completions`, "
                                     "`/v1/chat/completions`, `/v1/images/generations`) hold a request for its "
                                     "jobs (seconds); past it they answer 504 in OpenAI's error shape and cancel "
                                     "the jobs, so a client's retry does not leave them running twice.")
@@ -331,8 +331,8 @@ class Settings(BaseModel):
     @field_validator("openai_wait_seconds")
     @classmethod
     def _positive(cls, value):
-        if value < 1:
-            raise ValueError(f"must be 1 or more, got {value}")
+        if value <= 0:
+            raise ValueError(f"must be more than 0, got {value}")
         return value
 
     @field_validator("max_held_requests", "metrics_cache_seconds", "key_cache_seconds")

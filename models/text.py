@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
 from models.libraries import quiet
@@ -39,8 +39,9 @@ class Input(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]},
                                                                           {"required": ["messages"]}]})
 
-    prompt: str | None = Field(None, min_length=1, description="Text to continue. The output does not repeat it.")
-    messages: list[Message] | None = Field(
+    # Typed without None: null is refused like any non-string (the default None means "not given").
+    prompt: str = Field(None, min_length=1, description="Text to continue. The output does not repeat it.")
+    messages: list[Message] = Field(
         None, min_length=1, max_length=MAX_MESSAGES,
         description="Chat turns instead of a prompt: the worker renders them with the model's chat template "
                     "(and the assistant's turn opened); a model whose tokenizer has none fails the job "
@@ -64,6 +65,15 @@ class Input(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, description="Random seed; the same input and seed give the same output."
     )
+
+    @model_serializer(mode="wrap")
+    def _without_the_other(self, handler):
+        # Of prompt and messages only the one given is written: the stored input validates again as it is.
+        out = handler(self)
+        for name in ("prompt", "messages"):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
 
 
 def validate(raw: Any, limits: dict) -> Input:

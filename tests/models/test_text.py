@@ -100,8 +100,13 @@ def test_valid_input_and_defaults():
 def test_messages_instead_of_a_prompt():
     inp = text.validate({"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4}, LIMITS)
     assert inp.prompt is None and inp.messages[0].content == "hi"
+    # Stored as given: the dump validates again, and a prompt's has no messages.
+    assert "prompt" not in inp.model_dump(mode="json")
+    assert text.validate(inp.model_dump(mode="json"), LIMITS) == inp
+    assert "messages" not in text.validate({"prompt": "hi"}, LIMITS).model_dump(mode="json")
     for raw, field in (({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "input.messages"),
                        ({"messages": []}, "input.messages"),
+                       ({"prompt": None}, "input.prompt"),
                        ({"messages": [{"role": "robot", "content": "b"}]}, "input.messages.0.role"),
                        ({"messages": [{"role": "user", "content": "x" * 101}]}, "input.messages")):
         with pytest.raises(InputInvalid) as err:
@@ -282,7 +287,7 @@ def test_shipped_registry_limits_apply():
     # The published schema carries the registry's limits as bounds.
     schema = spec.input_schema()
     assert schema["properties"]["max_new_tokens"]["maximum"] == 256
-    assert schema["properties"]["prompt"]["anyOf"][0]["maxLength"] == 2000
+    assert schema["properties"]["prompt"]["maxLength"] == 2000
     assert text.Input.model_json_schema()["properties"]["max_new_tokens"].get("maximum") is None
 
 
