@@ -49,6 +49,8 @@ PREFIX = "/openai/v1"
 MAX_N = 8
 # How often a waiting request reads its jobs (seconds).
 POLL = 0.1
+# A quiet stream sends a comment this often, so proxies keep it open (seconds).
+KEEP_ALIVE = 15.0
 # OpenAI's error `type` by status.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
@@ -420,7 +422,10 @@ def _stream(kind: str, model: str, ids: list[str], hold: held.Hold, include_usag
     finished: set[str] = set()
     deadline = time.monotonic() + c.settings.openai_wait_seconds
     completed = False
+    quiet_since = time.monotonic()
     try:
+        # A comment (clients skip it) sends the headers now, whatever the queue's wait.
+        yield ": queued\n\n"
         if kind == "chat":
             for k in range(len(ids)):
                 yield _chunk(kind, ids, created, model, k, "", None, first=True)
@@ -433,6 +438,7 @@ def _stream(kind: str, model: str, ids: list[str], hold: held.Hold, include_usag
                 for index, delta in c.live.read(tenant_id, job.id, after=sent[job.id], block_seconds=0):
                     sent[job.id] = index
                     text[job.id] += delta
+                    quiet_since = time.monotonic()
                     yield _chunk(kind, ids, created, model, k, delta, None)
                 if not terminal:
                     continue
@@ -469,6 +475,9 @@ def _stream(kind: str, model: str, ids: list[str], hold: held.Hold, include_usag
                 completed = True
                 return
             hold.renew()
+            if time.monotonic() - quiet_since >= KEEP_ALIVE:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
             # Wait for the next delta of one running job (or POLL), then look at them all again.
             running = [i for i in ids if i not in finished]
             if not c.live.read(tenant_id, running[0], after=sent[running[0]], block_seconds=POLL):

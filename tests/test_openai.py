@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 
 import openai
@@ -112,9 +113,13 @@ def test_completion_stream_raw_ends_with_done(up):
     resp = requests.post(f"{up['url']}/openai/v1/completions", headers=up["headers"], stream=True, timeout=60,
                          json={"model": "demo-text", "prompt": "Once upon", "max_tokens": 8, "seed": 2, "stream": True})
     assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
-    events = [line for line in resp.iter_lines(decode_unicode=True) if line]
-    assert events[-1] == "data: [DONE]"
+    lines = [line for line in resp.iter_lines(decode_unicode=True) if line]
+    # SSE comments (": ...") aside, every line is a data line, the last [DONE].
+    events = [line for line in lines if not line.startswith(":")]
+    assert events[-1] == "data: [DONE]" and lines[0] == ": queued"
     assert all(e.startswith("data: ") for e in events)
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_model_without_a_chat_template_is_422(client):
