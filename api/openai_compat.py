@@ -33,6 +33,7 @@ from api.jobs import json_body
 from api.limits import lock_for_active_jobs, too_many_active
 from genq import catalog
 from genq import jobs as joblib
+from genq.openai_shapes import completion_body, usage
 from genq.queue import publish
 from genq.schema import Job
 from genq.serialize import output_urls
@@ -304,16 +305,17 @@ def _check_ended(jobs: list[Job]) -> None:
 
 # ---- completions and chat completions ----------------------------------------------------------------------
 
-def _usage(jobs: list[Job]) -> dict:
-    prompt = max((j.output or {}).get("prompt_tokens", 0) for j in jobs)
-    completion = sum((j.output or {}).get("tokens", 0) for j in jobs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _text_request(kind: Literal["completion", "chat"]):
-    body = json_body()
+def text_inputs(kind: Literal["completion", "chat"], body: dict, specs: dict | None = None):
+    """An OpenAI completion or chat body as (model spec, one genq job input per
+    choice, the parsed request); OpenAIError or InputInvalid name what is wrong.
+    `specs` caches model lookups across calls (a batch file's lines)."""
     req = _parse(CompletionRequest if kind == "completion" else ChatRequest, body)
-    spec = _spec(req.model)
+    if specs is not None and req.model in specs:
+        spec = specs[req.model]
+    else:
+        spec = _spec(req.model)
+        if specs is not None:
+            specs[req.model] = spec
     if spec.family != "text-generation":
         raise OpenAIError(400, f"model {req.model!r} makes {spec.family!r}, not text; "
                                f"use POST {PREFIX}/images/generations", "model", "wrong_model_type")
@@ -350,23 +352,14 @@ def _text_request(kind: Literal["completion", "chat"]):
         base["top_p"] = req.top_p
     if stops := _stops(req.stop):
         base["stop"] = stops
-    n = req.n or 1
-    ids = _submit(spec, [{**base, "seed": seed} for seed in _seeds(req.seed, n)])
+    return spec, [{**base, "seed": seed} for seed in _seeds(req.seed, req.n or 1)], req
+
+
+def _text_request(kind: Literal["completion", "chat"]):
+    spec, inputs, req = text_inputs(kind, json_body())
+    ids = _submit(spec, inputs)
     include_usage = bool((req.stream_options or {}).get("include_usage"))
     return spec, ids, bool(req.stream), include_usage
-
-
-def _completion_body(kind: str, jobs: list[Job], model: str) -> dict:
-    created = int(jobs[0].created_at.timestamp())
-    if kind == "completion":
-        choices = [{"text": j.output["text"], "index": k, "logprobs": None,
-                    "finish_reason": j.output.get("finish_reason")} for k, j in enumerate(jobs)]
-        return {"id": f"cmpl-{jobs[0].id}", "object": "text_completion", "created": created, "model": model,
-                "choices": choices, "usage": _usage(jobs)}
-    choices = [{"index": k, "message": {"role": "assistant", "content": j.output["text"]}, "logprobs": None,
-                "finish_reason": j.output.get("finish_reason")} for k, j in enumerate(jobs)]
-    return {"id": f"chatcmpl-{jobs[0].id}", "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": _usage(jobs), "system_fingerprint": None}
 
 
 def _held(submit):
@@ -389,7 +382,7 @@ def _answer(kind: Literal["completion", "chat"]):
     with hold:
         jobs = _wait(ids, hold)
     _check_ended(jobs)
-    return _completion_body(kind, jobs, spec.name)
+    return completion_body(kind, jobs, spec.name)
 
 
 def _chunk(kind: str, ids: list[str], created: int, model: str, index: int, text: str | None,
@@ -462,7 +455,7 @@ def _stream(kind: str, model: str, ids: list[str], hold: held.Hold, include_usag
                 if include_usage:
                     body = {"id": f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{ids[0]}",
                             "object": "text_completion" if kind == "completion" else "chat.completion.chunk",
-                            "created": created, "model": model, "choices": [], "usage": _usage(_read(ids))}
+                            "created": created, "model": model, "choices": [], "usage": usage(_read(ids))}
                     yield f"data: {json.dumps(body)}\n\n"
                 yield "data: [DONE]\n\n"
                 completed = True
