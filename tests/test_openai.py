@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import shutil
+import time
 
 import openai
 import pytest
@@ -180,3 +181,33 @@ def test_another_tenants_requests_are_its_own(up, client):
     out = other_client.completions.create(model="demo-text", prompt="hi", max_tokens=2)
     # The other tenant's job is not among this tenant's.
     assert out.id.removeprefix("cmpl-") not in {j["id"] for j in jobs_of(up)}
+
+
+def test_a_batch_through_the_openai_package(up, client):
+    rows = [{"custom_id": f"q{k}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "demo-text", "messages": [{"role": "user", "content": f"Question {k}"}],
+                      "max_tokens": 4, "seed": k}} for k in range(4)]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    f = client.files.create(file=("requests.jsonl", data), purpose="batch")
+    assert f.purpose == "batch" and f.bytes == len(data)
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert batch.status == "in_progress" and batch.request_counts.total == 4
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.25)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.error_file_id is None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (4, 0)
+    results = [json.loads(r) for r in client.files.content(batch.output_file_id).text.splitlines()]
+    assert [r["custom_id"] for r in results] == ["q0", "q1", "q2", "q3"]
+    for r in results:
+        body = r["response"]["body"]
+        assert r["response"]["status_code"] == 200 and body["object"] == "chat.completion"
+        # Each line's answer is the chat completion the same request gets on its own.
+        alone = client.chat.completions.create(model="demo-text", max_tokens=4, seed=int(r["custom_id"][1:]),
+                                               messages=[{"role": "user", "content": f"Question {r['custom_id'][1:]}"}])
+        assert body["choices"][0]["message"]["content"] == alone.choices[0].message.content
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.files.create(file=("bad.jsonl", data + b"{broken\n"), purpose="batch")
+    assert "line 5" in err.value.body["message"]
