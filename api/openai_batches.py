@@ -9,6 +9,8 @@ import datetime as dt
 import hashlib
 import json
 
+from typing import Literal
+
 from flask import Blueprint, Response, request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -183,8 +185,8 @@ class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str = Field(pattern=r"^[0-9a-f]{32}$")
-    endpoint: str = Field(max_length=64)
-    completion_window: str = Field(max_length=16)
+    endpoint: Literal["/v1/completions", "/v1/chat/completions"]
+    completion_window: Literal["24h"]
     metadata: dict[str, str] | None = Field(None, max_length=16)
 
 
@@ -234,13 +236,8 @@ def create_batch():
     idem = idempotency.from_request("batch", body)
     if idem is not None and (earlier := idem.earlier()) is not None:
         return _show(earlier), 200, idempotency.REPLAYED
+    # The endpoints and the window (only OpenAI's "24h") are checked by the body's schema.
     req = _parse(BatchCreate, body)
-    if req.endpoint not in ENDPOINTS:
-        raise OpenAIError(400, f"endpoint must be one of {sorted(ENDPOINTS)}, got {req.endpoint!r}", "endpoint",
-                          "invalid_value")
-    if req.completion_window not in batches.WINDOWS:
-        raise OpenAIError(400, f"completion_window must be one of {sorted(batches.WINDOWS)}, got "
-                               f"{req.completion_window!r}", "completion_window", "invalid_value")
     with c.session() as session:
         f = own_file(session, req.input_file_id)
         if f.purpose != "batch":
@@ -284,8 +281,13 @@ def get_batch(batch_id: str):
 @bp.get("/batches")
 @require_key
 def list_batches():
-    limit = min(max(request.args.get("limit", 20, type=int), 1), 100)
-    after = request.args.get("after")
+    raw_limit, after = request.args.get("limit", "20"), request.args.get("after")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+        raise OpenAIError(400, f"limit must be an integer from 1 to 100, got {raw_limit!r:.40}", "limit",
+                          "invalid_value")
+    if after is not None and not ID_RE.match(after):
+        raise OpenAIError(400, f"after must be a batch id, got {after!r:.40}", "after", "invalid_value")
+    limit = int(raw_limit)
     query = select(Batch).where(Batch.tenant_id == caller().tenant_id)
     if after:
         query = query.where(Batch.id < after)
@@ -315,3 +317,61 @@ def cancel_batch(batch_id: str):
 
 def register(app) -> None:
     app.register_blueprint(bp, url_prefix=PREFIX)
+
+
+def openapi_paths(schemas: dict, ref_template: str, op) -> dict:
+    """These routes' paths for /openapi.json; `op` builds an operation as api/openai_compat.py does."""
+    ref = lambda name: {"$ref": ref_template.format(model=name)}  # noqa: E731
+    id_param = lambda name: {"name": name, "in": "path", "required": True,  # noqa: E731
+                             "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+    schemas["OpenAIFile"] = {"type": "object", "required": ["id", "object", "bytes", "created_at", "filename", "purpose"],
+                             "properties": {"id": {"type": "string"}, "object": {"const": "file"},
+                                            "bytes": {"type": "integer"}, "created_at": {"type": "integer"},
+                                            "filename": {"type": "string"}, "purpose": {"type": "string"}}}
+    schemas["OpenAIBatch"] = {"type": "object", "required": ["id", "object", "endpoint", "status", "request_counts"],
+                              "properties": {"id": {"type": "string"}, "object": {"const": "batch"},
+                                             "endpoint": {"type": "string"}, "status": {"enum": [
+                                                 "validating", "in_progress", "finalizing", "completed", "failed",
+                                                 "cancelling", "cancelled", "expired"]},
+                                             "request_counts": {"type": "object"}}}
+    schemas["OpenAIBatchList"] = {"type": "object", "required": ["object", "data", "has_more"],
+                                  "properties": {"object": {"const": "list"},
+                                                 "data": {"type": "array", "items": ref("OpenAIBatch")},
+                                                 "has_more": {"type": "boolean"}}}
+    body = BatchCreate.model_json_schema(ref_template=ref_template)
+    schemas["OpenAIBatchCreate"] = body
+    upload_body = {"type": "object", "required": ["purpose", "file"],
+                   "properties": {"purpose": {"const": "batch"},
+                                  "file": {"type": "string", "format": "binary",
+                                           "description": f"JSONL, at most {MAX_LINES} lines of "
+                                                          "{custom_id, method, url, body}."}}}
+    json_ok = lambda name: {"application/json": {"schema": ref(name)}}  # noqa: E731
+    file_errors = {404: "No such file, or not yours."}
+    batch_errors = {404: "No such batch, or not yours."}
+    return {
+        f"{PREFIX}/files": {"post": op(
+            "Upload a batch input file, every line checked before it is stored.", json_ok("OpenAIFile"),
+            {413: "Too large, or past your stored-files quota.", 415: "Not multipart/form-data.",
+             422: "A bad line: the message names the line and the field."},
+            body_content={"multipart/form-data": {"schema": upload_body}})},
+        f"{PREFIX}/files/{{file_id}}": {"get": op("A file.", json_ok("OpenAIFile"), file_errors,
+                                                  params=[id_param("file_id")])},
+        f"{PREFIX}/files/{{file_id}}/content": {"get": op(
+            "A file's content (batch results: JSONL, one line per request).",
+            {"application/jsonl": {"schema": {"type": "string"}}}, file_errors, params=[id_param("file_id")])},
+        f"{PREFIX}/batches": {
+            "post": op("Create a batch: every line of the file a job, at the lowest priority.", json_ok("OpenAIBatch"),
+                       {404: "No such file, or not yours.", 422: "A line no longer valid (the model changed)."},
+                       body=ref("OpenAIBatchCreate")),
+            "get": op("Your batches, newest first.", json_ok("OpenAIBatchList"), {},
+                      params=[{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                                           "maximum": 100}},
+                              {"name": "after", "in": "query", "schema": {"type": "string",
+                                                                         "pattern": "^[0-9a-f]{32}$"}}])},
+        f"{PREFIX}/batches/{{batch_id}}": {"get": op(
+            "A batch: its status and request counts; once ended, its output and error files.",
+            json_ok("OpenAIBatch"), batch_errors, params=[id_param("batch_id")])},
+        f"{PREFIX}/batches/{{batch_id}}/cancel": {"post": op(
+            "Cancel a batch: its queued lines end, running ones are asked to stop.", json_ok("OpenAIBatch"),
+            {**batch_errors, 409: "The batch has already ended."}, params=[id_param("batch_id")])},
+    }

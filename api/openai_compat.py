@@ -604,7 +604,8 @@ def openapi_paths(schemas: dict, ref_template: str) -> dict:
     sse = {"text/event-stream": {"schema": {"type": "string"},
                                  "description": "With `stream: true`: OpenAI's chunks, then `data: [DONE]`."}}
 
-    def op(summary: str, ok: dict, errors: dict[int, str], body: dict | None = None, params=None) -> dict:
+    def op(summary: str, ok: dict, errors: dict[int, str], body: dict | None = None, params=None,
+           body_content: dict | None = None) -> dict:
         responses = {"200": {"description": "OK.", "content": ok}}
         for code, why in {400: "Invalid parameter (`param` names it), bad JSON or an API key in the URL.",
                           401: "No API key, or not a valid one.", **errors}.items():
@@ -616,8 +617,9 @@ def openapi_paths(schemas: dict, ref_template: str) -> dict:
         responses["503"] = {"description": "A dependency is down, or this process holds its most waiting requests.",
                             "headers": retry_after, "content": either}
         out = {"summary": summary, "tags": ["openai"], "responses": responses}
-        if body:
-            out["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        if body or body_content:
+            out["requestBody"] = {"required": True,
+                                  "content": body_content or {"application/json": {"schema": body}}}
         if params:
             out["parameters"] = params
         return out
@@ -656,4 +658,7 @@ def openapi_paths(schemas: dict, ref_template: str) -> dict:
         "One model in OpenAI's shape.", {"application/json": {"schema": {"$ref": ref_template.format(
             model="OpenAIModel")}}}, {404: "Unknown model."},
         params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}])}
+    from api import openai_batches
+
+    paths.update(openai_batches.openapi_paths(schemas, ref_template, op))
     return paths
