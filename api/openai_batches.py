@@ -24,7 +24,6 @@ from api.limits import check_file_quota
 from api.openai_compat import PREFIX, OpenAIError, _parse, _register_errors, text_inputs
 from api.openai_compat import json_body
 from genq import batches
-from genq.openai_shapes import completion_body
 from genq.queue import publish
 from genq.schema import Batch, File, new_id, utcnow
 from genq.serialize import rfc3339
@@ -35,7 +34,7 @@ _register_errors(bp)
 
 # Lines one batch file may hold (OpenAI's own bound).
 MAX_LINES = 50_000
-ENDPOINTS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+ENDPOINTS = batches.KINDS
 # Doorbells rung for a new batch: a worker serves its pool until nothing is
 # queued (worker/runner.py), so a few wake the pool's workers; the rest are
 # found in line. More would cost a broker round trip per line.
@@ -215,17 +214,7 @@ def settle(batch_id: str) -> None:
     c = ctx()
     with c.session() as session, session.begin():
         batch = own_batch(session, batch_id, lock=True)
-        settle_locked(session, c.storage, batch)
-
-
-def settle_locked(session, storage, batch: Batch) -> bool:
-    kind = ENDPOINTS[batch.endpoint]
-
-    def custom_ids() -> list[str]:
-        f = session.get(File, batch.input_file_id)
-        return [custom_id for custom_id, _, _ in parse_batch_file(storage.get(f.storage_key))]
-
-    return batches.settle(session, storage, batch, custom_ids, lambda job: completion_body(kind, [job], job.model))
+        batches.settle(session, c.storage, batch)
 
 
 @bp.post("/batches")
@@ -308,7 +297,7 @@ def cancel_batch(batch_id: str):
             now = utcnow()
             batch.status, batch.cancelling_at = "cancelling", now
             batches.cancel_jobs(session, batch.id, now)
-            settle_locked(session, c.storage, batch)
+            batches.settle(session, c.storage, batch)
         elif batch.status not in ("cancelling", "cancelled"):
             raise OpenAIError(409, f"batch {batch.id} is {batch.status} and cannot be cancelled", None,
                               "batch_not_cancellable")

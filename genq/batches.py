@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Callable, Iterable
+from typing import Iterable
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from genq import tracing
 from genq.jobs import transition
+from genq.openai_shapes import completion_body
 from genq.schema import Batch, File, Job, JobEvent, new_id, utcnow
 from genq.states import JobStatus
 from genq.storage import Storage
@@ -96,16 +97,22 @@ def cancel_jobs(session: Session, batch_id: str, now: dt.datetime | None = None)
     return len(ids)
 
 
-Render = Callable[[Job], dict]
+# What each endpoint's result body is (genq.openai_shapes).
+KINDS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 
 
-def settle(session: Session, storage: Storage, batch: Batch, custom_ids: Callable[[], list[str]], render: Render,
-           now: dt.datetime | None = None) -> bool:
+def custom_ids(data: bytes) -> list[str]:
+    """The custom_id of each line of a batch input file (checked at upload)."""
+    return [json.loads(raw)["custom_id"] for raw in data.decode("utf-8").splitlines() if raw.strip()]
+
+
+def settle(session: Session, storage: Storage, batch: Batch, now: dt.datetime | None = None) -> bool:
     """Move an open batch along: past its window its queued jobs are canceled;
     once none of its jobs is queued or running its result files are written
     and its status made final (completed, cancelled or expired). Returns
-    whether it changed. `custom_ids()` reads the input file's ids by line;
-    `render(job)` is a succeeded job's response body."""
+    whether it changed. Lock the batch's row first (two settlers would write
+    the files twice): the API does when a batch is read or cancelled, the
+    workers' reconciler every round (settle_open)."""
     if batch.status not in OPEN:
         return False
     now = now or utcnow()
@@ -115,20 +122,24 @@ def settle(session: Session, storage: Storage, batch: Batch, custom_ids: Callabl
     by_status = counts(session, batch.id)
     if by_status.get(JobStatus.QUEUED.value) or by_status.get(JobStatus.RUNNING.value):
         return expired
-    ids = custom_ids()
+    ids = custom_ids(storage.get(session.get(File, batch.input_file_id).storage_key))
+    kind = KINDS[batch.endpoint]
     results, errors = [], []
     jobs = session.scalars(select(Job).where(Job.batch_id == batch.id).order_by(Job.batch_line))
     for job in jobs:
         custom_id = ids[job.batch_line] if job.batch_line < len(ids) else str(job.batch_line)
         line = {"id": f"batch_req_{job.id}", "custom_id": custom_id}
         if job.status == JobStatus.SUCCEEDED.value:
-            results.append({**line, "response": {"status_code": 200, "request_id": job.id, "body": render(job)},
+            results.append({**line, "response": {"status_code": 200, "request_id": job.id, "body": completion_body(kind, [job], job.model)},
                             "error": None})
         elif job.status == JobStatus.CANCELED.value:
-            code = "batch_expired" if expired else "batch_cancelled"
-            errors.append({**line, "response": None, "error": {
-                "code": code, "message": "the batch expired before this request ran" if expired else
-                "the batch was cancelled before this request ran"}})
+            if batch.status == "cancelling":
+                error = {"code": "batch_cancelled", "message": "the batch was cancelled before this request ran"}
+            elif expired:
+                error = {"code": "batch_expired", "message": "the batch expired before this request ran"}
+            else:  # its job canceled on its own (POST /v1/jobs/<id>/cancel)
+                error = {"code": "cancelled", "message": f"its job {job.id} was canceled"}
+            errors.append({**line, "response": None, "error": error})
         else:
             error = job.error or {}
             errors.append({**line, "response": {"status_code": 500, "request_id": job.id, "body": {"error": {
@@ -157,5 +168,18 @@ def _result_file(session: Session, storage: Storage, batch: Batch, lines: list[d
     return file_id
 
 
-def open_batches(session: Session, limit: int = 100) -> list[Batch]:
-    return list(session.scalars(select(Batch).where(Batch.status.in_(OPEN)).order_by(Batch.id).limit(limit)))
+def settle_open(sessions, storage: Storage, limit: int = 100) -> int:
+    """Settle up to `limit` open batches, each in its own transaction under its
+    row's lock (a batch another settler holds is skipped this time). Returns how many changed."""
+    with sessions() as session:
+        ids = list(session.scalars(select(Batch.id).where(Batch.status.in_(OPEN)).order_by(Batch.id).limit(limit)))
+    changed = 0
+    for batch_id in ids:
+        with sessions.begin() as session:
+            query = select(Batch).where(Batch.id == batch_id)
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            batch = session.scalar(query)
+            if batch is not None and settle(session, storage, batch):
+                changed += 1
+    return changed

@@ -162,3 +162,26 @@ def test_bad_batch_parameters_name_the_param(app, alice):
             "input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h", **body})
         assert resp.status_code in (400, 422) and resp.get_json()["error"]["param"] == param, resp.get_json()
     assert jobs(client, alice) == []
+
+
+def test_the_reconciler_ends_a_batch_nobody_reads(app, any_db, alice):
+    """A batch whose jobs have all ended gets its files from the workers'
+    reconciler, whether or not anyone polls it."""
+    from genq.queue import make_celery
+    from worker.reconciler import Reconciler
+
+    client = app.test_client()
+    batch = batch_of(client, alice, 2)
+    for job in jobs(client, alice):
+        assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice).status_code == 200
+    engine = make_engine(any_db.database_url)
+    sessions = make_sessionmaker(engine)
+    Reconciler(any_db, ["no-such-pool"]).round(sessions, make_celery(any_db))
+    with sessions() as session:
+        row = session.get(Batch, batch["id"])
+        assert (row.status, row.output_file_id) == ("completed", None) and row.error_file_id
+    engine.dispose()
+    got = client.get(f"/openai/v1/batches/{batch['id']}", headers=alice).get_json()
+    assert got["status"] == "completed" and got["request_counts"] == {"total": 2, "completed": 0, "failed": 2}
+    errors = client.get(f"/openai/v1/files/{got['error_file_id']}/content", headers=alice).get_data(as_text=True)
+    assert {json.loads(r)["error"]["code"] for r in errors.splitlines()} == {"cancelled"}
