@@ -49,9 +49,11 @@ def insert_jobs(session: Session, *, tenant_id: str, batch_id: str, rows: Iterab
 
     def flush():
         if chunk:
-            conn.execute(insert(Job.__table__).values(chunk))
-            conn.execute(insert(JobEvent.__table__).values(
-                [{"job_id": r["id"], "type": "queued", "data": {}, "at": now} for r in chunk]))
+            # A list of parameter sets: SQLAlchemy's "insertmanyvalues" sends them as
+            # one multi-row INSERT, compiled once (a .values(list) would be compiled anew each chunk).
+            conn.execute(insert(Job.__table__), chunk)
+            conn.execute(insert(JobEvent.__table__),
+                         [{"job_id": r["id"], "type": "queued", "data": {}, "at": now} for r in chunk])
             chunk.clear()
 
     for line, spec, inp in rows:
@@ -89,9 +91,9 @@ def cancel_jobs(session: Session, batch_id: str, now: dt.datetime | None = None)
         transition(JobStatus.QUEUED, JobStatus.CANCELED, Job.batch_id == batch_id, cancel_requested=True,
                    completed_at=now, updated_at=now).returning(Job.id).execution_options(synchronize_session=False)))
     for start in range(0, len(ids), CHUNK):
-        session.execute(insert(JobEvent.__table__).values(
-            [{"job_id": i, "type": "completed", "data": {"status": "canceled"}, "at": now}
-             for i in ids[start:start + CHUNK]]))
+        session.execute(insert(JobEvent.__table__),
+                        [{"job_id": i, "type": "completed", "data": {"status": "canceled"}, "at": now}
+                         for i in ids[start:start + CHUNK]])
     session.execute(update(Job).where(Job.batch_id == batch_id, Job.status == JobStatus.RUNNING.value)
                     .values(cancel_requested=True, updated_at=now).execution_options(synchronize_session=False))
     return len(ids)
