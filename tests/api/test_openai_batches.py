@@ -185,3 +185,27 @@ def test_the_reconciler_ends_a_batch_nobody_reads(app, any_db, alice):
     assert got["status"] == "completed" and got["request_counts"] == {"total": 2, "completed": 0, "failed": 2}
     errors = client.get(f"/openai/v1/files/{got['error_file_id']}/content", headers=alice).get_data(as_text=True)
     assert {json.loads(r)["error"]["code"] for r in errors.splitlines()} == {"cancelled"}
+
+
+def test_interactive_jobs_go_before_a_queued_batch(app, any_db, alice):
+    """The line (genq.line) with a 30-line batch queued: the batch tenant's own
+    interactive job goes before its batch, and another tenant's takes its
+    turn at once, not after the batch."""
+    from genq import line
+
+    client = app.test_client()
+    batch_of(client, alice, 30)
+    bob = make_key(any_db, f"bob-{secrets.token_hex(3)}")
+    mine = client.post("/v1/jobs", headers=alice, json={"model": "demo-text", "input": {"prompt": "now"}}).get_json()
+    theirs = client.post("/v1/jobs", headers=bob, json={"model": "demo-text", "input": {"prompt": "now"}}).get_json()
+    engine = make_engine(any_db.database_url)
+    with make_sessionmaker(engine)() as session:
+        spec = app.extensions["genq"].registry.get("demo-text")
+        key = spec.batch_key(spec.validate({"prompt": "now"}))
+        # The run's Postgres database holds other tests' tenants too: only these two are looked at.
+        ours = {j["id"] for j in jobs(client, alice)} | {theirs["id"]}
+        order = [row.id for row in line.batch(session, model="demo-text", batch_key=key, limit=10_000, pool=spec.pool)
+                 if row.id in ours]
+    engine.dispose()
+    assert len(order) == 32, order
+    assert set(order[:2]) == {mine["id"], theirs["id"]}, order
