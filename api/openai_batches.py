@@ -6,7 +6,6 @@ files. Errors in OpenAI's shape (api/openai_compat.py's handlers)."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 
 from typing import Literal
@@ -19,18 +18,16 @@ from api import idempotency
 from api.auth import caller, require_key
 from api.context import ctx
 from api.files import display_name
-from api.jobs import ID_RE
+from api.jobs import ID_RE, json_body
 from api.limits import check_file_quota
-from api.openai_compat import PREFIX, OpenAIError, _parse, _register_errors, text_inputs
-from api.openai_compat import json_body
+from api.openai_compat import PREFIX, OpenAIError, param_name, parse_body, register_errors, text_inputs
 from genq import batches
 from genq.queue import publish
 from genq.schema import Batch, File, new_id, utcnow
-from genq.serialize import rfc3339
 from models.base import InputInvalid
 
 bp = Blueprint("openai_batches", __name__)
-_register_errors(bp)
+register_errors(bp)
 
 # Lines one batch file may hold (OpenAI's own bound).
 MAX_LINES = 50_000
@@ -120,9 +117,7 @@ def check_lines(lines: list[tuple[str, str, dict]], endpoint: str | None = None)
         except OpenAIError as exc:
             raise _line_error(n, f"body.{exc.param}" if exc.param else "body", exc.detail) from None
         except InputInvalid as exc:
-            from api.openai_compat import _param
-
-            field = _param(exc.errors[0]["field"]) if exc.errors else None
+            field = param_name(exc.errors[0]["field"]) if exc.errors else None
             raise _line_error(n, f"body.{field}" if field else "body", exc.errors[0]["message"] if exc.errors
                               else str(exc)) from None
     return rows
@@ -226,7 +221,7 @@ def create_batch():
     if idem is not None and (earlier := idem.earlier()) is not None:
         return _show(earlier), 200, idempotency.REPLAYED
     # The endpoints and the window (only OpenAI's "24h") are checked by the body's schema.
-    req = _parse(BatchCreate, body)
+    req = parse_body(BatchCreate, body)
     with c.session() as session:
         f = own_file(session, req.input_file_id)
         if f.purpose != "batch":

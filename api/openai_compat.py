@@ -21,7 +21,7 @@ import secrets
 import time
 from typing import Literal
 
-from flask import Blueprint, Response, request, stream_with_context
+from flask import Blueprint, Response, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -82,7 +82,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return resp
 
 
-def _param(field: str | None) -> str | None:
+def param_name(field: str | None) -> str | None:
     if not field:
         return None
     if field in PARAMS:
@@ -91,7 +91,7 @@ def _param(field: str | None) -> str | None:
     return PARAMS.get(head, field.removeprefix("input."))
 
 
-def _register_errors(blueprint: Blueprint) -> None:
+def register_errors(blueprint: Blueprint) -> None:
     """Every refusal on these routes in OpenAI's shape (the app's own handlers answer problem+json)."""
 
     @blueprint.errorhandler(ApiError)
@@ -100,13 +100,13 @@ def _register_errors(blueprint: Blueprint) -> None:
             return error_response(exc.status, exc.detail, exc.param, exc.code, exc.headers)
         field = (exc.errors or [{}])[0].get("field")
         status = 400 if exc.status == 422 else exc.status
-        return error_response(status, exc.detail, _param(field), None, exc.headers)
+        return error_response(status, exc.detail, param_name(field), None, exc.headers)
 
     @blueprint.errorhandler(InputInvalid)
     def _input_invalid(exc: InputInvalid):
         field = exc.errors[0]["field"] if exc.errors else None
-        message = "; ".join(f"{_param(e['field'])}: {e['message']}" for e in exc.errors)
-        return error_response(400, message, _param(field), "invalid_value")
+        message = "; ".join(f"{param_name(e['field'])}: {e['message']}" for e in exc.errors)
+        return error_response(400, message, param_name(field), "invalid_value")
 
     @blueprint.errorhandler(ValidationError)
     def _body_invalid(exc: ValidationError):
@@ -119,8 +119,8 @@ def _register_errors(blueprint: Blueprint) -> None:
         return error_response(exc.code or 500, exc.description or "error")
 
 
-_register_errors(bp)
-_register_errors(only_prefixed)
+register_errors(bp)
+register_errors(only_prefixed)
 
 
 # ---- request bodies ----------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class ImageRequest(BaseModel):
     style: str | None = None
 
 
-def _parse(model: type[BaseModel], body: dict):
+def parse_body(model: type[BaseModel], body: dict):
     try:
         req = model.model_validate(body, strict=True)
     except ValidationError as exc:
@@ -309,7 +309,7 @@ def text_inputs(kind: Literal["completion", "chat"], body: dict, specs: dict | N
     """An OpenAI completion or chat body as (model spec, one genq job input per
     choice, the parsed request); OpenAIError or InputInvalid name what is wrong.
     `specs` caches model lookups across calls (a batch file's lines)."""
-    req = _parse(CompletionRequest if kind == "completion" else ChatRequest, body)
+    req = parse_body(CompletionRequest if kind == "completion" else ChatRequest, body)
     if specs is not None and req.model in specs:
         spec = specs[req.model]
     else:
@@ -499,7 +499,7 @@ def chat_completions():
 @require_key
 def image_generations():
     c = ctx()
-    req = _parse(ImageRequest, json_body())
+    req = parse_body(ImageRequest, json_body())
     spec = _spec(req.model)
     if spec.family != "image-generation":
         raise OpenAIError(400, f"model {req.model!r} makes {spec.family!r}, not images", "model", "wrong_model_type")
