@@ -124,7 +124,9 @@ def settle(session: Session, storage: Storage, batch: Batch, now: dt.datetime | 
     by_status = counts(session, batch.id)
     if by_status.get(JobStatus.QUEUED.value) or by_status.get(JobStatus.RUNNING.value):
         return expired
-    ids = custom_ids(storage.get(session.get(File, batch.input_file_id).storage_key))
+    # The input file may have been deleted meanwhile: then each line is named by its number.
+    source = session.get(File, batch.input_file_id)
+    ids = custom_ids(storage.get(source.storage_key)) if source is not None else []
     kind = KINDS[batch.endpoint]
     results, errors = [], []
     jobs = session.scalars(select(Job).where(Job.batch_id == batch.id).order_by(Job.batch_line))

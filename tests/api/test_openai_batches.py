@@ -209,3 +209,14 @@ def test_interactive_jobs_go_before_a_queued_batch(app, any_db, alice):
     engine.dispose()
     assert len(order) == 32, order
     assert set(order[:2]) == {mine["id"], theirs["id"]}, order
+
+
+def test_a_batch_whose_input_file_was_deleted_still_ends(app, alice):
+    client = app.test_client()
+    batch = batch_of(client, alice, 2)
+    assert client.delete(f"/v1/files/{batch['input_file_id']}", headers=alice).status_code == 204
+    got = client.post(f"/openai/v1/batches/{batch['id']}/cancel", headers=alice).get_json()
+    assert got["status"] == "cancelled"
+    errors = client.get(f"/openai/v1/files/{got['error_file_id']}/content", headers=alice).get_data(as_text=True)
+    # Named by line number, the custom ids having gone with the file.
+    assert [json.loads(r)["custom_id"] for r in errors.splitlines()] == ["0", "1"]
