@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import admin, catalog, errors, events, files, health, jobs, metrics, openai_batches, openai_compat, openapi, params
+from api import admin, catalog, errors, events, files, health, jobs, metrics, openai_batches, openai_compat, openai_fine_tuning, openapi, params
 from api.context import Context
 from api.held import init_slots
 from api.limits import init_limiter, storage_uri
@@ -60,5 +60,6 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     app.register_blueprint(webhook_routes.bp)
     openai_compat.register(app)
     openai_batches.register(app)
+    openai_fine_tuning.register(app)
     tracing.instrument_flask(app)
     return app

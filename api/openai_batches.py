@@ -25,6 +25,7 @@ from genq import batches
 from genq.queue import publish
 from genq.schema import Batch, File, new_id, utcnow
 from models.base import InputInvalid
+from models.finetune import parse_dataset
 
 bp = Blueprint("openai_batches", __name__)
 register_errors(bp)
@@ -136,9 +137,9 @@ def upload():
     if not request.mimetype.startswith("multipart/form-data"):
         raise OpenAIError(415, "send the file as multipart/form-data with fields 'file' and 'purpose'", "file")
     purpose = request.form.get("purpose")
-    if purpose != "batch":
-        raise OpenAIError(400, f"purpose must be 'batch' here (genq's own POST /v1/files takes fine-tuning "
-                               f"datasets), got {purpose!r:.40}", "purpose", "invalid_value")
+    if purpose not in ("batch", "fine-tune"):
+        raise OpenAIError(400, f"purpose must be 'batch' or 'fine-tune', got {purpose!r:.40}", "purpose",
+                          "invalid_value")
     upload_ = request.files.get("file")
     if upload_ is None:
         raise OpenAIError(400, "file is required: a JSONL file of requests", "file", "missing_required_parameter")
@@ -146,14 +147,21 @@ def upload():
     name = display_name(upload_.filename)
     with c.session() as session:
         check_file_quota(session, caller().tenant_id, len(data), c.settings)
-    lines = check_lines(parse_batch_file(data))
+    if purpose == "batch":
+        rows, format_ = len(check_lines(parse_batch_file(data))), "batch"
+    else:  # a dataset for POST /openai/v1/fine_tuning/jobs, checked as genq's own upload checks it
+        try:
+            dataset = parse_dataset(data, max_rows=c.settings.max_dataset_rows)
+        except InputInvalid as exc:
+            raise OpenAIError(422, f"{exc}; nothing was stored", "file", "invalid_file") from None
+        rows, format_ = len(dataset.rows), dataset.format
     file_id = new_id()
     key = f"files/{file_id}/content"
     c.storage.put(key, data, "application/jsonl")
     with c.session() as session, session.begin():
         check_file_quota(session, caller().tenant_id, len(data), c.settings, lock=True)
-        f = File(id=file_id, tenant_id=caller().tenant_id, purpose="batch", filename=name, bytes=len(data),
-                 rows=len(lines), format="batch", storage_key=key)
+        f = File(id=file_id, tenant_id=caller().tenant_id, purpose=purpose, filename=name, bytes=len(data),
+                 rows=rows, format=format_, storage_key=key)
         session.add(f)
     return describe_file(f)
 
@@ -325,7 +333,7 @@ def openapi_paths(schemas: dict, ref_template: str, op) -> dict:
     body = BatchCreate.model_json_schema(ref_template=ref_template)
     schemas["OpenAIBatchCreate"] = body
     upload_body = {"type": "object", "required": ["purpose", "file"],
-                   "properties": {"purpose": {"const": "batch"},
+                   "properties": {"purpose": {"enum": ["batch", "fine-tune"]},
                                   "file": {"type": "string", "format": "binary",
                                            "description": f"JSONL, at most {MAX_LINES} lines of "
                                                           "{custom_id, method, url, body}."}}}
@@ -334,7 +342,8 @@ def openapi_paths(schemas: dict, ref_template: str, op) -> dict:
     batch_errors = {404: "No such batch, or not yours."}
     return {
         f"{PREFIX}/files": {"post": op(
-            "Upload a batch input file, every line checked before it is stored.", json_ok("OpenAIFile"),
+            "Upload a batch input file or a fine-tuning dataset, every line checked before it is stored.",
+            json_ok("OpenAIFile"),
             {413: "Too large, or past your stored-files quota.", 415: "Not multipart/form-data.",
              422: "A bad line: the message names the line and the field."},
             body_content={"multipart/form-data": {"schema": upload_body}})},

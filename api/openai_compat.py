@@ -658,7 +658,8 @@ def openapi_paths(schemas: dict, ref_template: str) -> dict:
         "One model in OpenAI's shape.", {"application/json": {"schema": {"$ref": ref_template.format(
             model="OpenAIModel")}}}, {404: "Unknown model."},
         params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}])}
-    from api import openai_batches
+    from api import openai_batches, openai_fine_tuning
 
     paths.update(openai_batches.openapi_paths(schemas, ref_template, op))
+    paths.update(openai_fine_tuning.openapi_paths(schemas, ref_template, op))
     return paths

@@ -211,3 +211,32 @@ def test_a_batch_through_the_openai_package(up, client):
     with pytest.raises(openai.UnprocessableEntityError) as err:
         client.files.create(file=("bad.jsonl", data + b"{broken\n"), purpose="batch")
     assert "line 5" in err.value.body["message"]
+
+
+def test_a_fine_tuning_job_through_the_openai_package(up, client):
+    rows = [{"prompt": f"Q{k}:", "completion": " yes"} for k in range(4)]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    f = client.files.create(file=("train.jsonl", data), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="demo-text", training_file=f.id, suffix="oa",
+                                         hyperparameters={"n_epochs": 1, "batch_size": 2})
+    assert job.status in ("queued", "running") and job.training_file == f.id
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list()]
+    deadline = time.monotonic() + 180
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model.startswith("demo-text:ft-oa-") and job.hyperparameters.n_epochs == 1
+    kinds = [e.message.split(":")[0] for e in client.fine_tuning.jobs.list_events(job.id)]
+    assert kinds[0] == "completed" and kinds[-1] == "queued"
+    # The new model answers completions.
+    assert client.completions.create(model=job.fine_tuned_model, prompt="Q1:", max_tokens=2).choices
+    # A parameter out of range is named as OpenAI names it; an ended job cannot be cancelled.
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(model="demo-text", training_file=f.id, hyperparameters={"n_epochs": 1000})
+    assert err.value.body["param"] == "hyperparameters.n_epochs"
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("0" * 32)
