@@ -18,6 +18,7 @@ from genq import jobs as joblib
 from genq.queue import publish
 from genq.schema import Job, JobEvent
 from models.base import InputInvalid
+from models.finetune import SUFFIX_PATTERN
 
 bp = Blueprint("openai_fine_tuning", __name__)
 register_errors(bp)
@@ -31,10 +32,11 @@ HYPER = {"n_epochs": "epochs", "batch_size": "batch_size", "learning_rate": "lea
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
+    # genq's own bounds (models.finetune.Hyperparameters), so the schema says what is taken.
+    n_epochs: int | None = Field(None, ge=1, le=100)
+    batch_size: int | None = Field(None, ge=1, le=64)
     # Not OpenAI's multiplier: genq trains with an absolute rate (AdamW), so it is taken as that.
-    learning_rate: float | None = Field(None, gt=0)
+    learning_rate: float | None = Field(None, gt=0, le=1)
 
 
 class FineTuningCreate(BaseModel):
@@ -43,7 +45,7 @@ class FineTuningCreate(BaseModel):
     model: str = Field(min_length=1, max_length=200)
     training_file: str = Field(pattern=r"^[0-9a-f]{32}$")
     hyperparameters: Hyperparameters | None = None
-    suffix: str | None = Field(None, max_length=40)
+    suffix: str | None = Field(None, pattern=SUFFIX_PATTERN)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
 
 
@@ -78,6 +80,9 @@ def own_fine_tune(session, job_id: str) -> Job:
 def create():
     c = ctx()
     req = parse_body(FineTuningCreate, json_body())
+    if c.registry.get(req.model) is None:
+        raise OpenAIError(404, f"The model {req.model!r} does not exist or cannot be fine-tuned; GET {PREFIX}/models "
+                               "lists them", "model", "model_not_found")
     hyper = {HYPER[k]: v for k, v in (req.hyperparameters.model_dump(exclude_none=True) if req.hyperparameters
                                       else {}).items()}
     if req.seed is not None:
