@@ -33,6 +33,7 @@ from api.jobs import json_body
 from api.limits import lock_for_active_jobs, too_many_active
 from genq import catalog
 from genq import jobs as joblib
+from genq.errors import IllegalTransition
 from genq.openai_shapes import completion_body, usage
 from genq.queue import publish
 from genq.schema import Job
@@ -190,15 +191,27 @@ def parse_body(model: type[BaseModel], body: dict):
         req = model.model_validate(body, strict=True)
     except ValidationError as exc:
         errors = pydantic_errors(exc, prefix="")
-        first = errors[0]["field"].split(".")[0] if errors else None
-        raise OpenAIError(400, "; ".join(f"{e['field']}: {e['message']}" for e in errors), first,
-                          "invalid_value") from None
+        raise OpenAIError(400, "; ".join(f"{e['field']}: {e['message']}" for e in errors),
+                          _body_param(errors[0]["field"]) if errors else None, "invalid_value") from None
     for name, allowed in NO_OPS.items():
         value = getattr(req, name, None)
         if value is not None and value not in allowed:
             raise OpenAIError(400, f"{name}: genq does not support it; leave it unset (got {value!r:.80})", name,
                               "unsupported_parameter")
     return req
+
+
+# What pydantic puts in an error's location after a field for a union's member, not a field of a nested object.
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _body_param(field: str) -> str:
+    """The request parameter an error's location names: the top-level field
+    (`stop`, `messages`), or a nested object's field (`hyperparameters.n_epochs`)."""
+    parts = field.split(".")
+    if len(parts) > 1 and parts[1].isidentifier() and parts[1] not in UNION_TAGS:
+        return ".".join(parts[:2])
+    return parts[0]
 
 
 def _stops(stop) -> list[str]:
@@ -248,6 +261,9 @@ def _read(ids: list[str]) -> list[Job]:
         jobs = {j.id: j for j in session.query(Job).filter(Job.id.in_(ids))}
         for j in jobs.values():
             session.expunge(j)
+    if missing := [i for i in ids if i not in jobs]:
+        # Deleted (DELETE /v1/jobs/<id>) once it had ended, before this request read it.
+        raise OpenAIError(404, f"job {missing[0]} was deleted", None, "job_deleted")
     return [jobs[i] for i in ids]
 
 
@@ -256,7 +272,10 @@ def _cancel(ids: list[str]) -> None:
     with ctx().session() as session, session.begin():
         for job in session.query(Job).filter(Job.id.in_(ids)):
             if not JobStatus(job.status).terminal:
-                joblib.cancel(session, job)
+                try:
+                    joblib.cancel(session, job)
+                except IllegalTransition:  # it ended meanwhile: nothing to cancel
+                    pass
 
 
 def _wait(ids: list[str], hold: held.Hold) -> list[Job]:
