@@ -456,14 +456,7 @@ def _stream(kind: str, model: str, ids: list[str], hold: held.Hold, include_usag
                     continue
                 finished.add(job.id)
                 if job.status != JobStatus.SUCCEEDED.value:
-                    try:
-                        _check_ended([job])
-                    except OpenAIError as exc:
-                        yield "data: " + json.dumps({"error": {"message": exc.detail, "type": ERROR_TYPES.get(
-                            exc.status, "server_error"), "param": exc.param, "code": exc.code}}) + "\n\n"
-                        _cancel(ids)
-                        completed = True
-                        return
+                    _check_ended([job])  # raises: the stream ends with its error
                 final = job.output["text"]
                 if final.startswith(text[job.id]) and len(final) > len(text[job.id]):
                     # Live output is best-effort: what was not streamed comes now.
@@ -480,20 +473,18 @@ def _stream(kind: str, model: str, ids: list[str], hold: held.Hold, include_usag
                 completed = True
                 return
             if time.monotonic() >= deadline:
-                exc = _timeout(ids)
-                _cancel(ids)
-                yield "data: " + json.dumps({"error": {"message": exc.detail, "type": "timeout", "param": None,
-                                                       "code": "timeout"}}) + "\n\n"
-                completed = True
-                return
+                raise _timeout(ids)
             hold.renew()
             if time.monotonic() - quiet_since >= KEEP_ALIVE:
                 quiet_since = time.monotonic()
                 yield ": keep-alive\n\n"
             # Wait for the next delta of one running job (or POLL), then look at them all again.
             running = [i for i in ids if i not in finished]
-            if not c.live.read(tenant_id, running[0], after=sent[running[0]], block_seconds=POLL):
-                continue
+            c.live.read(tenant_id, running[0], after=sent[running[0]], block_seconds=POLL)
+    except OpenAIError as exc:
+        # The headers went out long ago: the error is the stream's last chunk, in OpenAI's shape.
+        yield "data: " + json.dumps({"error": {"message": exc.detail, "type": ERROR_TYPES.get(
+            exc.status, "server_error"), "param": exc.param, "code": exc.code}}) + "\n\n"
     finally:
         if not completed:
             _cancel(ids)  # the client went away

@@ -127,6 +127,12 @@ def test_model_without_a_chat_template_is_422(client):
     with pytest.raises(openai.UnprocessableEntityError) as err:
         client.chat.completions.create(model="plain-text", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert err.value.body["param"] == "messages" and err.value.body["code"] == "no_chat_template"
+    # Streamed, the headers went out before the job failed: the error is the stream's last chunk.
+    stream = client.chat.completions.create(model="plain-text", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=2, stream=True)
+    with pytest.raises(openai.APIError) as err:
+        list(stream)
+    assert "no chat template" in str(err.value)
     # Its prompts still work.
     assert client.completions.create(model="plain-text", prompt="hi", max_tokens=2).choices
 
