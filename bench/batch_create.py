@@ -39,11 +39,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=10_000)
     parser.add_argument("--singles", type=int, default=1_000)
+    parser.add_argument("--quota", type=int, default=0,
+                        help="GENQ_MAX_ACTIVE_JOBS for the singles (0: none), which count past the queued batch")
     args = parser.parse_args()
     with temporary_database(PG_ADMIN_URL, f"genq_bench_batch_{uuid.uuid4().hex[:8]}") as url, \
             tempfile.TemporaryDirectory() as home:
         upgrade(url)
-        settings = Settings.from_env({}, home=Path(home), database_url=url, rate_limit="", max_active_jobs=0,
+        settings = Settings.from_env({}, home=Path(home), database_url=url, rate_limit="", max_active_jobs=args.quota,
                                      max_file_bytes=64 * 2**20,
                                      webhook_secret_keys=(Fernet.generate_key().decode(),))
         app = create_app(settings)

@@ -109,6 +109,10 @@ class Job(Base):
         # Partial, so that the planner never walks it for queued jobs.
         Index("ix_jobs_served", "pool", "tenant_id", "started_at", postgresql_where=text("started_at IS NOT NULL"),
               sqlite_where=text("started_at IS NOT NULL")),
+        # The active-jobs quota's count, which leaves batch jobs out (genq.batches):
+        # without it the count would step over every queued batch job.
+        Index("ix_jobs_tenant_active", "tenant_id", "status", "id", postgresql_where=text("batch_id IS NULL"),
+              sqlite_where=text("batch_id IS NULL")),
         # A batch's jobs in line order (its counts, its result files).
         Index("ix_jobs_batch", "batch_id", "batch_line", postgresql_where=text("batch_id IS NOT NULL"),
               sqlite_where=text("batch_id IS NOT NULL")),

@@ -20,6 +20,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column('batch_line', sa.Integer(), nullable=True))
     op.create_index('ix_jobs_batch', 'jobs', ['batch_id', 'batch_line'], postgresql_where=sa.text('batch_id IS NOT NULL'),
                     sqlite_where=sa.text('batch_id IS NOT NULL'))
+    op.create_index('ix_jobs_tenant_active', 'jobs', ['tenant_id', 'status', 'id'],
+                    postgresql_where=sa.text('batch_id IS NULL'), sqlite_where=sa.text('batch_id IS NULL'))
     op.create_table(
         'batches',
         sa.Column('id', sa.String(length=32), nullable=False),
@@ -53,6 +55,7 @@ def downgrade() -> None:
     op.drop_index('ix_batches_tenant_list', table_name='batches')
     op.drop_table('batches')
     op.drop_index('ix_jobs_batch', table_name='jobs')
+    op.drop_index('ix_jobs_tenant_active', table_name='jobs')
     with op.batch_alter_table('jobs') as batch:
         batch.drop_column('batch_line')
         batch.drop_column('batch_id')
