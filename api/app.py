@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import admin, catalog, errors, events, files, health, jobs, metrics, openapi, params
+from api import admin, catalog, errors, events, files, health, jobs, metrics, openai_batches, openai_compat, openai_fine_tuning, openapi, params
 from api.context import Context
 from api.fastpoll import FastPoll
 from api.held import init_slots
@@ -61,6 +61,9 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     for blueprint in (health.bp, jobs.bp, events.bp, files.bp, catalog.bp, admin.bp, openapi.bp, metrics.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(webhook_routes.bp)
+    openai_compat.register(app)
+    openai_batches.register(app)
+    openai_fine_tuning.register(app)
     tracing.instrument_flask(app)
     if context.driver_reads:
         # Plain polls answered below Flask (api/fastpoll.py), and below the

@@ -405,6 +405,9 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
             [("200", {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}})],
             [401], tag="service", auth=False)},
     }
+    # The OpenAI-compatible routes document themselves (api/openai_compat.py).
+    from api import openai_compat
+    paths.update(openai_compat.openapi_paths(schemas, REF))
     for name in [n for n in schemas if n.startswith(("Input_", "JobCreate", "KeyCreate", "Hyperparameters"))]:
         _no_nul(schemas[name])
     for name, schema in schemas.items():

@@ -48,6 +48,7 @@ def record_event(session: Session, job_id: str, type_: str, data: dict | None = 
 # Only the columns a job's answer shows (genq.serialize) and its ETag: each
 # column read costs the driver a description per statement.
 SHOWN = tuple(c for c in Job.__table__.c if c.name not in ("tenant_id", "pool", "batch_key", "max_attempts",
+                                                            "batch_id", "batch_line",
                                                             "lease_owner", "lease_until", "trace_context"))
 _OWN_JOB = select(*SHOWN).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
 
@@ -94,7 +95,9 @@ _SUBMIT = insert(JobEvent.__table__).from_select(
 _ACTIVE = select(func.count().label("n")).select_from(
     select(Job.__table__.c.id).where(Job.__table__.c.tenant_id == bindparam("tenant_id"),
                                      Job.__table__.c.status.in_([literal_column(f"'{s.value}'")
-                                                                 for s in (JobStatus.QUEUED, JobStatus.RUNNING)]))
+                                                                 for s in (JobStatus.QUEUED, JobStatus.RUNNING)]),
+                                     # A batch's jobs are not counted: the batch is bounded on its own (genq.batches).
+                                     Job.__table__.c.batch_id.is_(None))
     .limit(bindparam("most")).subquery()).cte("active")
 _NEW_JOB_BELOW = insert(Job.__table__).from_select(
     [c.name for c in Job.__table__.c],
@@ -130,7 +133,7 @@ def new_job_values(*, tenant_id: str, type_: str, model: str, pool: str, batch_k
                 lease_owner=None, lease_until=None, webhook=webhook,
                 webhook_events_filter=webhook_events_filter or ["completed"], metrics={}, created_at=now,
                 started_at=None, completed_at=None, updated_at=now, expired_at=None,
-                trace_context=tracing.carrier())
+                trace_context=tracing.carrier(), batch_id=None, batch_line=None)
 
 
 # submit_pipelined's statements, for psycopg itself, compiled once by SQLAlchemy.

@@ -109,6 +109,13 @@ class Job(Base):
         # Partial, so that the planner never walks it for queued jobs.
         Index("ix_jobs_served", "pool", "tenant_id", "started_at", postgresql_where=text("started_at IS NOT NULL"),
               sqlite_where=text("started_at IS NOT NULL")),
+        # The active-jobs quota's count, which leaves batch jobs out (genq.batches):
+        # without it the count would step over every queued batch job.
+        Index("ix_jobs_tenant_active", "tenant_id", "status", "id", postgresql_where=text("batch_id IS NULL"),
+              sqlite_where=text("batch_id IS NULL")),
+        # A batch's jobs in line order (its counts, its result files).
+        Index("ix_jobs_batch", "batch_id", "batch_line", postgresql_where=text("batch_id IS NOT NULL"),
+              sqlite_where=text("batch_id IS NOT NULL")),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -140,6 +147,9 @@ class Job(Base):
     # The creating request's trace context (W3C headers) while traces are on
     # (genq.tracing): the worker's span for the job joins that trace.
     trace_context: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # A job of an OpenAI-style batch (genq.batches): the batch, and the line of its input file.
+    batch_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    batch_line: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 # The line (genq.line) reads these a tenant at a time, in each tenant's own
@@ -333,3 +343,32 @@ class Worker(Base):
     # Models this worker failed to load, {model: reason}, as of its last heartbeat:
     # their jobs fail with model_load_failed while its other models run on.
     model_errors: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+
+
+class Batch(Base):
+    """An OpenAI-style batch (genq.batches): a file of requests made jobs in
+    bulk, and at its end files of their results and errors."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_tenant_list", "tenant_id", "id"),
+                      Index("ix_batches_open", "status"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    # validating | in_progress | finalizing | completed | failed | cancelling | cancelled | expired
+    status: Mapped[str] = mapped_column(String(16), default="in_progress")
+    input_file_id: Mapped[str] = mapped_column(String(32))
+    completion_window: Mapped[str] = mapped_column(String(16), default="24h")
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    output_file_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    error_file_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column()
+    in_progress_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    finalizing_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    cancelling_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    cancelled_at: Mapped[dt.datetime | None] = mapped_column(default=None)
+    expired_at: Mapped[dt.datetime | None] = mapped_column(default=None)

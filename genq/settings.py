@@ -174,6 +174,10 @@ class Settings(BaseModel):
                                      "reconnects with `Last-Event-ID` and misses nothing.")
     max_body_bytes: int = knob(1_048_576, API, "Largest request body the API accepts; bigger is 413.")
     max_prefer_wait: int = knob(60, API, "Longest `Prefer: wait=N` the API honours (seconds).")
+    openai_wait_seconds: float = knob(300.0, API, "How long the OpenAI-compatible routes (`/v1/completions`, "
+                                    "`/v1/chat/completions`, `/v1/images/generations`) hold a request for its "
+                                    "jobs (seconds); past it they answer 504 in OpenAI's error shape and cancel "
+                                    "the jobs, so a client's retry does not leave them running twice.")
     public_url: str | None = knob(None, API, "The API's address as clients see it, for every output URL it hands "
                                   "out (answers and webhook payloads; never the request's `Host` header). Set it "
                                   "when clients reach the API through another address (a proxy, a container's "
@@ -337,6 +341,13 @@ class Settings(BaseModel):
     def _zero_is_no_limit(cls, value):
         if value < 0:
             raise ValueError(f"must be 0 (no limit) or more, got {value}")
+        return value
+
+    @field_validator("openai_wait_seconds")
+    @classmethod
+    def _positive(cls, value):
+        if value <= 0:
+            raise ValueError(f"must be more than 0, got {value}")
         return value
 
     @field_validator("max_held_requests", "metrics_cache_seconds", "key_cache_seconds", "poll_cache_seconds")

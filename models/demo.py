@@ -40,6 +40,13 @@ numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000, punctuation: commas, periods. question 
 """
 
 
+# Each turn as `<s>role\ncontent</s>\n`, and the assistant's turn opened at the end.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
 def _train_tokenizer(model_max_length: int, add_bos_eos: bool):
     """A byte-level BPE tokenizer trained on CORPUS, as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -79,6 +86,8 @@ def build_text(dest: Path) -> None:
     quiet()
 
     tok = _train_tokenizer(model_max_length=256, add_bos_eos=False)
+    # A chat template, so chat messages (POST /v1/chat/completions) can be rendered.
+    tok.chat_template = CHAT_TEMPLATE
     config = GPT2Config(
         vocab_size=len(tok),
         n_positions=512,

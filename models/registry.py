@@ -182,7 +182,7 @@ class ModelSpec:
     def input_schema(self) -> dict:
         """The family's input schema with this model's registry limits as
         bounds, so the schema admits exactly what validation accepts."""
-        schema = self.module.Input.model_json_schema()
+        schema = _inline_defs(self.module.Input.model_json_schema())
         for limit, fieldname, keyword in getattr(self.module, "SCHEMA_LIMITS", []):
             if self.limits.get(limit) is not None:
                 prop = schema["properties"][fieldname]
@@ -193,6 +193,25 @@ class ModelSpec:
                 else:
                     target[keyword] = self.limits[limit] if current is None else min(current, self.limits[limit])
         return schema
+
+
+def _inline_defs(schema: dict) -> dict:
+    """The schema with its nested models (`$defs`, `#/$defs/...` refs) written
+    in place: it is embedded in other documents (OpenAPI components), where
+    a `#/$defs` ref would point at that document's root."""
+    defs = schema.pop("$defs", {})
+
+    def walk(value):
+        if isinstance(value, dict):
+            target = value.get("$ref", "")
+            if target.startswith("#/$defs/"):
+                return walk({**defs[target.removeprefix("#/$defs/")], **{k: v for k, v in value.items() if k != "$ref"}})
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return walk(schema)
 
 
 def family_module(family: str) -> ModuleType:

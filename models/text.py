@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
 from models.libraries import quiet
@@ -22,16 +22,33 @@ SCHEMA_LIMITS = [
 LIMITS = {"max_new_tokens", "max_prompt_chars", "max_seq_len", "max_epochs", "max_train_steps", "max_train_examples"}
 SEED_MAX = 2**32 - 1
 MAX_STOPS = 4
+MAX_MESSAGES = 256
 
 log = logging.getLogger(__name__)
 
 
-class Input(BaseModel):
-    """A text-generation job's `input`."""
+class Message(BaseModel):
+    """One turn of a chat, rendered with the model's chat template."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, description="Text to continue. The output does not repeat it.")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Input(BaseModel):
+    """A text-generation job's `input`: a `prompt`, or chat `messages` (not both)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]},
+                                                                          {"required": ["messages"]}]})
+
+    # Typed without None: null is refused like any non-string (the default None means "not given").
+    prompt: str = Field(None, min_length=1, description="Text to continue. The output does not repeat it.")
+    messages: list[Message] = Field(
+        None, min_length=1, max_length=MAX_MESSAGES,
+        description="Chat turns instead of a prompt: the worker renders them with the model's chat template "
+                    "(and the assistant's turn opened); a model whose tokenizer has none fails the job "
+                    "(`no_chat_template`).")
     max_new_tokens: int = Field(32, ge=1, description="Most tokens to generate.")
     temperature: float = Field(
         1.0, ge=0, le=100, description="Sampling temperature; 0 picks the most likely token every step (greedy)."
@@ -52,13 +69,29 @@ class Input(BaseModel):
         None, ge=0, le=SEED_MAX, description="Random seed; the same input and seed give the same output."
     )
 
+    @model_serializer(mode="wrap")
+    def _without_the_other(self, handler):
+        # Of prompt and messages only the one given is written: the stored input validates again as it is.
+        out = handler(self)
+        for name in ("prompt", "messages"):
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
+
 
 def validate(raw: Any, limits: dict) -> Input:
     """The job input as an `Input`; raises InputInvalid naming "input.<field>"."""
     inp = parse(Input, raw)
     errors: list[dict[str, str]] = []
+    if (inp.prompt is None) == (inp.messages is None):
+        field = "input.prompt" if inp.prompt is None else "input.messages"
+        raise InputInvalid([{"field": field, "message": "give a prompt or chat messages (exactly one of the two)"}])
     check_bound(errors, "input.max_new_tokens", inp.max_new_tokens, limits.get("max_new_tokens"))
-    check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
+    if inp.prompt is not None:
+        check_chars(errors, "input.prompt", inp.prompt, limits.get("max_prompt_chars"))
+    else:
+        # The prompt's bound covers the turns' text together.
+        check_chars(errors, "input.messages", "".join(m.content for m in inp.messages), limits.get("max_prompt_chars"))
     if errors:
         raise InputInvalid(errors)
     return inp
@@ -81,6 +114,33 @@ def row_settings(inp: Input):
         top_k=inp.top_k,
         repetition_penalty=inp.repetition_penalty,
     )
+
+
+class NoChatTemplate(InputInvalid):
+    """Chat messages for a model whose tokenizer has no chat template: the job fails `no_chat_template`."""
+
+    code = "no_chat_template"
+
+    def __init__(self):
+        super().__init__([{"field": "input.messages",
+                           "message": "this model's tokenizer has no chat template; send a prompt instead"}])
+
+
+def prompt_ids(tokenizer, inp: Input) -> list[int]:
+    """The job's prompt tokens: the prompt as it is, or the messages through the chat template."""
+    if inp.messages is None:
+        return tokenizer(inp.prompt, add_special_tokens=True, verbose=False)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplate()
+    return render_chat(tokenizer, inp.messages)
+
+
+def render_chat(tokenizer, messages: list[Message]) -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template, the assistant's turn opened."""
+    rendered = tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True,
+                                             tokenize=False)
+    # The template writes the special tokens itself: none are added again.
+    return tokenizer(rendered, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _torch_dtype(dtype: str):
@@ -175,7 +235,7 @@ class TextModel:
 
     def fit(self, inp: Input) -> tuple[list[int], int]:
         """The row's prompt tokens and how many new tokens it may have, both fitted to the model's positions."""
-        ids = self.tokenizer(inp.prompt, add_special_tokens=True, verbose=False)["input_ids"]
+        ids = prompt_ids(self.tokenizer, inp)
         limit = inp.max_new_tokens
         if self.max_positions:
             # A position past the model's table fails the whole batch, so fit the row:

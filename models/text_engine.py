@@ -410,7 +410,9 @@ class TextEngine:
     def _finish(self, row: _Row, text: str, reason: str) -> Update:
         # `tokens` counts what the model generated for the job (what it cost),
         # including the EOS or the stop string's tokens that are not in `text`.
-        output = {"text": text, "tokens": len(row.tokens), "finish_reason": reason}
+        # `prompt_tokens`: what the prompt cost (after any cut to fit the model).
+        output = {"text": text, "tokens": len(row.tokens), "prompt_tokens": len(row.seq.prompt),
+                  "finish_reason": reason}
         return Update(row.seq.key, len(row.tokens), row.seq.limit, text, output)
 
     # -- leaving ---------------------------------------------------------------

@@ -344,7 +344,9 @@ class VllmModel:
 
     def sequence(self, key, inp) -> Sequence:
         """Job input `inp` (models.text.Input) as a Sequence, its prompt fitted to the model's positions."""
-        ids = self.tokenizer(inp.prompt, add_special_tokens=True, verbose=False)["input_ids"]
+        from models.text import prompt_ids
+
+        ids = prompt_ids(self.tokenizer, inp)
         limit = inp.max_new_tokens
         if self.max_positions:
             # As models/text.py does: keep the end of the prompt, what the continuation depends on most.

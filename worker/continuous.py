@@ -282,7 +282,7 @@ class ContinuousBatch:
                 member.seq = self.loaded.sequence(job.id, self.spec.validate(job.input))
             except (InputInvalid, ValueError) as exc:
                 self.runner.started(row)
-                self.write([(member, JobStatus.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}})])
+                self.write([(member, JobStatus.FAILED, {"error": {"code": getattr(exc, "code", "invalid_input"), "message": str(exc)}})])
                 continue
             if job.started_at and job.created_at:
                 prom.QUEUE_SECONDS.labels(self.spec.name).observe((job.started_at - job.created_at).total_seconds())

@@ -9,7 +9,7 @@ import time
 
 from kombu.exceptions import ChannelError
 
-from genq import idempotency
+from genq import batches, idempotency
 from genq.db import make_engine, make_sessionmaker
 from genq.jobs import queued_heads, requeue_expired
 from genq.notify import Notifier, notify_after_commit
@@ -35,6 +35,16 @@ class Reconciler(threading.Thread):
     def __init__(self, settings: Settings, pools: list[str]):
         super().__init__(name="reconciler", daemon=True)
         self.settings, self.pools = settings, pools
+        self._storage = None
+
+    @property
+    def storage(self):
+        """Storage, made on first use in this thread (batch result files)."""
+        if self._storage is None:
+            from genq.storage import make_storage
+
+            self._storage = make_storage(self.settings)
+        return self._storage
 
     def run(self) -> None:
         sessions = make_sessionmaker(make_engine(self.settings.database_url))
@@ -76,6 +86,9 @@ class Reconciler(threading.Thread):
         if ring:
             log.info("reconciler: rang %d doorbell(s), %d for jobs queued again after their lease expired",
                      len(ring), requeued)
+        # Batches whose jobs have all ended get their result files (genq.batches).
+        if settled := batches.settle_open(sessions, self.storage):
+            log.info("reconciler: settled %d batch(es)", settled)
         with sessions.begin() as session:
             if purged := idempotency.purge(session, dt.timedelta(seconds=self.settings.idempotency_ttl)):
                 log.info("purged %d idempotency keys older than %ss", purged, self.settings.idempotency_ttl)

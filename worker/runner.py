@@ -247,7 +247,7 @@ class Runner:
                 inp = spec.validate(r.job.input)
             except InputInvalid as exc:
                 # Validated at submit; only a registry change can make it fail here.
-                invalid.append((r, JobStatus.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}))
+                invalid.append((r, JobStatus.FAILED, {"error": {"code": getattr(exc, "code", "invalid_input"), "message": str(exc)}}))
                 continue
             try:
                 inputs.append(self.attach_files(spec, inp))

@@ -97,10 +97,28 @@ def test_valid_input_and_defaults():
     assert text.batch_key(MIXED[0]) == text.batch_key(MIXED[1])
 
 
+def test_messages_instead_of_a_prompt():
+    inp = text.validate({"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 4}, LIMITS)
+    assert inp.prompt is None and inp.messages[0].content == "hi"
+    # Stored as given: the dump validates again, and a prompt's has no messages.
+    assert "prompt" not in inp.model_dump(mode="json")
+    assert text.validate(inp.model_dump(mode="json"), LIMITS) == inp
+    assert "messages" not in text.validate({"prompt": "hi"}, LIMITS).model_dump(mode="json")
+    for raw, field in (({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "input.messages"),
+                       ({"messages": []}, "input.messages"),
+                       ({"prompt": None}, "input.prompt"),
+                       ({"messages": [{"role": "robot", "content": "b"}]}, "input.messages.0.role"),
+                       ({"messages": [{"role": "user", "content": "x" * 101}]}, "input.messages")):
+        with pytest.raises(InputInvalid) as err:
+            text.validate(raw, LIMITS)
+        assert err.value.errors[0]["field"] == field, raw
+
+
 def test_schema_documents_every_field():
     schema = text.Input.model_json_schema()
     json.dumps(schema)
-    assert schema["required"] == ["prompt"]
+    # A prompt or chat messages: exactly one is required.
+    assert "required" not in schema and schema["oneOf"] == [{"required": ["prompt"]}, {"required": ["messages"]}]
     assert schema["additionalProperties"] is False
     for name, prop in schema["properties"].items():
         assert prop.get("description"), name
@@ -117,9 +135,28 @@ def test_family_modules_do_not_import_torch():
 
 def test_output_shape(text_model):
     out = run_one(text_model, MIXED[0])
-    assert set(out) == {"text", "tokens", "finish_reason"}
+    assert set(out) == {"text", "tokens", "prompt_tokens", "finish_reason"}
     assert isinstance(out["text"], str) and out["finish_reason"] in ("length", "stop")
     assert 1 <= out["tokens"] <= MIXED[0].max_new_tokens
+    assert out["prompt_tokens"] == len(text_model.tokenizer(MIXED[0].prompt)["input_ids"])
+
+
+def test_chat_messages_through_the_template(text_model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Once upon a time"}]
+    inp = text.validate({"messages": messages, "max_new_tokens": 4, "seed": 1}, {})
+    rendered = "<s>system\nBe brief.</s>\n<s>user\nOnce upon a time</s>\n<s>assistant\n"
+    out = run_one(text_model, inp)
+    assert out["prompt_tokens"] == len(text_model.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    # The same rendering given as a prompt gives the same tokens.
+    assert out["text"] == run_one(text_model, text.validate({"prompt": rendered, "max_new_tokens": 4, "seed": 1}, {}))["text"]
+
+
+def test_chat_messages_without_a_template_are_refused(text_model, monkeypatch):
+    monkeypatch.setattr(text_model.tokenizer, "chat_template", None)
+    inp = text.validate({"messages": [{"role": "user", "content": "hi"}]}, {})
+    with pytest.raises(text.NoChatTemplate) as err:
+        text_model.sequence(0, inp)
+    assert err.value.code == "no_chat_template" and err.value.errors[0]["field"] == "input.messages"
 
 
 def test_same_input_same_output(text_model):
