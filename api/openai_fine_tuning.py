@@ -178,7 +178,7 @@ def openapi_paths(schemas: dict, ref_template: str, op) -> dict:
                                                      "model": {"type": "string"}, "status": {"enum": sorted(
                                                          set(STATUS.values()))}}}
     listing = {"type": "object", "required": ["object", "data"],
-               "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}
+               "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}}}}
     json_ok = lambda schema: {"application/json": {"schema": schema}}  # noqa: E731
     job_param = [{"name": "job_id", "in": "path", "required": True,
                   "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}]

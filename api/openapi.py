@@ -416,8 +416,9 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
         schema["title"] = name
         _drop_null_bounds(schema)
     for path, operations in paths.items():
-        for method, operation in operations.items():
-            operation["operationId"] = operation_id(method, path)
+        for method, operation in list(operations.items()):
+            # A copy: one route served at two paths (/v1 and /openai/v1) shares its operation.
+            operations[method] = {**operation, "operationId": operation_id(method, path)}
     return {
         "openapi": "3.1.0",
         "info": {"title": "genq", "version": _version(),

@@ -51,6 +51,10 @@ def test_a_raised_error_becomes_its_problem_in_any_route(app):
 def test_no_route_maps_these_errors_by_hand():
     by_hand = []
     for path in sorted(API.glob("*.py")):
+        if path.name.startswith("openai_"):
+            # The OpenAI-compatible routes answer in OpenAI's error shape, not
+            # problem+json: translating these errors is their job.
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ExceptHandler) and node.type is not None:
                 names = {n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node.type)
