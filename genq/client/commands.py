@@ -37,7 +37,7 @@ def add_parsers(sub) -> None:
     ls = jobs_sub.add_parser("ls", help="your jobs, newest first")
     ls.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
     ls.add_argument("--model")
-    ls.add_argument("--type", choices=["text-generation", "image-generation", "fine-tune"])
+    ls.add_argument("--type", help="a model family (text-generation, image-generation, ...) or fine-tune")
     ls.add_argument("-n", "--limit", type=int, default=20, help="most jobs shown (default 20; 0: every one)")
     _json_flag(ls)
     get = jobs_sub.add_parser("get", help="one job; exit 1 if it failed or was canceled")
@@ -59,6 +59,8 @@ def add_parsers(sub) -> None:
     upload.add_argument("path")
     upload.add_argument("--purpose", default="fine-tune")
     _json_flag(upload)
+    files_rm = files_sub.add_parser("rm", help="delete uploaded files and their content")
+    files_rm.add_argument("file_ids", nargs="+", metavar="file_id")
 
     ft = sub.add_parser("fine-tune", help="fine-tune a text model")
     ft_sub = ft.add_subparsers(dest="fine_tune_command", required=True)
@@ -242,6 +244,13 @@ def cmd_jobs_rm(client, args) -> int:
     return OK
 
 
+def cmd_files_rm(client, args) -> int:
+    for file_id in args.file_ids:
+        client.files.delete(file_id)
+        print(f"{file_id} deleted")
+    return OK
+
+
 def cmd_files_upload(client, args) -> int:
     f = client.files.upload(args.path, purpose=args.purpose)
     if args.json:
@@ -290,7 +299,8 @@ def cmd_keys_list(client, args) -> int:
 
 COMMANDS = {
     "run": cmd_run, "jobs ls": cmd_jobs_ls, "jobs get": cmd_jobs_get, "jobs watch": cmd_jobs_watch,
-    "jobs cancel": cmd_jobs_cancel, "jobs rm": cmd_jobs_rm, "files upload": cmd_files_upload, "fine-tune create": cmd_fine_tune_create,
+    "jobs cancel": cmd_jobs_cancel, "jobs rm": cmd_jobs_rm, "files upload": cmd_files_upload,
+    "files rm": cmd_files_rm, "fine-tune create": cmd_fine_tune_create,
     "keys list": cmd_keys_list,
 }
 

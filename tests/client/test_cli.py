@@ -157,6 +157,18 @@ def test_fine_tune_create_watch_shows_step_and_loss(up, key, tmp_path):
     assert re.search(r"demo-text:ft-cli-[0-9a-z]+", out), out
 
 
+def test_files_upload_and_rm(up, key, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "to be deleted"}\n')
+    code, out = genq(up, "files", "upload", str(data), key=key)
+    file_id = out.strip().splitlines()[0]
+    assert code == 0 and len(file_id) == 32
+    code, out = genq(up, "files", "rm", file_id, key=key)
+    assert code == 0 and out == f"{file_id} deleted\n"
+    code, out = genq(up, "files", "rm", file_id, key=key)
+    assert code == 2 and "404" in out
+
+
 def test_keys_list_and_version(up):
     code, out = genq(up, "keys", "list", "--json")
     assert code == 0 and up["key"][:10] in {k["prefix"] for k in json.loads(out)}
