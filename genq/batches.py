@@ -133,7 +133,12 @@ def settle(session: Session, storage: Storage, batch: Batch, now: dt.datetime | 
     for job in jobs:
         custom_id = ids[job.batch_line] if job.batch_line < len(ids) else str(job.batch_line)
         line = {"id": f"batch_req_{job.id}", "custom_id": custom_id}
-        if job.status == JobStatus.SUCCEEDED.value:
+        if job.status == JobStatus.SUCCEEDED.value and not isinstance(job.output, dict):
+            # Its outputs were deleted (retention, or DELETE) before the batch settled.
+            errors.append({**line, "response": None, "error": {
+                "code": "output_expired", "message": f"its job {job.id} succeeded, but its output was deleted "
+                                                     "before the batch's results were written"}})
+        elif job.status == JobStatus.SUCCEEDED.value:
             results.append({**line, "response": {"status_code": 200, "request_id": job.id, "body": completion_body(kind, [job], job.model)},
                             "error": None})
         elif job.status == JobStatus.CANCELED.value:

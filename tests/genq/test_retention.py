@@ -18,9 +18,18 @@ from genq.schema import File, Job, JobEvent, StorageDelete, Tenant, utcnow
 from genq.settings import Settings
 from genq.states import JobStatus
 from genq.storage import NotFound, make_storage
-from tests.conftest import new_bucket
+from tests.conftest import new_bucket, temp_pg_database
 
 DAY = dt.timedelta(days=1)
+
+
+@pytest.fixture(scope="module")
+def own_pg():
+    """A Postgres database of this module's own: a sweep here expires every
+    old job it finds, and the run's shared database holds other tests' jobs."""
+    with temp_pg_database("_retention") as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture(params=["sqlite-local", "postgres-s3"])
@@ -29,7 +38,7 @@ def stack(request, tmp_path):
         settings = Settings.from_env({}, home=tmp_path)
         upgrade(settings.database_url)
     else:
-        settings = Settings.from_env({}, home=tmp_path, database_url=request.getfixturevalue("pg_url"),
+        settings = Settings.from_env({}, home=tmp_path, database_url=request.getfixturevalue("own_pg"),
                                      **new_bucket(request.getfixturevalue("s3_endpoint")))
     engine = make_engine(settings.database_url)
     yield settings, make_sessionmaker(engine), make_storage(settings)
