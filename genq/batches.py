@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from typing import Iterable
 
 from sqlalchemy import func, insert, select, update
@@ -23,7 +24,9 @@ from genq.jobs import transition
 from genq.openai_shapes import completion_body
 from genq.schema import Batch, File, Job, JobEvent, new_id, utcnow
 from genq.states import JobStatus
-from genq.storage import Storage
+from genq.storage import NotFound, Storage
+
+log = logging.getLogger(__name__)
 
 # Below every priority a job's submitter may choose (-100..100).
 BATCH_PRIORITY = -101
@@ -126,7 +129,10 @@ def settle(session: Session, storage: Storage, batch: Batch, now: dt.datetime | 
         return expired
     # The input file may have been deleted meanwhile: then each line is named by its number.
     source = session.get(File, batch.input_file_id)
-    ids = custom_ids(storage.get(source.storage_key)) if source is not None else []
+    try:
+        ids = custom_ids(storage.get(source.storage_key)) if source is not None else []
+    except NotFound:  # its content went from storage (deleted, or another store): lines by number
+        ids = []
     kind = KINDS[batch.endpoint]
     results, errors = [], []
     jobs = session.scalars(select(Job).where(Job.batch_id == batch.id).order_by(Job.batch_line))
@@ -184,11 +190,14 @@ def settle_open(sessions, storage: Storage, limit: int = 100) -> int:
         ids = list(session.scalars(select(Batch.id).where(Batch.status.in_(OPEN)).order_by(Batch.id).limit(limit)))
     changed = 0
     for batch_id in ids:
-        with sessions.begin() as session:
-            query = select(Batch).where(Batch.id == batch_id)
-            if session.get_bind().dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            batch = session.scalar(query)
-            if batch is not None and settle(session, storage, batch):
-                changed += 1
+        try:
+            with sessions.begin() as session:
+                query = select(Batch).where(Batch.id == batch_id)
+                if session.get_bind().dialect.name == "postgresql":
+                    query = query.with_for_update(skip_locked=True)
+                batch = session.scalar(query)
+                if batch is not None and settle(session, storage, batch):
+                    changed += 1
+        except Exception:  # noqa: BLE001 - one batch that cannot settle must not stop the others (or the round)
+            log.exception("settling batch %s failed; trying again next round", batch_id)
     return changed
