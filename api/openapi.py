@@ -94,6 +94,9 @@ def _no_nul(schema) -> None:
     if isinstance(schema, dict):
         if schema.get("type") == "string" and "pattern" not in schema and "const" not in schema and "enum" not in schema:
             schema["pattern"] = "^[^\\x00]*$"
+        if isinstance(schema.get("additionalProperties"), dict) and "propertyNames" not in schema:
+            # A map's keys are request strings too (a batch's metadata).
+            schema["propertyNames"] = {"pattern": "^[^\\x00]*$"}
         for value in schema.values():
             _no_nul(value)
     elif isinstance(schema, list):
@@ -408,7 +411,9 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
     # The OpenAI-compatible routes document themselves (api/openai_compat.py).
     from api import openai_compat
     paths.update(openai_compat.openapi_paths(schemas, REF))
-    for name in [n for n in schemas if n.startswith(("Input_", "JobCreate", "KeyCreate", "Hyperparameters"))]:
+    for name in [n for n in schemas if n.startswith(("Input_", "JobCreate", "KeyCreate", "Hyperparameters"))
+                 or n in ("OpenAIBatchCreate", "OpenAIChatRequest", "OpenAICompletionRequest", "OpenAIFineTuningCreate",
+                          "OpenAIImageRequest")]:
         _no_nul(schemas[name])
     for name, schema in schemas.items():
         # Generators name a class after each title: one title per component,
