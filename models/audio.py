@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import image
+from models.batch_rows import StepProgress, generators, live_rows, seeds_of
 from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
 
 FAMILY = "text-to-audio"
@@ -83,52 +84,23 @@ class AudioModel:
 
     def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled) -> list[Result | None]:
         import numpy as np
-        import torch
 
         results: list[Result | None] = [None] * len(inputs)
-        live = [i for i in range(len(inputs)) if not is_cancelled(i)]
+        live, rows = live_rows(inputs, is_cancelled, batch_key)
         if not live:
             return results
-        rows = [inputs[i] for i in live]
         first = rows[0]
-        for inp in rows[1:]:
-            if batch_key(inp) != batch_key(first):
-                raise ValueError(f"jobs in one batch must share batch_key {batch_key(first)!r}, got {batch_key(inp)!r}")
-        steps = first.num_inference_steps
-        seeds = [inp.seed if inp.seed is not None else 0 for inp in rows]
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        cancelled = [False] * len(rows)
-
-        def progress(step: int) -> None:
-            for r in range(len(rows)):
-                if not cancelled[r] and is_cancelled(live[r]):
-                    cancelled[r] = True
-                if not cancelled[r]:
-                    on_progress(live[r], step, steps)
-
-        def step_end(pipe, step, timestep, callback_kwargs):
-            progress(step + 1)
-            if all(cancelled):
-                pipe._interrupt = True
-            return {}
-
-        def old_callback(step, timestep, latents):  # pipelines before callback_on_step_end (AudioLDM)
-            progress(step + 1)
-
+        seeds = seeds_of(rows)
+        progress = StepProgress(live, first.num_inference_steps, on_progress, is_cancelled)
         args = dict(prompt=[inp.prompt for inp in rows], negative_prompt=[inp.negative_prompt for inp in rows],
-                    num_inference_steps=steps, guidance_scale=first.guidance_scale, num_waveforms_per_prompt=1,
-                    generator=generators, output_type="np")
+                    num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+                    num_waveforms_per_prompt=1, generator=generators(seeds, self.device), output_type="np",
+                    **progress.callbacks(self.call_args))
         # The clip's length: AudioLDM's name for it, or Stable Audio's.
         args["audio_length_in_s" if "audio_length_in_s" in self.call_args else "audio_end_in_s"] = first.duration_s
-        if "callback_on_step_end" in self.call_args:
-            args["callback_on_step_end"] = step_end
-        elif "callback" in self.call_args:
-            args.update(callback=old_callback, callback_steps=1)
         audios = self.pipe(**{k: v for k, v in args.items() if k in self.call_args}).audios
         audios = np.asarray(audios, dtype=np.float32)
-        for r, i in enumerate(live):
-            if cancelled[r]:
-                continue
+        for r, i in progress.wanted():
             clip = audios[r].reshape(-1) if audios[r].ndim == 1 or audios[r].shape[0] == 1 else audios[r].T
             data = _wav(clip, self.sample_rate)
             frames = clip.shape[0]

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
+from models.batch_rows import StepProgress, generators, live_rows, seeds_of
 from models.libraries import quiet
 
 FAMILY = "image-generation"
@@ -241,40 +242,17 @@ class ImageModel:
         self.pipe.scheduler = self.schedulers[name]
 
     def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled) -> list[Result | None]:
-        import torch
-
         results: list[Result | None] = [None] * len(inputs)
-        live = [i for i in range(len(inputs)) if not is_cancelled(i)]
+        live, rows = live_rows(inputs, is_cancelled, batch_key)
         if not live:
             return results
-        rows = [inputs[i] for i in live]
         first = rows[0]
-        for inp in rows[1:]:
-            if batch_key(inp) != batch_key(first):
-                raise ValueError(f"jobs in one batch must share batch_key {batch_key(first)!r}, got {batch_key(inp)!r}")
-        steps, per = self.steps_run(first), first.num_images
+        per = first.num_images
         # One generator per image, seeded seed + k, in the order the pipeline lays
         # out its batch (prompt-major): image k of a job gets the same starting
         # noise whatever else is in the batch.
-        generators = []
-        for inp in rows:
-            seed = inp.seed if inp.seed is not None else 0
-            for k in range(per):
-                generators.append(torch.Generator(device=self.device).manual_seed(seed + k))
-
-        cancelled = [False] * len(rows)
-
-        def step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
-            for r in range(len(rows)):
-                if not cancelled[r] and is_cancelled(live[r]):
-                    cancelled[r] = True
-                if not cancelled[r]:
-                    on_progress(live[r], step + 1, steps)
-            if all(cancelled):
-                # The pipeline skips its remaining steps; nothing in the batch is wanted.
-                pipe._interrupt = True
-            return {}
-
+        seeds = seeds_of(rows)
+        progress = StepProgress(live, self.steps_run(first), on_progress, is_cancelled)
         args = dict(
             prompt=[inp.prompt for inp in rows],
             negative_prompt=[inp.negative_prompt for inp in rows],
@@ -283,9 +261,9 @@ class ImageModel:
             num_inference_steps=first.num_inference_steps,
             guidance_scale=first.guidance_scale,
             num_images_per_prompt=per,
-            generator=generators,
+            generator=generators([seed + k for seed in seeds for k in range(per)], self.device),
             output_type="pil",
-            callback_on_step_end=step_end,
+            callback_on_step_end=progress.step_end,
             **self.extra_args(rows),
         )
         # Pipelines differ in what they take (Flux has no negative prompt in
@@ -298,11 +276,8 @@ class ImageModel:
             self._use_scheduler(None)
 
         images = self.finish_images(rows, images)
-        for r, i in enumerate(live):
-            if cancelled[r]:
-                continue
-            inp = rows[r]
-            seed = inp.seed if inp.seed is not None else 0
+        for r, i in progress.wanted():
+            seed = seeds[r]
             meta, files = [], {}
             for k in range(per):
                 img = images[r * per + k]

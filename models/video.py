@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import image
+from models.batch_rows import StepProgress, generators, live_rows, seeds_of
 from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
 
 FAMILY = "text-to-video"
@@ -94,49 +95,20 @@ class VideoModel:
 
     def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled) -> list[Result | None]:
         import numpy as np
-        import torch
 
         results: list[Result | None] = [None] * len(inputs)
-        live = [i for i in range(len(inputs)) if not is_cancelled(i)]
+        live, rows = live_rows(inputs, is_cancelled, batch_key)
         if not live:
             return results
-        rows = [inputs[i] for i in live]
         first = rows[0]
-        for inp in rows[1:]:
-            if batch_key(inp) != batch_key(first):
-                raise ValueError(f"jobs in one batch must share batch_key {batch_key(first)!r}, got {batch_key(inp)!r}")
-        steps = first.num_inference_steps
-        seeds = [inp.seed if inp.seed is not None else 0 for inp in rows]
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        cancelled = [False] * len(rows)
-
-        def progress(step: int) -> None:
-            for r in range(len(rows)):
-                if not cancelled[r] and is_cancelled(live[r]):
-                    cancelled[r] = True
-                if not cancelled[r]:
-                    on_progress(live[r], step, steps)
-
-        def step_end(pipe, step, timestep, callback_kwargs):
-            progress(step + 1)
-            if all(cancelled):
-                pipe._interrupt = True
-            return {}
-
-        def old_callback(step, timestep, latents):  # pipelines before callback_on_step_end (TextToVideoSD)
-            progress(step + 1)
-
+        seeds = seeds_of(rows)
+        progress = StepProgress(live, first.num_inference_steps, on_progress, is_cancelled)
         args = dict(prompt=[inp.prompt for inp in rows], negative_prompt=[inp.negative_prompt for inp in rows],
-                    width=first.width, height=first.height, num_frames=first.num_frames, num_inference_steps=steps,
-                    guidance_scale=first.guidance_scale, generator=generators, output_type="np")
-        if "callback_on_step_end" in self.call_args:
-            args["callback_on_step_end"] = step_end
-        elif "callback" in self.call_args:
-            args.update(callback=old_callback, callback_steps=1)
+                    width=first.width, height=first.height, num_frames=first.num_frames,
+                    num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+                    generator=generators(seeds, self.device), output_type="np", **progress.callbacks(self.call_args))
         clips = np.asarray(self.pipe(**{k: v for k, v in args.items() if k in self.call_args}).frames)
-        for r, i in enumerate(live):
-            if cancelled[r]:
-                continue
+        for r, i in progress.wanted():
             inp = rows[r]
             frames = clips[r]  # (frames, height, width, channels) in [0, 1]
             results[i] = Result(
