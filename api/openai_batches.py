@@ -24,6 +24,7 @@ from api.openai_compat import PREFIX, OpenAIError, param_name, parse_body, regis
 from genq import batches
 from genq.queue import publish
 from genq.schema import Batch, File, new_id, utcnow
+from genq.webhook_guard import Policy, WebhookRefused, check_at_submit
 from models.base import InputInvalid
 from models.finetune import parse_dataset
 
@@ -190,18 +191,12 @@ class BatchCreate(BaseModel):
     endpoint: Literal["/v1/completions", "/v1/chat/completions"]
     completion_window: Literal["24h"]
     metadata: dict[str, str] | None = Field(None, max_length=16)
+    # genq's own: where the batch's end is posted (the `openai` package sends it
+    # with extra_body={"webhook": ...}); checked like a job's webhook.
+    webhook: str | None = Field(default=None, max_length=2000, pattern=r"^https?://[^/?#@\s]+(?:[/?#]\S*)?$")
 
 
-def describe(batch: Batch, by_status: dict[str, int] | None = None) -> dict:
-    counts = batches.request_counts(batch, by_status or {})
-    return {"id": batch.id, "object": "batch", "endpoint": batch.endpoint, "errors": None,
-            "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
-            "status": batch.status, "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
-            "created_at": _epoch(batch.created_at), "in_progress_at": _epoch(batch.in_progress_at),
-            "expires_at": _epoch(batch.expires_at), "finalizing_at": _epoch(batch.finalizing_at),
-            "completed_at": _epoch(batch.completed_at), "failed_at": None, "expired_at": _epoch(batch.expired_at),
-            "cancelling_at": _epoch(batch.cancelling_at), "cancelled_at": _epoch(batch.cancelled_at),
-            "request_counts": counts, "metadata": batch.metadata_}
+describe = batches.describe
 
 
 def own_batch(session, batch_id: str, lock: bool = False) -> Batch:
@@ -230,6 +225,11 @@ def create_batch():
         return _show(earlier), 200, idempotency.REPLAYED
     # The endpoints and the window (only OpenAI's "24h") are checked by the body's schema.
     req = parse_body(BatchCreate, body)
+    if req.webhook is not None:
+        try:
+            check_at_submit(req.webhook, Policy.from_settings(c.settings))
+        except WebhookRefused as exc:
+            raise OpenAIError(400, exc.message, "webhook", "invalid_value") from None
     with c.session() as session:
         f = own_file(session, req.input_file_id)
         if f.purpose != "batch":
@@ -243,7 +243,7 @@ def create_batch():
     with idempotency.race(idem) as race, c.session() as session, session.begin():
         batch = Batch(id=batch_id, tenant_id=caller().tenant_id, endpoint=req.endpoint, status="in_progress",
                       input_file_id=req.input_file_id, completion_window=req.completion_window, total=len(rows),
-                      metadata_=req.metadata, created_at=now, in_progress_at=now,
+                      metadata_=req.metadata, webhook=req.webhook, created_at=now, in_progress_at=now,
                       expires_at=now + batches.WINDOWS[req.completion_window])
         session.add(batch)
         session.flush()

@@ -19,7 +19,7 @@ from typing import Iterable
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from genq import tracing
+from genq import tracing, webhooks
 from genq.jobs import transition
 from genq.openai_shapes import completion_body
 from genq.schema import Batch, File, Job, JobEvent, new_id, utcnow
@@ -106,6 +106,23 @@ def cancel_jobs(session: Session, batch_id: str, now: dt.datetime | None = None)
 KINDS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
 
 
+def _epoch(value: dt.datetime | None) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+def describe(batch: Batch, by_status: dict[str, int] | None = None) -> dict:
+    """The batch object in OpenAI's shape (GET /openai/v1/batches/<id>, and its webhook's body)."""
+    counts = request_counts(batch, by_status or {})
+    return {"id": batch.id, "object": "batch", "endpoint": batch.endpoint, "errors": None,
+            "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
+            "status": batch.status, "output_file_id": batch.output_file_id, "error_file_id": batch.error_file_id,
+            "created_at": _epoch(batch.created_at), "in_progress_at": _epoch(batch.in_progress_at),
+            "expires_at": _epoch(batch.expires_at), "finalizing_at": _epoch(batch.finalizing_at),
+            "completed_at": _epoch(batch.completed_at), "failed_at": None, "expired_at": _epoch(batch.expired_at),
+            "cancelling_at": _epoch(batch.cancelling_at), "cancelled_at": _epoch(batch.cancelled_at),
+            "request_counts": counts, "metadata": batch.metadata_}
+
+
 def custom_ids(data: bytes) -> list[str]:
     """The custom_id of each line of a batch input file (checked at upload)."""
     return [json.loads(raw)["custom_id"] for raw in data.decode("utf-8").splitlines() if raw.strip()]
@@ -169,6 +186,9 @@ def settle(session: Session, storage: Storage, batch: Batch, now: dt.datetime | 
         batch.status, batch.expired_at = "expired", now
     else:
         batch.status, batch.completed_at = "completed", now
+    if batch.webhook:
+        session.flush()
+        webhooks.enqueue_batch(session, batch, describe(batch, counts(session, batch.id)), now)
     return True
 
 

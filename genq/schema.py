@@ -274,10 +274,14 @@ class WebhookDelivery(Base):
         # The sender's sweep: due pending rows, and in-flight rows whose lease lapsed.
         Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
         Index("ix_webhook_deliveries_job", "job_id", "id"),
+        Index("ix_webhook_deliveries_batch", "batch_id", "id", postgresql_where=text("batch_id IS NOT NULL"),
+              sqlite_where=text("batch_id IS NOT NULL")),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # Whose event it is: a job's, or (job_id NULL) an OpenAI-style batch's end.
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), default=None)
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), default=None)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     event: Mapped[str] = mapped_column(String(16))
     # The Standard Webhooks message id: the same on every attempt (and on a
@@ -364,6 +368,8 @@ class Batch(Base):
     output_file_id: Mapped[str | None] = mapped_column(String(32), default=None)
     error_file_id: Mapped[str | None] = mapped_column(String(32), default=None)
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)
+    # Where the batch's end (completed, cancelled, expired) is posted, signed as a job's events are.
+    webhook: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column()
     in_progress_at: Mapped[dt.datetime | None] = mapped_column(default=None)

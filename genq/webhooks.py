@@ -25,9 +25,11 @@ from genq import serialize
 from genq.errors import GenqError
 from genq.keys import lock_tenant
 from genq.queue import publish_delivery
-from genq.schema import Job, WebhookAttempt, WebhookDelivery, new_id, utcnow
+from genq.schema import Batch, Job, WebhookAttempt, WebhookDelivery, new_id, utcnow
 
 EVENTS = ("start", "progress", "completed")
+# A batch's end, named as OpenAI names its batch webhook events.
+BATCH_EVENTS = ("batch.completed", "batch.cancelled", "batch.expired", "batch.failed")
 # At most one progress delivery per job this often; a dropped one is not
 # missed for long, as the next (or the completed event) carries the newer state.
 PROGRESS_EVERY = dt.timedelta(seconds=1)
@@ -85,6 +87,32 @@ def enqueue(session: Session, job: Job | str, event: str, now: dt.datetime | Non
     session.flush()
     session.info.setdefault(_TO_RING, []).append(delivery.id)
     return delivery
+
+
+def enqueue_batch(session: Session, batch: Batch, payload: dict, now: dt.datetime | None = None) -> WebhookDelivery | None:
+    """Add a delivery of the batch's end (`batch.<status>`) to its webhook, with
+    `payload` (the batch object as GET shows it now). None when it has no webhook."""
+    event = f"batch.{batch.status}"
+    if event not in BATCH_EVENTS:
+        raise ValueError(f"a batch's webhook is sent when it ends, one of {BATCH_EVENTS}; it is {batch.status!r}")
+    if not batch.webhook:
+        return None
+    now = now or utcnow()
+    delivery = WebhookDelivery(job_id=None, batch_id=batch.id, tenant_id=batch.tenant_id, event=event,
+                               webhook_id=f"msg_{new_id()}", url=batch.webhook, payload=payload,
+                               status=DeliveryStatus.PENDING.value, attempts=0, next_attempt_at=now,
+                               created_at=now, updated_at=now)
+    session.add(delivery)
+    session.flush()
+    session.info.setdefault(_TO_RING, []).append(delivery.id)
+    return delivery
+
+
+def same_owner(delivery: WebhookDelivery):
+    """The condition selecting the deliveries of the job (or batch) `delivery` belongs to."""
+    if delivery.job_id is not None:
+        return WebhookDelivery.job_id == delivery.job_id
+    return WebhookDelivery.batch_id == delivery.batch_id
 
 
 def _gone(session: Session, job_id: str) -> bool:
@@ -261,7 +289,7 @@ def record(session: Session, delivery: WebhookDelivery, outcome: Outcome, backof
         # The receiver says this job's webhook is gone: drop its other waiting events too.
         session.execute(
             update(WebhookDelivery)
-            .where(WebhookDelivery.job_id == delivery.job_id, WebhookDelivery.status == DeliveryStatus.PENDING.value)
+            .where(same_owner(delivery), WebhookDelivery.status == DeliveryStatus.PENDING.value)
             .values(status=DeliveryStatus.GAVE_UP.value, last_error="not sent: the receiver answered 410 Gone for this job",
                     lease_until=None, updated_at=now)
         )
@@ -273,6 +301,8 @@ def body(delivery: WebhookDelivery, url_for_key: serialize.UrlForKey, output_ret
     now, and when its outputs expire given the tenant's `output_retention`
     (the frozen payload cannot know it: retention is the sender's setting)."""
     payload = dict(delivery.payload)
+    if delivery.job_id is None:  # a batch's end: the batch object as it was, nothing to render
+        return payload
     if payload.get("output") is not None:
         payload["output"] = serialize.with_urls(payload["output"], url_for_key)
     if payload.get("expires_at") is None and payload.get("completed_at") and output_retention:

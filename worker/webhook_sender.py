@@ -149,7 +149,8 @@ class Sender:
         with self.sessions.begin() as session:
             status = webhooks.record(session, delivery, outcome, self.settings.webhook_backoff, self.clock(), self.rng)
         metrics.WEBHOOK_ATTEMPTS.labels(status or "lease_lost").inc()
-        log.info("webhook %s %s of job %s, attempt %d: %s in %d ms -> %s", delivery.id, delivery.event, delivery.job_id,
+        owner = f"job {delivery.job_id}" if delivery.job_id else f"batch {delivery.batch_id}"
+        log.info("webhook %s %s of %s, attempt %d: %s in %d ms -> %s", delivery.id, delivery.event, owner,
                  delivery.attempts, outcome.status_code or outcome.error, outcome.duration_ms, status or "lease lost")
         return status
 

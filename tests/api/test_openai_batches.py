@@ -45,10 +45,11 @@ def jobs(client, headers) -> list[dict]:
     return client.get("/v1/jobs", headers=headers, query_string={"limit": 100}).get_json()["data"]
 
 
-def batch_of(client, headers, n: int, **extra) -> dict:
+def batch_of(client, headers, n: int, body: dict | None = None, **extra) -> dict:
     f = upload(client, headers, jsonl(line(f"r{k}") for k in range(n))).get_json()
     resp = client.post("/openai/v1/batches", headers={**headers, **extra},
-                       json={"input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h"})
+                       json={"input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h",
+                             **(body or {})})
     assert resp.status_code == 200, resp.get_json()
     return resp.get_json()
 
@@ -220,3 +221,56 @@ def test_a_batch_whose_input_file_was_deleted_still_ends(app, alice):
     errors = client.get(f"/openai/v1/files/{got['error_file_id']}/content", headers=alice).get_data(as_text=True)
     # Named by line number, the custom ids having gone with the file.
     assert [json.loads(r)["custom_id"] for r in errors.splitlines()] == ["0", "1"]
+
+
+def test_a_batch_posts_its_end_to_its_webhook_signed(any_db, alice):
+    """A batch made with a webhook (genq's own field; the `openai` package sends
+    it in extra_body) gets one delivery when it ends: the batch object as GET
+    shows it, signed with the tenant's secret like a job's events, through
+    the same sender."""
+    from sqlalchemy import select
+
+    from genq.schema import WebhookDelivery
+    from genq.storage import make_storage
+    from tests.receiver import Receiver
+    from worker.webhook_sender import Sender
+
+    settings = any_db.replace(max_active_jobs=2, webhook_allow_http=True, webhook_allowed_hosts=("127.0.0.1",))
+    client = create_app(settings).test_client()
+    receiver = Receiver()
+    engine = make_engine(settings.database_url)
+    try:
+        secret = client.get("/v1/webhooks/secret", headers=alice).get_json()["key"]
+        receiver.script("/batch", 200, secret=secret)
+        batch = batch_of(client, alice, 2, {"webhook": receiver.url("/batch")})
+        quiet = batch_of(client, alice, 1)  # no webhook: no delivery
+        for job in jobs(client, alice):
+            assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice).status_code == 200
+        got = client.get(f"/openai/v1/batches/{batch['id']}", headers=alice).get_json()
+        assert client.get(f"/openai/v1/batches/{quiet['id']}", headers=alice).get_json()["status"] == "completed"
+        sessions = make_sessionmaker(engine)
+        with sessions() as session:
+            rows = list(session.scalars(select(WebhookDelivery).where(
+                WebhookDelivery.batch_id.in_([batch["id"], quiet["id"]]))))
+        assert [(d.batch_id, d.job_id, d.event) for d in rows] == [(batch["id"], None, "batch.completed")]
+        assert Sender(settings, sessions, make_storage(settings)).deliver(rows[0].id) == "succeeded"
+        [sent] = receiver.to("/batch")
+        assert sent.verify_error is None and sent.headers["webhook-id"] == rows[0].webhook_id
+        assert json.loads(sent.body) == got and got["status"] == "completed"
+        assert got["request_counts"] == {"total": 2, "completed": 0, "failed": 2}
+    finally:
+        receiver.close()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("webhook, says", [
+    ("http://10.1.2.3/hook", "webhook"),
+    ("ftp://example.com/hook", "webhook"),
+])
+def test_a_batch_webhook_is_checked_like_a_jobs(app, alice, webhook, says):
+    f = upload(app.test_client(), alice, jsonl([line("a")])).get_json()
+    resp = app.test_client().post("/openai/v1/batches", headers=alice, json={
+        "input_file_id": f["id"], "endpoint": "/v1/completions", "completion_window": "24h", "webhook": webhook})
+    assert resp.status_code == 400, resp.get_json()
+    assert resp.get_json()["error"]["param"] == says
+    assert jobs(app.test_client(), alice) == []
