@@ -261,7 +261,12 @@ class ContinuousBatch:
         door = self.door
         if isinstance(jobs, BaseException):
             exc = jobs
-            if not self.members:
+            # During a shutdown a claim's error may be the shutdown itself: a cold
+            # one (SIGQUIT) raises from its signal handler wherever this thread
+            # is (Celery's solo pool cannot cancel a task otherwise), here inside
+            # the claim. Swallowing it left the batch running to its end as if the
+            # shutdown were warm; raised, the batch hands its rows back at once.
+            if not self.members or self.runner.shutdown.requested:
                 raise exc
             # The rows in hand are ours under their lease: run them rather than
             # fail them for a claim the database refused.

@@ -157,6 +157,10 @@ class Runner:
                     # Load before claiming: a lease should not tick away on a load.
                     loaded = self.cache.get(spec)
                 except Exception as exc:
+                    if self.shutdown.requested:
+                        # Maybe the shutdown itself (a cold one raises wherever this
+                        # thread is): the queued jobs did nothing wrong.
+                        raise
                     self._fail_queued(spec, pool, head.batch_key, exc)
                     continue
                 if self.cache.last_load_seconds is not None and self.draining():

@@ -143,3 +143,21 @@ def test_a_slow_write_does_not_hold_up_the_decode():
     assert engine.steps == 5
     b.write_finished()
     assert runner.finished == [("a", JobStatus.SUCCEEDED)] and list(b.members) == ["b"]
+
+
+def test_a_claim_that_fails_during_a_shutdown_ends_the_batch():
+    """Outside a shutdown a claim that fails leaves the running rows running;
+    during one it is raised, so the batch hands its rows back at once: a cold
+    shutdown raises inside whatever the loop's thread is doing, a claim
+    included, and a swallowed one let the batch run to its end (the SIGQUIT
+    fault test, once in a few runs)."""
+    import time
+
+    import pytest
+
+    b, runner = batch_of(["a"])
+    b.took(NotImplementedError("database blip"), time.monotonic())
+    assert list(b.members) == ["a"] and b.door.next_claim > time.monotonic()
+    runner.shutdown.requested = True
+    with pytest.raises(NotImplementedError, match="cold shutdown"):
+        b.took(NotImplementedError("the cold shutdown's cancel"), time.monotonic())
