@@ -138,7 +138,12 @@ def test_cancel_get_and_exit_codes(up, key):
     assert code == 2 and "401" in out
 
 
-def test_ls_filters_and_json(up, key):
+def test_ls_filters_and_json(up, key, tmp_path):
+    # Its own jobs, so that it needs no earlier test's: a text job and an image job, both done.
+    for model, extra in (("demo-text", ["-i", "max_new_tokens=2"]), ("demo-image", ["-i", "width=64", "-i", "height=64",
+                                                                                   "-i", "num_inference_steps=2"])):
+        code, out = genq(up, "run", model, "-i", "prompt=ls", *extra, "-o", str(tmp_path), key=key)
+        assert code == 0, out
     code, out = genq(up, "jobs", "ls", "--status", "succeeded", "--json", key=key)
     assert code == 0 and {j["status"] for j in json.loads(out)} == {"succeeded"}
     code, out = genq(up, "jobs", "ls", "--model", "demo-image", "-n", "1", key=key, tty=True)
