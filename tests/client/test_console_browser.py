@@ -8,6 +8,7 @@ none of it, and a phone-width layout with no sideways scroll.
 Screenshots of each page go to test-output/console/ (git-ignored) for a person to look at."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def test_a_tenant_watches_its_job_run_live_and_another_sees_none_of_it(up, brows
             a.wait_for_selector("main h1")
             a.wait_for_load_state("networkidle")
             assert no_sideways_scroll(a), path
-        shot(a, "phone-jobs-page")
+            shot(a, "phone-" + path.split("/")[2])
 
         a.click("#sign-out")
         a.wait_for_selector("#key")
@@ -171,3 +172,36 @@ def test_a_tenant_watches_its_job_run_live_and_another_sees_none_of_it(up, brows
         assert b.locator("#pools-table").count() == 0
     finally:
         b.context.close()
+
+
+def test_a_fine_tune_from_an_uploaded_dataset_draws_its_loss_live(up, browser):
+    key = new_tenant(up)
+    page = signed_in(browser, up, key)
+    try:
+        page.click("text=Fine-tunes")
+        page.wait_for_selector("#ft-model")
+        rows = "\n".join(json.dumps({"prompt": f"{i}+{i}=", "completion": f" {2 * i}"}) for i in range(24))
+        page.set_input_files("#upload-input-training_file",
+                             files=[{"name": "sums.jsonl", "mimeType": "application/jsonl", "buffer": rows.encode()}])
+        training_file = page.locator("#field-input-training_file")
+        deadline = time.monotonic() + 30
+        while not training_file.input_value() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(training_file.input_value()) == 32  # the uploaded file's id
+        assert "24 rows" in page.inner_text("#hint-input-training_file")
+        page.get_by_label("Max Steps").fill("6")
+        page.click("#submit")
+        page.wait_for_url("**/console/jobs/*")
+        job_id = page.url.rsplit("/", 1)[1]
+        page.wait_for_selector("#job-status.succeeded", timeout=WAIT_MS)
+        page.wait_for_selector("#run-fine-tuned")
+        shot(page, "fine-tune")
+        # One point per loss the job recorded: the chart is drawn from the same events.
+        events = httpx.get(f"{up['url']}/v1/jobs/{job_id}/events", headers={"Authorization": f"Bearer {key}"},
+                           timeout=30).json()["data"]
+        losses = [e["data"]["loss"] for e in events if e["type"] == "progress" and "loss" in e["data"]]
+        points = page.get_attribute("#loss-chart polyline", "points").split()
+        assert len(losses) >= 1 and len(points) == len(losses)
+        assert f"last {losses[-1]:.4f}" in page.get_attribute("#loss-chart", "aria-label")
+    finally:
+        page.context.close()

@@ -431,6 +431,10 @@
         const bits = [item.content_type, item.width && `${item.width}×${item.height}`, item.seed !== undefined && `seed ${item.seed}`];
         out.append(mediaFigure(item, bits.filter(Boolean).join(" · ")));
       }
+      if (job.type === "fine-tune" && typeof output.model === "string") {
+        out.append(h("p", {}, "New model ", h("code", {}, output.model), " — ",
+          h("a", { href: `/console/run?model=${encodeURIComponent(output.model)}`, id: "run-fine-tuned" }, "run it")));
+      }
       const rest = Object.fromEntries(Object.entries(output).filter(([k]) => !["text", "images"].includes(k)));
       if (Object.keys(rest).length && typeof output.text !== "string" && !output.images) out.append(h("pre", {}, JSON.stringify(rest, null, 2)));
     }
@@ -663,7 +667,8 @@
 
   async function viewRun(view, params, signal) {
     view.append(h("h1", {}, "Run a model"));
-    const models = state.models || (await api("/v1/models")).data;
+    // Read again: a fine-tune finished since sign-in adds a model.
+    const models = state.models = (await api("/v1/models")).data;
     const q = new URLSearchParams(location.search);
     const chosen = models.find((m) => m.name === q.get("model")) || models[0];
     if (!chosen) { view.append(h("p", { class: "empty" }, "No models are served.")); return "Run a model"; }
