@@ -158,6 +158,12 @@ def test_a_tenant_watches_its_job_run_live_and_another_sees_none_of_it(up, brows
     # Another tenant: no jobs, no images, A's job is 404, and no operators' page.
     b = signed_in(browser, up, key_b)
     try:
+        # The keyboard: the first Tab reaches the skip link, then the navigation, in reading order.
+        b.keyboard.press("Tab")
+        assert b.evaluate("document.activeElement.textContent") == "Skip to content"
+        b.keyboard.press("Tab")
+        b.keyboard.press("Tab")
+        assert b.evaluate("document.activeElement.textContent") == "Jobs"
         b.wait_for_selector("#jobs-table + .empty:not([hidden])")
         assert b.locator("#jobs-table tbody tr").count() == 0
         b.click("text=Gallery")
@@ -203,5 +209,20 @@ def test_a_fine_tune_from_an_uploaded_dataset_draws_its_loss_live(up, browser):
         points = page.get_attribute("#loss-chart polyline", "points").split()
         assert len(losses) >= 1 and len(points) == len(losses)
         assert f"last {losses[-1]:.4f}" in page.get_attribute("#loss-chart", "aria-label")
+
+        # The new model, from its link to the form; its text streams into the job's page.
+        page.click("#run-fine-tuned")
+        model = httpx.get(f"{up['url']}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"},
+                          timeout=30).json()["output"]["model"]
+        page.wait_for_selector(f"form[aria-label='Input of {model}']")
+        page.get_by_role("textbox", name="Prompt", exact=True).fill("3+3=")
+        page.get_by_label("Max New Tokens").fill("8")
+        page.click("#submit")
+        page.wait_for_url("**/console/jobs/*")
+        page.wait_for_selector("#job-status.succeeded", timeout=WAIT_MS)
+        text_job = httpx.get(page.url.replace("/console/", "/v1/"), headers={"Authorization": f"Bearer {key}"},
+                             timeout=30).json()
+        assert text_job["model"] == model and text_job["output"]["text"]
+        assert page.locator("#job-text").evaluate("e => e.textContent") == text_job["output"]["text"]
     finally:
         page.context.close()
