@@ -133,13 +133,13 @@ def test_a_tenant_watches_its_job_run_live_and_another_sees_none_of_it(up, brows
 
         # A phone: every page fits its width.
         a.set_viewport_size({"width": 390, "height": 844})
-        for path in ("/console/jobs", f"/console/jobs/{job_id}", "/console/run", "/console/gallery",
-                     "/console/fine-tunes"):
+        for name, path in (("jobs", "/console/jobs"), ("job", f"/console/jobs/{job_id}"), ("run", "/console/run"),
+                           ("gallery", "/console/gallery"), ("fine-tunes", "/console/fine-tunes")):
             a.goto(up["url"] + path)
             a.wait_for_selector("main h1")
             a.wait_for_load_state("networkidle")
             assert no_sideways_scroll(a), path
-            shot(a, "phone-" + path.split("/")[2])
+            shot(a, f"phone-{name}")
 
         a.click("#sign-out")
         a.wait_for_selector("#key")
