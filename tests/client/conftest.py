@@ -17,8 +17,9 @@ from tests.test_up import start_up, stop_up
 # least once; a tenant may hold 2 streams (the 3rd is 429), the server 4 (the
 # 5th is 503): small numbers the error tests reach with a few connections.
 STREAM_SECONDS = 2
+# Webhooks may go to the tests' receiver on 127.0.0.1 over http (the console's delivery log).
 UP_ENV = dict(GENQ_EVENT_STREAM_SECONDS=str(STREAM_SECONDS), GENQ_MAX_HELD_REQUESTS="2", GENQ_API_HELD_THREADS="4",
-              GENQ_PROGRESS_INTERVAL="0.1")
+              GENQ_PROGRESS_INTERVAL="0.1", GENQ_WEBHOOK_ALLOW_HTTP="true", GENQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
 
 
 # Debian's chromium, driven by playwright (whose own browser download cannot work here).

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from tests.client.conftest import new_tenant
+from tests.receiver import Receiver
 
 SHOTS = Path(__file__).resolve().parents[2] / "test-output" / "console"
 POOL = "gpu-image"  # demo-image's pool under `genq up` (the shipped registry)
@@ -226,3 +227,40 @@ def test_a_fine_tune_from_an_uploaded_dataset_draws_its_loss_live(up, browser):
         assert page.locator("#job-text").evaluate("e => e.textContent") == text_job["output"]["text"]
     finally:
         page.context.close()
+
+
+def test_a_jobs_webhook_deliveries_are_listed_and_one_is_sent_again(up, browser):
+    key = new_tenant(up)
+    headers = {"Authorization": f"Bearer {key}"}
+    receiver = Receiver()
+    receiver.script("/hook", 200, secret=httpx.get(f"{up['url']}/v1/webhooks/secret", headers=headers).json()["key"])
+    page = signed_in(browser, up, key)
+    try:
+        page.goto(f"{up['url']}/console/run?model=demo-text")
+        page.get_by_role("textbox", name="Prompt", exact=True).fill("hello")
+        page.get_by_label("Webhook URL").fill(receiver.url("/hook"))
+        page.get_by_label("Priority").fill("500")  # out of bounds: the error stands beside it
+        page.click("#submit")
+        error = page.locator("[data-field='opt.priority'] .field-error")
+        error.wait_for()
+        assert "100" in error.inner_text()
+        page.get_by_label("Priority").fill("")
+        page.click("#submit")
+        page.wait_for_url("**/console/jobs/*")
+        page.wait_for_selector("#job-status.succeeded", timeout=WAIT_MS)
+        receiver.wait_for(lambda: len(receiver.processed) == 1, what="first delivery")
+        deadline = time.monotonic() + 30
+        while "succeeded" not in page.inner_text("#deliveries tbody") and time.monotonic() < deadline:
+            page.click("text=Refresh deliveries")
+            time.sleep(0.3)
+        page.click("#deliveries tbody button:not([disabled])")
+        page.wait_for_selector("#deliveries tbody tr:nth-child(2)")
+        receiver.wait_for(lambda: len(receiver.to("/hook")) == 2, what="redelivery")
+        first, again = receiver.to("/hook")
+        # The same event again: same webhook-id, so the receiver processes it once.
+        assert first.headers["webhook-id"] == again.headers["webhook-id"] and receiver.duplicates == 1
+        assert page.locator("#deliveries tbody tr").count() == 2
+        shot(page, "webhook-deliveries")
+    finally:
+        page.context.close()
+        receiver.close()

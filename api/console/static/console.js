@@ -467,7 +467,8 @@
       try {
         const page = await api(`/v1/jobs/${job.id}/webhook-deliveries?limit=50`);
         if (!page.data.length) { deliveries.replaceChildren(h("p", { class: "muted" }, job.webhook ? "No deliveries yet." : "This job has no webhook.")); return; }
-        deliveries.replaceChildren(h("table", { class: "cards" },
+        deliveries.replaceChildren(h("div", { class: "actions" }, h("button", { type: "button", onclick: loadDeliveries }, "Refresh deliveries")),
+          h("table", { class: "cards" },
           h("thead", {}, h("tr", {}, ["Event", "Status", "Attempts", "Last answer", "Next attempt", ""].map((c) => h("th", { scope: "col" }, c)))),
           h("tbody", {}, page.data.map((d) => h("tr", {},
             h("td", { "data-label": "Event" }, d.event),
@@ -475,7 +476,8 @@
             h("td", { "data-label": "Attempts", class: "num" }, d.attempts.length),
             h("td", { "data-label": "Last answer" }, d.last_status_code || d.last_error || "—"),
             h("td", { "data-label": "Next attempt" }, fmtTime(d.next_attempt_at)),
-            h("td", { "data-label": "" }, h("button", { type: "button", onclick: async (e) => {
+            // The API refuses to redeliver an event still on its way (409): offered once it ended.
+            h("td", { "data-label": "" }, h("button", { type: "button", disabled: ["pending", "delivering"].includes(d.status), onclick: async (e) => {
               e.target.disabled = true;
               try { await api(`/v1/jobs/${job.id}/webhook-deliveries/${d.id}/redeliver`, { method: "POST" }); loadDeliveries(); } catch (err) { deliveries.append(alertBox(err.message)); e.target.disabled = false; }
             } }, "Redeliver")))))));
