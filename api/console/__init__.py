@@ -42,13 +42,13 @@ bp = Blueprint("console", __name__)
 def storage_origin() -> str:
     """The origin presigned output URLs point at ("" for local storage, whose
     outputs the API serves itself): images there may be shown as they are."""
-    app = current_app._get_current_object()
-    found = app.extensions.get("genq_console_origin")
+    found = current_app.extensions.get("genq_console_origin")
     if found is None:
+        # Read once from a URL the storage presigns (no request is made): the host it names.
         url = ctx().storage.presigned_url("jobs/0/0.png")
         parsed = urlparse(url) if url else None
         found = f"{parsed.scheme}://{parsed.netloc}" if parsed and parsed.netloc else ""
-        app.extensions["genq_console_origin"] = found
+        current_app.extensions["genq_console_origin"] = found
     return found
 
 
