@@ -16,13 +16,13 @@ $(STAMP): pyproject.toml constraints.txt
 .PHONY: install up test bench test-vllm browser
 install: $(STAMP)
 
-# tests/client/test_docs_browser.py opens /docs in Debian's chromium. Where it
-# is missing and apt-get can be run (as root), it is installed once; elsewhere
-# that test skips and says why.
+# tests/client/test_docs_browser.py and test_console_browser.py open /docs and
+# /console in Debian's chromium. Where it is missing and apt-get can be run (as
+# root), it is installed once; elsewhere those tests skip and say why.
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } ; } || \
-	  echo "chromium is not installed: the /docs browser test will skip"
+	  echo "chromium is not installed: the /docs and /console browser tests will skip"
 
 up: $(STAMP)
 	$(VENV)/bin/genq up

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import admin, catalog, errors, events, files, health, jobs, metrics, openai_batches, openai_compat, openai_fine_tuning, openapi, params
+from api import admin, catalog, console, errors, events, files, health, jobs, metrics, openai_batches, openai_compat, openai_fine_tuning, openapi, params
 from api.context import Context
 from api.fastpoll import FastPoll
 from api.held import init_slots
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None, **overrides) -> Flask:
     init_slots(app, settings, storage_uri(settings))
     app.before_request(openapi.check_query_params)
     metrics.init_metrics(app)
-    for blueprint in (health.bp, jobs.bp, events.bp, files.bp, catalog.bp, admin.bp, openapi.bp, metrics.bp):
+    for blueprint in (health.bp, jobs.bp, events.bp, files.bp, catalog.bp, admin.bp, openapi.bp, metrics.bp, console.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(webhook_routes.bp)
     openai_compat.register(app)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # Probes and documents are never limited: a load balancer must always see them.
 EXEMPT_ENDPOINTS = {"health.healthz", "health.readyz", "docs.openapi", "docs.docs", "docs.docs_asset", "static",
+                    "console.page", "console.asset",
                     "metrics.metrics"}
 # After Redis fails, count in memory this long (seconds) before trying it again.
 REDIS_RETRY_SECONDS = 5.0

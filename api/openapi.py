@@ -165,8 +165,8 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
     schemas["KeyInfoList"] = listing(ref("KeyInfo"))
     schemas["Revoked"] = {"type": "object", "required": ["revoked"], "properties": {"revoked": {"type": "integer"}}}
     schemas["TenantList"] = listing({"type": "object"})
-    schemas["Index"] = {"type": "object", "required": ["name", "version", "docs", "openapi"],
-                        "properties": {k: {"type": "string"} for k in ("name", "version", "docs", "openapi")}}
+    schemas["Index"] = {"type": "object", "required": ["name", "version", "docs", "openapi", "console"],
+                        "properties": {k: {"type": "string"} for k in ("name", "version", "docs", "openapi", "console")}}
     schemas["Health"] = {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "const": "ok"}}}
     schemas["Ready"] = {"type": "object", "required": ["status", "checks"],
                         "properties": {"status": {"type": "string", "const": "ready"},
@@ -262,8 +262,8 @@ def build(registry: Registry, settings: Settings | None = None) -> dict:
     std = [401, 404]
 
     paths = {
-        "/": {"get": op("Where things are; a browser (Accept: text/html) is redirected to /docs.",
-                        [resp(200, "Index", "Links."), resp(302, None, "To /docs.", {"Location": {"schema": {"type": "string"}}})],
+        "/": {"get": op("Where things are; a browser (Accept: text/html) is redirected to the web console, /console.",
+                        [resp(200, "Index", "Links."), resp(302, None, "To /console.", {"Location": {"schema": {"type": "string"}}})],
                         [], tag="service", auth=False)},
         "/healthz": {"get": op("The process is up.", [resp(200, "Health", "Up.")], [], tag="service", auth=False)},
         "/readyz": {"get": op("Database, broker and storage answer.", [resp(200, "Ready", "Ready.")], [], tag="service",
@@ -539,10 +539,10 @@ def _assets() -> Path:
 
 @bp.get("/")
 def index():
-    """A browser is sent to the docs; any other client gets where things are."""
+    """A browser is sent to the console; any other client gets where things are."""
     if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
-        return redirect("/docs", 302)
-    return {"name": "genq", "version": _version(), "docs": "/docs", "openapi": "/openapi.json"}
+        return redirect("/console", 302)
+    return {"name": "genq", "version": _version(), "docs": "/docs", "openapi": "/openapi.json", "console": "/console"}
 
 
 @bp.get("/docs")

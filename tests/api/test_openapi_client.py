@@ -61,11 +61,11 @@ def test_openapi_names_every_operation_and_its_version(client):
     assert doc["components"]["schemas"]["Input_demo_text"]["title"] == "Input_demo_text"
 
 
-def test_a_browser_is_sent_to_the_docs_and_a_client_told_where_things_are(client):
+def test_a_browser_is_sent_to_the_console_and_a_client_told_where_things_are(client):
     resp = client.get("/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
-    assert resp.status_code == 302 and resp.headers["Location"].endswith("/docs")
+    assert resp.status_code == 302 and resp.headers["Location"].endswith("/console")
     body = client.get("/", headers={"Accept": "application/json"}).get_json()
-    assert body["docs"] == "/docs" and body["openapi"] == "/openapi.json"
+    assert body["docs"] == "/docs" and body["openapi"] == "/openapi.json" and body["console"] == "/console"
 
 
 def test_answers_are_the_shapes_the_document_declares(client, embedded_settings):

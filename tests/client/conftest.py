@@ -3,6 +3,7 @@ and a proxy in front of it that can drop a connection after the request went thr
 from __future__ import annotations
 
 import secrets
+import shutil
 import socket
 import threading
 
@@ -16,8 +17,28 @@ from tests.test_up import start_up, stop_up
 # least once; a tenant may hold 2 streams (the 3rd is 429), the server 4 (the
 # 5th is 503): small numbers the error tests reach with a few connections.
 STREAM_SECONDS = 2
+# Webhooks may go to the tests' receiver on 127.0.0.1 over http (the console's delivery log).
 UP_ENV = dict(GENQ_EVENT_STREAM_SECONDS=str(STREAM_SECONDS), GENQ_MAX_HELD_REQUESTS="2", GENQ_API_HELD_THREADS="4",
-              GENQ_PROGRESS_INTERVAL="0.1")
+              GENQ_PROGRESS_INTERVAL="0.1", GENQ_WEBHOOK_ALLOW_HTTP="true", GENQ_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
+
+
+# Debian's chromium, driven by playwright (whose own browser download cannot work here).
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NO_CHROMIUM = ("no chromium on PATH (make test installs Debian's where apt-get is at hand and it runs as root)")
+
+
+@pytest.fixture(scope="package")
+def browser():
+    """One headless chromium for the browser tests of this package; they skip, saying why, without it."""
+    if CHROMIUM is None:
+        pytest.skip(NO_CHROMIUM)
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    with sync_api.sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            launched.close()
 
 
 @pytest.fixture(scope="package")
