@@ -44,8 +44,8 @@ class Hyperparameters(BaseModel):
     epochs: int = Field(3, ge=1, le=100, description="Passes over the dataset.")
     learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate.")
     batch_size: int = Field(4, ge=1, le=64, description="Rows per optimizer step.")
-    lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank (method=lora).")
-    lora_alpha: int = Field(16, ge=1, le=1024, description="LoRA alpha (method=lora).")
+    lora_rank: int = Field(8, ge=1, le=256, description="LoRA rank (methods lora, dpo).")
+    lora_alpha: int = Field(16, ge=1, le=1024, description="LoRA alpha (methods lora, dpo).")
     warmup_steps: int = Field(0, ge=0, le=10_000, description="Optimizer steps over which the learning rate rises "
                               "linearly to learning_rate; constant after.")
     beta: float = Field(0.1, gt=0, le=10, description="Preference tuning (method dpo, dpo-full): how strongly "
@@ -54,8 +54,8 @@ class Hyperparameters(BaseModel):
                             "between validation passes (and one after the last step).")
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS_CEILING,
                                   description="Stop after this many optimizer steps, whatever the epochs.")
-    max_seq_len: int = Field(128, ge=8, le=2048, description="Tokens per row; longer rows are cut. Rows with no "
-                             "completion token left within it are skipped.")
+    max_seq_len: int = Field(128, ge=8, le=2048, description="Tokens per row (each side of a preference pair); longer "
+                             "rows are cut. Rows with nothing left to learn within it are skipped.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seeds initialisation and data order: the same seed trains the same model.")
 
 
