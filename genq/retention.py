@@ -96,8 +96,8 @@ def delete_file(session: Session, f: File) -> list[int]:
     """Remove an uploaded file, unless a queued or running fine-tune uses it."""
     using = fine_tunes_using(session, f.id)
     if using:
-        raise IllegalTransition(f"file {f.id} is the training or validation file of fine-tune job(s) {using} that have not "
-                                "ended: cancel them or wait for them, then delete the file")
+        raise IllegalTransition(f"file {f.id} is the training or validation file of fine-tune job(s) {using} that "
+                                "have not ended: cancel them or wait for them, then delete the file")
     owed = owe(session, f.storage_key)
     session.execute(delete(File).where(File.id == f.id))
     return [o.id for o in owed]

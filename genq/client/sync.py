@@ -257,7 +257,8 @@ class FineTunes:
         file_id = training_file.id if isinstance(training_file, File) else training_file
         if isinstance(validation_file, File):
             validation_file = validation_file.id
-        return self._client.jobs.create(model, core.fine_tune_input(file_id, method, hyperparameters, suffix, validation_file),
+        inp = core.fine_tune_input(file_id, method, hyperparameters, suffix, validation_file)
+        return self._client.jobs.create(model, inp,
                                         type="fine-tune", **options)
 
 
