@@ -246,8 +246,7 @@ class FineTunes:
         if isinstance(validation_file, File):
             validation_file = validation_file.id
         inp = core.fine_tune_input(file_id, method, hyperparameters, suffix, validation_file)
-        return await self._client.jobs.create(model, inp,
-                                        type="fine-tune", **options)
+        return await self._client.jobs.create(model, inp, type="fine-tune", **options)
 
 
 class Models:
