@@ -431,6 +431,9 @@ def train(
     if not examples:
         raise TrainingFailed("nothing_to_learn", _nothing_to_learn(dataset, skipped, hp.max_seq_len))
     held_out = tokenize(tokenizer, validation, hp.max_seq_len)[0] if validation is not None else []
+    if validation is not None and not held_out and on_notice is not None:
+        on_notice(f"none of the {len(validation.rows)} validation rows has a token to learn within "
+                  f"input.hyperparameters.max_seq_len={hp.max_seq_len}: no validation loss will be measured")
     torch.manual_seed(hp.seed)
     model = AutoModelForCausalLM.from_pretrained(base_checkpoint, dtype=torch.float32)
     reference = None
