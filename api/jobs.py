@@ -307,20 +307,29 @@ def fine_tune_request(req: JobCreate):
         raise invalid("model", f"only text-generation models can be fine-tuned; {req.model!r} is {spec.family!r}")
     inp = finetune.validate(req.input, spec.limits)
     with c.session() as session:
-        f = session.get(File, inp.training_file)
-        if f is None or f.tenant_id != caller().tenant_id:
-            # Unknown or not yours: 404, like any object the caller cannot see.
-            message = f"no file {inp.training_file!r}; upload one with POST /v1/files"
-            raise ApiError(404, f"input.training_file: {message}",
-                           errors=[{"field": "input.training_file", "message": message}])
-        if f.purpose != "fine-tune":
-            raise invalid("input.training_file", f"file {f.id} has purpose {f.purpose!r}, not 'fine-tune'")
-        rows = f.rows
+        f = own_dataset(session, "input.training_file", inp.training_file)
+        v = own_dataset(session, "input.validation_file", inp.validation_file) if inp.validation_file else None
+        rows, fmt = f.rows, f.format
+        validation = (v.format, v.rows) if v is not None else None
     # The dataset's size is known from its upload: bound the whole run now, not after hours of it.
     finetune.check_workload(inp, rows, spec.limits, max_train_steps=c.settings.max_train_steps,
                             max_train_examples=c.settings.max_train_examples)
+    chat_template = finetune.chat_template_known(spec.checkpoint, c.settings.model_dir) if fmt == "chat" else None
+    finetune.check_datasets(inp, fmt, rows, validation, chat_template)
     # Never batched: one training job per claim, on the training pool.
     return spec, inp, c.settings.training_pool, FINE_TUNE
+
+
+def own_dataset(session, field: str, file_id: str) -> File:
+    """The caller's fine-tuning dataset `file_id`: another tenant's, or none, is 404."""
+    f = session.get(File, file_id)
+    if f is None or f.tenant_id != caller().tenant_id:
+        # Unknown or not yours: 404, like any object the caller cannot see.
+        message = f"no file {file_id!r}; upload one with POST /v1/files"
+        raise ApiError(404, f"{field}: {message}", errors=[{"field": field, "message": message}])
+    if f.purpose != "fine-tune":
+        raise invalid(field, f"file {f.id} has purpose {f.purpose!r}, not 'fine-tune'")
+    return f
 
 
 @bp.get("/<job_id>")

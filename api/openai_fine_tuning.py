@@ -1,9 +1,13 @@
 """OpenAI's fine-tuning jobs over genq's fine-tune (models/finetune.py,
 worker/training.py), at /openai/v1/fine_tuning/jobs: create, read, list,
 cancel, events. Each is a genq fine-tune job (in /v1/jobs); its datasets are
-uploaded with POST /openai/v1/files, purpose "fine-tune" (prompt/completion
-or text rows, as genq's own POST /v1/files takes)."""
+uploaded with POST /openai/v1/files, purpose "fine-tune" (prompt/completion,
+text, chat-message or preference rows, as genq's own POST /v1/files takes).
+OpenAI's `method` picks supervised fine-tuning (genq's method lora) or DPO
+(genq's dpo), each with its hyperparameters."""
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from flask import Blueprint, request
@@ -26,7 +30,9 @@ register_errors(bp)
 STATUS = {"queued": "queued", "running": "running", "succeeded": "succeeded", "failed": "failed",
           "canceled": "cancelled"}
 # OpenAI's hyperparameter names for genq's (models.finetune.Hyperparameters).
-HYPER = {"n_epochs": "epochs", "batch_size": "batch_size", "learning_rate": "learning_rate"}
+HYPER = {"n_epochs": "epochs", "batch_size": "batch_size", "learning_rate": "learning_rate", "beta": "beta"}
+# OpenAI's method types for genq's methods.
+METHODS = {"supervised": "lora", "dpo": "dpo"}
 
 
 class Hyperparameters(BaseModel):
@@ -39,12 +45,42 @@ class Hyperparameters(BaseModel):
     learning_rate: float | None = Field(None, gt=0, le=1)
 
 
+class DpoHyperparameters(Hyperparameters):
+    # genq's bound (models.finetune.Hyperparameters.beta).
+    beta: float | None = Field(None, gt=0, le=10)
+
+
+class Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: Hyperparameters | None = None
+
+
+class Dpo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: DpoHyperparameters | None = None
+
+
+class Method(BaseModel):
+    """OpenAI's method: supervised fine-tuning (prompt/completion, text or
+    chat rows) or DPO (preference rows), hyperparameters under the type's name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised", "dpo"]
+    supervised: Supervised | None = None
+    dpo: Dpo | None = None
+
+
 class FineTuningCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=200)
     training_file: str = Field(pattern=r"^[0-9a-f]{32}$")
+    validation_file: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
     hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
     suffix: str | None = Field(None, pattern=SUFFIX_PATTERN)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
 
@@ -54,17 +90,24 @@ def _epoch(value) -> int | None:
 
 
 def describe(job: Job) -> dict:
-    hyper = (job.input or {}).get("hyperparameters", {})
+    inp = job.input or {}
+    hyper = inp.get("hyperparameters", {})
+    kind = "dpo" if inp.get("method", "lora").startswith("dpo") else "supervised"
+    shown = {"n_epochs": hyper.get("epochs"), "batch_size": hyper.get("batch_size"),
+             "learning_rate_multiplier": hyper.get("learning_rate")}
     error = None
     if job.error:
         error = {"code": job.error.get("code"), "message": job.error.get("message"), "param": None}
     return {"id": job.id, "object": "fine_tuning.job", "model": job.model, "created_at": _epoch(job.created_at),
             "finished_at": _epoch(job.completed_at), "status": STATUS[job.status],
             "fine_tuned_model": (job.output or {}).get("model") if job.status == "succeeded" else None,
-            "organization_id": caller().tenant_name, "result_files": [], "validation_file": None,
-            "training_file": (job.input or {}).get("training_file"),
-            "hyperparameters": {"n_epochs": hyper.get("epochs"), "batch_size": hyper.get("batch_size"),
-                                "learning_rate_multiplier": hyper.get("learning_rate")},
+            "organization_id": caller().tenant_name, "result_files": [],
+            "validation_file": inp.get("validation_file"), "training_file": inp.get("training_file"),
+            "hyperparameters": shown,
+            "method": {"type": kind, kind: {"hyperparameters": {**shown, **(
+                {"beta": hyper.get("beta")} if kind == "dpo" else {})}}},
+            # genq's own: every hyperparameter the fine-tune runs with, by genq's names.
+            "genq_method": inp.get("method"), "genq_hyperparameters": hyper,
             "trained_tokens": None, "error": error, "seed": hyper.get("seed")}
 
 
@@ -83,11 +126,19 @@ def create():
     if c.registry.get(req.model) is None:
         raise OpenAIError(404, f"The model {req.model!r} does not exist or cannot be fine-tuned; GET {PREFIX}/models "
                                "lists them", "model", "model_not_found")
-    hyper = {HYPER[k]: v for k, v in (req.hyperparameters.model_dump(exclude_none=True) if req.hyperparameters
-                                      else {}).items()}
+    given = req.hyperparameters.model_dump(exclude_none=True) if req.hyperparameters else {}
+    method = "lora"
+    if req.method is not None:
+        method = METHODS[req.method.type]
+        chosen = getattr(req.method, req.method.type)
+        if chosen is not None and chosen.hyperparameters is not None:
+            given.update(chosen.hyperparameters.model_dump(exclude_none=True))
+    hyper = {HYPER[k]: v for k, v in given.items()}
     if req.seed is not None:
         hyper["seed"] = req.seed
-    inp: dict = {"training_file": req.training_file, "hyperparameters": hyper}
+    inp: dict = {"training_file": req.training_file, "method": method, "hyperparameters": hyper}
+    if req.validation_file:
+        inp["validation_file"] = req.validation_file
     if req.suffix:
         inp["suffix"] = req.suffix
     try:
@@ -157,9 +208,12 @@ def events(job_id: str):
         job = own_fine_tune(session, job_id)
         rows = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job.id)
                                     .order_by(JobEvent.id.desc()).limit(100)))
+    # Progress (step, loss, for DPO preference margin and accuracy) and
+    # validation results are OpenAI's "metrics" events; the rest are messages.
     data = [{"object": "fine_tuning.job.event", "id": f"ftevent-{e.id}", "created_at": _epoch(e.at),
              "level": "error" if (e.data or {}).get("status") == "failed" else "info",
-             "message": e.type if not e.data else f"{e.type}: {e.data}", "type": "message",
+             "message": e.type if not e.data else f"{e.type}: {e.data}",
+             "type": "metrics" if e.type in ("progress", "metrics") else "message",
              "data": e.data or {}} for e in rows]
     return {"object": "list", "data": data, "has_more": False}
 
@@ -167,12 +221,11 @@ def events(job_id: str):
 def openapi_paths(schemas: dict, ref_template: str, op) -> dict:
     """These routes' paths for /openapi.json; `op` builds an operation as api/openai_compat.py does."""
     ref = lambda name: {"$ref": ref_template.format(model=name)}  # noqa: E731
-    schema = FineTuningCreate.model_json_schema(ref_template=ref_template)
+    # The nested models under names of their own, as their references name them.
+    schema = FineTuningCreate.model_json_schema(ref_template=ref_template.replace("{model}", "OpenAIFineTuning{model}"))
     for sub, sub_schema in schema.pop("$defs", {}).items():
         schemas.setdefault(f"OpenAIFineTuning{sub}", sub_schema)
-    schemas["OpenAIFineTuningCreate"] = {**schema, "properties": {
-        **schema["properties"], "hyperparameters": {"anyOf": [
-            Hyperparameters.model_json_schema(), {"type": "null"}]}}}
+    schemas["OpenAIFineTuningCreate"] = schema
     schemas["OpenAIFineTuningJob"] = {"type": "object", "required": ["id", "object", "model", "status"],
                                       "properties": {"id": {"type": "string"}, "object": {"const": "fine_tuning.job"},
                                                      "model": {"type": "string"}, "status": {"enum": sorted(

@@ -22,7 +22,7 @@ import datetime as dt
 import logging
 from typing import NamedTuple
 
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from genq.errors import IllegalTransition
@@ -84,19 +84,20 @@ def delete_job(session: Session, job: Job) -> list[int]:
 
 
 def fine_tunes_using(session: Session, file_id: str) -> list[str]:
-    """Ids of queued or running fine-tunes that train on `file_id`."""
+    """Ids of queued or running fine-tunes that train on `file_id` or validate on it."""
     return list(session.scalars(select(Job.id).where(
         Job.type == JobType.FINE_TUNE.value,
         Job.status.in_((JobStatus.QUEUED.value, JobStatus.RUNNING.value)),
-        Job.input["training_file"].as_string() == file_id)))
+        or_(Job.input["training_file"].as_string() == file_id,
+            Job.input["validation_file"].as_string() == file_id))))
 
 
 def delete_file(session: Session, f: File) -> list[int]:
     """Remove an uploaded file, unless a queued or running fine-tune uses it."""
     using = fine_tunes_using(session, f.id)
     if using:
-        raise IllegalTransition(f"file {f.id} is the training file of fine-tune job(s) {using} that have not "
-                                "ended: cancel them or wait for them, then delete the file")
+        raise IllegalTransition(f"file {f.id} is the training or validation file of fine-tune job(s) {using} that "
+                                "have not ended: cancel them or wait for them, then delete the file")
     owed = owe(session, f.storage_key)
     session.execute(delete(File).where(File.id == f.id))
     return [o.id for o in owed]

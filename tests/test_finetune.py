@@ -45,13 +45,18 @@ def nan_checkpoint(model_dir: Path, dest: Path) -> str:
 
 
 def registry_for(tmp_path_factory, registry_path: Path, model_dir: Path, tag: str) -> Path:
-    """demo-text on a pool of this module's own, and `nan-text` (a base model
-    whose loss is NaN) on a pool no worker serves: only fine-tuned."""
+    """demo-text on a pool of this module's own; on a pool no worker serves
+    (only fine-tuned): `nan-text` (a base model whose loss is NaN) and
+    `plain-text` (the demo without a chat template)."""
     doc = yaml.safe_load(registry_path.read_text())
     demo = doc["models"]["demo-text"]
     broken = nan_checkpoint(model_dir, tmp_path_factory.mktemp("nan") / "nan-text")
+    plain = tmp_path_factory.mktemp("plain") / "plain-text"
+    shutil.copytree(model_dir / "demo-text", plain)
+    (plain / "chat_template.jinja").unlink()
     doc["models"] = {"demo-text": {**demo, "pool": f"text-{tag}"},
-                     "nan-text": {**demo, "checkpoint": broken, "pool": f"idle-{tag}"}}
+                     "nan-text": {**demo, "checkpoint": broken, "pool": f"idle-{tag}"},
+                     "plain-text": {**demo, "checkpoint": str(plain), "pool": f"idle-{tag}"}}
     reg = tmp_path_factory.mktemp("reg") / "registry.yaml"
     reg.write_text(yaml.safe_dump(doc))
     return reg
@@ -137,9 +142,9 @@ def generate(client, tenant, model: str) -> dict:
     return wait_job(client.get, resp.get_json()["id"], tenant, timeout=120)
 
 
-def fine_tune(client, tenant, file_id, method, hp, suffix="walrus", model="demo-text"):
+def fine_tune(client, tenant, file_id, method, hp, suffix="walrus", model="demo-text", **extra):
     resp = client.post("/v1/jobs", json={"type": "fine-tune", "model": model, "input": {
-        "training_file": file_id, "method": method, "hyperparameters": hp, "suffix": suffix}}, headers=tenant)
+        "training_file": file_id, "method": method, "hyperparameters": hp, "suffix": suffix, **extra}}, headers=tenant)
     assert resp.status_code == 202, resp.get_json()
     return resp.get_json()
 
@@ -349,3 +354,96 @@ def test_a_loss_that_becomes_nan_fails_the_job_and_publishes_no_model(either):
     assert "the loss became NaN at step 1" in done["error"]["message"]
     assert "learning_rate" in done["error"]["message"]
     assert done["output"] is None and fine_tuned_models(either) == []
+
+
+# --- chat rows, preference tuning, validation, cancel -----------------------------------------------
+
+CHAT_ROW = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT},
+                         {"role": "assistant", "content": PHRASE.strip()}]}
+PAIR = {"prompt": PROMPT, "chosen": PHRASE, "rejected": " go away now"}
+
+
+def file_of(client, tenant, rows) -> str:
+    resp = upload(client, tenant, rows)
+    assert resp.status_code == 201, resp.get_json()
+    return resp.get_json()["id"]
+
+
+def test_chat_and_preference_files_are_checked_and_must_fit_the_method(client, tenant):
+    bad = upload(client, tenant, [CHAT_ROW, {"messages": [{"role": "user", "content": "hi"},
+                                                          {"role": "bot", "content": "yo"}]}])
+    assert bad.status_code == 422 and bad.mimetype == "application/problem+json"
+    [error] = bad.get_json()["errors"]
+    assert error["field"] == "file.line[2]" and "messages[1].role 'bot'" in error["message"]
+    chat, pairs = file_of(client, tenant, [CHAT_ROW] * 4), file_of(client, tenant, [PAIR] * 4)
+    assert client.get(f"/v1/files/{pairs}", headers=tenant).get_json()["format"] == "preference"
+    for file_id, method, model, extra, field in [
+        (pairs, "lora", "demo-text", {}, "input.method"),
+        (chat, "dpo", "demo-text", {}, "input.method"),
+        (chat, "lora", "demo-text", {"validation_file": pairs}, "input.validation_file"),
+        (chat, "lora", "plain-text", {}, "input.training_file"),  # no chat template to render the rows with
+    ]:
+        resp = client.post("/v1/jobs", json={"type": "fine-tune", "model": model, "input": {
+            "training_file": file_id, "method": method, **extra}}, headers=tenant)
+        assert resp.status_code == 422 and resp.mimetype == "application/problem+json", resp.get_json()
+        assert [e["field"] for e in resp.get_json()["errors"]] == [field], resp.get_json()
+    assert client.get("/v1/jobs?type=fine-tune", headers=tenant).get_json()["data"] == []
+
+
+def test_preference_tuning_reports_margin_accuracy_and_validation_and_publishes_a_model(client, tenant, stack):
+    train = file_of(client, tenant, [{**PAIR, "prompt": f"{name} asks:"} for name in ("Ann", "Ben", "Cy", "Di")])
+    held_out = file_of(client, tenant, [{**PAIR, "prompt": "Eve asks:"}, {**PAIR, "prompt": "Fay asks:"}])
+    hp = {"max_steps": 4, "batch_size": 2, "learning_rate": 5e-3, "beta": 0.1, "eval_every": 2, "warmup_steps": 2}
+    job = fine_tune(client, tenant, train, "dpo", hp, suffix="polite", validation_file=held_out)
+    assert job["input"]["hyperparameters"]["beta"] == 0.1 and job["input"]["validation_file"] == held_out
+    done = wait_job(client.get, job["id"], tenant, timeout=180)
+    assert done["status"] == "succeeded", (done, stack["trainer"].log()[-3000:])
+    progress = done["progress"]
+    assert progress["current"] == 4 and 0 <= progress["preference_accuracy"] <= 1
+    assert "preference_margin" in progress and progress["loss"] < math.log(2)
+    events = client.get(f"/v1/jobs/{job['id']}/events", headers=tenant).get_json()["data"]
+    measured = [e["data"] for e in events if e["type"] == "metrics"]
+    assert [m["step"] for m in measured] == [2, 4]
+    assert all({"validation_loss", "validation_preference_accuracy", "validation_preference_margin"} <= set(m)
+               for m in measured)
+    metrics = done["output"]["metrics"]
+    assert metrics["method"] == "dpo" and metrics["validation_loss"] == measured[-1]["validation_loss"]
+    name = done["output"]["model"]
+    assert name.startswith("demo-text:ft-polite-")
+    assert name in [m["name"] for m in client.get("/v1/models", headers=tenant).get_json()["data"]]
+
+
+def test_a_chat_fine_tune_with_a_validation_file_runs_on_the_embedded_stack(sqlite_stack):
+    client, settings = sqlite_stack["client"], sqlite_stack["settings"]
+    tenant = make_key(settings, f"ft-{secrets.token_hex(4)}")
+    train, held_out = file_of(client, tenant, [CHAT_ROW] * 4), file_of(client, tenant, [CHAT_ROW])
+    job = fine_tune(client, tenant, train, "lora", {"max_steps": 3, "batch_size": 2, "eval_every": 3},
+                    suffix="chat", validation_file=held_out)
+    done = wait_job(client.get, job["id"], tenant, timeout=180)
+    assert done["status"] == "succeeded", (done, sqlite_stack["trainer"].log()[-3000:])
+    metrics = done["output"]["metrics"]
+    assert metrics["rows"] == 4 and metrics["validation_rows"] == 1 and math.isfinite(metrics["validation_loss"])
+    events = client.get(f"/v1/jobs/{job['id']}/events", headers=tenant).get_json()["data"]
+    assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == [3]
+
+
+def test_a_running_fine_tune_canceled_stops_at_the_next_step_and_keeps_its_last_checkpoint(sqlite_stack):
+    client, settings = sqlite_stack["client"], sqlite_stack["settings"]
+    tenant = make_key(settings, f"ft-{secrets.token_hex(4)}")
+    job = fine_tune(client, tenant, file_of(client, tenant, [CHAT_ROW] * 4), "lora",
+                    {"max_steps": 5_000, "batch_size": 2}, suffix="canceled")
+    running = wait_job(client.get, job["id"], tenant, timeout=120, until=("running", "succeeded", "failed"))
+    deadline = time.monotonic() + 120
+    while not (running.get("progress") or {}).get("current"):
+        assert time.monotonic() < deadline and running["status"] == "running", running
+        time.sleep(0.1)
+        running = client.get(f"/v1/jobs/{job['id']}", headers=tenant).get_json()
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=tenant).status_code in (200, 202)
+    done = wait_job(client.get, job["id"], tenant, timeout=60)
+    assert done["status"] == "canceled", (done, sqlite_stack["trainer"].log()[-3000:])
+    checkpoints = done["output"]["checkpoints"]
+    # The checkpoint saved on the way out is at the step it stopped at: at or past
+    # the step seen before the cancel, far short of the 5,000.
+    assert checkpoints and running["progress"]["current"] <= checkpoints[-1]["step"] < 5_000
+    assert "url" in checkpoints[-1]
+    assert fine_tuned_models({"client": client, "tenant": tenant}) == []

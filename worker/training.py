@@ -72,11 +72,16 @@ def _train(runner: Host, spec: ModelSpec, row: Row, tracker: BatchTracker) -> tu
         return Ran.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}
     with runner.sessions() as session:
         f = session.get(File, inp.training_file)
+        v = session.get(File, inp.validation_file) if inp.validation_file else None
         latest = session.scalar(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.type == "checkpoint")
                                 .order_by(JobEvent.id.desc()).limit(1))
     if f is None:
         return Ran.FAILED, {"error": {"code": "file_missing", "message": f"training file {inp.training_file} is gone"}}
+    if inp.validation_file and v is None:
+        return Ran.FAILED, {"error": {"code": "file_missing",
+                                      "message": f"validation file {inp.validation_file} is gone"}}
     dataset = finetune.parse_dataset(storage.get(f.storage_key))
+    validation = finetune.parse_dataset(storage.get(v.storage_key)) if v is not None else None
     try:
         # Checked at submit too; here again for jobs queued before a limit was lowered.
         finetune.check_workload(inp, len(dataset.rows), spec.limits, max_train_steps=settings.max_train_steps,
@@ -98,8 +103,16 @@ def _train(runner: Host, spec: ModelSpec, row: Row, tracker: BatchTracker) -> tu
                 joblib.record_event(session, job.id, "checkpoint", {"step": step, "key": key})
                 checkpoints.append({"step": step, "key": key})
 
-    def on_step(step: int, total: int, epoch: int, loss: float) -> None:
-        tracker.on_progress(0, step, total, epoch=epoch, loss=loss)
+    def on_step(step: int, total: int, epoch: int, loss: float, **extra) -> None:
+        tracker.on_progress(0, step, total, epoch=epoch, loss=loss, **extra)
+
+    def on_eval(step: int, metrics: dict) -> None:
+        # An event of its own: progress is written at intervals and keeps the latest only.
+        try:
+            with runner.sessions.begin() as session:
+                joblib.record_event(session, job.id, "metrics", {"step": step, **metrics})
+        except Exception:
+            log.exception("fine-tune job %s: could not record validation metrics", job.id, extra={"job_id": job.id})
 
     def on_notice(message: str) -> None:
         # The owner reads it in the job's events; the output's metrics say it too.
@@ -115,6 +128,7 @@ def _train(runner: Host, spec: ModelSpec, row: Row, tracker: BatchTracker) -> tu
             resolve_checkpoint(spec, settings.model_dir), dataset, inp, resolve_device(settings.device),
             resume=resume, checkpoint_every=settings.checkpoint_every, on_step=on_step,
             save_checkpoint=save_checkpoint, is_cancelled=lambda: row.stop is not None, on_notice=on_notice,
+            validation=validation, on_eval=on_eval,
         )
     except finetune.TrainingFailed as exc:
         log.warning("fine-tune job %s failed: %s", job.id, exc.message, extra={"job_id": job.id})
@@ -150,7 +164,7 @@ def _publish(runner: Host, row: Row, fields: dict) -> None:
                              progress=row.progress)
         if done:
             session.add(ModelVersion(id=version_id, tenant_id=job.tenant_id, name=name, base_model=job.model,
-                                     family="text-generation", method=inp.method, storage_prefix=prefix, job_id=job.id))
+                                     family="text-generation", method=inp.weights, storage_prefix=prefix, job_id=job.id))
     if executing:
         runner.executions.ended(job.id, job.attempts, "succeeded" if done else "not_written")
     log.info("fine-tune job %s %s: model %s", job.id, "succeeded" if done else "lost its lease", name)

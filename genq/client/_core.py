@@ -150,9 +150,11 @@ def upload_file(content: bytes, filename: str, purpose: str, idempotency_key: st
                 idempotent=True)
 
 
-def fine_tune_input(training_file: str, method: str | None, hyperparameters: dict | None, suffix: str | None) -> dict:
+def fine_tune_input(training_file: str, method: str | None, hyperparameters: dict | None, suffix: str | None,
+                    validation_file: str | None = None) -> dict:
     out: dict[str, Any] = {"training_file": training_file}
-    for name, value in (("method", method), ("hyperparameters", hyperparameters), ("suffix", suffix)):
+    for name, value in (("method", method), ("hyperparameters", hyperparameters), ("suffix", suffix),
+                        ("validation_file", validation_file)):
         if value is not None:
             out[name] = value
     return out

@@ -238,11 +238,15 @@ class FineTunes:
         self._client = client
 
     async def create(self, model: str, training_file: str | File, *, method: str | None = None,
-               hyperparameters: dict | None = None, suffix: str | None = None, **options) -> Job:
-        """A fine-tune job of `model` on an uploaded file; its output names the new model."""
+               hyperparameters: dict | None = None, suffix: str | None = None,
+               validation_file: str | File | None = None, **options) -> Job:
+        """A fine-tune job of `model` on an uploaded file (and a validation
+        file in its format, if given); its output names the new model."""
         file_id = training_file.id if isinstance(training_file, File) else training_file
-        return await self._client.jobs.create(model, core.fine_tune_input(file_id, method, hyperparameters, suffix),
-                                        type="fine-tune", **options)
+        if isinstance(validation_file, File):
+            validation_file = validation_file.id
+        inp = core.fine_tune_input(file_id, method, hyperparameters, suffix, validation_file)
+        return await self._client.jobs.create(model, inp, type="fine-tune", **options)
 
 
 class Models:

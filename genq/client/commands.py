@@ -67,10 +67,16 @@ def add_parsers(sub) -> None:
     create = ft_sub.add_parser("create", help="upload a dataset (or name an uploaded file) and start a fine-tune")
     create.add_argument("--model", required=True, help="the base model (a text-generation model)")
     create.add_argument("--file", required=True, help="a JSONL dataset to upload, or the id of an uploaded file")
-    create.add_argument("--method", choices=["lora", "full"])
+    create.add_argument("--method", choices=["lora", "full", "dpo", "dpo-full"],
+                        help="lora or full: supervised; dpo or dpo-full: preference pairs")
+    create.add_argument("--validation-file", help="a JSONL dataset to upload, or the id of an uploaded file, "
+                                                  "in the training file's format: its loss is reported as it trains")
     create.add_argument("--epochs", type=int)
     create.add_argument("--max-steps", type=int)
     create.add_argument("--learning-rate", type=float)
+    create.add_argument("--batch-size", type=int)
+    create.add_argument("--warmup-steps", type=int)
+    create.add_argument("--beta", type=float, help="DPO's beta (methods dpo, dpo-full)")
     create.add_argument("--suffix", help="part of the new model's name: <base>:ft-<suffix>-<id>")
     create.add_argument("--watch", action="store_true", help="follow it: a bar with step and loss")
     _json_flag(create)
@@ -261,16 +267,23 @@ def cmd_files_upload(client, args) -> int:
     return OK
 
 
+def _file_id(client, path_or_id: str) -> str:
+    """An uploaded file's id: a path is uploaded first, anything else is taken as an id."""
+    if not Path(path_or_id).exists():
+        return path_or_id
+    file_id = client.files.upload(path_or_id).id
+    print(f"uploaded {path_or_id} as file {file_id}", file=sys.stderr)
+    return file_id
+
+
 def cmd_fine_tune_create(client, args) -> int:
-    if Path(args.file).exists():
-        file_id = client.files.upload(args.file).id
-        print(f"uploaded {args.file} as file {file_id}", file=sys.stderr)
-    else:
-        file_id = args.file
+    file_id = _file_id(client, args.file)
+    validation = _file_id(client, args.validation_file) if args.validation_file else None
     hyper = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.max_steps),
-                               ("learning_rate", args.learning_rate)) if v is not None}
+                               ("learning_rate", args.learning_rate), ("batch_size", args.batch_size),
+                               ("warmup_steps", args.warmup_steps), ("beta", args.beta)) if v is not None}
     job = client.fine_tunes.create(args.model, file_id, method=args.method, hyperparameters=hyper or None,
-                                   suffix=args.suffix)
+                                   suffix=args.suffix, validation_file=validation)
     if not args.watch:
         _print_json(job.raw) if args.json else print(job.id)
         return OK

@@ -61,16 +61,19 @@ def test_a_job_is_deleted_once_it_has_ended_with_its_outputs(client, embedded_se
 def test_a_file_in_use_by_a_fine_tune_is_kept_then_deleted(client, embedded_settings):
     alice, bob = make_key(embedded_settings, "alice"), make_key(embedded_settings, "bob")
     rows = b"".join(b'{"prompt": "a", "completion": "b"}\n' for _ in range(4))
-    f = client.post("/v1/files", data={"purpose": "fine-tune", "file": (io.BytesIO(rows), "d.jsonl")},
-                    headers=alice, content_type="multipart/form-data").get_json()
+    f, v = (client.post("/v1/files", data={"purpose": "fine-tune", "file": (io.BytesIO(rows), "d.jsonl")},
+                        headers=alice, content_type="multipart/form-data").get_json() for _ in range(2))
     job = client.post("/v1/jobs", json={"model": "demo-text", "type": "fine-tune",
-                                        "input": {"training_file": f["id"]}}, headers=alice)
+                                        "input": {"training_file": f["id"], "validation_file": v["id"]}}, headers=alice)
     assert job.status_code == 202, job.get_json()
-    refused = client.delete(f"/v1/files/{f['id']}", headers=alice)
-    assert refused.status_code == 409 and refused.mimetype == PROBLEM and job.get_json()["id"] in refused.get_json()["detail"]
+    for used in (f, v):  # the validation file too
+        refused = client.delete(f"/v1/files/{used['id']}", headers=alice)
+        assert refused.status_code == 409 and refused.mimetype == PROBLEM
+        assert job.get_json()["id"] in refused.get_json()["detail"]
     assert client.delete(f"/v1/files/{f['id']}", headers=bob).status_code == 404
     client.post(f"/v1/jobs/{job.get_json()['id']}/cancel", headers=alice)
     assert client.delete(f"/v1/files/{f['id']}", headers=alice).status_code == 204
+    assert client.delete(f"/v1/files/{v['id']}", headers=alice).status_code == 204
     assert client.get(f"/v1/files/{f['id']}", headers=alice).status_code == 404
     assert gone(make_storage(embedded_settings), f"files/{f['id']}/content")
 

@@ -66,3 +66,36 @@ def test_a_batch_file_is_no_training_file(app, alice):
                     data={"purpose": "batch", "file": (io.BytesIO(json.dumps(line).encode()), "b.jsonl")}).get_json()
     resp = client.post("/openai/v1/fine_tuning/jobs", headers=alice, json={"model": "demo-text", "training_file": f["id"]})
     assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "training_file"
+
+
+CHAT = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+PAIRS = b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "d", "chosen": "e", "rejected": "f"}\n'
+
+
+def test_dpo_through_the_method_object_with_a_validation_file(app, alice):
+    client = app.test_client()
+    pairs, held_out = upload(client, alice, PAIRS).get_json(), upload(client, alice, PAIRS.splitlines()[0]).get_json()
+    job = client.post("/openai/v1/fine_tuning/jobs", headers=alice, json={
+        "model": "demo-text", "training_file": pairs["id"], "validation_file": held_out["id"],
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}}).get_json()
+    assert job["validation_file"] == held_out["id"] and job["method"]["type"] == "dpo", job
+    assert job["method"]["dpo"]["hyperparameters"]["beta"] == 0.25 and job["hyperparameters"]["n_epochs"] == 2
+    assert (job["genq_method"], job["genq_hyperparameters"]["warmup_steps"]) == ("dpo", 0)
+    genq_job = client.get(f"/v1/jobs/{job['id']}", headers=alice).get_json()
+    assert genq_job["input"]["method"] == "dpo" and genq_job["input"]["hyperparameters"]["beta"] == 0.25
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"method": {"type": "supervised"}}, "method"),  # preference pairs need dpo
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}, "method.dpo"),
+    ({"method": {"type": "dpo"}, "validation_file": "chat"}, "validation_file"),  # another format
+])
+def test_a_method_or_validation_file_that_does_not_fit_is_refused_naming_it(app, alice, body, param):
+    client = app.test_client()
+    pairs, chat = upload(client, alice, PAIRS).get_json()["id"], upload(client, alice, CHAT).get_json()["id"]
+    if body.get("validation_file") == "chat":
+        body = {**body, "validation_file": chat}
+    resp = client.post("/openai/v1/fine_tuning/jobs", headers=alice,
+                       json={"model": "demo-text", "training_file": pairs, **body})
+    assert resp.status_code == 400, resp.get_json()
+    assert resp.get_json()["error"]["param"] == param, resp.get_json()

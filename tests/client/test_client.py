@@ -224,6 +224,15 @@ def test_files_upload_and_fine_tune_create(client, tmp_path):
     with pytest.raises(NotFound):
         client.fine_tunes.create("demo-text", "f" * 32)
     client.jobs.cancel(job.id)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"prompt": "q{i}", "chosen": " yes", "rejected": " no"}}\n' for i in range(4)))
+    train, held_out = client.files.upload(pairs), client.files.upload(pairs)
+    assert train.raw["format"] == "preference"
+    dpo = client.fine_tunes.create("demo-text", train, method="dpo", validation_file=held_out,
+                                   hyperparameters={"beta": 0.2, "max_steps": 2})
+    assert (dpo.input["method"], dpo.input["validation_file"], dpo.input["hyperparameters"]["beta"]) == (
+        "dpo", held_out.id, 0.2)
+    client.jobs.cancel(dpo.id)
 
 
 def test_async_client_has_the_same_surface(up):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import pytest
 
@@ -30,14 +31,16 @@ class Run:
     """One call of finetune.train, recording what it reports."""
 
     def __init__(self, checkpoint: str, dataset: finetune.Dataset, job: finetune.Input, *, resume: bytes | None = None,
-                 checkpoint_every: int = 1000, stop_after: int | None = None, notices: bool = True):
-        self.steps, self.checkpoints, self.notices = [], {}, []
+                 checkpoint_every: int = 1000, stop_after: int | None = None, notices: bool = True,
+                 validation: finetune.Dataset | None = None):
+        self.steps, self.checkpoints, self.notices, self.evals = [], {}, [], []
         extra = {"on_notice": self.notices.append} if notices else {}
         self.result = finetune.train(
             checkpoint, dataset, job, "cpu", resume=resume, checkpoint_every=checkpoint_every,
-            on_step=lambda step, total, epoch, loss: self.steps.append((step, total, loss)),
+            on_step=lambda step, total, epoch, loss, **more: self.steps.append((step, total, loss)),
             save_checkpoint=self.checkpoints.__setitem__,
-            is_cancelled=lambda: stop_after is not None and len(self.steps) >= stop_after, **extra,
+            is_cancelled=lambda: stop_after is not None and len(self.steps) >= stop_after, validation=validation,
+            on_eval=lambda step, metrics: self.evals.append((step, metrics)), **extra,
         )
 
 
@@ -152,25 +155,39 @@ def test_max_seq_len_beyond_the_base_models_positions_fails_naming_the_field(tex
 # --- resume ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "dpo"])
 def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(text_checkpoint, method):
     """The README's promise: a job stopped at a checkpoint (its worker killed,
     or handed back at a shutdown) and resumed from it ends with exactly the
-    weights and losses of a run never stopped."""
+    weights and losses of a run never stopped. Preference tuning too, whose
+    reference is the adapter-disabled base; the dpo run also warms its
+    learning rate up and measures a validation set on the way."""
     import torch
     from safetensors.torch import load
 
-    data = rows(PROMPT, PROMPT + " now", "Say it:", "Once more:", "Again:")
+    prompts = (PROMPT, PROMPT + " now", "Say it:", "Once more:", "Again:")
+    data, validation, extra = rows(*prompts), None, {}
+    if method == "dpo":
+        data = finetune.Dataset([{"prompt": p, "chosen": PHRASE, "rejected": " no"} for p in prompts], "preference")
+        validation, extra = pairs(NAMES[:3]), {"warmup_steps": 6, "eval_every": 3}
     # 5 rows at batch 2: 3 steps an epoch (the last one short), 10 steps over 4 epochs.
-    job = inp(method, epochs=4, batch_size=2, max_steps=10, learning_rate=5e-3, seed=7)
-    whole = Run(text_checkpoint, data, job, checkpoint_every=4, notices=False)
+    job = inp(method, epochs=4, batch_size=2, max_steps=10, learning_rate=5e-3, seed=7, **extra)
+
+    def run(**kw) -> Run:
+        return Run(text_checkpoint, data, job, checkpoint_every=4, notices=False, validation=validation, **kw)
+
+    whole = run()
     assert sorted(whole.checkpoints) == [4, 8]
     # Killed after step 5: the next attempt resumes from the checkpoint at step 4.
-    from_periodic = Run(text_checkpoint, data, job, resume=whole.checkpoints[4], checkpoint_every=4, notices=False)
+    from_periodic = run(resume=whole.checkpoints[4])
     # Cancelled (or handed back) mid-epoch at step 5, from the checkpoint saved on the way out.
-    stopped = Run(text_checkpoint, data, job, checkpoint_every=4, stop_after=5, notices=False)
+    stopped = run(stop_after=5)
     assert stopped.result.canceled and sorted(stopped.checkpoints) == [4, 5]
-    from_stop = Run(text_checkpoint, data, job, resume=stopped.checkpoints[5], checkpoint_every=4, notices=False)
+    from_stop = run(resume=stopped.checkpoints[5])
+    if validation is not None:
+        assert [step for step, _ in whole.evals] == [3, 6, 9, 10]
+        assert from_stop.evals == whole.evals[1:] and from_stop.result.metrics == {
+            **whole.result.metrics, "resumed_from_step": 5}
 
     expected = _tensors(whole.result.files, load)
     assert expected and all(t.is_floating_point() for t in expected.values())
@@ -195,3 +212,196 @@ def _tensors(files: dict[str, bytes], load) -> dict:
         if name.endswith(".safetensors"):
             out.update({f"{name}:{k}": v for k, v in load(data).items()})
     return out
+
+
+# --- chat rows ----------------------------------------------------------------------------------------
+
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "And again?"},
+    {"role": "assistant", "content": "Not this one.", "weight": 0},
+    {"role": "user", "content": "Last one"},
+    {"role": "assistant", "content": "Bye now."},
+]
+
+
+def test_a_chat_row_learns_its_assistant_turns_only(text_checkpoint):
+    """The labels are the tokens of each learned assistant turn (its content
+    and the template's end of turn) and -100 everywhere else: the system and
+    user turns, the template's own markup, and an assistant turn of weight 0."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(text_checkpoint)
+    [(ids, labels)], skipped = finetune.tokenize(tok, finetune.Dataset([{"messages": CHAT}], "chat"), 512)
+    assert skipped == [] and len(ids) == len(labels)
+    turns = [{"role": m["role"], "content": m["content"]} for m in CHAT]
+    assert tok.decode(ids) == tok.apply_chat_template(turns, tokenize=False)
+    # The learned stretches, in order, are exactly the two learned assistant turns.
+    stretches, current = [], []
+    for i, label in zip(ids, labels):
+        if label == -100:
+            if current:
+                stretches.append(current)
+            current = []
+        else:
+            assert label == i
+            current.append(i)
+    stretches += [current] if current else []
+    assert [tok.decode(s) for s in stretches] == ["Hello!</s>\n", "Bye now.</s>\n"]
+    # Each learned turn starts right after the tokens a chat job of the conversation so far is given.
+    for turn, stretch in ((2, stretches[0]), (6, stretches[1])):
+        prompt = tok(tok.apply_chat_template(turns[:turn], add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"]
+        assert ids[:len(prompt)] == prompt and labels[len(prompt) - 1] == -100
+        assert ids[len(prompt):len(prompt) + len(stretch)] == stretch
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": []}, 'line 2 has "messages" that is not a non-empty list'),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "line 2 has messages[0].role 'bot'; must be one of"),
+    ({"messages": [{"role": "user", "content": 5}]}, "line 2 has messages[0].content that is not a string"),
+    ({"messages": [{"role": "user", "content": "x", "name": "n"}]}, "messages[0] with unknown keys ['name']"),
+    ({"messages": [{"role": "user", "content": "x", "weight": 0}]}, "messages[0].weight on a user message"),
+    ({"messages": [{"role": "assistant", "content": "x", "weight": 2}]}, "messages[0].weight 2; must be 0 or 1"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "line 2 has no assistant message to learn"),
+    ({"messages": [{"role": "assistant", "content": "x", "weight": 0}]}, "line 2 has no assistant message to learn"),
+    ({"prompt": "p", "chosen": "a"}, "line 2 is missing rejected"),
+    ({"prompt": "p", "chosen": "a", "rejected": "a"}, 'line 2 has the same "chosen" and "rejected"'),
+    ({"prompt": "p", "chosen": "a", "rejected": ""}, 'line 2 has an empty "rejected"'),
+])
+def test_chat_and_preference_rows_are_checked_naming_the_line_and_the_field(row, message):
+    import json
+
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    if "prompt" in row:
+        good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    assert finetune.parse_dataset(json.dumps(good).encode()).format == ("preference" if "prompt" in row else "chat")
+    with pytest.raises(InputInvalid) as caught:
+        finetune.parse_dataset(f"{json.dumps(good)}\n{json.dumps(row)}\n".encode())
+    [error] = caught.value.errors
+    assert error["field"] == "file.line[2]" and message in error["message"], error
+
+
+def test_a_model_without_a_chat_template_cannot_train_on_chat_rows(text_checkpoint, tmp_path):
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(text_checkpoint, plain)
+    (plain / "chat_template.jinja").unlink()
+    assert finetune.chat_template_known("demo:text", Path(text_checkpoint).parent) is True
+    assert finetune.chat_template_known(str(plain), tmp_path) is False
+    assert finetune.chat_template_known("org/name", tmp_path) is None  # a hub id: the trainer checks
+    with pytest.raises(InputInvalid) as caught:
+        finetune.check_datasets(inp(), "chat", 4, None, has_chat_template=False)
+    assert caught.value.errors[0]["field"] == "input.training_file"
+    assert "line 1 holds chat messages" in caught.value.errors[0]["message"]
+    with pytest.raises(finetune.TrainingFailed) as failed:
+        Run(str(plain), finetune.Dataset([{"messages": CHAT}], "chat"), inp(max_steps=1), notices=False)
+    assert failed.value.code == "no_chat_template" and "line 1 of input.training_file" in failed.value.message
+
+
+# --- what the files must be, and the hyperparameters ----------------------------------------------
+
+
+@pytest.mark.parametrize("method, fmt, validation, hp, field, words", [
+    ("lora", "preference", None, {}, "input.method", ["method 'dpo'"]),
+    ("dpo", "chat", None, {}, "input.method", ["preference pairs"]),
+    ("lora", "chat", ("prompt_completion", 3), {}, "input.validation_file", ["prompt_completion", "chat"]),
+    ("dpo", "preference", ("preference", 1_001), {}, "input.validation_file", ["1001", "1000"]),
+    # 40 rows at batch 1, 5 epochs: 200 steps, a validation pass every step.
+    ("lora", "text", ("text", 10), {"eval_every": 1, "epochs": 5, "batch_size": 1},
+     "input.hyperparameters.eval_every", ["200 passes", "at least 2"]),
+])
+def test_the_files_must_fit_the_method_and_validation_is_bounded(method, fmt, validation, hp, field, words):
+    with pytest.raises(InputInvalid) as caught:
+        finetune.check_datasets(inp(method, **hp), fmt, 40, validation)
+    [error] = caught.value.errors
+    assert error["field"] == field, error
+    for word in words:
+        assert word in error["message"], error
+    finetune.check_datasets(inp("dpo-full"), "preference", 40, ("preference", 1_000))
+
+
+@pytest.mark.parametrize("hp, field", [
+    ({"warmup_steps": -1}, "input.hyperparameters.warmup_steps"),
+    ({"warmup_steps": 10_001}, "input.hyperparameters.warmup_steps"),
+    ({"beta": 0}, "input.hyperparameters.beta"),
+    ({"lora_rank": 257}, "input.hyperparameters.lora_rank"),
+    ({"eval_every": 0}, "input.hyperparameters.eval_every"),
+    ({"batch_size": 65}, "input.hyperparameters.batch_size"),
+])
+def test_hyperparameters_out_of_bounds_are_refused_by_name(hp, field):
+    with pytest.raises(InputInvalid) as caught:
+        finetune.validate({"training_file": "0" * 32, "hyperparameters": hp}, {})
+    assert [e["field"] for e in caught.value.errors] == [field]
+
+
+def test_warmup_raises_the_learning_rate_linearly_then_holds_it():
+    hp = finetune.Hyperparameters(learning_rate=1e-3, warmup_steps=4)
+    assert [finetune.learning_rate(hp, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert finetune.learning_rate(finetune.Hyperparameters(learning_rate=1e-3), 0) == 1e-3
+
+
+# --- preference tuning ----------------------------------------------------------------------------------
+
+NAMES = ["Anna", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hal", "Ivy", "Jo", "Kit", "Lou", "Max", "Ned", "Oz", "Pia"]
+CHOSEN, REJECTED = " I am glad to help.", " Go away now."
+
+
+def pairs(names, ask="asks for help:") -> finetune.Dataset:
+    return finetune.Dataset([{"prompt": f"{n} {ask}", "chosen": CHOSEN, "rejected": REJECTED} for n in names],
+                            "preference")
+
+
+def preference_accuracy(model, tokenizer, dataset: finetune.Dataset) -> float:
+    """Share of pairs whose chosen completion the model finds more likely than the rejected one."""
+    import torch
+
+    examples, _ = finetune.tokenize(tokenizer, dataset, 128)
+    wins = 0
+    for chosen, rejected in examples:
+        ids, mask, labels = finetune._collate([chosen, rejected], tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            logps = finetune._sequence_logps(model, ids, mask, labels)
+        wins += bool(logps[0] > logps[1])
+    return wins / len(examples)
+
+
+@pytest.mark.parametrize("method", ["dpo", "dpo-full"])
+def test_preference_tuning_makes_the_model_prefer_chosen_on_held_out_pairs(text_checkpoint, tmp_path, method):
+    """Chosen and rejected are two fixed answers; the base model prefers the
+    rejected one on held-out prompts. After a few DPO steps the tuned model
+    prefers the chosen one on them. The first step's loss is log 2 exactly:
+    the policy starts as its reference (LoRA's B is zero; the full copy is the
+    base), so every margin is 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(text_checkpoint)
+    held_out = pairs(NAMES[12:], ask="needs a hand:")
+    before = preference_accuracy(AutoModelForCausalLM.from_pretrained(text_checkpoint).eval(), tok, held_out)
+    hp = {"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3 if method == "dpo" else 1e-4, "beta": 0.1}
+    steps, evals = [], []
+    result = finetune.train(text_checkpoint, pairs(NAMES[:12]), inp(method, **hp), "cpu", resume=None,
+                            checkpoint_every=1000, on_step=lambda *a, **extra: steps.append((a, extra)),
+                            save_checkpoint=lambda *a: None, is_cancelled=lambda: False,
+                            validation=held_out, on_eval=lambda step, m: evals.append((step, m))).files
+    for name, data in result.items():
+        (tmp_path / name).write_bytes(data)
+    if method == "dpo":
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(text_checkpoint), str(tmp_path))
+    else:
+        tuned = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    after = preference_accuracy(tuned.eval(), tok, held_out)
+    print(f"\n{method}: held-out preference accuracy {before:.2f} (base) -> {after:.2f} after {len(steps)} steps")
+    assert before == 0.0 and after == 1.0
+    (first, first_extra), (last, last_extra) = steps[0], steps[-1]
+    assert first[3] == pytest.approx(math.log(2), abs=1e-6) and first_extra["preference_margin"] == 0.0
+    assert last[3] < first[3] and last_extra["preference_margin"] > 0 and last_extra["preference_accuracy"] == 1.0
+    # The validation set is measured after the last step (eval_every 10 > 6 steps).
+    [(step, metrics)] = evals
+    assert step == 6 and metrics["validation_preference_accuracy"] == 1.0 and metrics["validation_loss"] < math.log(2)
