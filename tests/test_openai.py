@@ -220,7 +220,9 @@ def test_a_batch_through_the_openai_package(up, client):
 
 
 def test_a_fine_tuning_job_through_the_openai_package(up, client):
-    rows = [{"prompt": f"Q{k}:", "completion": " yes"} for k in range(4)]
+    # OpenAI's own dataset format: chat messages, learned on the assistant turns.
+    rows = [{"messages": [{"role": "system", "content": "Answer."}, {"role": "user", "content": f"Q{k}"},
+                          {"role": "assistant", "content": "yes"}]} for k in range(4)]
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
     f = client.files.create(file=("train.jsonl", data), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model="demo-text", training_file=f.id, suffix="oa",
@@ -236,7 +238,9 @@ def test_a_fine_tuning_job_through_the_openai_package(up, client):
     assert job.fine_tuned_model.startswith("demo-text:ft-oa-") and job.hyperparameters.n_epochs == 1
     kinds = [e.message.split(":")[0] for e in client.fine_tuning.jobs.list_events(job.id)]
     assert kinds[0] == "completed" and kinds[-1] == "queued"
-    # The new model answers completions.
+    # The new model answers chat completions (and plain completions).
+    assert client.chat.completions.create(model=job.fine_tuned_model, max_tokens=2,
+                                          messages=[{"role": "user", "content": "Q1"}]).choices
     assert client.completions.create(model=job.fine_tuned_model, prompt="Q1:", max_tokens=2).choices
     # A parameter out of range is named as OpenAI names it; an ended job cannot be cancelled.
     with pytest.raises(openai.BadRequestError) as err:
