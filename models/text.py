@@ -12,6 +12,8 @@ from models.libraries import quiet
 FAMILY = "text-generation"
 # Decodes a step at a time behind an engine: the worker batches it continuously.
 CONTINUOUS = True
+# A LoRA fine-tune is served as an adapter on its loaded base (models/text_adapters.py).
+ADAPTERS = True
 # Registry limits as JSON-schema bounds of the input: (limit, field, keyword).
 SCHEMA_LIMITS = [
     ("max_new_tokens", "max_new_tokens", "maximum"),
