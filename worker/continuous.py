@@ -386,7 +386,8 @@ class ContinuousBatch:
             ref = getattr(m.seq, "adapter", None)
             if ref is not None:
                 try:
-                    adapters.ensure([ref])
+                    # The adapters of the rows joining with it stay loaded too.
+                    adapters.ensure([k.seq.adapter for k in keep if k.seq.adapter is not None] + [ref])
                 except Exception as exc:
                     self.waiting.remove(m)
                     self.write([(m, JobStatus.FAILED, {"error": error_for(exc, default_code="model_load_failed")})])

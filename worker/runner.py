@@ -263,7 +263,8 @@ class Runner:
             try:
                 ref = self.adapter_ref(spec, r.job, memo)
                 if ref is not None:
-                    loaded.adapters.ensure([ref])  # refused here, it fails this job alone
+                    # Refused here, it fails this job alone; the batch's adapters so far stay loaded.
+                    loaded.adapters.ensure([x for x in refs if x is not None] + [ref])
             except Exception as exc:
                 invalid.append((r, JobStatus.FAILED, {"error": error_for(exc, default_code="model_load_failed")}))
                 continue
