@@ -125,3 +125,31 @@ def test_jobs_of_several_adapters_and_the_base_share_a_batch(settings, text_dir,
     assert {jobs[i].metrics["batch_size"] for i in ids[:-1]} == {len(ids) - 1}
     forged = jobs[ids[-1]]
     assert forged.status == "failed" and forged.error["code"] == "unknown_model", forged.error
+
+
+def test_a_deleted_fine_tune_fails_its_own_jobs_only(settings, adapter_dirs):
+    """The pool's head is a job of a fine-tune deleted since: its jobs fail
+    `unknown_model`, the base's jobs (same batch model) run."""
+    from sqlalchemy import delete
+
+    from models.registry import Registry
+
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    registry = Registry.load(settings.registry_path)
+    with sessions.begin() as session:
+        tenant = get_or_create_tenant(session, f"lora-{secrets.token_hex(3)}").id
+    name = publish_version(sessions, settings, tenant, adapter_dirs[0], "gone")
+    ids = []
+    with sessions.begin() as session:
+        for model in (name, "demo-text", name):
+            spec = catalog.resolve(session, registry, model)
+            inp = {"prompt": "a", "max_new_tokens": 2}
+            ids.append(joblib.submit(session, tenant_id=tenant, type_="text-generation", model=model, pool=spec.pool,
+                                     batch_key=spec.batch_key(spec.validate(inp)), input_=inp,
+                                     batch_model=spec.batch_model).id)
+        session.execute(delete(ModelVersion).where(ModelVersion.name == name))
+    build_runner(settings).on_doorbell(ids[0])
+    with sessions() as session:
+        jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(ids)))}
+    assert [jobs[i].status for i in ids] == ["failed", "succeeded", "failed"]
+    assert {jobs[i].error["code"] for i in (ids[0], ids[2])} == {"unknown_model"}
