@@ -1,16 +1,16 @@
 """A job's batch model: what its batch runs on (its model, or the base a LoRA
 fine-tune is served on as an adapter); claims group by it
 
-Revision ID: 0013
-Revises: 0012
+Revision ID: 0014
+Revises: 0013
 Create Date: 2026-12-04
 """
 from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0013'
-down_revision = '0012'
+revision = '0014'
+down_revision = '0013'
 branch_labels = None
 depends_on = None
 
