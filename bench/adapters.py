@@ -177,14 +177,14 @@ def main() -> int:
             loaded = next(iter(runner.cache._loaded.values()))
             out["nbytes"], out["adapters"] = loaded.nbytes, len(loaded.adapters)
             out["rss_growth"] = rss() - before
-            # What a running batch adds while it runs: its rows' adapter weights gathered per row
-            # (text_adapters._Group), here for as many rows as the batch holds, each on its own adapter.
+            # What a running batch adds while a LoRA layer computes: its rows' adapter weights for
+            # that layer, stacked (text_adapters._Group), at most one layer's at a time.
             from models.text_adapters import AdapterRef
 
             keys = loaded.adapters.keys()
             route = loaded.adapters.route([AdapterRef(keys[k % len(keys)], "") for k in range(args.rows)], "cpu")
-            out["gathered"] = sum(t.numel() * t.element_size() for groups in route.layers.values()
-                                  for g in groups for t in (g.A, g.B))
+            out["gathered"] = max(sum(t.numel() * t.element_size() for g in groups for t in g.As + g.Bs)
+                                  for groups in route.layers.values())
         return out
 
     rounds = []
@@ -212,8 +212,8 @@ def main() -> int:
     print(f"memory, base + {a['adapters']} adapters loaded: {a['nbytes'] / 1e6:.2f} MB (parameters and buffers)")
     print(f"  base + {args.adapters} x adapter file ({adapter_file / 1e3:.0f} kB): {limit / 1e6:.2f} MB; "
           f"ratio {a['nbytes'] / limit:.3f}   (target <= 1.10)")
-    print(f"  a running batch of {args.rows} rows on these adapters also holds its rows' adapter weights "
-          f"gathered, {a['gathered'] / 1e6:.2f} MB, while it runs (like its key/value cache)")
+    print(f"  a step of {args.rows} rows on these adapters stacks its rows' weights one LoRA layer at a time: "
+          f"at most {a['gathered'] / 1e6:.2f} MB, dropped after the layer")
     print(f"  resident memory growth during the adapters' run (base load, 16 adapters, batches): "
           f"{a['rss_growth'] / 1e6:.1f} MB")
     return 0
