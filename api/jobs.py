@@ -230,6 +230,8 @@ def create_job():
         webhook=req.webhook,
         webhook_events_filter=list(req.webhook_events_filter) if req.webhook_events_filter is not None else None,
         max_attempts=c.settings.max_attempts,
+        # A fine-tune runs on its own; a job for a LoRA fine-tune, on the base it is served on.
+        batch_model=spec.name if req.type == FINE_TUNE else spec.batch_model,
     )
     if idem is None and c.driver_reads:
         # Postgres, no Idempotency-Key: one pipelined transaction at the driver,

@@ -247,7 +247,8 @@ def _submit(spec, inputs: list[dict]) -> list[str]:
             try:
                 job = joblib.submit(session, tenant_id=tenant_id, type_=spec.family, model=spec.name, pool=spec.pool,
                                     batch_key=spec.batch_key(inp), input_=inp.model_dump(mode="json"),
-                                    max_attempts=c.settings.max_attempts, max_active=most)
+                                    max_attempts=c.settings.max_attempts, max_active=most,
+                                    batch_model=spec.batch_model)
             except joblib.TooManyActive as exc:
                 raise too_many_active(exc, c.settings) from None
             ids.append(job.id)

@@ -61,7 +61,8 @@ def insert_jobs(session: Session, *, tenant_id: str, batch_id: str, rows: Iterab
 
     for line, spec, inp in rows:
         job_id = new_id()
-        chunk.append(dict(id=job_id, tenant_id=tenant_id, type=spec.family, model=spec.name, pool=spec.pool,
+        chunk.append(dict(id=job_id, tenant_id=tenant_id, type=spec.family, model=spec.name,
+                          batch_model=spec.batch_model, pool=spec.pool,
                           batch_key=spec.batch_key(inp), status=JobStatus.QUEUED.value,
                           input=inp.model_dump(mode="json"), output=None, error=None, progress=None, priority=BATCH_PRIORITY, attempts=0,
                           max_attempts=max_attempts, cancel_requested=False, lease_owner=None, lease_until=None,

@@ -47,7 +47,8 @@ def record_event(session: Session, job_id: str, type_: str, data: dict | None = 
 # reader (the poll's one round trip). Built once; SQLAlchemy caches it compiled.
 # Only the columns a job's answer shows (genq.serialize) and its ETag: each
 # column read costs the driver a description per statement.
-SHOWN = tuple(c for c in Job.__table__.c if c.name not in ("tenant_id", "pool", "batch_key", "max_attempts",
+SHOWN = tuple(c for c in Job.__table__.c if c.name not in ("tenant_id", "pool", "batch_key", "batch_model",
+                                                            "max_attempts",
                                                             "batch_id", "batch_line",
                                                             "lease_owner", "lease_until", "trace_context"))
 _OWN_JOB = select(*SHOWN).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
@@ -124,10 +125,12 @@ def count_active(session: Session, tenant_id: str, most: int) -> int:
 
 def new_job_values(*, tenant_id: str, type_: str, model: str, pool: str, batch_key: str, input_: dict[str, Any],
                    priority: int = 0, webhook: str | None = None, webhook_events_filter: list[str] | None = None,
-                   max_attempts: int = 3) -> dict[str, Any]:
-    """Every column of a job about to be submitted, queued now."""
+                   max_attempts: int = 3, batch_model: str | None = None) -> dict[str, Any]:
+    """Every column of a job about to be submitted, queued now. `batch_model`:
+    the loaded model its batch runs on (ModelSpec.batch_model), the model itself by default."""
     now = utcnow()
-    return dict(id=new_id(), tenant_id=tenant_id, type=type_, model=model, pool=pool, batch_key=batch_key,
+    return dict(id=new_id(), tenant_id=tenant_id, type=type_, model=model, batch_model=batch_model or model,
+                pool=pool, batch_key=batch_key,
                 status=JobStatus.QUEUED.value, input=input_, output=None, error=None, progress=None,
                 priority=priority, attempts=0, max_attempts=max_attempts, cancel_requested=False,
                 lease_owner=None, lease_until=None, webhook=webhook,
@@ -184,6 +187,7 @@ def submit(
     webhook_events_filter: list[str] | None = None,
     max_attempts: int = 3,
     max_active: int = 0,
+    batch_model: str | None = None,
 ) -> Job:
     """Insert a queued job and its `queued` event in the caller's transaction:
     one statement on Postgres (the event's INSERT takes the job's from a CTE),
@@ -195,7 +199,8 @@ def submit(
     (genq.keys.lock_tenant). On Postgres the count is part of the one statement."""
     values = new_job_values(tenant_id=tenant_id, type_=type_, model=model, pool=pool, batch_key=batch_key,
                             input_=input_, priority=priority, webhook=webhook,
-                            webhook_events_filter=webhook_events_filter, max_attempts=max_attempts)
+                            webhook_events_filter=webhook_events_filter, max_attempts=max_attempts,
+                            batch_model=batch_model)
     now = values["created_at"]
     # Core on the session's connection: the ORM's bulk path would coerce every value anew.
     conn = session.connection()
@@ -260,6 +265,8 @@ class Head(NamedTuple):
     model: str
     batch_key: str
     type: str
+    # What its batch runs on: its model, or the base its LoRA adapter is served on.
+    batch_model: str
 
 
 def pool_head(session: Session, pool: str) -> Head | None:
@@ -281,8 +288,9 @@ def claim_batch(
     first: str | None = None,
     now: dt.datetime | None = None,
     top_up: bool = False,
+    only_model: str | None = None,
 ) -> list[Job]:
-    """Take up to `limit` queued jobs of one model and batch key under a lease,
+    """Take up to `limit` queued jobs of one batch model and batch key under a lease,
     in line (genq.line: tenants take turns, each tenant's jobs by priority
     then age). A worker passes the pool it serves and the pool's head the
     batch is built around (`first`), which leads the batch if still queued.
@@ -297,12 +305,16 @@ def claim_batch(
     A job on its second or later attempt lost its last worker, and may be what
     killed it: it is claimed alone, so a poison job takes no batch-mates down
     with it (and fails alone after max_attempts). `top_up` fills a batch
-    already claimed: only jobs on their first attempt join it."""
+    already claimed: only jobs on their first attempt join it.
+
+    `model` is matched against the jobs' batch model (genq.schema.Job): a
+    model's own jobs, and where it is a base serving LoRA adapters, those of
+    its fine-tunes too. `only_model` keeps to the jobs of one model exactly."""
     now = now or utcnow()
     passed_over: set[str] = set()
     while True:
         rows = line.batch(session, model=model, batch_key=batch_key, limit=limit, pool=pool, first=first,
-                          passed_over=passed_over)
+                          passed_over=passed_over, only_model=only_model)
         if not rows:
             return []
         free = set(session.scalars(
@@ -490,14 +502,14 @@ def last_event_id(session: Session) -> int:
 
 
 def queued_heads(session: Session, pools: list[str], older_than: dt.datetime | None = None) -> list[tuple[str, str]]:
-    """(job id, pool) of the first queued job of each model and batch key in
+    """(job id, pool) of the first queued job of each batch model and batch key in
     these pools: the doorbells to ring when messages may have been lost."""
     if not pools:
         return []
     query = select(func.min(Job.id), Job.pool).where(Job.status == JobStatus.QUEUED.value, Job.pool.in_(pools))
     if older_than is not None:
         query = query.where(Job.created_at <= older_than)
-    rows = session.execute(query.group_by(Job.model, Job.batch_key, Job.pool)).all()
+    rows = session.execute(query.group_by(Job.batch_model, Job.batch_key, Job.pool)).all()
     return [(r[0], r[1]) for r in rows]
 
 

@@ -9,7 +9,8 @@ queued delays a newcomer by one job, not a thousand, even where batches run
 one job at a time (the last start is what remembers whose turn it was).
 
 A worker takes the pool's first job in line (`head`), then fills its batch
-with jobs of the same model and batch key, taking turns the same way among
+with jobs of the same batch model (genq.schema.Job: the model, or the base a
+LoRA fine-tune is served on) and batch key, taking turns the same way among
 the tenants that have such jobs (`batch`): each one's first, then each one's
 second, and so on.
 
@@ -44,22 +45,23 @@ Claimable = Callable[[Table], list]
 
 
 def head(session: Session, pool: str) -> Row | None:
-    """(id, model, batch_key, type) of the pool's first job in line, or None."""
+    """(id, model, batch_key, type, batch_model) of the pool's first job in line, or None."""
     _without_jit(session)
     return session.execute(_head(), {"pool": pool, "passed_over": []}).first()
 
 
 def batch(session: Session, *, model: str, batch_key: str, limit: int, pool: str | None = None,
-          first: str | None = None, passed_over: Collection[str] = ()) -> list[Row]:
-    """(id, attempts) of up to `limit` jobs of one model and batch key, in
+          first: str | None = None, passed_over: Collection[str] = (), only_model: str | None = None) -> list[Row]:
+    """(id, attempts) of up to `limit` jobs of one batch model (`model`) and batch key, in
     line: the tenants take turns, each one's jobs in its own order. `first`
     (the pool's head the batch is built around) leads if it is among them.
     Without `pool`, the jobs of every pool (a tenant's last start counted in
-    the pool of its first such job). `passed_over`: ids left out."""
+    the pool of its first such job). `passed_over`: ids left out. `only_model`:
+    of that model exactly (among the batch model's)."""
     _without_jit(session)
     params = {"model": model, "batch_key": batch_key, "limit": limit, "pool": pool, "first": first,
-              "passed_over": list(passed_over)}
-    return list(session.execute(_batch(pool is not None, first is not None), params))
+              "passed_over": list(passed_over), "only_model": only_model}
+    return list(session.execute(_batch(pool is not None, first is not None, only_model is not None), params))
 
 
 def _without_jit(session: Session) -> None:
@@ -72,9 +74,9 @@ def _without_jit(session: Session) -> None:
         session.execute(text("SET LOCAL jit = off"))
 
 
-def _claimable(*, pool: bool, model: bool) -> Claimable:
+def _claimable(*, pool: bool, model: bool, only_model: bool = False) -> Claimable:
     """Queued, in a pool that is not paused, not passed over, and where asked,
-    of the pool and of the model and batch key the parameters name."""
+    of the pool, of the batch model and batch key the parameters name, and of one model."""
     paused = select(POOLS.c.name).where(POOLS.c.paused.is_(True))
 
     def conditions(t) -> list:
@@ -83,7 +85,9 @@ def _claimable(*, pool: bool, model: bool) -> Claimable:
         if pool:
             found.append(t.c.pool == bindparam("pool"))
         if model:
-            found += [t.c.model == bindparam("model"), t.c.batch_key == bindparam("batch_key")]
+            found += [t.c.batch_model == bindparam("model"), t.c.batch_key == bindparam("batch_key")]
+        if only_model:
+            found.append(t.c.model == bindparam("only_model"))
         return found
 
     return conditions
@@ -142,15 +146,16 @@ def _firsts(claimable: Claimable, in_pool: Callable):
 def _head() -> Select:
     firsts = _firsts(_claimable(pool=True, model=False), lambda _: bindparam("pool"))
     return (select(firsts.c.id, _column("model", firsts.c.id).label("model"),
-                   _column("batch_key", firsts.c.id).label("batch_key"), _column("type", firsts.c.id).label("type"))
+                   _column("batch_key", firsts.c.id).label("batch_key"), _column("type", firsts.c.id).label("type"),
+                   _column("batch_model", firsts.c.id).label("batch_model"))
             .order_by(firsts.c.last_start.asc().nulls_first(), _column("created_at", firsts.c.id).asc(),
                       firsts.c.id.asc())
             .limit(1))
 
 
 @functools.cache
-def _batch(with_pool: bool, with_first: bool) -> Select:
-    claimable = _claimable(pool=with_pool, model=True)
+def _batch(with_pool: bool, with_first: bool, only_model: bool = False) -> Select:
+    claimable = _claimable(pool=with_pool, model=True, only_model=only_model)
     in_pool = (lambda _: bindparam("pool")) if with_pool else (lambda job_id: _column("pool", job_id))
     firsts = _firsts(claimable, in_pool)
     # Each tenant's first `limit` jobs, one ordered index probe each: no other can make the batch.

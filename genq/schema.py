@@ -124,6 +124,10 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(200))
     pool: Mapped[str] = mapped_column(String(100))
     batch_key: Mapped[str] = mapped_column(String(200), default="")
+    # The loaded model a job's batch runs on, which claims group by: the job's
+    # model, or for a LoRA fine-tune served as an adapter, its base (rows of
+    # different adapters of one base share a batch; models/text_adapters.py).
+    batch_model: Mapped[str] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), default="queued")
     input: Mapped[dict[str, Any]] = mapped_column(default=dict)
     output: Mapped[dict[str, Any] | None] = mapped_column(default=None)
@@ -154,12 +158,12 @@ class Job(Base):
 
 # The line (genq.line) reads these a tenant at a time, in each tenant's own
 # order (priority, then age): a pool's queued jobs, for the pool's head, and
-# those of one model and batch key, for the batch built around it.
+# those of one batch model and batch key, for the batch built around it.
 Index("ix_jobs_line", Job.status, Job.pool, Job.tenant_id, Job.priority.desc(), Job.created_at, Job.id)
 # The retention sweep: finished jobs by when they ended, those whose outputs are still kept.
 Index("ix_jobs_expiry", Job.completed_at, postgresql_where=text("completed_at IS NOT NULL"),
       sqlite_where=text("completed_at IS NOT NULL"))
-Index("ix_jobs_claim", Job.status, Job.model, Job.batch_key, Job.tenant_id, Job.priority.desc(), Job.created_at, Job.id)
+Index("ix_jobs_claim", Job.status, Job.batch_model, Job.batch_key, Job.tenant_id, Job.priority.desc(), Job.created_at, Job.id)
 
 
 class JobEvent(Base):

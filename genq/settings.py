@@ -105,6 +105,10 @@ class Settings(BaseModel):
                               "other at every operation, so one preempted thread stalls them all.")
     model_cache_bytes: int = knob(8 * 2**30, WORKERS, "Memory a worker process may spend on loaded models "
                                   "(parameters and buffers) before evicting the least recently used one.")
+    max_adapters: int = knob(32, WORKERS, "LoRA fine-tunes a worker keeps loaded as adapters on each loaded base "
+                             "model (the least recently used evicted first). An adapter a running row uses stays, "
+                             "so a batch of adapters all in use may hold more, by at most its rows. Their memory "
+                             "counts toward `GENQ_MODEL_CACHE_BYTES` with their base's.")
     lease_seconds: int = knob(120, WORKERS, "A claimed job belongs to its worker for this long (seconds), "
                               "renewed while it runs; a killed worker's jobs go back to the queue once it lapses.")
     max_attempts: int = knob(3, WORKERS, "Attempts before a job whose worker keeps disappearing is failed "
@@ -364,7 +368,7 @@ class Settings(BaseModel):
             raise ValueError(f"must be 0 (torch's default) or more, got {value}")
         return value
 
-    @field_validator("api_workers", "api_threads", "event_stream_seconds")
+    @field_validator("api_workers", "api_threads", "event_stream_seconds", "max_adapters")
     @classmethod
     def _one_or_more(cls, value):
         if value is not None and value < 1:

@@ -4,7 +4,9 @@ one resolver that turns any of them into what from_pretrained loads:
     demo:text, demo:image   built here from random weights on first use (models/demo.py)
     ft:<method>:<prefix>    a tenant's fine-tuned version: its files under <prefix> in
                             object storage, merged onto its base's weights (LoRA), cached
-                            under the model dir once per machine
+                            under the model dir once per machine; or, for a LoRA
+                            fine-tune served on its loaded base, its adapter files as
+                            they are (adapter_dir)
     /dir, ./dir, ../dir     a local directory; a relative one is relative to the registry
                             file that names it
     org/name                a hub id, left to from_pretrained
@@ -51,17 +53,28 @@ def _local(checkpoint: str, model_dir: Path) -> str:
     return ensure_checkpoint(checkpoint, model_dir) if checkpoint.startswith(DEMO) else checkpoint
 
 
-def _fetch_version(spec, model_dir: Path, storage) -> Path:
-    """A fine-tuned version's weights from object storage, cached on local disk
-    once per machine (and merged into the base for LoRA)."""
-    from models.finetune import materialize
-
-    _, method, prefix = spec.checkpoint.split(":", 2)
-    root = model_dir / "ft"
+def adapter_dir(spec, model_dir: Path, storage) -> Path:
+    """The local directory of a LoRA fine-tune's adapter files (as the fine-tune
+    wrote them: adapter_config.json, adapter_model.safetensors), fetched from
+    `storage` once per machine; served on its loaded base (models/text_adapters.py)."""
+    if not spec.checkpoint.startswith(FINE_TUNED + "lora:"):
+        raise ValueError(f"model {spec.name!r} is no LoRA fine-tune ({spec.checkpoint})")
+    root = Path(model_dir) / "ft-adapters"
     root.mkdir(parents=True, exist_ok=True)
     ready = root / _safe(spec.name)
     if ready.exists():
         return ready
+    raw = _fetch_raw(spec, root, storage)
+    try:
+        raw.rename(ready)
+    except OSError:  # another process got there first
+        shutil.rmtree(raw, ignore_errors=True)
+    return ready
+
+
+def _fetch_raw(spec, root: Path, storage) -> Path:
+    """A fine-tuned version's files from storage, into a new folder under `root`."""
+    prefix = spec.checkpoint.split(":", 2)[2]
     if storage is None:
         raise ValueError(f"model {spec.name!r} is a fine-tuned version ({spec.checkpoint}); fetching it needs storage")
     keys = storage.list(prefix)
@@ -70,6 +83,21 @@ def _fetch_version(spec, model_dir: Path, storage) -> Path:
     raw = Path(tempfile.mkdtemp(dir=root, prefix=".fetch-"))
     for key in keys:
         (raw / key.rsplit("/", 1)[-1]).write_bytes(storage.get(key))
+    return raw
+
+
+def _fetch_version(spec, model_dir: Path, storage) -> Path:
+    """A fine-tuned version's weights from object storage, cached on local disk
+    once per machine (and merged into the base for LoRA)."""
+    from models.finetune import materialize
+
+    method = spec.checkpoint.split(":", 2)[1]
+    root = model_dir / "ft"
+    root.mkdir(parents=True, exist_ok=True)
+    ready = root / _safe(spec.name)
+    if ready.exists():
+        return ready
+    raw = _fetch_raw(spec, root, storage)
     if method == "full":
         try:
             raw.rename(ready)

@@ -157,6 +157,9 @@ class ModelSpec:
     description: str = ""
     # For a fine-tuned version: the base model's checkpoint its weights build on.
     base_checkpoint: str = ""
+    # For a LoRA fine-tune served as an adapter on its loaded base (models/text_adapters.py):
+    # the base model's name. Its jobs share batches with the base's and its other adapters'.
+    adapter_of: str = ""
     # Pins of a diffusers pipeline: the hub revision (a commit, tag or branch)
     # and the weights' variant ("fp16" loads *.fp16.safetensors).
     revision: str | None = None
@@ -172,9 +175,21 @@ class ModelSpec:
 
     def fine_tuned(self, name: str, method: str, storage_prefix: str, description: str) -> "ModelSpec":
         """A fine-tuned version of this model: renamed and pointed at its own
-        weights in storage, with the same family, pool, limits and batching."""
+        weights in storage, with the same family, pool, limits and batching.
+        A LoRA fine-tune of a family that serves adapters (on the transformers
+        engine, unquantized) runs as an adapter on this loaded model; any other
+        as a model of its own."""
+        adapter = method == "lora" and getattr(self.module, "ADAPTERS", False) and self.engine == "transformers" \
+            and self.dtype != "int8" and not self.adapter_of
         return dataclasses.replace(self, name=name, checkpoint=checkpoints.fine_tuned(method, storage_prefix),
-                                   base_checkpoint=self.checkpoint, description=description)
+                                   base_checkpoint=self.checkpoint, description=description,
+                                   adapter_of=self.name if adapter else "")
+
+    @property
+    def batch_model(self) -> str:
+        """The loaded model this model's jobs run on, which claims group by:
+        the base for a LoRA fine-tune served as an adapter, else itself."""
+        return self.adapter_of or self.name
 
     def batch_key(self, inp) -> str:
         return f"{self.dtype}|{self.module.batch_key(inp)}"

@@ -12,6 +12,8 @@ from models.libraries import quiet
 FAMILY = "text-generation"
 # Decodes a step at a time behind an engine: the worker batches it continuously.
 CONTINUOUS = True
+# A LoRA fine-tune is served as an adapter on its loaded base (models/text_adapters.py).
+ADAPTERS = True
 # Registry limits as JSON-schema bounds of the input: (limit, field, keyword).
 SCHEMA_LIMITS = [
     ("max_new_tokens", "max_new_tokens", "maximum"),
@@ -231,7 +233,25 @@ class TextModel:
             pad = min(self.eos_ids) if self.eos_ids else 0
         self.pad_id = pad
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
-        self.nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        self.base_nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        # LoRA fine-tunes served on this base (models/text_adapters.py), once serve_adapters() is called.
+        self.adapters = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the model holds: the base's parameters and buffers, and its loaded adapters'."""
+        return self.base_nbytes + (self.adapters.nbytes if self.adapters is not None else 0)
+
+    def serve_adapters(self, max_loaded: int):
+        """The LoRA adapters served on this base, at most `max_loaded` kept loaded
+        when not in use (models/text_adapters.py)."""
+        from models.text_adapters import Adapters
+
+        if self.adapters is None:
+            self.adapters = Adapters(self.model, max_loaded)
+        else:
+            self.adapters.max_loaded = max_loaded
+        return self.adapters
 
     def fit(self, inp: Input) -> tuple[list[int], int]:
         """The row's prompt tokens and how many new tokens it may have, both fitted to the model's positions."""
@@ -247,12 +267,14 @@ class TextModel:
                 ids = ids[-keep:]
         return ids, limit
 
-    def sequence(self, key, inp: Input):
-        """Job `inp` as a row for the engine, under the scheduler's handle `key`."""
+    def sequence(self, key, inp: Input, adapter=None):
+        """Job `inp` as a row for the engine, under the scheduler's handle `key`,
+        on the LoRA adapter `adapter` (a text_adapters.AdapterRef; None: the base)."""
         from models.text_engine import Sequence
 
         ids, limit = self.fit(inp)
-        return Sequence(key=key, prompt=ids, limit=limit, settings=row_settings(inp), stop=list(inp.stop))
+        return Sequence(key=key, prompt=ids, limit=limit, settings=row_settings(inp), stop=list(inp.stop),
+                        adapter=adapter)
 
     def engine(self, max_rows: int, max_batch_tokens: int | None = None):
         """A running batch over this model that rows join and leave between decode steps (models/text_engine.py)."""
@@ -260,8 +282,10 @@ class TextModel:
 
         return TextEngine(self, max_rows, max_batch_tokens)
 
-    def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled) -> list[Result | None]:
+    def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled,
+            adapters: list | None = None) -> list[Result | None]:
         """A static batch on the engine: every row joins at once, the batch decodes until the last row ends.
+        `adapters[i]`: the LoRA adapter row i runs on (an AdapterRef, or None for the base).
 
         The continuous scheduler drives the same engine with rows joining
         mid-flight; one code path, so a job's tokens are the same either way.
@@ -272,7 +296,7 @@ class TextModel:
         if not live:
             return results
         engine = self.engine(max_rows=len(live))
-        updates = engine.add([self.sequence(i, inputs[i]) for i in live])
+        updates = engine.add([self.sequence(i, inputs[i], adapters[i] if adapters else None) for i in live])
         while True:
             for u in updates:
                 on_progress(u.key, u.tokens, u.limit)

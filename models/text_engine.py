@@ -12,7 +12,10 @@ a job's tokens are the same alone, in a static batch or joining mid-flight:
 - every row sees positions 0..n-1 whatever padding it has, because position
   ids are counted from the row's own attention mask, never from columns;
 - padding is masked out of attention, and the keys/values added as padding
-  when batches merge are zeros (never NaN, which a mask cannot cancel).
+  when batches merge are zeros (never NaN, which a mask cannot cancel);
+- a row on a LoRA adapter gets its own adapter's update and a row on the base
+  none (models/text_adapters.py), so rows of different fine-tunes of one base
+  share the batch.
 
 The running batch is left-padded: each row's tokens are the last columns of
 the key/value cache, so a row's next token is always at the last column and a
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from models.text import TextModel
+    from models.text_adapters import AdapterRef
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Sequence:
     limit: int  # max new tokens, fitted to the model's positions
     settings: RowSettings
     stop: list[str]  # stop strings
+    # The LoRA adapter the row runs on (models/text_adapters.py); None: the base model itself.
+    adapter: "AdapterRef | None" = None
 
 
 class Update:
@@ -288,6 +294,11 @@ class TextEngine:
         self.last = None  # LongTensor [rows]: each row's newest token, not yet in the cache
         self.seen = None  # BoolTensor [rows, vocab]: tokens of each row's prompt and output
         self.sampling: RowSampling | None = None
+        # The LoRA adapters on this base, if any, and which rows take which (rebuilt with the rows).
+        self.adapters = getattr(model, "adapters", None)
+        self.route = None
+        if self.adapters is not None:
+            self.adapters.engines.add(self)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -323,7 +334,13 @@ class TextEngine:
                 raise ValueError(f"sequence {seq.key!r} has an empty prompt; it needs at least one token")
             if seq.limit < 1:
                 raise ValueError(f"sequence {seq.key!r} has limit {seq.limit}; it must be at least 1")
+            if seq.adapter is not None and self.adapters is None:
+                raise ValueError(f"sequence {seq.key!r} runs on adapter {seq.adapter.key!r}, "
+                                 f"but this model serves no adapters")
             known.add(seq.key)
+        refs = [seq.adapter for seq in seqs]
+        if any(refs):
+            self.adapters.ensure([r for r in refs if r is not None])
         rows = [_Row(seq, self.tokenizer) for seq in seqs]
         width = max(len(seq.prompt) for seq in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -336,7 +353,8 @@ class TextEngine:
         positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
         with torch.inference_mode():
             cache = _growing_cache()
-            logits = self._forward(ids, mask, positions, cache)
+            route = self.adapters.route(refs, self.device) if any(refs) else None
+            logits = self._forward(ids, mask, positions, cache, route)
             sampling = RowSampling([seq.settings for seq in seqs], self.device)
             seen = seen_mask([seq.prompt for seq in seqs], logits.shape[-1], self.device) if sampling.penalised else \
                 torch.zeros((len(seqs), logits.shape[-1]), dtype=torch.bool, device=self.device)
@@ -349,7 +367,7 @@ class TextEngine:
         """Append prefilled rows to the running batch, left-padding whichever cache is narrower."""
         if not self.rows:
             self.rows, self.cache, self.mask, self.last, self.seen = list(rows), cache, mask, last, seen
-            self.sampling = None
+            self.sampling = self.route = None
             return
         ours, theirs = self.mask.shape[1], mask.shape[1]
         width = max(ours, theirs)
@@ -361,7 +379,7 @@ class TextEngine:
         self.last = torch.cat([self.last, last])
         self.seen = torch.cat([self.seen, seen])
         self.rows.extend(rows)
-        self.sampling = None
+        self.sampling = self.route = None
 
     # -- decoding --------------------------------------------------------------
 
@@ -372,12 +390,14 @@ class TextEngine:
         with torch.inference_mode():
             if self.sampling is None:
                 self.sampling = RowSampling([row.seq.settings for row in self.rows], self.device)
+                refs = [row.seq.adapter for row in self.rows]
+                self.route = self.adapters.route(refs, self.device) if any(refs) else None
             # The new token's position is the count of the row's tokens already cached.
             positions = self.mask.sum(-1, keepdim=True)
             mask = F.pad(self.mask, (0, 1), value=1)
             width = self.mask.shape[1]
             try:
-                logits = self._forward(self.last[:, None], mask, positions, self.cache)
+                logits = self._forward(self.last[:, None], mask, positions, self.cache, self.route)
             except BaseException:
                 # A failed step (out of memory, say) leaves the batch as it was, so the
                 # caller can drop rows and step again: undo the layers that already grew.
@@ -391,12 +411,17 @@ class TextEngine:
             self.last = picks
             return self._advance(list(self.rows), picks.tolist())
 
-    def _forward(self, ids, mask, positions, cache):
-        """Logits of each row's last column, [rows, vocab]; `cache` grows by ids' columns."""
+    def _forward(self, ids, mask, positions, cache, route=None):
+        """Logits of each row's last column, [rows, vocab]; `cache` grows by ids' columns.
+        `route`: which rows take which LoRA adapter's update (None: none does)."""
         kwargs = {self._cache_arg: cache}
         if self._keep_arg:
             kwargs[self._keep_arg] = 1  # the last column's logits only, not the whole prompt's
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        if route is None:
+            out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        else:
+            with self.adapters.routing(route):
+                out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits[:, -1, :]
 
     def _advance(self, rows: list[_Row], picks: list[int]) -> list[Update]:
@@ -449,6 +474,7 @@ class TextEngine:
         keep = [r for r, row in enumerate(self.rows) if row.seq.key not in keys]
         if not keep:
             self.rows, self.cache, self.mask, self.last, self.seen, self.sampling = [], None, None, None, None, None
+            self.route = None
             return
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         mask = self.mask.index_select(0, index)
@@ -462,7 +488,7 @@ class TextEngine:
         self.last = self.last.index_select(0, index)
         self.seen = self.seen.index_select(0, index)
         self.rows = [self.rows[r] for r in keep]
-        self.sampling = None
+        self.sampling = self.route = None
 
 
 def _growing_cache():

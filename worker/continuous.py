@@ -83,6 +83,7 @@ class ContinuousBatch:
         self.engine = loaded.engine(spec.max_batch_size, spec.max_batch_tokens)
         self.members: dict[str, Member] = {}
         self.waiting: list[Member] = []  # claimed, waiting for room in the KV budget
+        self.adapters: dict = {}  # the LoRA adapters its rows were resolved to (Runner.adapter_ref)
         self.door = Admission()
         self.taken = 0
         self.load_seconds = runner.cache.last_load_seconds
@@ -284,10 +285,23 @@ class ContinuousBatch:
                 # Validated at submit; only a registry change can make it fail
                 # here, or an engine that takes less than the schema (vLLM: a
                 # temperature up to 2). It fails that job alone.
-                member.seq = self.loaded.sequence(job.id, self.spec.validate(job.input))
+                inp = self.spec.validate(job.input)
             except (InputInvalid, ValueError) as exc:
                 self.runner.started(row)
                 self.write([(member, JobStatus.FAILED, {"error": {"code": getattr(exc, "code", "invalid_input"), "message": str(exc)}})])
+                continue
+            try:
+                # A fine-tune's row runs on its adapter on this base (fetched here, loaded when it joins).
+                adapter = self.runner.adapter_ref(self.spec, job, self.adapters)
+                member.seq = self.loaded.sequence(job.id, inp, adapter) if adapter else \
+                    self.loaded.sequence(job.id, inp)
+            except (InputInvalid, ValueError) as exc:
+                self.runner.started(row)
+                self.write([(member, JobStatus.FAILED, {"error": {"code": getattr(exc, "code", "invalid_input"), "message": str(exc)}})])
+                continue
+            except Exception as exc:
+                self.runner.started(row)
+                self.write([(member, JobStatus.FAILED, {"error": error_for(exc, default_code="model_load_failed")})])
                 continue
             if job.started_at and job.created_at:
                 prom.QUEUE_SECONDS.labels(self.spec.name).observe((job.started_at - job.created_at).total_seconds())
@@ -313,7 +327,7 @@ class ContinuousBatch:
                 head = joblib.pool_head(session, self.pool)
                 if head is None:
                     return []
-                if (head.model, head.batch_key) != (self.spec.name, self.batch_key) or head.type != self.head.type:
+                if (head.batch_model, head.batch_key) != (self.spec.name, self.batch_key) or head.type != self.head.type:
                     door.close(f"the pool's next job {head.id} is for {head.model}")
                     return []
                 # Only with something to take: an idle look costs one read.
@@ -352,6 +366,9 @@ class ContinuousBatch:
                 break  # in line: a later job does not pass one that waits for room
         if not fits:
             return
+        fits = self._adapters_loaded(fits)
+        if not fits:
+            return
         now = time.monotonic()
         for m in fits:
             self.waiting.remove(m)
@@ -359,6 +376,24 @@ class ContinuousBatch:
         log.info("jobs %s join the running batch of %s (%d rows)", [m.row.job.id for m in fits], self.spec.name,
                  len(self.engine) + len(fits), extra={"job_ids": [m.row.job.id for m in fits], "model": self.spec.name})
         self.apply(self.engine.add([m.seq for m in fits]))
+
+    def _adapters_loaded(self, fits: list[Member]) -> list[Member]:
+        """Load the adapters of the rows about to join, one by one, between
+        steps: one that cannot be served fails its own job, not the batch."""
+        adapters = getattr(self.loaded, "adapters", None)
+        keep = []
+        for m in fits:
+            ref = getattr(m.seq, "adapter", None)
+            if ref is not None:
+                try:
+                    # The adapters of the rows joining with it stay loaded too.
+                    adapters.ensure([k.seq.adapter for k in keep if k.seq.adapter is not None] + [ref])
+                except Exception as exc:
+                    self.waiting.remove(m)
+                    self.write([(m, JobStatus.FAILED, {"error": error_for(exc, default_code="model_load_failed")})])
+                    continue
+            keep.append(m)
+        return keep
 
     def _fits_with(self, chosen: list[Member], member: Member) -> bool:
         # fits() knows the running rows only; the rows chosen this step count too.

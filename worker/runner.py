@@ -147,8 +147,12 @@ class Runner:
                     return ran
                 spec = catalog.resolve(session, self.registry, head.model)
             check_drain = True
+            if spec is not None and head.batch_model != head.model:
+                # A LoRA fine-tune served as an adapter: the batch runs on its base,
+                # with the base's jobs and those of its other adapters.
+                spec = self.registry.get(head.batch_model)
             if spec is None:
-                self._fail_unknown_model(pool, head.model, head.batch_key)
+                self._fail_unknown_model(pool, head.model, head.batch_key, head.batch_model)
                 continue
             if head.type == JobType.FINE_TUNE.value:
                 done = self.train(self, spec, pool, head)
@@ -166,6 +170,8 @@ class Runner:
                 if self.cache.last_load_seconds is not None and self.draining():
                     # A load takes seconds to minutes: a drain asked meanwhile counts.
                     return ran
+                if getattr(spec.module, "ADAPTERS", False) and hasattr(loaded, "serve_adapters"):
+                    loaded.serve_adapters(self.settings.max_adapters)
                 if spec.batching == "continuous" and hasattr(loaded, "engine"):
                     running = ContinuousBatch(self, spec, pool, head, loaded)
                     # Jobs join a continuous batch as it runs: its span links
@@ -245,7 +251,8 @@ class Runner:
         for r in rows:
             if r.job.started_at and r.job.created_at:
                 prom.QUEUE_SECONDS.labels(spec.name).observe((r.job.started_at - r.job.created_at).total_seconds())
-        inputs, runnable, invalid = [], [], []
+        inputs, runnable, invalid, refs = [], [], [], []
+        memo: dict = {}
         for r in rows:
             try:
                 inp = spec.validate(r.job.input)
@@ -254,8 +261,17 @@ class Runner:
                 invalid.append((r, JobStatus.FAILED, {"error": {"code": getattr(exc, "code", "invalid_input"), "message": str(exc)}}))
                 continue
             try:
+                ref = self.adapter_ref(spec, r.job, memo)
+                if ref is not None:
+                    # Refused here, it fails this job alone; the batch's adapters so far stay loaded.
+                    loaded.adapters.ensure([x for x in refs if x is not None] + [ref])
+            except Exception as exc:
+                invalid.append((r, JobStatus.FAILED, {"error": error_for(exc, default_code="model_load_failed")}))
+                continue
+            try:
                 inputs.append(self.attach_files(spec, inp))
                 runnable.append(r)
+                refs.append(ref)
             except Exception as exc:
                 invalid.append((r, JobStatus.FAILED, {"error": {"code": "input_file_unavailable", "message": str(exc)}}))
         self.finish(invalid)
@@ -284,7 +300,10 @@ class Runner:
                 log.warning("could not read cancel requests before batch %s (%s); reading them while it runs",
                             [r.job.id for r in runnable], exc)
             started = time.monotonic()
-            results = loaded.run(inputs, tracker.on_progress, tracker.is_cancelled)
+            if any(refs):
+                results = loaded.run(inputs, tracker.on_progress, tracker.is_cancelled, adapters=refs)
+            else:
+                results = loaded.run(inputs, tracker.on_progress, tracker.is_cancelled)
             if len(results) != len(runnable):
                 raise GenqError(f"model returned {len(results)} results for {len(runnable)} jobs")
         except Exception as exc:
@@ -350,6 +369,27 @@ class Runner:
         self.finish(last)
         self.hand_back([r for r, _ in failed if r.job.attempts < r.job.max_attempts], counted=True,
                        reason="its outputs could not be stored; queued again, the attempt counted")
+
+    def adapter_ref(self, spec: ModelSpec, job: Job, memo: dict):
+        """The LoRA adapter `job` runs on, on the loaded base `spec` (a
+        text_adapters.AdapterRef), or None for the base's own job. Its files
+        are fetched from storage once per machine; its version is resolved for
+        the job's own tenant, as at submit. `memo` keeps what a batch resolved."""
+        if job.model == spec.name:
+            return None
+        key = (job.model, job.tenant_id)
+        if key not in memo:
+            from models.checkpoints import adapter_dir
+            from models.text_adapters import AdapterRef
+
+            with self.sessions() as session:
+                version = catalog.resolve(session, self.registry, job.model, job.tenant_id)
+            if version is None or version.adapter_of != spec.name:
+                raise GenqError(f"model {job.model!r} is no longer a fine-tune of {spec.name!r} served here",
+                                code="unknown_model")
+            path = adapter_dir(version, self.settings.model_dir, self.storage)
+            memo[key] = AdapterRef(f"{version.name}|{version.checkpoint}", str(path))
+        return memo[key]
 
     def attach_files(self, spec: ModelSpec, inp):
         """The input with the files it names read from storage, for families
@@ -444,9 +484,9 @@ class Runner:
 
     # --- failures before a claim ------------------------------------------------
 
-    def _fail_unknown_model(self, pool: str, model: str, batch_key: str) -> None:
+    def _fail_unknown_model(self, pool: str, model: str, batch_key: str, batch_model: str) -> None:
         error = {"code": "unknown_model", "message": f"model {model!r} is no longer in this worker's registry"}
-        self._fail_all_queued(pool, model, batch_key, error)
+        self._fail_all_queued(pool, batch_model, batch_key, error, only_model=model)
 
     def _fail_queued(self, spec: ModelSpec, pool: str, batch_key: str, exc: Exception) -> None:
         """The model cannot load: fail the waiting jobs with the reason rather
@@ -454,12 +494,14 @@ class Runner:
         log.exception("loading model %s failed", spec.name)
         self._fail_all_queued(pool, spec.name, batch_key, error_for(exc, default_code="model_load_failed"))
 
-    def _fail_all_queued(self, pool: str, model: str, batch_key: str, error: dict) -> None:
+    def _fail_all_queued(self, pool: str, model: str, batch_key: str, error: dict,
+                         only_model: str | None = None) -> None:
         # claim_batch takes a job on a later attempt alone: go on until none is left.
         while True:
             with self.sessions.begin() as session:
                 batch = joblib.claim_batch(session, pool=pool, model=model, batch_key=batch_key, limit=1000,
-                                           owner=self.owner, lease_seconds=self.settings.lease_seconds)
+                                           owner=self.owner, lease_seconds=self.settings.lease_seconds,
+                                           only_model=only_model)
             if not batch:
                 return
             self.finish([(Row(job), JobStatus.FAILED, {"error": error}) for job in batch])
