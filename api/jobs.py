@@ -27,7 +27,7 @@ from genq.serialize import output_urls
 from genq.states import JobStatus, JobType
 from genq.storage import NotFound, UnsafeKey, job_key
 from genq.webhook_guard import Policy, WebhookRefused, check_at_submit
-from models import finetune
+from models import finetune, image_finetune
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -303,9 +303,11 @@ def fine_tune_request(req: JobCreate):
     spec = c.registry.get(req.model)
     if spec is None:
         raise invalid("model", f"unknown base model {req.model!r}; fine-tune a model from GET /v1/models")
-    if spec.family != "text-generation":
-        raise invalid("model", f"only text-generation models can be fine-tuned; {req.model!r} is {spec.family!r}")
-    inp = finetune.validate(req.input, spec.limits)
+    if spec.family not in ("text-generation", "image-generation"):
+        raise invalid("model", f"only text-generation and image-generation models can be fine-tuned; {req.model!r} "
+                               f"is {spec.family!r}")
+    trainer = image_finetune if spec.family == "image-generation" else finetune
+    inp = trainer.validate(req.input, spec.limits)
     with c.session() as session:
         f = session.get(File, inp.training_file)
         if f is None or f.tenant_id != caller().tenant_id:
@@ -315,9 +317,13 @@ def fine_tune_request(req: JobCreate):
                            errors=[{"field": "input.training_file", "message": message}])
         if f.purpose != "fine-tune":
             raise invalid("input.training_file", f"file {f.id} has purpose {f.purpose!r}, not 'fine-tune'")
+        if (f.format == image_finetune.FORMAT) != (trainer is image_finetune):
+            raise invalid("input.training_file", f"file {f.id} is a {f.format} dataset; a {spec.family} model trains "
+                                                 f"on " + ("a zip of captioned images" if trainer is image_finetune
+                                                           else "JSONL rows"))
         rows = f.rows
     # The dataset's size is known from its upload: bound the whole run now, not after hours of it.
-    finetune.check_workload(inp, rows, spec.limits, max_train_steps=c.settings.max_train_steps,
+    trainer.check_workload(inp, rows, spec.limits, max_train_steps=c.settings.max_train_steps,
                             max_train_examples=c.settings.max_train_examples)
     # Never batched: one training job per claim, on the training pool.
     return spec, inp, c.settings.training_pool, FINE_TUNE

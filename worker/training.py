@@ -12,7 +12,7 @@ from genq import jobs as joblib
 from genq.schema import File, JobEvent, ModelVersion, new_id
 from genq.states import JobStatus
 from genq.storage import job_key
-from models import finetune
+from models import finetune, image_finetune
 from models.base import InputInvalid
 from models.checkpoints import resolve as resolve_checkpoint
 from models.registry import ModelSpec
@@ -66,8 +66,10 @@ def _train(runner: Host, spec: ModelSpec, row: Row, tracker: BatchTracker) -> tu
     """Run the fine-tune: what it gave (a result to publish, nothing because
     it stopped as asked, or its own failure) and that outcome's fields."""
     job, settings, storage = row.job, runner.settings, runner.storage
+    # An image model's fine-tune is an image LoRA (models/image_finetune.py), with the same contract.
+    trainer = image_finetune if spec.family == "image-generation" else finetune
     try:
-        inp = finetune.validate(job.input, spec.limits)
+        inp = trainer.validate(job.input, spec.limits)
     except InputInvalid as exc:
         return Ran.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}
     with runner.sessions() as session:
@@ -76,10 +78,10 @@ def _train(runner: Host, spec: ModelSpec, row: Row, tracker: BatchTracker) -> tu
                                 .order_by(JobEvent.id.desc()).limit(1))
     if f is None:
         return Ran.FAILED, {"error": {"code": "file_missing", "message": f"training file {inp.training_file} is gone"}}
-    dataset = finetune.parse_dataset(storage.get(f.storage_key))
+    dataset = trainer.parse_dataset(storage.get(f.storage_key))
     try:
         # Checked at submit too; here again for jobs queued before a limit was lowered.
-        finetune.check_workload(inp, len(dataset.rows), spec.limits, max_train_steps=settings.max_train_steps,
+        trainer.check_workload(inp, len(dataset.rows), spec.limits, max_train_steps=settings.max_train_steps,
                                 max_train_examples=settings.max_train_examples)
     except InputInvalid as exc:
         return Ran.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}
@@ -111,7 +113,7 @@ def _train(runner: Host, spec: ModelSpec, row: Row, tracker: BatchTracker) -> tu
             log.exception("fine-tune job %s: could not record a notice", job.id, extra={"job_id": job.id})
 
     try:
-        result = finetune.train(
+        result = trainer.train(
             resolve_checkpoint(spec, settings.model_dir), dataset, inp, resolve_device(settings.device),
             resume=resume, checkpoint_every=settings.checkpoint_every, on_step=on_step,
             save_checkpoint=save_checkpoint, is_cancelled=lambda: row.stop is not None, on_notice=on_notice,
@@ -121,7 +123,7 @@ def _train(runner: Host, spec: ModelSpec, row: Row, tracker: BatchTracker) -> tu
         return Ran.FAILED, {"error": {"code": exc.code, "message": exc.message}}
     if result.canceled:
         return Ran.NOTHING, {"output": {"checkpoints": checkpoints, "metrics": result.metrics}}
-    return Ran.RESULT, {"result": result, "inp": inp, "checkpoints": checkpoints}
+    return Ran.RESULT, {"result": result, "inp": inp, "checkpoints": checkpoints, "spec": spec}
 
 
 def _checkpoints(runner: Host, job_id: str) -> list[dict]:
@@ -134,7 +136,7 @@ def _checkpoints(runner: Host, job_id: str) -> list[dict]:
 def _publish(runner: Host, row: Row, fields: dict) -> None:
     """Upload the new version's weights, then in one transaction finish the job
     and record the version: the model exists exactly when the job succeeded."""
-    job, result, inp = row.job, fields["result"], fields["inp"]
+    job, result, inp, spec = row.job, fields["result"], fields["inp"], fields["spec"]
     version_id = new_id()
     prefix = f"models/{version_id}"
     for name, data in result.files.items():
@@ -150,7 +152,7 @@ def _publish(runner: Host, row: Row, fields: dict) -> None:
                              progress=row.progress)
         if done:
             session.add(ModelVersion(id=version_id, tenant_id=job.tenant_id, name=name, base_model=job.model,
-                                     family="text-generation", method=inp.method, storage_prefix=prefix, job_id=job.id))
+                                     family=spec.family, method=inp.method, storage_prefix=prefix, job_id=job.id))
     if executing:
         runner.executions.ended(job.id, job.attempts, "succeeded" if done else "not_written")
     log.info("fine-tune job %s %s: model %s", job.id, "succeeded" if done else "lost its lease", name)
