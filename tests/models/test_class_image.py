@@ -11,7 +11,6 @@ from PIL import Image
 
 from models import class_image, digits
 from models.base import InputInvalid
-from models.demo import ensure_checkpoint
 
 LIMITS = {"num_classes": 10, "max_inference_steps": 50, "max_images": 8}
 
@@ -25,8 +24,8 @@ def ignore(row: int, current: int, total: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def model(demo_dir):
-    return class_image.load(ensure_checkpoint("demo:digits", demo_dir), "cpu", "float32")
+def model(digits_checkpoint):
+    return class_image.load(digits_checkpoint, "cpu", "float32")
 
 
 @pytest.fixture(scope="module")
