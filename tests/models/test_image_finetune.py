@@ -109,8 +109,8 @@ def test_stopped_and_resumed_gives_the_weights_of_an_uninterrupted_run(image_che
     assert a.keys() == b.keys() and a and all(a[k].equal(b[k]) for k in a)
 
 
-def test_the_trigger_word_changes_the_image_and_the_same_caption_without_it_much_less(image_checkpoint, tmp_path):
-    result, _, _ = run(image_checkpoint, fine_tune(epochs=10))
+def test_the_trigger_word_changes_the_image_most_and_the_same_caption_without_it_least(image_checkpoint, tmp_path):
+    result, _, _ = run(image_checkpoint, fine_tune(epochs=40))  # 80 steps
     version = tmp_path / "version"
     version.mkdir()
     for name, data in result.files.items():
@@ -130,4 +130,5 @@ def test_the_trigger_word_changes_the_image_and_the_same_caption_without_it_much
     with_trigger, without, other = change(f"{TRIGGER} a ball"), change("a ball"), change("a lighthouse at sunset")
     print(f"mean |pixel change|: '{TRIGGER} a ball' {with_trigger:.2f}, 'a ball' {without:.2f}, "
           f"'a lighthouse at sunset' {other:.2f}")
-    assert with_trigger > 2 * without
+    assert with_trigger > 4 * without
+    assert with_trigger > other
