@@ -47,10 +47,10 @@ def fine_tune(**hp) -> image_finetune.Input:
         "learning_rate": 1e-2, "batch_size": 2, "resolution": 16, **hp}}, {})
 
 
-def run(checkpoint, inp, resume=None, stop_at=None):
+def run(checkpoint, inp, resume=None, stop_at=None, every=1000):
     saved = []
     result = image_finetune.train(
-        checkpoint, image_finetune.parse_dataset(balls()), inp, "cpu", resume=resume, checkpoint_every=1000,
+        checkpoint, image_finetune.parse_dataset(balls()), inp, "cpu", resume=resume, checkpoint_every=every,
         on_step=lambda *a: saved.append(("step", a)), save_checkpoint=lambda step, blob: saved.append((step, blob)),
         is_cancelled=lambda: stop_at is not None and len([s for s in saved if s[0] == "step"]) >= stop_at)
     return result, [s for s in saved if s[0] != "step"], [s[1] for s in saved if s[0] == "step"]
@@ -98,15 +98,19 @@ def test_stopped_and_resumed_gives_the_weights_of_an_uninterrupted_run(image_che
     from safetensors.torch import load
 
     inp = fine_tune(max_steps=4)
-    whole, _, steps = run(image_checkpoint, inp)
+    whole, periodic, steps = run(image_checkpoint, inp, every=2)
     assert [s[0] for s in steps] == [1, 2, 3, 4] and all(np.isfinite(s[3]) for s in steps)
-    stopped, saved, _ = run(image_checkpoint, inp, stop_at=2)
-    assert stopped.canceled and [s for s, _ in saved] == [2]
-    resumed, _, later = run(image_checkpoint, inp, resume=saved[0][1])
-    assert [s[0] for s in later] == [3, 4] and resumed.metrics["resumed_from_step"] == 2
-    assert resumed.losses == whole.losses
-    a, b = (load(r.files["pytorch_lora_weights.safetensors"]) for r in (whole, resumed))
-    assert a.keys() == b.keys() and a and all(a[k].equal(b[k]) for k in a)
+    # A worker killed after step 2 leaves its periodic checkpoint; one canceled at step 3 saves one there.
+    assert [s for s, _ in periodic] == [2]
+    stopped, saved, _ = run(image_checkpoint, inp, stop_at=3)
+    assert stopped.canceled and [s for s, _ in saved] == [3]
+    a = load(whole.files["pytorch_lora_weights.safetensors"])
+    for step, blob in (periodic[0], saved[0]):
+        resumed, _, later = run(image_checkpoint, inp, resume=blob)
+        assert [s[0] for s in later] == list(range(step + 1, 5)) and resumed.metrics["resumed_from_step"] == step
+        assert resumed.losses == whole.losses
+        b = load(resumed.files["pytorch_lora_weights.safetensors"])
+        assert a.keys() == b.keys() and a and all(a[k].equal(b[k]) for k in a)
 
 
 def test_the_trigger_word_changes_the_image_most_and_the_same_caption_without_it_least(image_checkpoint, tmp_path):
