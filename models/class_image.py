@@ -21,6 +21,7 @@ FAMILY = "class-to-image"
 PINS = True
 SEED_MAX = 2**32 - 1
 SCHEMA_LIMITS = [
+    ("num_classes", "label", "exclusiveMaximum"),
     ("max_inference_steps", "num_inference_steps", "maximum"),
     ("max_images", "num_images", "maximum"),
 ]
