@@ -9,13 +9,12 @@ image as the text-to-image family does.
 (models/digits.py), so its output is recognisable."""
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import image
-from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, parse
+from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, parse
 
 FAMILY = "class-to-image"
 PINS = True
@@ -63,7 +62,7 @@ def batch_key(inp: Input) -> str:
 
 
 def load(checkpoint: str, device: str, dtype: str, revision: str | None = None,
-         variant: str | None = None) -> "ClassImageModel":
+         variant: str | None = None) -> ClassImageModel:
     """Load the pipeline directory `checkpoint` (a UNet2DModel with class
     embeddings and its scheduler) onto `device`."""
     import torch

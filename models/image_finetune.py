@@ -23,15 +23,16 @@ import json
 import math
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import finetune, image_input
 from models.base import InputInvalid, check_bound, parse
-from models.finetune import SUFFIX_PATTERN, TrainResult, TrainingFailed
+from models.finetune import SUFFIX_PATTERN, TrainingFailed, TrainResult
 from models.libraries import quiet
 
 FORMAT = "image_captions"

@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 import yaml
-from PIL import Image
 
 from api.app import create_app
 from genq.settings import Settings
@@ -73,7 +72,7 @@ def test_an_image_lora_trains_and_its_version_draws_for_its_tenant_only(stack):
     assert other.status_code == 404
 
 
-def test_a_bad_zip_is_refused_at_upload_naming_the_entry_and_a_zip_cannot_train_a_text_model(stack):
+def test_a_bad_zip_is_refused_at_upload_naming_the_entry_and_text_rows_cannot_train_an_image_model(stack):
     client = stack["client"]
     alice = make_key(stack["settings"], f"img-{secrets.token_hex(4)}")
     bad = make_zip({"a.png": png(0), "b.png": b"not an image"},
@@ -82,3 +81,9 @@ def test_a_bad_zip_is_refused_at_upload_naming_the_entry_and_a_zip_cannot_train_
     assert resp.status_code == 422
     assert [e["field"] for e in resp.get_json()["errors"]] == ["file.entry[b.png]"]
     assert client.get("/v1/files", headers=alice).get_json()["data"] == []
+    rows = client.post("/v1/files", data={"purpose": "fine-tune", "file": (io.BytesIO(b'{"text": "hello"}\n'), "t.jsonl")},
+                       headers=alice, content_type="multipart/form-data").get_json()
+    resp = client.post("/v1/jobs", json={"model": "demo-image", "type": "fine-tune", "input": {
+        "training_file": rows["id"], "trigger_word": TRIGGER}}, headers=alice)
+    assert resp.status_code == 422
+    assert [e["field"] for e in resp.get_json()["errors"]] == ["input.training_file"]
