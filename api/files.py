@@ -28,11 +28,12 @@ from genq import retention
 from genq.schema import File, new_id
 from genq.serialize import ObjectId, Timestamp
 from genq.storage import file_key
-from models import image_input
+from models import image_finetune, image_input
 from models.finetune import parse_dataset
 
 bp = Blueprint("files", __name__, url_prefix="/v1/files")
-# fine-tune: a JSONL dataset; image: an input image of the image-to-image family.
+# fine-tune: a JSONL dataset, or a zip of captioned images (an image model's
+# fine-tune, models/image_finetune.py); image: an input image of the image families.
 PURPOSES = ("fine-tune", "image")
 
 
@@ -45,8 +46,8 @@ class FileView(TypedDict):
     purpose: Literal["fine-tune", "image"]
     rows: Annotated[int, Field(description="A dataset's rows (0 for an image).")]
     format: Annotated[str, Field(description=(
-        "A dataset's row format (prompt_completion, text), or an image's content type (image/png, image/jpeg, "
-        "image/webp)."))]
+        "A dataset's row format (prompt_completion, text; image_captions for a zip of images), or an image's "
+        "content type (image/png, image/jpeg, image/webp)."))]
     created_at: Timestamp
     expires_at: Annotated[Timestamp | None, Field(description="When the file is deleted (retention); null when kept.")]
 
@@ -97,6 +98,12 @@ def upload():
         except image_input.ImageRefused as exc:
             raise invalid("file", str(exc)) from None
         rows, fmt = 0, content_type
+    elif image_finetune.is_zip(data):
+        # A zip of captioned images: an image fine-tune's dataset, every image checked as an input image is.
+        dataset = image_finetune.parse_dataset(data, max_rows=c.settings.max_dataset_rows,
+                                               max_image_bytes=c.settings.max_image_bytes,
+                                               max_image_pixels=c.settings.max_image_pixels)
+        rows, fmt, content_type = len(dataset.rows), dataset.format, "application/zip"
     else:
         dataset = parse_dataset(data, max_rows=c.settings.max_dataset_rows)
         rows, fmt, content_type = len(dataset.rows), dataset.format, "application/jsonl"

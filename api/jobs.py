@@ -27,7 +27,7 @@ from genq.serialize import output_urls
 from genq.states import JobStatus, JobType
 from genq.storage import NotFound, UnsafeKey, job_key
 from genq.webhook_guard import Policy, WebhookRefused, check_at_submit
-from models import finetune
+from models import finetune, image_finetune
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -305,19 +305,27 @@ def fine_tune_request(req: JobCreate):
     spec = c.registry.get(req.model)
     if spec is None:
         raise invalid("model", f"unknown base model {req.model!r}; fine-tune a model from GET /v1/models")
-    if spec.family != "text-generation":
-        raise invalid("model", f"only text-generation models can be fine-tuned; {req.model!r} is {spec.family!r}")
-    inp = finetune.validate(req.input, spec.limits)
+    if spec.family not in ("text-generation", "image-generation"):
+        raise invalid("model", f"only text-generation and image-generation models can be fine-tuned; {req.model!r} "
+                               f"is {spec.family!r}")
+    trainer = image_finetune if spec.family == "image-generation" else finetune
+    inp = trainer.validate(req.input, spec.limits)
     with c.session() as session:
         f = own_dataset(session, "input.training_file", inp.training_file)
-        v = own_dataset(session, "input.validation_file", inp.validation_file) if inp.validation_file else None
+        if (f.format == image_finetune.FORMAT) != (trainer is image_finetune):
+            raise invalid("input.training_file", f"file {f.id} is a {f.format} dataset; a {spec.family} model trains "
+                                                 f"on " + ("a zip of captioned images" if trainer is image_finetune
+                                                           else "JSONL rows"))
+        validation_file = getattr(inp, "validation_file", None)
+        v = own_dataset(session, "input.validation_file", validation_file) if validation_file else None
         rows, fmt = f.rows, f.format
         validation = (v.format, v.rows) if v is not None else None
     # The dataset's size is known from its upload: bound the whole run now, not after hours of it.
-    finetune.check_workload(inp, rows, spec.limits, max_train_steps=c.settings.max_train_steps,
+    trainer.check_workload(inp, rows, spec.limits, max_train_steps=c.settings.max_train_steps,
                             max_train_examples=c.settings.max_train_examples)
-    chat_template = finetune.chat_template_known(spec.checkpoint, c.settings.model_dir) if fmt == "chat" else None
-    finetune.check_datasets(inp, fmt, rows, validation, chat_template)
+    if trainer is finetune:
+        chat_template = finetune.chat_template_known(spec.checkpoint, c.settings.model_dir) if fmt == "chat" else None
+        finetune.check_datasets(inp, fmt, rows, validation, chat_template)
     # Never batched: one training job per claim, on the training pool.
     return spec, inp, c.settings.training_pool, FINE_TUNE
 

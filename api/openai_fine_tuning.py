@@ -123,7 +123,8 @@ def own_fine_tune(session, job_id: str) -> Job:
 def create():
     c = ctx()
     req = parse_body(FineTuningCreate, json_body())
-    if c.registry.get(req.model) is None:
+    # OpenAI's fine-tunes are of text models; an image model's (a LoRA with a trigger word) is genq's own.
+    if getattr(c.registry.get(req.model), "family", None) != "text-generation":
         raise OpenAIError(404, f"The model {req.model!r} does not exist or cannot be fine-tuned; GET {PREFIX}/models "
                                "lists them", "model", "model_not_found")
     given = req.hyperparameters.model_dump(exclude_none=True) if req.hyperparameters else {}

@@ -19,7 +19,7 @@ from api.jobs import JobCreate, job_types
 from api.serialize import EventView, TenantEventView
 from genq.serialize import JobView
 from genq.settings import Settings
-from models import finetune
+from models import finetune, image_finetune
 from models.registry import Registry
 
 bp = Blueprint("docs", __name__)
@@ -66,13 +66,35 @@ def input_schemas(schemas: dict, registry: Registry, max_train_steps: int = 0) -
             variants.append(_job_body(schemas, f"JobCreate_fine_tune{suffix}", {"type": "string", "enum": names},
                                       ref(f"Input_fine_tune{suffix}"), {"type": "string", "const": "fine-tune"},
                                       type_required=True))
+    # Image LoRA fine-tunes (models/image_finetune.py) of the text-to-image models.
+    image_models = sorted(s.name for s in registry if s.family == "image-generation")
+    for name in image_models:
+        limits = registry.get(name).limits
+        ft = image_finetune.input_schema(limits, max_train_steps)
+        schemas[f"Input_fine_tune_{name}".replace("-", "_")] = ft
+        variants.append(_job_body(schemas, f"JobCreate_fine_tune_{name}".replace("-", "_"),
+                                  {"type": "string", "const": name},
+                                  ref(f"Input_fine_tune_{name}".replace("-", "_")),
+                                  {"type": "string", "const": "fine-tune"}, type_required=True))
+    tuned_inputs, tuned_types = [], []
+    if text_models:
         base = next(s for s in registry if s.name == text_models[0])
         schemas["Input_fine_tuned_text"] = base.input_schema()
+        tuned_inputs.append(ref("Input_fine_tuned_text"))
+        tuned_types.append("text-generation")
+    if image_models:
+        base = next(s for s in registry if s.name == image_models[0])
+        schemas["Input_fine_tuned_image"] = base.input_schema()
+        tuned_inputs.append(ref("Input_fine_tuned_image"))
+        tuned_types.append("image-generation")
+    if tuned_inputs:
         variants.append(_job_body(
             schemas, "JobCreate_fine_tuned",
             {"type": "string", "pattern": r"^[A-Za-z0-9._-]+:ft-[a-z0-9-]+$",
              "description": "A fine-tuned version you own (GET /v1/models); others' are 404."},
-            ref("Input_fine_tuned_text"), {"type": "string", "const": "text-generation"}))
+            tuned_inputs[0] if len(tuned_inputs) == 1 else {"anyOf": tuned_inputs},
+            {"type": "string", "const": tuned_types[0]} if len(tuned_types) == 1 else
+            {"type": "string", "enum": tuned_types}))
     return variants
 
 

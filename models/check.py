@@ -20,7 +20,9 @@ def check_spec(spec: ModelSpec, model_dir: Path) -> tuple[list[str], list[str]]:
             return [f"unknown demo checkpoint {checkpoint!r}; known: {sorted(DEMOS)}"], []
         built = Path(model_dir) / DEMOS[checkpoint][0]
         if not built.is_dir():
-            return [], [f"{checkpoint}: built from random weights on first use, under {model_dir}"]
+            how = ("its trained weights copied from models/demo_weights" if checkpoint == "demo:digits"
+                   else "built from random weights")
+            return [], [f"{checkpoint}: {how} on first use, under {model_dir}"]
         checkpoint = str(built)
     elif checkpoint.startswith(checkpoints.FINE_TUNED):
         return [], [f"{checkpoint}: a fine-tuned version in object storage, fetched on first use"]

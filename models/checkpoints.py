@@ -106,7 +106,12 @@ def _fetch_version(spec, model_dir: Path, storage) -> Path:
         return ready
     base = _local(spec.base_checkpoint, model_dir)
     try:
-        materialize(base, raw, method, ready)
+        if spec.family == "image-generation":
+            from models.image_finetune import materialize as materialize_image
+
+            materialize_image(base, raw, ready)
+        else:
+            materialize(base, raw, method, ready)
     except OSError:
         if not ready.exists():
             raise

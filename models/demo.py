@@ -17,6 +17,7 @@ DEMOS = {
     "demo:audio": ("demo-audio", "build_audio"),
     "demo:video": ("demo-video", "build_video"),
     "demo:vision-text": ("demo-vision-text", "build_vision_text"),
+    "demo:digits": ("demo-digits", "build_digits"),
 }
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -401,6 +402,14 @@ def build_vision_text(dest: Path) -> None:
     )
     model.save_pretrained(Path(dest))
     processor.save_pretrained(Path(dest))
+
+
+def build_digits(dest: Path) -> None:
+    """The handwritten-digits diffusion model (models/digits.py): trained weights
+    committed in the repo, copied into `dest` (training them takes CPU minutes)."""
+    from models import digits
+
+    digits.build(dest)
 
 
 def ensure_checkpoint(checkpoint: str, model_dir: Path) -> str:

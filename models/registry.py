@@ -30,6 +30,7 @@ FAMILIES = {
     "text-to-audio": "models.audio",
     "text-to-video": "models.video",
     "image-text-to-text": "models.vision_text",
+    "class-to-image": "models.class_image",
 }
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 # How a model's jobs share the worker: "continuous" (rows join and leave a

@@ -39,6 +39,7 @@ def model_dir(tmp_path_factory) -> Path:
     ensure_checkpoint("demo:audio", root)
     ensure_checkpoint("demo:video", root)
     ensure_checkpoint("demo:vision-text", root)
+    ensure_checkpoint("demo:digits", root)
     return root
 
 

@@ -153,6 +153,20 @@ def test_vision_text_job_answers_about_an_uploaded_image(client, tenant):
     assert first["progress"]["unit"] == "token"
 
 
+def test_digits_job_draws_the_asked_digit_at_the_asked_scale(client, tenant):
+    body = {"model": "demo-digits", "input": {"label": 7, "seed": 3, "num_images": 2, "scale": 4,
+                                             "num_inference_steps": 10}}
+    job = wait_job(client.get, client.post("/v1/jobs", json=body, headers=tenant).get_json()["id"], tenant)
+    assert job["status"] == "succeeded", job
+    images = job["output"]["images"]
+    assert [(m["label"], m["seed"], m["width"], m["height"]) for m in images] == [(7, 3, 32, 32), (7, 4, 32, 32)]
+    img = Image.open(io.BytesIO(fetch_png(images[0]["url"])))
+    assert (img.format, img.size) == ("PNG", (32, 32))
+    refused = client.post("/v1/jobs", json={"model": "demo-digits", "input": {"label": 10}}, headers=tenant)
+    assert refused.status_code == 422
+    assert [e["field"] for e in refused.get_json()["errors"]] == ["input.label"]
+
+
 def test_any_diffusers_pipeline_serves_jobs_each_with_its_scheduler(client, tenant):
     """demo-image-xl is an SDXL pipeline: the same family loads it, and each job may pick its scheduler."""
     body = {"model": "demo-image-xl", "input": {"prompt": "a red square", "width": 32, "height": 40,

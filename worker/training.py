@@ -12,7 +12,7 @@ from genq import jobs as joblib
 from genq.schema import File, JobEvent, ModelVersion, new_id
 from genq.states import JobStatus
 from genq.storage import job_key
-from models import finetune
+from models import finetune, image_finetune
 from models.base import InputInvalid
 from models.checkpoints import resolve as resolve_checkpoint
 from models.registry import ModelSpec
@@ -66,25 +66,29 @@ def _train(runner: Host, spec: ModelSpec, row: Row, tracker: BatchTracker) -> tu
     """Run the fine-tune: what it gave (a result to publish, nothing because
     it stopped as asked, or its own failure) and that outcome's fields."""
     job, settings, storage = row.job, runner.settings, runner.storage
+    # An image model's fine-tune is an image LoRA (models/image_finetune.py), with the same contract.
+    trainer = image_finetune if spec.family == "image-generation" else finetune
     try:
-        inp = finetune.validate(job.input, spec.limits)
+        inp = trainer.validate(job.input, spec.limits)
     except InputInvalid as exc:
         return Ran.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}
     with runner.sessions() as session:
         f = session.get(File, inp.training_file)
-        v = session.get(File, inp.validation_file) if inp.validation_file else None
+        # Image fine-tunes take no validation file.
+        validation_file = getattr(inp, "validation_file", None)
+        v = session.get(File, validation_file) if validation_file else None
         latest = session.scalar(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.type == "checkpoint")
                                 .order_by(JobEvent.id.desc()).limit(1))
     if f is None:
         return Ran.FAILED, {"error": {"code": "file_missing", "message": f"training file {inp.training_file} is gone"}}
-    if inp.validation_file and v is None:
+    if validation_file and v is None:
         return Ran.FAILED, {"error": {"code": "file_missing",
-                                      "message": f"validation file {inp.validation_file} is gone"}}
-    dataset = finetune.parse_dataset(storage.get(f.storage_key))
-    validation = finetune.parse_dataset(storage.get(v.storage_key)) if v is not None else None
+                                      "message": f"validation file {validation_file} is gone"}}
+    dataset = trainer.parse_dataset(storage.get(f.storage_key))
+    validation = trainer.parse_dataset(storage.get(v.storage_key)) if v is not None else None
     try:
         # Checked at submit too; here again for jobs queued before a limit was lowered.
-        finetune.check_workload(inp, len(dataset.rows), spec.limits, max_train_steps=settings.max_train_steps,
+        trainer.check_workload(inp, len(dataset.rows), spec.limits, max_train_steps=settings.max_train_steps,
                                 max_train_examples=settings.max_train_examples)
     except InputInvalid as exc:
         return Ran.FAILED, {"error": {"code": "invalid_input", "message": str(exc)}}
@@ -124,18 +128,18 @@ def _train(runner: Host, spec: ModelSpec, row: Row, tracker: BatchTracker) -> tu
             log.exception("fine-tune job %s: could not record a notice", job.id, extra={"job_id": job.id})
 
     try:
-        result = finetune.train(
+        result = trainer.train(
             resolve_checkpoint(spec, settings.model_dir), dataset, inp, resolve_device(settings.device),
             resume=resume, checkpoint_every=settings.checkpoint_every, on_step=on_step,
             save_checkpoint=save_checkpoint, is_cancelled=lambda: row.stop is not None, on_notice=on_notice,
-            validation=validation, on_eval=on_eval,
+            **(dict(validation=validation, on_eval=on_eval) if trainer is finetune else {}),
         )
     except finetune.TrainingFailed as exc:
         log.warning("fine-tune job %s failed: %s", job.id, exc.message, extra={"job_id": job.id})
         return Ran.FAILED, {"error": {"code": exc.code, "message": exc.message}}
     if result.canceled:
         return Ran.NOTHING, {"output": {"checkpoints": checkpoints, "metrics": result.metrics}}
-    return Ran.RESULT, {"result": result, "inp": inp, "checkpoints": checkpoints}
+    return Ran.RESULT, {"result": result, "inp": inp, "checkpoints": checkpoints, "spec": spec}
 
 
 def _checkpoints(runner: Host, job_id: str) -> list[dict]:
@@ -148,7 +152,7 @@ def _checkpoints(runner: Host, job_id: str) -> list[dict]:
 def _publish(runner: Host, row: Row, fields: dict) -> None:
     """Upload the new version's weights, then in one transaction finish the job
     and record the version: the model exists exactly when the job succeeded."""
-    job, result, inp = row.job, fields["result"], fields["inp"]
+    job, result, inp, spec = row.job, fields["result"], fields["inp"], fields["spec"]
     version_id = new_id()
     prefix = f"models/{version_id}"
     for name, data in result.files.items():
@@ -164,7 +168,8 @@ def _publish(runner: Host, row: Row, fields: dict) -> None:
                              progress=row.progress)
         if done:
             session.add(ModelVersion(id=version_id, tenant_id=job.tenant_id, name=name, base_model=job.model,
-                                     family="text-generation", method=inp.weights, storage_prefix=prefix, job_id=job.id))
+                                     family=spec.family, method=getattr(inp, "weights", inp.method),
+                                     storage_prefix=prefix, job_id=job.id))
     if executing:
         runner.executions.ended(job.id, job.attempts, "succeeded" if done else "not_written")
     log.info("fine-tune job %s %s: model %s", job.id, "succeeded" if done else "lost its lease", name)

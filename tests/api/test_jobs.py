@@ -77,6 +77,8 @@ def test_submit_returns_202_with_location_and_a_recorded_seed(client, alice, emb
         ({"model": "demo-vision-text", "input": {"prompt": "x", "image": "0" * 32, "max_new_tokens": 257}},
          "input.max_new_tokens"),
         ({"model": "demo-video", "input": {"prompt": "x", "num_frames": 16, "fps": 1}}, "input.fps"),
+        ({"model": "demo-digits", "input": {"label": 10}}, "input.label"),
+        ({"model": "demo-image", "type": "fine-tune", "input": {"training_file": "0" * 32}}, "input.trigger_word"),
         ({"model": "no-such-model", "input": {"prompt": "x"}}, "model"),
         ({"model": "demo-text", "type": "image-generation", "input": {"prompt": "x"}}, "type"),
         ({"model": "demo-text", "input": {"prompt": "x"}, "priority": "high"}, "priority"),

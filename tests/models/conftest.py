@@ -46,6 +46,11 @@ def vision_text_checkpoint(demo_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def digits_checkpoint(demo_dir) -> str:
+    return ensure_checkpoint("demo:digits", demo_dir)
+
+
+@pytest.fixture(scope="session")
 def text_model(text_checkpoint):
     from models import text
 

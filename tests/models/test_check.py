@@ -22,14 +22,18 @@ def registry(tmp_path, body: str) -> Path:
 def test_the_shipped_registry_checks_clean_before_any_demo_is_built(tmp_path):
     results = check_registry(ROOT / "models" / "registry.yaml", tmp_path)
     assert [problems for _, problems, _ in results] == [[] for _ in results]
-    assert all("built from random weights on first use" in notes[0] for _, _, notes in results)
+    assert all("built from random weights on first use" in notes[0] for name, _, notes in results
+               if name != "demo-digits")
+    assert [notes[0].split(",")[0] for name, _, notes in results if name == "demo-digits"] == [
+        "demo:digits: its trained weights copied from models/demo_weights on first use"]
 
 
 def test_built_demos_pass_their_family_checks(demo_dir, text_checkpoint, image_checkpoint, image_xl_checkpoint,
-                                              audio_checkpoint, video_checkpoint, vision_text_checkpoint):
+                                              audio_checkpoint, video_checkpoint, vision_text_checkpoint,
+                                              digits_checkpoint):
     results = check_registry(ROOT / "models" / "registry.yaml", demo_dir)
     assert {"demo-text", "demo-image", "demo-image-xl", "demo-image-to-image", "demo-inpainting",
-            "demo-audio", "demo-video", "demo-vision-text"} <= {
+            "demo-audio", "demo-video", "demo-vision-text", "demo-digits"} <= {
         name for name, _, _ in results}
     assert [(name, problems, notes) for name, problems, notes in results if problems or notes] == []
 
