@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import image
+from models.batch_rows import StepProgress, live_rows, seeds_of
 from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, parse
 
 FAMILY = "class-to-image"
@@ -91,14 +92,11 @@ class ClassImageModel:
         import torch
 
         results: list[Result | None] = [None] * len(inputs)
-        live = [i for i in range(len(inputs)) if not is_cancelled(i)]
+        live, rows = live_rows(inputs, is_cancelled, batch_key)
         if not live:
             return results
-        rows = [inputs[i] for i in live]
         steps = rows[0].num_inference_steps
         for inp in rows:
-            if batch_key(inp) != batch_key(rows[0]):
-                raise ValueError(f"jobs in one batch must share batch_key {batch_key(rows[0])!r}, got {batch_key(inp)!r}")
             if inp.label >= self.num_classes:
                 raise ValueError(f"input.label {inp.label} is not below this model's {self.num_classes} classes")
         cfg = self.unet.config
@@ -107,8 +105,8 @@ class ClassImageModel:
         # Image k of a job starts from noise of its own generator (seed + k):
         # the same whatever else is in the batch.
         noise, labels, owner = [], [], []
-        for r, inp in enumerate(rows):
-            seed = inp.seed if inp.seed is not None else 0
+        seeds = seeds_of(rows)
+        for r, (inp, seed) in enumerate(zip(rows, seeds)):
             for k in range(inp.num_images):
                 g = torch.Generator(device="cpu").manual_seed(seed + k)
                 noise.append(torch.randn(shape, generator=g))
@@ -119,25 +117,18 @@ class ClassImageModel:
         # A scheduler of its own per batch: schedulers keep state between steps.
         scheduler = self.scheduler_cls.from_config(self.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
-        cancelled = [False] * len(rows)
+        progress = StepProgress(live, steps, on_progress, is_cancelled)
         with torch.inference_mode():
             for n, t in enumerate(scheduler.timesteps):
                 eps = self.unet(x, t, class_labels=class_labels).sample
                 # eta 0 where the scheduler has one (DDIM): no noise drawn after the start.
                 x = scheduler.step(eps, t, x).prev_sample
-                for r in range(len(rows)):
-                    if not cancelled[r] and is_cancelled(live[r]):
-                        cancelled[r] = True
-                    if not cancelled[r]:
-                        on_progress(live[r], n + 1, steps)
-                if all(cancelled):
+                progress.report(n + 1)
+                if all(progress.cancelled):
                     return results
         pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-        for r, i in enumerate(live):
-            if cancelled[r]:
-                continue
-            inp = rows[r]
-            seed = inp.seed if inp.seed is not None else 0
+        for r, i in progress.wanted():
+            inp, seed = rows[r], seeds[r]
             mine = [j for j, o in enumerate(owner) if o == r]
             meta, files = [], {}
             for k, j in enumerate(mine):

@@ -105,11 +105,16 @@ def input_schema(limits: dict, max_train_steps: int = 0) -> dict:
     deployment's, GENQ_MAX_TRAIN_STEPS) on max_steps, so the schema admits what
     validation accepts. What depends on the dataset too (the run's real steps
     and examples) is checked at submit by check_workload."""
-    schema = Input.model_json_schema()
-    hp = schema.pop("$defs")["Hyperparameters"]
+    return bounded_schema(Input, {"epochs": limits.get("max_epochs"), "max_seq_len": limits.get("max_seq_len"),
+                                  "max_steps": limits.get("max_train_steps", max_train_steps)})
+
+
+def bounded_schema(model: type[BaseModel], bounds: dict[str, int | None]) -> dict:
+    """`model`'s JSON schema with its Hyperparameters inlined and each named
+    hyperparameter's maximum lowered to its bound (None or 0: left as is)."""
+    schema = model.model_json_schema()
+    hp = schema.pop("$defs")["Hyperparameters"]  # its only nested model
     schema["properties"]["hyperparameters"] = hp
-    bounds = {"epochs": limits.get("max_epochs"), "max_seq_len": limits.get("max_seq_len"),
-              "max_steps": limits.get("max_train_steps", max_train_steps)}
     for fieldname, limit in bounds.items():
         if limit:
             prop = hp["properties"][fieldname]

@@ -99,18 +99,9 @@ def validate(raw: Any, limits: dict) -> Input:
 def input_schema(limits: dict, max_train_steps: int = 0) -> dict:
     """Input's JSON schema, self-contained, bounded by one base model's limits
     (as models/finetune.py's is for text)."""
-    schema = Input.model_json_schema()
-    hp = schema.pop("$defs")["Hyperparameters"]
-    schema["properties"]["hyperparameters"] = hp
     side = min(v for v in (limits.get("max_width"), limits.get("max_height"), 1024) if v is not None)
-    bounds = {"epochs": limits.get("max_epochs"), "resolution": side,
-              "max_steps": limits.get("max_train_steps", max_train_steps)}
-    for fieldname, limit in bounds.items():
-        if limit:
-            prop = hp["properties"][fieldname]
-            target = next((b for b in prop.get("anyOf", []) if b.get("type") != "null"), prop)
-            target["maximum"] = min(target["maximum"], limit)
-    return schema
+    return finetune.bounded_schema(Input, {"epochs": limits.get("max_epochs"), "resolution": side,
+                                           "max_steps": limits.get("max_train_steps", max_train_steps)})
 
 
 def check_workload(inp: Input, n_rows: int, limits: dict, *, max_train_steps: int, max_train_examples: int) -> None:
