@@ -39,19 +39,6 @@ def pairs(owners: list[str]) -> finetune.Dataset:
     return finetune.Dataset(rows, "preference")
 
 
-def accuracy(model, tokenizer, dataset: finetune.Dataset) -> float:
-    import torch
-
-    examples, _ = finetune.tokenize(tokenizer, dataset, 128)
-    wins = 0
-    for chosen, rejected in examples:
-        ids, mask, labels = finetune._collate([chosen, rejected], tokenizer.pad_token_id, "cpu")
-        with torch.no_grad():
-            logps = finetune._sequence_logps(model, ids, mask, labels)
-        wins += bool(logps[0] > logps[1])
-    return wins / len(examples)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=200)
@@ -63,7 +50,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     train = pairs(["The", "A", "Our", "My", "Your", "This", "His", "One"])
     held_out = pairs(["Her", "That", "Their", "Every"])
-    base = accuracy(AutoModelForCausalLM.from_pretrained(checkpoint).eval(), tokenizer, held_out)
+    base = finetune.preference_accuracy(AutoModelForCausalLM.from_pretrained(checkpoint).eval(), tokenizer, held_out)
     print(f"{len(train.rows)} training pairs, {len(held_out.rows)} held-out pairs, {args.steps} steps, batch 4")
     for method in args.methods.split(","):
         hp = {"max_steps": args.steps, "epochs": 100, "batch_size": 4, "learning_rate": LEARNING_RATE[method],
@@ -84,7 +71,7 @@ def main() -> None:
             tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(checkpoint), str(out))
         else:
             tuned = AutoModelForCausalLM.from_pretrained(str(out))
-        after = accuracy(tuned.eval(), tokenizer, held_out)
+        after = finetune.preference_accuracy(tuned.eval(), tokenizer, held_out)
         curve = ", ".join(f"step {s}: {m['validation_preference_accuracy']:.2f}" for s, m in evals)
         print(f"{method:8s} held-out accuracy {base:.2f} (base) -> {after:.2f} (tuned) in {took:.0f}s; "
               f"validation accuracy {curve}; final validation loss {evals[-1][1]['validation_loss']:.3f}")

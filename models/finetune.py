@@ -791,3 +791,19 @@ def materialize(base_checkpoint: str, version_dir: Path, method: str, dest: Path
     AutoTokenizer.from_pretrained(base_checkpoint).save_pretrained(tmp)
     tmp.rename(dest)
     return dest
+
+
+def preference_accuracy(model, tokenizer, dataset: Dataset, max_len: int = 128) -> float:
+    """Share of a preference dataset's pairs whose chosen completion `model`
+    finds more likely than the rejected one (summed log-probabilities, as the
+    DPO loss counts them). For checks and benchmarks, one pair at a time."""
+    import torch
+
+    examples, _ = tokenize(tokenizer, dataset, max_len)
+    wins = 0
+    for chosen, rejected in examples:
+        ids, mask, labels = _collate([chosen, rejected], tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            logps = _sequence_logps(model, ids, mask, labels)
+        wins += bool(logps[0] > logps[1])
+    return wins / len(examples)

@@ -356,20 +356,6 @@ def pairs(names, ask="asks for help:") -> finetune.Dataset:
                             "preference")
 
 
-def preference_accuracy(model, tokenizer, dataset: finetune.Dataset) -> float:
-    """Share of pairs whose chosen completion the model finds more likely than the rejected one."""
-    import torch
-
-    examples, _ = finetune.tokenize(tokenizer, dataset, 128)
-    wins = 0
-    for chosen, rejected in examples:
-        ids, mask, labels = finetune._collate([chosen, rejected], tokenizer.pad_token_id, "cpu")
-        with torch.no_grad():
-            logps = finetune._sequence_logps(model, ids, mask, labels)
-        wins += bool(logps[0] > logps[1])
-    return wins / len(examples)
-
-
 @pytest.mark.parametrize("method", ["dpo", "dpo-full"])
 def test_preference_tuning_makes_the_model_prefer_chosen_on_held_out_pairs(text_checkpoint, tmp_path, method):
     """Chosen and rejected are two fixed answers; the base model prefers the
@@ -381,7 +367,7 @@ def test_preference_tuning_makes_the_model_prefer_chosen_on_held_out_pairs(text_
 
     tok = AutoTokenizer.from_pretrained(text_checkpoint)
     held_out = pairs(NAMES[12:], ask="needs a hand:")
-    before = preference_accuracy(AutoModelForCausalLM.from_pretrained(text_checkpoint).eval(), tok, held_out)
+    before = finetune.preference_accuracy(AutoModelForCausalLM.from_pretrained(text_checkpoint).eval(), tok, held_out)
     hp = {"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3 if method == "dpo" else 1e-4, "beta": 0.1}
     steps, evals = [], []
     result = finetune.train(text_checkpoint, pairs(NAMES[:12]), inp(method, **hp), "cpu", resume=None,
@@ -396,7 +382,7 @@ def test_preference_tuning_makes_the_model_prefer_chosen_on_held_out_pairs(text_
         tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(text_checkpoint), str(tmp_path))
     else:
         tuned = AutoModelForCausalLM.from_pretrained(str(tmp_path))
-    after = preference_accuracy(tuned.eval(), tok, held_out)
+    after = finetune.preference_accuracy(tuned.eval(), tok, held_out)
     print(f"\n{method}: held-out preference accuracy {before:.2f} (base) -> {after:.2f} after {len(steps)} steps")
     assert before == 0.0 and after == 1.0
     (first, first_extra), (last, last_extra) = steps[0], steps[-1]
