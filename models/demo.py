@@ -108,58 +108,71 @@ def build_text(dest: Path) -> None:
     tok.save_pretrained(dest)
 
 
+# The tiny diffusion components diffusers' own tests use (get_dummy_components),
+# shared by the demo pipelines. Each is made right after torch.manual_seed(0),
+# so a component's random weights do not depend on what was built before it.
+TEXT_SHAPE = dict(hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4,
+                  num_hidden_layers=5)
+
+
+def _tiny_unet(**overrides):
+    """A two-level conditional UNet over 4-channel latents (cross-attention in the lower level)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**{**dict(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    ), **overrides})
+
+
+def _tiny_vae(channels: int = 3, **overrides):
+    """A two-level VAE from `channels` to 4 latent channels."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=[32, 64], in_channels=channels, out_channels=channels,
+                         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, **overrides)
+
+
+def _ddim():
+    """Stable Diffusion's DDIM schedule (steps_offset=1, clip_sample=False: no deprecation noise)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def _clip_config(tok, **extra):
+    """A tiny CLIP text encoder's config over the demo tokenizer `tok`."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          vocab_size=len(tok), max_position_embeddings=tok.model_max_length, **TEXT_SHAPE, **extra)
+
+
+def _tiny_clip(tok):
+    import torch
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    return CLIPTextModel(_clip_config(tok)).eval()
+
+
 def build_image(dest: Path) -> None:
     """A tiny Stable Diffusion pipeline (diffusers' test shapes) with random weights, saved into `dest`."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
 
     quiet()
 
     tok = _train_tokenizer(model_max_length=77, add_bos_eos=True)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-    )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-    )
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=len(tok),
-            max_position_embeddings=tok.model_max_length,
-        )
-    ).eval()
+    unet = _tiny_unet(cross_attention_dim=32)
+    scheduler = _ddim()
+    vae = _tiny_vae()
+    text_encoder = _tiny_clip(tok)
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -178,21 +191,13 @@ def build_image_xl(dest: Path) -> None:
     conditioning; diffusers' test shapes) with random weights, saved into `dest`:
     a second pipeline class, so the image family's generic loader is exercised."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     quiet()
 
     tok = _train_tokenizer(model_max_length=77, add_bos_eos=True)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -204,30 +209,8 @@ def build_image_xl(dest: Path) -> None:
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear", timestep_spacing="leading"
     )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-        sample_size=128,
-    )
-    config = CLIPTextConfig(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        vocab_size=len(tok),
-        max_position_embeddings=tok.model_max_length,
-        hidden_act="gelu",
-        projection_dim=32,
-    )
+    vae = _tiny_vae(sample_size=128)
+    config = _clip_config(tok, hidden_act="gelu", projection_dim=32)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(config).eval()
     torch.manual_seed(0)
@@ -252,51 +235,30 @@ def build_audio(dest: Path) -> None:
     saved into `dest`. The vocoder upsamples 1,024x, so a second of audio is a
     16-frame mel spectrogram: cheap on a CPU."""
     import torch
-    from diffusers import AudioLDMPipeline, AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AudioLDMPipeline
     from transformers import ClapTextConfig, ClapTextModelWithProjection, SpeechT5HifiGan, SpeechT5HifiGanConfig
 
     quiet()
 
     tok = _train_tokenizer(model_max_length=77, add_bos_eos=True)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
         cross_attention_dim=(32, 64),
         class_embed_type="simple_projection",  # the CLAP text embedding conditions every block
         projection_class_embeddings_input_dim=32,
         class_embeddings_concat=True,
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=1,
-        out_channels=1,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-    )
+    scheduler = _ddim()
+    vae = _tiny_vae(channels=1)
     torch.manual_seed(0)
     text_encoder = ClapTextModelWithProjection(ClapTextConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
         vocab_size=len(tok),
         projection_dim=32,
         # RoBERTa-style positions start after the pad id.
         max_position_embeddings=tok.model_max_length + tok.pad_token_id + 2,
+        **TEXT_SHAPE,
     )).eval()
     torch.manual_seed(0)
     vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
@@ -321,8 +283,7 @@ def build_video(dest: Path) -> None:
     """A tiny text-to-video pipeline (TextToVideoSD: a 3D UNet with temporal
     attention, the image demo's VAE and CLIP shapes) with random weights, saved into `dest`."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 
     quiet()
 
@@ -340,30 +301,9 @@ def build_video(dest: Path) -> None:
         attention_head_dim=4,
         norm_num_groups=2,
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-    )
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        hidden_size=32,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        vocab_size=len(tok),
-        max_position_embeddings=tok.model_max_length,
-    )).eval()
+    scheduler = _ddim()
+    vae = _tiny_vae()
+    text_encoder = _tiny_clip(tok)
     pipe = TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(Path(dest))
 
