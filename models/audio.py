@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models import image
 from models.batch_rows import StepProgress, generators, live_rows, seeds_of
-from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
+from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, parse, pipeline_bytes
 
 FAMILY = "text-to-audio"
 PINS = True
@@ -76,8 +76,7 @@ class AudioModel:
     def __init__(self, pipe, device):
         self.pipe = pipe
         self.device = device
-        self.nbytes = sum(t.numel() * t.element_size() for c in pipe.components.values() if hasattr(c, "parameters")
-                          for t in [*c.parameters(), *c.buffers()])
+        self.nbytes = pipeline_bytes(pipe)
         self.call_args = set(inspect.signature(pipe.__call__).parameters)
         vocoder = getattr(pipe, "vocoder", None)
         self.sample_rate = int(vocoder.config.sampling_rate if vocoder is not None else pipe.vae.sampling_rate)

@@ -26,6 +26,16 @@ OnProgress = Callable[[int, int, int], None]
 IsCancelled = Callable[[int], bool]
 
 
+def module_bytes(*modules) -> int:
+    """Bytes of the parameters and buffers of torch `modules` (what a loaded model holds)."""
+    return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+def pipeline_bytes(pipe) -> int:
+    """Bytes of a diffusers pipeline's torch components (its tokenizers and schedulers hold none)."""
+    return module_bytes(*(c for c in pipe.components.values() if hasattr(c, "parameters")))
+
+
 class InputInvalid(ValueError):
     """A job input failed validation. `errors` is a list of {"field", "message"}."""
 

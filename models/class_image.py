@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models import image
 from models.batch_rows import StepProgress, live_rows, seeds_of
-from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, parse
+from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, module_bytes, parse
 
 FAMILY = "class-to-image"
 PINS = True
@@ -86,7 +86,7 @@ class ClassImageModel:
         self.scheduler_cls = type(pipe.scheduler)
         self.device = device
         self.num_classes = int(self.unet.config.num_class_embeds)
-        self.nbytes = sum(t.numel() * t.element_size() for t in [*self.unet.parameters(), *self.unet.buffers()])
+        self.nbytes = module_bytes(self.unet)
 
     def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled) -> list[Result | None]:
         import torch

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
+from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, parse, pipeline_bytes
 from models.batch_rows import StepProgress, generators, live_rows, seeds_of
 from models.libraries import quiet
 
@@ -205,11 +205,7 @@ class ImageModel:
     def __init__(self, pipe, device):
         self.pipe = pipe
         self.device = device
-        tensors = []
-        for component in pipe.components.values():
-            if hasattr(component, "parameters"):
-                tensors += list(component.parameters()) + list(component.buffers())
-        self.nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.nbytes = pipeline_bytes(pipe)
         self.call_args = set(inspect.signature(pipe.__call__).parameters)
         # The pipeline's own scheduler, and those made from its config, by job choice.
         self.schedulers = {None: pipe.scheduler}

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
+from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, module_bytes, parse
 from models.libraries import quiet
 
 FAMILY = "text-generation"
@@ -233,7 +233,7 @@ class TextModel:
             pad = min(self.eos_ids) if self.eos_ids else 0
         self.pad_id = pad
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
-        self.base_nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        self.base_nbytes = module_bytes(model)
         # LoRA fine-tunes served on this base (models/text_adapters.py), once serve_adapters() is called.
         self.adapters = None
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models import image
 from models.batch_rows import StepProgress, generators, live_rows, seeds_of
-from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
+from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, parse, pipeline_bytes
 
 FAMILY = "text-to-video"
 PINS = True
@@ -89,8 +89,7 @@ class VideoModel:
     def __init__(self, pipe, device):
         self.pipe = pipe
         self.device = device
-        self.nbytes = sum(t.numel() * t.element_size() for c in pipe.components.values() if hasattr(c, "parameters")
-                          for t in [*c.parameters(), *c.buffers()])
+        self.nbytes = pipeline_bytes(pipe)
         self.call_args = set(inspect.signature(pipe.__call__).parameters)
 
     def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled) -> list[Result | None]:

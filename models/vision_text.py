@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from models import image_input
-from models.base import IsCancelled, InputInvalid, OnProgress, Result, check_bound, check_chars, parse
+from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, module_bytes, parse
 from models.libraries import quiet
 
 FAMILY = "image-text-to-text"
@@ -116,7 +116,7 @@ class VisionTextModel:
         self.model = model
         self.processor = processor
         self.device = device
-        self.nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        self.nbytes = module_bytes(model)
         self.image_token = getattr(processor, "image_token", "<image>")
 
     def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled) -> list[Result | None]:
