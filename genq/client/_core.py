@@ -77,6 +77,36 @@ class Call:
 RETRY_STATUSES = (429, 503)
 
 
+def build(http: httpx.Client | httpx.AsyncClient, call: Call, headers: dict, anonymous: bool = False) -> httpx.Request:
+    """The request for `call` on `http` (both clients build alike); `anonymous`: no Authorization header."""
+    request = http.build_request(
+        call.method, call.path, params=call.params, json=call.json, files=call.files, data=call.data,
+        headers={**headers, **call.headers},
+        timeout=call.timeout if call.timeout is not None else httpx.USE_CLIENT_DEFAULT)
+    if anonymous:
+        request.headers.pop("Authorization", None)
+    return request
+
+
+def retry_delay(retries: Retries, call: Call, attempt: int, *, response: httpx.Response | None = None,
+                exc: httpx.TransportError | None = None) -> float:
+    """How long to wait before trying `call` again after its `attempt`-th try
+    ended in an error answer (`response`) or no answer (`exc`); raises the
+    error to give the caller when it is not to be tried again."""
+    if exc is not None:
+        # A connection never made was never sent: always safe to retry. Otherwise only what is idempotent.
+        never_sent = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+        delay = retries.delay(attempt, None) if never_sent or call.idempotent else None
+        if delay is None:
+            raise connection_error(call, exc) from exc
+        return delay
+    error = failure(response)
+    delay = retries.delay(attempt, error.retry_after) if response.status_code in RETRY_STATUSES else None
+    if delay is None:
+        raise error
+    return delay
+
+
 def failure(response: httpx.Response) -> errors.APIError:
     return errors.from_response(response.status_code, response.headers, response.content)
 

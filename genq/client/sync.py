@@ -62,30 +62,16 @@ class Client:
         """Send `call`, retrying what Retries allows; an error answer raises its APIError."""
         attempt = 0
         while True:
-            request = self._http.build_request(
-                call.method, call.path, params=call.params, json=call.json, files=call.files, data=call.data,
-                headers={**self._headers, **call.headers},
-                timeout=call.timeout if call.timeout is not None else httpx.USE_CLIENT_DEFAULT)
-            if anonymous:
-                request.headers.pop("Authorization", None)
+            request = core.build(self._http, call, self._headers, anonymous)
+            attempt += 1
             try:
                 response = self._http.send(request)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                delay = self.retries.delay(attempt := attempt + 1, None)  # never sent: always safe to retry
-                if delay is None:
-                    raise core.connection_error(call, exc) from exc
             except httpx.TransportError as exc:
-                delay = self.retries.delay(attempt := attempt + 1, None) if call.idempotent else None
-                if delay is None:
-                    raise core.connection_error(call, exc) from exc
+                delay = core.retry_delay(self.retries, call, attempt, exc=exc)
             else:
                 if response.status_code < 400:
                     return response
-                error = core.failure(response)
-                delay = (self.retries.delay(attempt := attempt + 1, error.retry_after)
-                         if response.status_code in core.RETRY_STATUSES else None)
-                if delay is None:
-                    raise error
+                delay = core.retry_delay(self.retries, call, attempt, response=response)
             self._sleep(delay)
 
     def _json(self, call: core.Call) -> dict:

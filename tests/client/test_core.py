@@ -110,3 +110,29 @@ def test_model_output_reaches_a_terminal_without_its_control_characters(monkeypa
     assert commands._for_terminal(text) == "ok\tline\n\ufffd]0;owned\ufffd\ufffd\ufffdend"
     monkeypatch.setattr("sys.stdout", io.StringIO())
     assert commands._for_terminal(text) == text  # a pipe gets the output as it is
+
+
+def test_what_is_tried_again_after_no_answer_or_an_error_answer():
+    import httpx
+
+    retries = core.Retries(max_retries=2, max_wait=30)
+    post, get = core.Call("POST", "/v1/jobs"), core.Call("GET", "/v1/jobs/x", idempotent=True)
+    never_sent, cut = httpx.ConnectError("refused"), httpx.ReadError("reset")
+    # Never sent: any call is tried again, until the retries are spent.
+    assert core.retry_delay(retries, post, 1, exc=never_sent) > 0
+    with pytest.raises(errors.APIConnectionError):
+        core.retry_delay(retries, post, 3, exc=never_sent)
+    # Sent and cut off: only an idempotent call.
+    assert core.retry_delay(retries, get, 1, exc=cut) > 0
+    with pytest.raises(errors.APIConnectionError):
+        core.retry_delay(retries, post, 1, exc=cut)
+    # 429 and 503 wait as told; other errors are raised at once, as their class.
+    request = httpx.Request("POST", "http://x/v1/jobs")
+    busy = httpx.Response(429, headers={"Retry-After": "2"}, request=request,
+                          json={"title": "Too Many Requests", "detail": "slow down"})
+    assert core.retry_delay(retries, post, 1, response=busy) == 2.0
+    with pytest.raises(errors.RateLimited):
+        core.retry_delay(retries, post, 3, response=busy)
+    with pytest.raises(errors.ValidationError):
+        core.retry_delay(retries, post, 1, response=httpx.Response(
+            422, request=request, json={"title": "Unprocessable", "detail": "input.prompt: required"}))
