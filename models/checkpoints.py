@@ -53,6 +53,19 @@ def _local(checkpoint: str, model_dir: Path) -> str:
     return ensure_checkpoint(checkpoint, model_dir) if checkpoint.startswith(DEMO) else checkpoint
 
 
+def on_this_machine(checkpoint: str, model_dir: Path) -> Path | None:
+    """Where a base checkpoint's files are (or will be, for a demo not yet
+    built) without building or fetching anything: a demo's directory under
+    `model_dir`, a local directory; None for a hub id or a fine-tuned version."""
+    if checkpoint.startswith(DEMO):
+        from models.demo import DEMOS
+
+        return Path(model_dir) / DEMOS[checkpoint][0] if checkpoint in DEMOS else None
+    if checkpoint.startswith("/"):
+        return Path(checkpoint)
+    return None
+
+
 def adapter_dir(spec, model_dir: Path, storage) -> Path:
     """The local directory of a LoRA fine-tune's adapter files (as the fine-tune
     wrote them: adapter_config.json, adapter_model.safetensors), fetched from

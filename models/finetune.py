@@ -199,15 +199,10 @@ def chat_template_known(checkpoint: str, model_dir: Path) -> bool | None:
     files without loading it: True or False for a local directory (a demo
     checkpoint once built), None for what is not on this machine (a hub id),
     which the trainer checks when it loads the tokenizer."""
-    if checkpoint.startswith("demo:"):
-        from models.demo import DEMOS
+    from models.checkpoints import on_this_machine
 
-        if checkpoint not in DEMOS:
-            return None
-        path = Path(model_dir) / DEMOS[checkpoint][0]
-    elif checkpoint.startswith("/"):
-        path = Path(checkpoint)
-    else:
+    path = on_this_machine(checkpoint, model_dir)
+    if path is None:
         return None
     config = path / "tokenizer_config.json"
     if not config.is_file():

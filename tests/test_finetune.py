@@ -430,8 +430,10 @@ def test_a_chat_fine_tune_with_a_validation_file_runs_on_the_embedded_stack(sqli
 def test_a_running_fine_tune_canceled_stops_at_the_next_step_and_keeps_its_last_checkpoint(sqlite_stack):
     client, settings = sqlite_stack["client"], sqlite_stack["settings"]
     tenant = make_key(settings, f"ft-{secrets.token_hex(4)}")
-    job = fine_tune(client, tenant, file_of(client, tenant, [CHAT_ROW] * 4), "lora",
-                    {"max_steps": 5_000, "batch_size": 2}, suffix="canceled")
+    # 3,200 steps (64 rows, 2 a step, 100 epochs): far more than the cancel needs to land in,
+    # however slow or fast the machine (4 rows and the default 3 epochs ran out first once).
+    job = fine_tune(client, tenant, file_of(client, tenant, [CHAT_ROW] * 64), "lora",
+                    {"max_steps": 5_000, "batch_size": 2, "epochs": 100}, suffix="canceled")
     running = wait_job(client.get, job["id"], tenant, timeout=120, until=("running", "succeeded", "failed"))
     deadline = time.monotonic() + 120
     while not (running.get("progress") or {}).get("current"):
