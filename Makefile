@@ -28,7 +28,7 @@ up: $(STAMP)
 	$(VENV)/bin/genq up
 
 test: $(STAMP) browser
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/batching.py
