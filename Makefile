@@ -13,21 +13,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q $(FIND_LINKS) -c constraints.txt -e '.[worker,test]'
 	touch $(STAMP)
 
-.PHONY: install up test bench test-vllm browser
+.PHONY: install up test bench test-vllm browser tools
 install: $(STAMP)
 
-# tests/client/test_docs_browser.py and test_console_browser.py open /docs and
-# /console in Debian's chromium. Where it is missing and apt-get can be run (as
-# root), it is installed once; elsewhere those tests skip and say why.
-browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } ; } || \
-	  echo "chromium is not installed: the /docs and /console browser tests will skip"
+# Debian tools some tests drive: chromium (tests/client/test_docs_browser.py and
+# test_console_browser.py open /docs and /console in it) and promtool, from the
+# prometheus package (tests/infra/test_alert_rules.py checks the alert rules
+# with it). Where one is missing and apt-get can be run (as root), what is
+# missing is installed in one go; elsewhere those tests skip and say why.
+TOOLS_MISSING = $(strip $(if $(shell command -v chromium),,chromium) $(if $(shell command -v promtool),,prometheus))
+browser tools:
+	@[ -z "$(TOOLS_MISSING)" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get update -q >/dev/null && apt-get install -y -q $(TOOLS_MISSING) >/dev/null; } ; } || \
+	  echo "not installed: $(TOOLS_MISSING); the browser and alert-rule tests will skip"
 
 up: $(STAMP)
 	$(VENV)/bin/genq up
 
-test: $(STAMP) browser
+test: $(STAMP) tools
 	$(VENV)/bin/pytest -q --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
