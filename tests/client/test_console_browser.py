@@ -223,7 +223,9 @@ def test_a_fine_tune_from_an_uploaded_dataset_draws_its_loss_live(up, browser):
         page.wait_for_selector("#job-status.succeeded", timeout=WAIT_MS)
         text_job = httpx.get(page.url.replace("/console/", "/v1/"), headers={"Authorization": f"Bearer {key}"},
                              timeout=30).json()
-        assert text_job["model"] == model and text_job["output"]["text"]
+        # Six steps of LoRA leave the first token near a tie: the new model may end at once (EOS first,
+        # text ""), so that its text is non-empty is checked on the fixed demo-text model below.
+        assert text_job["model"] == model and text_job["output"]["tokens"] >= 1
         assert page.locator("#job-text").evaluate("e => e.textContent") == text_job["output"]["text"]
     finally:
         page.context.close()
@@ -248,6 +250,9 @@ def test_a_jobs_webhook_deliveries_are_listed_and_one_is_sent_again(up, browser)
         page.click("#submit")
         page.wait_for_url("**/console/jobs/*")
         page.wait_for_selector("#job-status.succeeded", timeout=WAIT_MS)
+        # The text streamed into the page is the job's output, whole.
+        text = httpx.get(page.url.replace("/console/", "/v1/"), headers=headers, timeout=30).json()["output"]["text"]
+        assert text and page.locator("#job-text").evaluate("e => e.textContent") == text
         receiver.wait_for(lambda: len(receiver.processed) == 1, what="first delivery")
         deadline = time.monotonic() + 30
         while "succeeded" not in page.inner_text("#deliveries tbody") and time.monotonic() < deadline:
