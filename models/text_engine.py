@@ -372,9 +372,7 @@ class TextEngine:
         ours, theirs = self.mask.shape[1], mask.shape[1]
         width = max(ours, theirs)
         for mine, new in zip(self.cache.layers, cache.layers, strict=True):
-            # Zeros, not garbage: a masked column's attention weight is exactly 0, but 0 x NaN is NaN.
-            mine.keys = torch.cat([_pad_columns(mine.keys, width - ours), _pad_columns(new.keys, width - theirs)])
-            mine.values = torch.cat([_pad_columns(mine.values, width - ours), _pad_columns(new.values, width - theirs)])
+            mine.append_rows(new.keys, new.values, self.max_rows)
         self.mask = torch.cat([F.pad(self.mask, (width - ours, 0)), F.pad(mask, (width - theirs, 0))])
         self.last = torch.cat([self.last, last])
         self.seen = torch.cat([self.seen, seen])
@@ -482,8 +480,7 @@ class TextEngine:
         used = mask.any(0).nonzero()
         first = int(used[0, 0]) if used.numel() else mask.shape[1]
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
-            layer.values = layer.values.index_select(0, index)[:, :, first:]
+            layer.keep_rows(keep, index, first)
         self.mask = mask[:, first:]
         self.last = self.last.index_select(0, index)
         self.seen = self.seen.index_select(0, index)
@@ -504,19 +501,25 @@ _GROWING = None
 
 
 def _growing_layer_class():
-    """transformers' DynamicLayer, writing each step's key/value column into
-    spare room at the end of a buffer instead of concatenating.
+    """transformers' DynamicLayer over a buffer with spare rows and columns: a
+    step writes its column in place, a row that joins is copied into a spare
+    row, a row that leaves is closed over by the rows after it.
 
     DynamicLayer.update does torch.cat([cache, new]) every step: a copy of the
     whole cache per layer per step, which for a running batch that never ends
     (continuous batching keeps a long row's cache alive while short rows come
-    and go) cost about as much as the forward pass at 8 rows on CPU. Here a
-    step writes one column in place and the cache is a view of the buffer's
-    first columns; the buffer grows by a quarter (at least ROOM columns) when
-    full, so a step copies one column on average. The engine's own merges,
-    removals and trims replace `keys`/`values` with new tensors; the next
-    update sees they are no longer a view of the buffer and takes them into a
-    fresh one (one copy, as those operations already make).
+    and go) cost about as much as the forward pass at 8 rows on CPU. And a join
+    or a leave that rebuilt the cache (torch.cat of the batch and the new rows,
+    index_select of the rows that stay) copied all of it once, and the next
+    step copied it again into a buffer with room. Here `keys`/`values` are a
+    window buf[:rows, :, first:end] of a buffer [row room, heads, column room,
+    dim]: a step writes column `end`; a join writes the new rows' columns (and
+    the zeros of their left padding) into spare rows; a leave moves only the
+    rows after the first one that left, and trimming columns every remaining
+    row pads is moving `first`. The buffer is copied into a bigger one only
+    when it is full (a quarter more columns, at least ROOM). Anything that
+    replaces keys/values with tensors of its own (not a window of the buffer)
+    is taken into a fresh buffer at the next update, one copy.
     """
     global _GROWING
     if _GROWING is None:
@@ -529,37 +532,106 @@ def _growing_layer_class():
                 super().lazy_initialization(key_states, value_states)
                 self._buffers = None
 
+            def _window(self):
+                """(rows, first, end) of the buffer keys and values are a view of, or None."""
+                bufs = getattr(self, "_buffers", None)
+                if bufs is None:
+                    return None
+                w = _window_of(self.keys, bufs[0])
+                return w if w is not None and w == _window_of(self.values, bufs[1]) else None
+
+            def _rebuffer(self, rows: int, columns: int) -> tuple[int, int, int]:
+                """A fresh buffer with room for `rows` rows and `columns` more columns, holding
+                the cache at its start; returns the new window."""
+                have_rows, have = (self.keys.shape[0], self.keys.shape[-2]) if self.keys.dim() == 4 else (0, 0)
+                need = have + columns
+                room = need + max(self.ROOM, need // 4)
+                rows = max(rows, have_rows)
+                bufs = (self.keys.new_zeros((rows, self._heads, room, self._key_dim)),
+                        self.values.new_zeros((rows, self._heads, room, self._value_dim)))
+                if have:
+                    bufs[0][:have_rows, :, :have].copy_(self.keys)
+                    bufs[1][:have_rows, :, :have].copy_(self.values)
+                self._buffers = bufs
+                self.keys, self.values = bufs[0][:have_rows, :, :have], bufs[1][:have_rows, :, :have]
+                return have_rows, 0, have
+
             def update(self, key_states, value_states, *args, **kwargs):
                 if not self.is_initialized:
                     self.lazy_initialization(key_states, value_states)
-                keys, values = self.keys, self.values
-                have = keys.shape[-2] if keys.dim() == 4 else 0
-                need = have + key_states.shape[-2]
-                bufs = self._buffers
-                if bufs is None or not (_prefix_of(keys, bufs[0]) and _prefix_of(values, bufs[1])) \
-                        or bufs[0].shape[-2] < need:
-                    room = need + max(self.ROOM, need // 4)
-                    shape = (*key_states.shape[:2], room, key_states.shape[-1])
-                    bufs = (key_states.new_empty(shape), value_states.new_empty(shape[:3] + value_states.shape[-1:]))
-                    if have:
-                        bufs[0][:, :, :have].copy_(keys)
-                        bufs[1][:, :, :have].copy_(values)
-                    self._buffers = bufs
-                bufs[0][:, :, have:need].copy_(key_states)
-                bufs[1][:, :, have:need].copy_(value_states)
-                self.keys, self.values = bufs[0][:, :, :need], bufs[1][:, :, :need]
+                self._heads, self._key_dim, self._value_dim = \
+                    key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
+                rows, columns = key_states.shape[0], key_states.shape[-2]
+                w = self._window()
+                if w is None or w[0] != rows or w[2] + columns > self._buffers[0].shape[-2]:
+                    w = self._rebuffer(rows, columns)
+                _, first, end = w
+                kb, vb = self._buffers
+                kb[:rows, :, end:end + columns].copy_(key_states)
+                vb[:rows, :, end:end + columns].copy_(value_states)
+                self.keys, self.values = kb[:rows, :, first:end + columns], vb[:rows, :, first:end + columns]
                 return self.keys, self.values
+
+            def append_rows(self, keys, values, row_room: int) -> None:
+                """Add rows whose cache is `keys`/`values` [k, heads, columns, dim] below the
+                running ones, both left-padded with zero columns to the wider of the two.
+                Zeros, not garbage: a masked column's attention weight is exactly 0, but 0 x NaN is NaN."""
+                k, theirs = keys.shape[0], keys.shape[-2]
+                w = self._window()
+                if w is not None:
+                    rows, first, end = w
+                    width = max(end - first, theirs)
+                    start = end - width
+                    if rows + k <= self._buffers[0].shape[0] and start >= 0:
+                        for buf, new in zip(self._buffers, (keys, values)):
+                            buf[:rows, :, start:first].zero_()
+                            buf[rows:rows + k, :, start:end - theirs].zero_()
+                            buf[rows:rows + k, :, end - theirs:end].copy_(new)
+                        self.keys = self._buffers[0][:rows + k, :, start:end]
+                        self.values = self._buffers[1][:rows + k, :, start:end]
+                        return
+                rows, ours = self.keys.shape[0], self.keys.shape[-2]
+                width = max(ours, theirs)
+                room = width + max(self.ROOM, width // 4)
+                bufs = (keys.new_zeros((max(row_room, rows + k), keys.shape[1], room, keys.shape[-1])),
+                        values.new_zeros((max(row_room, rows + k), values.shape[1], room, values.shape[-1])))
+                for buf, mine, new in zip(bufs, (self.keys, self.values), (keys, values)):
+                    buf[:rows, :, width - ours:width].copy_(mine)
+                    buf[rows:rows + k, :, width - theirs:width].copy_(new)
+                self._buffers = bufs
+                self.keys, self.values = bufs[0][:rows + k, :, :width], bufs[1][:rows + k, :, :width]
+
+            def keep_rows(self, keep: list[int], index, trim: int) -> None:
+                """Keep rows `keep` (ascending; `index` the same as a tensor) and drop the first
+                `trim` columns, padding in every row kept."""
+                w = self._window()
+                if w is None:
+                    self.keys = self.keys.index_select(0, index)[:, :, trim:]
+                    self.values = self.values.index_select(0, index)[:, :, trim:]
+                    return
+                _, first, end = w
+                moved = next((i for i, r in enumerate(keep) if r != i), None)
+                if moved is not None:
+                    # Rows keep their order, so each moves up into room already given up.
+                    tail = index[moved:]
+                    for buf in self._buffers:
+                        buf[moved:len(keep), :, first:end].copy_(buf[:, :, first:end].index_select(0, tail))
+                self.keys = self._buffers[0][:len(keep), :, first + trim:end]
+                self.values = self._buffers[1][:len(keep), :, first + trim:end]
 
         _GROWING = GrowingLayer
     return _GROWING
 
 
-def _prefix_of(view, buf) -> bool:
-    """Whether `view` is buf[:, :, :n] for some n (what update() last handed out, not since replaced)."""
-    return (view.dim() == 4 and view.data_ptr() == buf.data_ptr() and view.stride() == buf.stride()
-            and view.shape[:2] == buf.shape[:2] and view.shape[-1] == buf.shape[-1])
-
-
-def _pad_columns(t, n: int):
-    """`t` [rows, heads, columns, dim] with `n` zero columns on the left."""
-    return F.pad(t, (0, 0, n, 0)) if n else t
+def _window_of(view, buf):
+    """(rows, first, end) if `view` is buf[:rows, :, first:end], else None."""
+    if view.dim() != 4 or view.numel() == 0 or view.stride() != buf.stride() or view.shape[1] != buf.shape[1] \
+            or view.shape[3] != buf.shape[3] or view.shape[0] > buf.shape[0]:
+        return None
+    offset, column = view.data_ptr() - buf.data_ptr(), buf.stride(2) * buf.element_size()
+    if offset < 0 or offset % column:
+        return None
+    first = offset // column
+    if first + view.shape[2] > buf.shape[2]:
+        return None
+    return view.shape[0], first, first + view.shape[2]

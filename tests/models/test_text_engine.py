@@ -114,6 +114,8 @@ def check_cache(engine: TextEngine) -> None:
         assert engine.mask[r, engine.width() - n:].all()
     for layer in engine.cache.layers:
         assert layer.keys.shape[0] == len(engine) and layer.keys.shape[2] == engine.width()
+        # Padding columns are masked, but must hold numbers: a masked weight is 0, and 0 x NaN is NaN.
+        assert layer.keys.isfinite().all() and layer.values.isfinite().all()
 
 
 def alone(model, jobs) -> dict:
@@ -366,3 +368,45 @@ def test_a_step_writes_its_column_in_place_instead_of_copying_the_cache(model):
     while len(engine):
         rec.take(engine.step())
     assert rec.streams() == solo
+
+
+def test_joins_and_leaves_keep_the_running_rows_where_they_are(model):
+    """Rows join into spare rows of the cache's buffer and leave by the rows
+    after them moving up: once the buffer has room for max_rows, joins, leaves
+    and steps never copy it whole (each copy was a step's worth of work at 8
+    rows), and every row's tokens are still its solo ones."""
+    # The longest prompts start, so the rows that join fit within the columns already there
+    # (a longer one makes room on the left: a bigger buffer, by design).
+    jobs = sorted(random_jobs(6, seed=21), key=lambda j: -len(model.sequence(0, j).prompt))
+    jobs = [j.model_copy(update={"max_new_tokens": 12 + 3 * k, "stop": []}) for k, j in enumerate(jobs)]
+    solo = alone(model, jobs)
+    engine = model.engine(4)
+    rec = Recorder(engine)
+    rec.take(engine.add([model.sequence(0, jobs[0]), model.sequence(1, jobs[1])]))
+    rec.take(engine.step())
+    rec.take(engine.add([model.sequence(2, jobs[2])]))  # the buffer takes room for 4 rows here
+
+    def storage():
+        return [(layer.keys.untyped_storage().data_ptr(), layer.values.untyped_storage().data_ptr())
+                for layer in engine.cache.layers]
+
+    held = storage()
+    rec.take(engine.step())
+    check_cache(engine)
+    rec.take(engine.add([model.sequence(3, jobs[3])]))
+    engine.drop(1)  # a row in the middle leaves
+    check_cache(engine)
+    assert storage() == held
+    rec.take(engine.add([model.sequence(4, jobs[4])]))
+    for _ in range(3):
+        rec.take(engine.step())
+        check_cache(engine)
+    assert storage() == held
+    while len(engine) or 5 not in rec.streams():
+        if 5 not in rec.streams() and len(engine) < 4:
+            rec.take(engine.add([model.sequence(5, jobs[5])]))
+        rec.take(engine.step())
+        check_cache(engine)
+    streams = rec.streams()
+    for k in (0, 2, 3, 4, 5):
+        assert streams[k] == solo[k]
