@@ -13,7 +13,10 @@
   service and through the engine's own loop (no queue, no database);
 - throughput as capacity: the same jobs all queued at once through the
   service, static and continuous (the Poisson replay's tokens/s is the
-  offered load for a mode that keeps up with the arrivals).
+  offered load for a mode that keeps up with the arrivals);
+- the bare engine against static batching as genq did it before the engine
+  (transformers' generate() on batches of 8, each run to its longest job), the
+  baseline the continuous-batching issue names.
 
     .venv/bin/python bench/continuous.py [--jobs 100] [--rate-factor 3] [--threads 1]
                                          [--checkpoint DIR] [--device cpu] [--dtype float32]
@@ -155,6 +158,34 @@ class Bare:
             padded = [i.model_copy(update={"max_new_tokens": longest}) for i in batch]
             results = self.model.run(padded, lambda *a: None, lambda r: False)
             tokens += sum(min(r.output["tokens"], i.max_new_tokens) for r, i in zip(results, batch))
+        return time.perf_counter() - started, tokens
+
+    def generate_static(self, jobs) -> tuple[float, int]:
+        """Static batches through transformers' own generate(), as genq ran text
+        before the engine: the batch's prompts left-padded, every row decoding
+        until the batch's longest job is done (min_new_tokens holds a row that
+        would end early to the length generate() kept it running anyway); only
+        a job's own tokens count."""
+        import torch
+
+        seqs = [self.model.sequence(i, inp) for i, inp in enumerate(self.inputs(jobs))]
+        lm, pad = self.model.model, self.model.pad_id
+        tokens = 0
+        started = time.perf_counter()
+        for k in range(0, len(seqs), ROWS):
+            batch = seqs[k:k + ROWS]
+            width, longest = max(len(s.prompt) for s in batch), max(s.limit for s in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, s in enumerate(batch):
+                ids[r, width - len(s.prompt):] = torch.tensor(s.prompt)
+                mask[r, width - len(s.prompt):] = 1
+            with torch.inference_mode():
+                out = lm.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
+                                  max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                                  pad_token_id=pad)
+            assert out.shape[1] == width + longest
+            tokens += sum(s.limit for s in batch)
         return time.perf_counter() - started, tokens
 
     def step_seconds(self, rows: int, steps: int = 40) -> float:
@@ -366,6 +397,7 @@ def main() -> int:
             seconds, tokens = (before_seconds + after_seconds) / 2, (before_tokens + after_tokens) / 2
             s_seconds, s_tokens = bare.static(jobs)
             g_seconds, g_tokens = bare.static_to_longest(jobs)
+            t_seconds, t_tokens = bare.generate_static(jobs)
             print(f"\nservice / bare engine (all {len(jobs)} jobs queued at once, {ROWS} rows): "
                   f"{svc_rate:.1f} / {tokens / seconds:.1f} tokens/s = {svc_rate / (tokens / seconds):.2f} (bare: "
                   f"{before_tokens / before_seconds:.1f} before the service, {after_tokens / after_seconds:.1f} after)")
@@ -380,6 +412,8 @@ def main() -> int:
                   f"({full / one:.1f}x the time for {ROWS}x the tokens)")
             print(f"bare engine, static batches whose rows all run to the batch's longest job, as generate() ran "
                   f"them: {g_tokens / g_seconds:.1f} tokens/s; continuous {tokens / seconds / (g_tokens / g_seconds):.2f}x")
+            print(f"transformers' generate(), static batches of {ROWS} to the longest job (genq's text path before "
+                  f"the engine): {t_tokens / t_seconds:.1f} tokens/s; continuous {tokens / seconds / (t_tokens / t_seconds):.2f}x")
         finally:
             svc.close()
     return 0
