@@ -546,7 +546,8 @@ def _growing_layer_class():
                 have_rows, have = (self.keys.shape[0], self.keys.shape[-2]) if self.keys.dim() == 4 else (0, 0)
                 need = have + columns
                 room = need + max(self.ROOM, need // 4)
-                rows = max(rows, have_rows)
+                # Room for the rows the batch may grow to, once a join said how many (append_rows).
+                rows = max(rows, have_rows, getattr(self, "_row_room", 0))
                 bufs = (self.keys.new_zeros((rows, self._heads, room, self._key_dim)),
                         self.values.new_zeros((rows, self._heads, room, self._value_dim)))
                 if have:
@@ -577,6 +578,7 @@ def _growing_layer_class():
                 running ones, both left-padded with zero columns to the wider of the two.
                 Zeros, not garbage: a masked column's attention weight is exactly 0, but 0 x NaN is NaN."""
                 k, theirs = keys.shape[0], keys.shape[-2]
+                self._row_room = row_room
                 w = self._window()
                 if w is not None:
                     rows, first, end = w

@@ -410,3 +410,32 @@ def test_joins_and_leaves_keep_the_running_rows_where_they_are(model):
     streams = rec.streams()
     for k in (0, 2, 3, 4, 5):
         assert streams[k] == solo[k]
+
+
+def test_a_buffer_grown_by_a_step_keeps_room_for_the_rows_a_batch_may_have(text_model):
+    """When steps fill the buffer's columns it is copied into a bigger one; that
+    one still has room for max_rows rows, so a row that joins later is written
+    into it, not into yet another copy (the service saw one copy per join)."""
+    jobs = [text.Input(prompt="Once upon a time there was", max_new_tokens=70, temperature=0.7, seed=s) for s in (5, 6)]
+    jobs.append(text.Input(prompt="A", max_new_tokens=10, temperature=0.7, seed=7))
+    solo = alone(text_model, jobs)
+    engine = text_model.engine(3)
+    rec = Recorder(engine)
+    rec.take(engine.add([text_model.sequence(0, jobs[0])]))
+    rec.take(engine.add([text_model.sequence(1, jobs[1])]))  # a join: room for 3 rows from here on
+
+    def storage():
+        return [layer.keys.untyped_storage().data_ptr() for layer in engine.cache.layers]
+
+    first, grown = storage(), 0
+    for _ in range(50):
+        rec.take(engine.step())
+        grown += storage() != first
+        first = storage()
+    assert grown and len(engine) == 2  # the steps outgrew the buffer at least once
+    rec.take(engine.add([text_model.sequence(2, jobs[2])]))
+    assert storage() == first
+    while len(engine):
+        rec.take(engine.step())
+        check_cache(engine)
+    assert rec.streams() == solo
