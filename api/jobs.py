@@ -125,8 +125,12 @@ def queue_of(job, context) -> dict | None:
 
 def queue_of_id(job_id: str, context) -> dict | None:
     """The place in line of the job `job_id` if it is queued, or None."""
-    with context.read() as conn:
-        place = context.line.place(conn, job_id)
+    fresh, place = context.line.kept(job_id)
+    if not fresh:
+        # A connection only when the place is not in memory: a poll of a queued
+        # job then makes its one statement (the job's) most of the time.
+        with context.read() as conn:
+            place = context.line.place(conn, job_id)
     return place.shown() if place is not None else None
 
 

@@ -108,14 +108,22 @@ class Line:
         self._sql: tuple[str, dict] | None = None
         self._places: dict[str, tuple[float, Place | None]] = {}
 
+    def kept(self, job_id: str) -> tuple[bool, Place | None]:
+        """(True, the place) if the job's place was read within `seconds`,
+        else (False, None): a caller can skip opening a connection."""
+        kept = self._places.get(job_id)
+        if kept is not None and time.monotonic() - kept[0] < self.seconds:
+            return True, kept[1]
+        return False, None
+
     def place(self, conn: Connection, job_id: str) -> Place | None:
         """The job's place, or None if it is not queued (any more). A job's
         place is kept `seconds` too: a client polling one queued job pays for
         it once per `seconds`, not on every poll."""
         now = time.monotonic()
-        kept = self._places.get(job_id)
-        if kept is not None and now - kept[0] < self.seconds:
-            return kept[1]
+        fresh, place = self.kept(job_id)
+        if fresh:
+            return place
         found = self._place(conn, job_id)
         with self._lock:
             if len(self._places) > 10_000:

@@ -88,10 +88,15 @@ def test_a_poll_with_a_warm_key_cache_is_one_statement(app, client, settings):
     with statements(app) as sent:
         assert client.get(f"/v1/jobs/{job_id}", headers=headers).get_json()["queue"]["position"] >= 0
     assert len(sent) > 1
+    checkouts = []
+    engine = app.extensions["genq"].sessions.kw["bind"]
+    event.listen(engine, "checkout", lambda *a: checkouts.append(1))
     with statements(app) as sent:
         resp = client.get(f"/v1/jobs/{job_id}", headers=headers)
     assert resp.status_code == 200 and resp.get_json()["id"] == job_id
     assert len(sent) == 1, sent
+    # And one connection: the place in line, kept in memory, needs none.
+    assert len(checkouts) == 1
     # By id and owner at once: another tenant's job is never read into the process.
     assert "FROM jobs" in sent[0] and "jobs.id =" in sent[0] and "jobs.tenant_id =" in sent[0]
     # A cold process verifies the key first, in one statement of its own
