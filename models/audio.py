@@ -3,7 +3,6 @@ pipeline (AudioLDM, AudioLDM 2, MusicLDM, Stable Audio: whatever class the
 checkpoint's model_index.json names), batched, one generator per clip."""
 from __future__ import annotations
 
-import inspect
 import io
 import wave
 from typing import Any
@@ -11,8 +10,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import image
-from models.batch_rows import StepProgress, generators, live_rows, seeds_of
-from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, parse, pipeline_bytes
+from models.batch_rows import PipelineModel, StepProgress, generators, live_rows, seeds_of
+from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, parse
 
 FAMILY = "text-to-audio"
 PINS = True
@@ -70,14 +69,11 @@ def load(checkpoint: str, device: str, dtype: str, revision: str | None = None,
 check = image.check
 
 
-class AudioModel:
+class AudioModel(PipelineModel):
     """A loaded audio pipeline that runs a batch of same-length clips in one call."""
 
     def __init__(self, pipe, device):
-        self.pipe = pipe
-        self.device = device
-        self.nbytes = pipeline_bytes(pipe)
-        self.call_args = set(inspect.signature(pipe.__call__).parameters)
+        super().__init__(pipe, device)
         vocoder = getattr(pipe, "vocoder", None)
         self.sample_rate = int(vocoder.config.sampling_rate if vocoder is not None else pipe.vae.sampling_rate)
 
@@ -97,7 +93,7 @@ class AudioModel:
                     **progress.callbacks(self.call_args))
         # The clip's length: AudioLDM's name for it, or Stable Audio's.
         args["audio_length_in_s" if "audio_length_in_s" in self.call_args else "audio_end_in_s"] = first.duration_s
-        audios = self.pipe(**{k: v for k, v in args.items() if k in self.call_args}).audios
+        audios = self.call(args).audios
         audios = np.asarray(audios, dtype=np.float32)
         for r, i in progress.wanted():
             clip = audios[r].reshape(-1) if audios[r].ndim == 1 or audios[r].shape[0] == 1 else audios[r].T

@@ -10,9 +10,10 @@ once for images, audio and video.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterator, Sequence
 
-from models.base import IsCancelled, OnProgress
+from models.base import IsCancelled, OnProgress, pipeline_bytes
 
 
 def live_rows(inputs: Sequence, is_cancelled: IsCancelled,
@@ -92,3 +93,19 @@ class StepProgress:
         for r, i in enumerate(self.live):
             if not self.cancelled[r]:
                 yield r, i
+
+
+class PipelineModel:
+    """A loaded diffusers pipeline that runs a batch of rows in one call (the
+    image, audio and video families' models are these)."""
+
+    def __init__(self, pipe, device):
+        self.pipe = pipe
+        self.device = device
+        self.nbytes = pipeline_bytes(pipe)
+        self.call_args = set(inspect.signature(pipe.__call__).parameters)
+
+    def call(self, args: dict):
+        """The pipeline called with those of `args` it takes: pipelines of one
+        family name the same thing differently, or not at all."""
+        return self.pipe(**{k: v for k, v in args.items() if k in self.call_args})

@@ -5,7 +5,6 @@ chosen per job."""
 from __future__ import annotations
 
 import io
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -13,8 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, parse, pipeline_bytes
-from models.batch_rows import StepProgress, generators, live_rows, seeds_of
+from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, parse
+from models.batch_rows import PipelineModel, StepProgress, generators, live_rows, seeds_of
 from models.libraries import quiet
 
 FAMILY = "image-generation"
@@ -199,14 +198,11 @@ def check(checkpoint: str, revision: str | None = None, variant: str | None = No
     return problems
 
 
-class ImageModel:
+class ImageModel(PipelineModel):
     """A loaded pipeline that runs a batch of same-shaped image jobs in one call."""
 
     def __init__(self, pipe, device):
-        self.pipe = pipe
-        self.device = device
-        self.nbytes = pipeline_bytes(pipe)
-        self.call_args = set(inspect.signature(pipe.__call__).parameters)
+        super().__init__(pipe, device)
         # The pipeline's own scheduler, and those made from its config, by job choice.
         self.schedulers = {None: pipe.scheduler}
 
@@ -266,7 +262,7 @@ class ImageModel:
         # some versions, a few no step callback): pass what this one does.
         self._use_scheduler(first.scheduler)
         try:
-            images = self.pipe(**{k: v for k, v in args.items() if k in self.call_args}).images
+            images = self.call(args).images
         finally:
             # Between batches the pipeline holds its own scheduler (what save_pretrained would write).
             self._use_scheduler(None)

@@ -7,15 +7,14 @@ writes animated WebP, lossless, which browsers play like a GIF but in full
 colour."""
 from __future__ import annotations
 
-import inspect
 import io
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from models import image
-from models.batch_rows import StepProgress, generators, live_rows, seeds_of
-from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, parse, pipeline_bytes
+from models.batch_rows import PipelineModel, StepProgress, generators, live_rows, seeds_of
+from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, parse
 
 FAMILY = "text-to-video"
 PINS = True
@@ -83,14 +82,8 @@ def load(checkpoint: str, device: str, dtype: str, revision: str | None = None,
 check = image.check
 
 
-class VideoModel:
+class VideoModel(PipelineModel):
     """A loaded video pipeline that runs a batch of same-shaped clips in one call."""
-
-    def __init__(self, pipe, device):
-        self.pipe = pipe
-        self.device = device
-        self.nbytes = pipeline_bytes(pipe)
-        self.call_args = set(inspect.signature(pipe.__call__).parameters)
 
     def run(self, inputs: list[Input], on_progress: OnProgress, is_cancelled: IsCancelled) -> list[Result | None]:
         import numpy as np
@@ -106,7 +99,7 @@ class VideoModel:
                     width=first.width, height=first.height, num_frames=first.num_frames,
                     num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
                     generator=generators(seeds, self.device), output_type="np", **progress.callbacks(self.call_args))
-        clips = np.asarray(self.pipe(**{k: v for k, v in args.items() if k in self.call_args}).frames)
+        clips = np.asarray(self.call(args).frames)
         for r, i in progress.wanted():
             inp = rows[r]
             frames = clips[r]  # (frames, height, width, channels) in [0, 1]
