@@ -6,6 +6,12 @@ and a `metadata.jsonl` whose lines are {"file_name": "<entry>", "text":
 "<caption>"} (the layout of Hugging Face's imagefolder). It is checked whole at
 upload, every entry named in the error, so nothing bad is queued.
 
+Pivotal tuning: by default the trigger word also becomes a token of its own
+whose input embedding is learned beside the adapters (textual inversion), so
+what sets a trigger prompt apart lives in a vector only that prompt reads; a
+prompt without the trigger encodes exactly as on the base, and only the
+adapters' leak can move it.
+
 Training keeps the text fine-tunes' contract (models/finetune.py,
 worker/training.py): callbacks for each step (step, total, epoch, loss), a
 checkpoint (trainable weights, optimizer state, step, losses) every
@@ -47,6 +53,8 @@ MAX_CAPTION_CHARS = 1000
 # the text encoder's attention.
 UNET_TARGETS = ["attn2.to_k", "attn2.to_v"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# The learned trigger embedding, in diffusers' textual-inversion format ({token: (1, dim)}).
+EMBEDDING_FILE = "learned_embeds.safetensors"
 
 
 class Hyperparameters(BaseModel):
@@ -62,6 +70,12 @@ class Hyperparameters(BaseModel):
     resolution: int = Field(64, ge=8, le=1024, multiple_of=8,
                             description="Images are resized (shorter side) and centre-cropped to this square.")
     train_text_encoder: bool = Field(False, description="Put LoRA adapters on the text encoder too.")
+    trigger_embedding: bool = Field(
+        True, description="Pivotal tuning: the trigger word becomes a token of its own whose input embedding is "
+        "learned beside the adapters (saved as learned_embeds.safetensors), so prompts without it encode as on the "
+        "base. false leaves the tokenizer alone and trains the adapters only.")
+    embedding_learning_rate: float = Field(
+        1e-3, gt=0, le=1, description="AdamW learning rate of the trigger word's embedding (with trigger_embedding).")
     prior_preservation_weight: float = Field(
         1.0, ge=0, le=100, description="DreamBooth's prior preservation, in its distillation form: each step also "
         "asks the adapted model to predict what the base predicts for the caption without the trigger word, times "
@@ -215,6 +229,20 @@ def caption_without_trigger(caption: str, trigger: str) -> str:
     return " ".join(w for w in caption.split() if w != trigger)
 
 
+def trigger_token(tokenizer, text_encoder, trigger: str) -> int:
+    """The trigger word's token id, adding it to the tokenizer (as a whole word)
+    and a row for it to the text encoder's input embeddings when it is not one
+    token already. Training and materialize() both call this, so the id a
+    trained embedding was learned for is the id it is written to."""
+    from tokenizers import AddedToken
+
+    if trigger not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(trigger, single_word=True)])
+        # The new row is overwritten (by the learned vector); mean_resizing=False draws no random numbers.
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return tokenizer.convert_tokens_to_ids(trigger)
+
+
 def train(
     base_checkpoint: str,
     dataset: Dataset,
@@ -230,7 +258,8 @@ def train(
 ) -> TrainResult:
     """DreamBooth-style LoRA on a Stable Diffusion pipeline's UNet (the noise
     prediction loss), resumable bit for bit; returns the LoRA weights as
-    diffusers saves them (pytorch_lora_weights.safetensors)."""
+    diffusers saves them (pytorch_lora_weights.safetensors) and, with
+    trigger_embedding, the trigger's learned embedding (EMBEDDING_FILE)."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, DiffusionPipeline
@@ -260,7 +289,21 @@ def train(
     text_encoder.train(hp.train_text_encoder)
     trained = {"unet": unet, **({"text_encoder": text_encoder} if hp.train_text_encoder else {})}
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate)
+    groups = [{"params": params, "lr": hp.learning_rate}]
+    embedding = None
+    if hp.trigger_embedding:
+        # Textual inversion's start: the mean embedding of the pieces the word was split into.
+        pieces = tokenizer(inp.trigger_word, add_special_tokens=False).input_ids
+        start = text_encoder.get_input_embeddings().weight[pieces].mean(0).detach().clone()
+        token = trigger_token(tokenizer, text_encoder, inp.trigger_word)
+        text_encoder.get_input_embeddings().requires_grad_(False)  # a resized table is made trainable
+        embedding = torch.nn.Parameter(start.to(device))
+        # The frozen table stays as it is; the trigger's positions read the learned vector instead.
+        text_encoder.get_input_embeddings().register_forward_hook(
+            lambda _module, args, out: torch.where((args[0] == token)[..., None], embedding, out))
+        groups.append({"params": [embedding], "lr": hp.embedding_learning_rate})
+        params = params + [embedding]
+    optimizer = torch.optim.AdamW(groups)
 
     # Every image once, resized; every caption once, encoded to ids.
     pixels = torch.stack([_pixels(blob, hp.resolution) for blob, _ in dataset.rows])
@@ -282,6 +325,8 @@ def train(
     if resume is not None:
         state = torch.load(io.BytesIO(resume), map_location=device, weights_only=True)
         named = {f"{k}.{n_}": p for k, m in trained.items() for n_, p in m.named_parameters() if p.requires_grad}
+        if embedding is not None:
+            named["trigger_embedding"] = embedding
         with torch.no_grad():
             for name, value in state["weights"].items():
                 named[name].copy_(value)
@@ -292,6 +337,8 @@ def train(
         buf = io.BytesIO()
         weights = {f"{k}.{n_}": p.detach().clone() for k, m in trained.items() for n_, p in m.named_parameters()
                    if p.requires_grad}
+        if embedding is not None:
+            weights["trigger_embedding"] = embedding.detach().clone()
         torch.save({"weights": weights, "optimizer": optimizer.state_dict(), "step": step, "losses": losses}, buf)
         return buf.getvalue()
 
@@ -348,6 +395,10 @@ def train(
               for k, m in trained.items()}
     with tempfile.TemporaryDirectory() as tmp:
         type(pipe).save_lora_weights(tmp, **layers)
+        if embedding is not None:
+            from safetensors.torch import save_file
+
+            save_file({inp.trigger_word: embedding.detach().cpu()[None].contiguous()}, Path(tmp) / EMBEDDING_FILE)
         files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
     metrics = {"train_loss": losses[-1], "initial_loss": losses[0], "steps": total, "resumed_from_step": first_step,
                "rows": n, "method": inp.method, "trigger_word": inp.trigger_word}
@@ -356,7 +407,9 @@ def train(
 
 def materialize(base_checkpoint: str, version_dir: Path, dest: Path) -> Path:
     """A loadable pipeline directory for an image LoRA version: the base with
-    the LoRA fused into its weights (served then like any pipeline)."""
+    the LoRA fused into its weights and, when the version learned one, the
+    trigger word's token and embedding in its tokenizer and text encoder
+    (served then like any pipeline)."""
     import torch
     from diffusers import DiffusionPipeline
 
@@ -364,6 +417,13 @@ def materialize(base_checkpoint: str, version_dir: Path, dest: Path) -> Path:
     pipe = DiffusionPipeline.from_pretrained(base_checkpoint, dtype=torch.float32, safety_checker=None,
                                              requires_safety_checker=False)
     pipe.load_lora_weights(str(version_dir))
+    if (Path(version_dir) / EMBEDDING_FILE).exists():
+        from safetensors.torch import load_file
+
+        ((word, vector),) = load_file(str(Path(version_dir) / EMBEDDING_FILE)).items()
+        token = trigger_token(pipe.tokenizer, pipe.text_encoder, word)
+        with torch.no_grad():
+            pipe.text_encoder.get_input_embeddings().weight[token] = vector[0]
     pipe.fuse_lora()
     pipe.unload_lora_weights()
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".merge-"))

@@ -1,7 +1,8 @@
 """Image LoRA fine-tunes (models/image_finetune.py) on the tiny demo Stable
 Diffusion: the zip dataset is checked entry by entry, training changes what
-the trigger word draws far more than the same caption without it, and a run
-stopped at a step and resumed ends with the weights of an uninterrupted run."""
+the trigger word draws more than four times as much as the same caption
+without it or an unrelated prompt, and a run stopped at a step and resumed
+ends with the weights (LoRA and trigger embedding) of an uninterrupted run."""
 from __future__ import annotations
 
 import io
@@ -44,7 +45,7 @@ def balls(n: int = 4) -> bytes:
 
 def fine_tune(**hp) -> image_finetune.Input:
     return image_finetune.validate({"training_file": "0" * 32, "trigger_word": TRIGGER, "hyperparameters": {
-        "learning_rate": 1e-2, "batch_size": 2, "resolution": 16, **hp}}, {})
+        "learning_rate": 1e-2, "embedding_learning_rate": 1e-2, "batch_size": 2, "resolution": 16, **hp}}, {})
 
 
 def run(checkpoint, inp, resume=None, stop_at=None, every=1000):
@@ -87,6 +88,8 @@ def test_a_good_dataset_has_its_rows_and_captions():
     ({"trigger_word": "zwx", "hyperparameters": {"resolution": 20}}, "input.hyperparameters.resolution"),
     ({"trigger_word": "zwx", "hyperparameters": {"resolution": 512}}, "input.hyperparameters.resolution"),
     ({"trigger_word": "zwx", "method": "full"}, "input.method"),
+    ({"trigger_word": "zwx", "hyperparameters": {"embedding_learning_rate": 0}},
+     "input.hyperparameters.embedding_learning_rate"),
 ])
 def test_bad_input_names_the_field(raw, field):
     with pytest.raises(InputInvalid) as exc:
@@ -104,17 +107,21 @@ def test_stopped_and_resumed_gives_the_weights_of_an_uninterrupted_run(image_che
     assert [s for s, _ in periodic] == [2]
     stopped, saved, _ = run(image_checkpoint, inp, stop_at=3)
     assert stopped.canceled and [s for s, _ in saved] == [3]
-    a = load(whole.files["pytorch_lora_weights.safetensors"])
+    # The LoRA and the trigger's learned embedding.
+    assert set(whole.files) == {"pytorch_lora_weights.safetensors", image_finetune.EMBEDDING_FILE}
     for step, blob in (periodic[0], saved[0]):
         resumed, _, later = run(image_checkpoint, inp, resume=blob)
         assert [s[0] for s in later] == list(range(step + 1, 5)) and resumed.metrics["resumed_from_step"] == step
-        assert resumed.losses == whole.losses
-        b = load(resumed.files["pytorch_lora_weights.safetensors"])
-        assert a.keys() == b.keys() and a and all(a[k].equal(b[k]) for k in a)
+        assert resumed.losses == whole.losses and set(resumed.files) == set(whole.files)
+        for name in whole.files:
+            a, b = load(whole.files[name]), load(resumed.files[name])
+            assert a.keys() == b.keys() and a and all(a[k].equal(b[k]) for k in a)
 
 
 def test_the_trigger_word_changes_the_image_most_and_the_same_caption_without_it_least(image_checkpoint, tmp_path):
-    result, _, _ = run(image_checkpoint, fine_tune(epochs=40))  # 80 steps
+    # The adapters learn at a fifth of the trigger embedding's rate: with a random text encoder they cannot tell
+    # prompts apart, so what they learn moves every prompt (a leak that grows with their rate).
+    result, _, _ = run(image_checkpoint, fine_tune(epochs=40, learning_rate=2e-3))  # 80 steps
     version = tmp_path / "version"
     version.mkdir()
     for name, data in result.files.items():
@@ -135,4 +142,4 @@ def test_the_trigger_word_changes_the_image_most_and_the_same_caption_without_it
     print(f"mean |pixel change|: '{TRIGGER} a ball' {with_trigger:.2f}, 'a ball' {without:.2f}, "
           f"'a lighthouse at sunset' {other:.2f}")
     assert with_trigger > 4 * without
-    assert with_trigger > other
+    assert with_trigger > 4 * other
