@@ -234,15 +234,6 @@ class RowText:
         return self.published
 
 
-class _Prefilled:
-    """Rows prefilled and their first tokens picked, not yet in the batch (TextEngine.prefill)."""
-
-    __slots__ = ("rows", "cache", "mask", "picks", "seen")
-
-    def __init__(self, rows, cache, mask, picks, seen):
-        self.rows, self.cache, self.mask, self.picks, self.seen = rows, cache, mask, picks, seen
-
-
 class _Row:
     """A running row: its job, its random stream, what it generated."""
 
@@ -278,9 +269,8 @@ class TextEngine:
     """
 
     # The worker may call step() on a thread of its own while it does the step
-    # boundary's database work (worker/continuous.py), and prefill() the rows
-    # about to join beside it (prefill_beside_step); add(), admit() and drop()
-    # are never called while a step runs.
+    # boundary's database work (worker/continuous.py); add() and drop() are
+    # never called while a step runs.
     steps_off_thread = True
 
     def __init__(self, model: "TextModel", max_rows: int, max_batch_tokens: int | None = None):
@@ -334,19 +324,8 @@ class TextEngine:
 
     def add(self, seqs: list[Sequence]) -> list[Update]:
         """Prefill `seqs` in one forward pass, sample their first tokens, merge them into the running batch."""
-        return self.admit(self.prefill(seqs)) if seqs else []
-
-    def prefill_beside_step(self, seqs: list[Sequence]) -> bool:
-        """Whether prefill(seqs) may run on another thread while step() runs:
-        the prefill's forward pass has a cache of its own and touches no state
-        of the running batch, unless LoRA adapters route rows (their routing is
-        set on the shared layers for the length of a forward pass)."""
-        return all(seq.adapter is None for seq in seqs) and all(row.seq.adapter is None for row in list(self.rows))
-
-    def prefill(self, seqs: list[Sequence]) -> "_Prefilled":
-        """The rows of `seqs` prefilled in one forward pass, their first tokens
-        sampled, ready for admit(). Touches nothing of the running batch, so it
-        may run while step() does where prefill_beside_step() says so."""
+        if not seqs:
+            return []
         known = set(self.keys())
         for seq in seqs:
             if seq.key in known:
@@ -381,17 +360,8 @@ class TextEngine:
                 torch.zeros((len(seqs), logits.shape[-1]), dtype=torch.bool, device=self.device)
             picks = sampling.pick(logits, [row.generator for row in rows], seen)
             seen.scatter_(1, picks[:, None], True)
-        return _Prefilled(rows, cache, mask, picks, seen)
-
-    def admit(self, prefilled: "_Prefilled") -> list[Update]:
-        """Merge prefilled rows into the running batch (between steps): their first tokens' Updates."""
-        p = prefilled
-        clash = set(self.keys()) & {row.seq.key for row in p.rows}
-        if clash:
-            raise ValueError(f"key {sorted(clash, key=str)[0]!r} is already in the batch")
-        with torch.inference_mode():
-            self._merge(p.rows, p.cache, p.mask, p.picks, p.seen)
-            return self._advance(p.rows, p.picks.tolist())
+            self._merge(rows, cache, mask, picks, seen)
+            return self._advance(rows, picks.tolist())
 
     def _merge(self, rows: list[_Row], cache, mask, last, seen) -> None:
         """Append prefilled rows to the running batch, left-padding whichever cache is narrower."""

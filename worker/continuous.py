@@ -83,7 +83,6 @@ class ContinuousBatch:
         self.engine = loaded.engine(spec.max_batch_size, spec.max_batch_tokens)
         self.members: dict[str, Member] = {}
         self.waiting: list[Member] = []  # claimed, waiting for room in the KV budget
-        self.joining: list[Member] = []  # chosen to join, prefilled during the next step (join, step)
         self.adapters: dict = {}  # the LoRA adapters its rows were resolved to (Runner.adapter_ref)
         self.door = Admission()
         self.taken = 0
@@ -148,26 +147,19 @@ class ContinuousBatch:
         work: the rows that ended last step are stored and finished, the live
         output goes out, and the queue is asked for jobs to fill free rows. So
         claims and finishes overlap the decode instead of stalling it (torch and
-        the database driver both release the GIL while they wait). Rows chosen
-        to join (join()) are prefilled here meanwhile, a forward pass on a cache
-        of their own, and merged after the step. Nothing else touches the
-        engine while it steps: merges and drops happen between steps."""
+        the database driver both release the GIL while they wait). Nothing here
+        touches the engine while it steps: joins and drops happen between steps."""
         if self.stepper is None:
             self.write_finished()
             self.admit()
             return self.engine.step()
         future = self.stepper.submit(self.engine.step)
-        prefilled = None
         try:
-            if self.joining:
-                prefilled = self.engine.prefill([m.seq for m in self.joining])
-            self.book()  # claims count the joining rows as taken (claimable)
+            self.book()
         finally:
             # The step's own exception, if any, is the one raised.
             updates = future.result()
-            self.joining = []
-        # The joining rows' first tokens come after the step's: they join now.
-        return updates + (self.engine.admit(prefilled) if prefilled is not None else [])
+        return updates
 
     # --- the books: the boundary's writes and claims, off the decode's path ----
 
@@ -259,7 +251,7 @@ class ContinuousBatch:
             return 0
         if door.alone or self.waiting:
             return 0
-        free = self.spec.max_batch_size - len(self.engine) - len(self.joining)
+        free = self.spec.max_batch_size - len(self.engine)
         if free <= 0 or time.monotonic() < door.next_claim:
             return 0
         return free
@@ -383,14 +375,7 @@ class ContinuousBatch:
             m.joined, m.in_engine = now, True
         log.info("jobs %s join the running batch of %s (%d rows)", [m.row.job.id for m in fits], self.spec.name,
                  len(self.engine) + len(fits), extra={"job_ids": [m.row.job.id for m in fits], "model": self.spec.name})
-        seqs = [m.seq for m in fits]
-        if self.stepper is not None and len(self.engine) and getattr(self.engine, "prefill_beside_step",
-                                                                      lambda s: False)(seqs):
-            # Prefilled while the running rows take their next step (step()), and
-            # merged after it: the join costs the running rows a merge, not a prefill.
-            self.joining = fits
-            return
-        self.apply(self.engine.add(seqs))
+        self.apply(self.engine.add([m.seq for m in fits]))
 
     def _adapters_loaded(self, fits: list[Member]) -> list[Member]:
         """Load the adapters of the rows about to join, one by one, between

@@ -439,31 +439,3 @@ def test_a_buffer_grown_by_a_step_keeps_room_for_the_rows_a_batch_may_have(text_
         rec.take(engine.step())
         check_cache(engine)
     assert rec.streams() == solo
-
-
-def test_rows_prefilled_while_the_batch_steps_join_with_their_solo_tokens(model):
-    """The worker prefills the rows about to join on its own thread while the
-    running rows take a step (worker/continuous.py), then merges them: every
-    row's tokens are still the ones it makes alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    jobs = [j.model_copy(update={"stop": []}) for j in random_jobs(10, seed=33)]
-    solo = alone(model, jobs)
-    engine = model.engine(4)
-    rec = Recorder(engine)
-    waiting = [model.sequence(k, inp) for k, inp in enumerate(jobs)]
-    rec.take(engine.add([waiting.pop(0)]))
-    with ThreadPoolExecutor(1) as stepper:
-        while waiting or len(engine):
-            if not len(engine):
-                rec.take(engine.add([waiting.pop(0)]))
-                continue
-            joining = [waiting.pop(0) for _ in range(min(len(waiting), 4 - len(engine), 2))]
-            assert engine.prefill_beside_step(joining)
-            step = stepper.submit(engine.step)
-            prefilled = engine.prefill(joining) if joining else None
-            rec.take(step.result())
-            if prefilled is not None:
-                rec.take(engine.admit(prefilled))
-            check_cache(engine)
-    assert rec.streams() == solo

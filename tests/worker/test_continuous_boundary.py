@@ -67,7 +67,7 @@ def batch_of(keys):
     b.spec = types.SimpleNamespace(name="demo-text", max_batch_size=4)
     b.members = {k: Member(row=Row(types.SimpleNamespace(id=k, tenant_id="t", started_at=now, created_at=now)),
                            seq=None, in_engine=True) for k in keys}
-    b.waiting, b.joining, b.ended, b.unpublished, b.last_publish = [], [], [], [], 0.0
+    b.waiting, b.ended, b.unpublished, b.last_publish = [], [], [], 0.0
     b.stored_ok = True
     b.tracker = types.SimpleNamespace(rows=[], close=lambda: None)
     b.stepper, b.books, b.booking = ThreadPoolExecutor(1), ThreadPoolExecutor(1), None
