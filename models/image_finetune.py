@@ -69,7 +69,8 @@ class Hyperparameters(BaseModel):
                                   description="Stop after this many optimizer steps, whatever the epochs.")
     resolution: int = Field(64, ge=8, le=1024, multiple_of=8,
                             description="Images are resized (shorter side) and centre-cropped to this square.")
-    train_text_encoder: bool = Field(False, description="Put LoRA adapters on the text encoder too.")
+    train_text_encoder: bool = Field(False, description="Put LoRA adapters on the text encoder too (transformers 5 needs "
+                                                        "peft 0.22 or newer for it: refused at submit where older).")
     trigger_embedding: bool = Field(
         True, description="Pivotal tuning: the trigger word becomes a token of its own whose input embedding is "
         "learned beside the adapters (saved as learned_embeds.safetensors), so prompts without it encode as on the "
@@ -105,9 +106,38 @@ def validate(raw: Any, limits: dict) -> Input:
     check_bound(errors, "input.hyperparameters.epochs", hp.epochs, limits.get("max_epochs"))
     check_bound(errors, "input.hyperparameters.resolution", hp.resolution,
                 min(v for v in (limits.get("max_width"), limits.get("max_height"), 1024) if v is not None))
+    if hp.train_text_encoder:
+        problem = text_encoder_lora_problem()
+        if problem:
+            errors.append({"field": "input.hyperparameters.train_text_encoder", "message": problem})
     if errors:
         raise InputInvalid(errors)
     return inp
+
+
+# transformers' own floor for its PEFT integration (text_encoder.add_adapter),
+# transformers.integrations.peft.MIN_PEFT_VERSION, here without importing
+# transformers (the API does not load torch); tests/models/test_image_finetune.py
+# checks the two agree.
+TRANSFORMERS_MIN_PEFT = "0.22.0"
+
+
+def text_encoder_lora_problem() -> str | None:
+    """Why LoRA on the text encoder cannot run with the libraries installed, or
+    None. transformers 5 refuses its PEFT integration below peft 0.22, and the
+    job would fail at its first step after waiting in line: refused at submit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        transformers, peft = version("transformers"), version("peft")
+    except PackageNotFoundError as exc:
+        return f"LoRA on the text encoder needs {exc.name}, which this server does not have"
+    if Version(transformers).major >= 5 and Version(peft) < Version(TRANSFORMERS_MIN_PEFT):
+        return (f"LoRA on the text encoder needs peft >= {TRANSFORMERS_MIN_PEFT} with transformers {transformers}; "
+                f"this server has peft {peft} (LoRA on the UNet alone works)")
+    return None
 
 
 def input_schema(limits: dict, max_train_steps: int = 0) -> dict:

@@ -143,3 +143,26 @@ def test_the_trigger_word_changes_the_image_most_and_the_same_caption_without_it
           f"'a lighthouse at sunset' {other:.2f}")
     assert with_trigger > 4 * without
     assert with_trigger > 4 * other
+
+
+def test_text_encoder_lora_is_refused_at_submit_where_the_libraries_cannot_run_it():
+    """transformers' PEFT integration has a floor of its own; a job asking for
+    text-encoder LoRA below it is refused naming the field, not failed later."""
+    from transformers.integrations import peft as integration
+
+    assert image_finetune.TRANSFORMERS_MIN_PEFT == integration.MIN_PEFT_VERSION
+    raw = {"training_file": "0" * 32, "trigger_word": TRIGGER, "hyperparameters": {"train_text_encoder": True}}
+    problem = image_finetune.text_encoder_lora_problem()
+    try:
+        integration.check_peft_version(min_version=integration.MIN_PEFT_VERSION)
+        runs = True
+    except ValueError:
+        runs = False
+    assert (problem is None) == runs
+    if runs:
+        assert image_finetune.validate(raw, {}).hyperparameters.train_text_encoder
+    else:
+        with pytest.raises(InputInvalid) as exc:
+            image_finetune.validate(raw, {})
+        assert exc.value.errors[0]["field"] == "input.hyperparameters.train_text_encoder"
+        assert "peft >=" in exc.value.errors[0]["message"]
