@@ -34,3 +34,30 @@ def quiet() -> None:
         library.disable_default_handler()
         library.enable_propagation()
     _done = True
+
+
+def transformers_problems(checkpoint: str, mapping_name: str, not_kind: str, companions: tuple[str, ...],
+                          no_companion: str) -> list[str]:
+    """What is wrong with a transformers model's directory, from its files only
+    (no weights loaded): a config transformers reads whose class is in
+    `transformers.<mapping_name>` (else "<config> <not_kind>"), one of the
+    `companions` files (tokenizer or processor; else `no_companion`), and
+    weights. [] when nothing is."""
+    from pathlib import Path
+
+    import transformers
+
+    quiet()
+    root = Path(checkpoint)
+    try:
+        config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
+    except Exception as exc:  # transformers raises OSError, ValueError or KeyError here
+        return [f"{root}: no config transformers can read ({exc})"]
+    problems = []
+    if type(config) not in getattr(transformers, mapping_name):
+        problems.append(f"{root}: {type(config).__name__} {not_kind}")
+    if not any((root / f).is_file() for f in companions):
+        problems.append(f"{root}: {no_companion}")
+    if not any(f.name.endswith((".safetensors", ".bin")) for f in root.iterdir()):
+        problems.append(f"{root}: no weights (*.safetensors or *.bin)")
+    return problems

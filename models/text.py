@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, module_bytes, parse
-from models.libraries import quiet
+from models.libraries import quiet, transformers_problems
 
 FAMILY = "text-generation"
 # Decodes a step at a time behind an engine: the worker batches it continuously.
@@ -197,25 +197,9 @@ def check(checkpoint: str) -> list[str]:
     """What is wrong with a causal LM's directory, read from its configs only
     (no weights loaded): a config transformers can read as a causal LM, a
     tokenizer, weights. [] when nothing is."""
-    from pathlib import Path
-
-    from transformers import AutoConfig, MODEL_FOR_CAUSAL_LM_MAPPING
-
-    quiet()
-
-    root = Path(checkpoint)
-    try:
-        config = AutoConfig.from_pretrained(root, local_files_only=True)
-    except Exception as exc:  # transformers raises OSError, ValueError or KeyError here
-        return [f"{root}: no config transformers can read ({exc})"]
-    problems = []
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        problems.append(f"{root}: {type(config).__name__} has no causal LM class in this transformers")
-    if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
-        problems.append(f"{root}: no tokenizer files")
-    if not any(f.name.endswith((".safetensors", ".bin")) for f in root.iterdir()):
-        problems.append(f"{root}: no weights (*.safetensors or *.bin)")
-    return problems
+    return transformers_problems(checkpoint, "MODEL_FOR_CAUSAL_LM_MAPPING", "has no causal LM class in this transformers",
+                                 ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"),
+                                 "no tokenizer files")
 
 
 class TextModel:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from models import image_input
 from models.base import InputInvalid, IsCancelled, OnProgress, Result, check_bound, check_chars, module_bytes, parse
-from models.libraries import quiet
+from models.libraries import quiet, transformers_problems
 
 FAMILY = "image-text-to-text"
 FILE_FIELDS = ("image",)
@@ -88,25 +88,9 @@ def load(checkpoint: str, device: str, dtype: str) -> "VisionTextModel":
 
 def check(checkpoint: str) -> list[str]:
     """What is wrong with a vision-language model's directory, from its configs only."""
-    from pathlib import Path
-
-    from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, AutoConfig
-
-    quiet()
-
-    root = Path(checkpoint)
-    try:
-        config = AutoConfig.from_pretrained(root, local_files_only=True)
-    except Exception as exc:  # transformers raises OSError, ValueError or KeyError here
-        return [f"{root}: no config transformers can read ({exc})"]
-    problems = []
-    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
-        problems.append(f"{root}: {type(config).__name__} is no image-text-to-text model in this transformers")
-    if not (root / "preprocessor_config.json").is_file() and not (root / "processor_config.json").is_file():
-        problems.append(f"{root}: no image processor config")
-    if not any(f.name.endswith((".safetensors", ".bin")) for f in root.iterdir()):
-        problems.append(f"{root}: no weights (*.safetensors or *.bin)")
-    return problems
+    return transformers_problems(checkpoint, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING",
+                                 "is no image-text-to-text model in this transformers",
+                                 ("preprocessor_config.json", "processor_config.json"), "no image processor config")
 
 
 class VisionTextModel:
