@@ -55,6 +55,7 @@ def test_what_is_wrong_is_said_per_entry(tmp_path, image_checkpoint, text_checkp
   notext: {{family: text-generation, checkpoint: {no_tokenizer}, pool: p}}
   wrongvariant: {{family: image-generation, checkpoint: {image_checkpoint}, pool: p, variant: fp16}}
   textasimage: {{family: image-generation, checkpoint: {text_checkpoint}, pool: p}}
+  textasvision: {{family: image-text-to-text, checkpoint: {text_checkpoint}, pool: p}}
   hub: {{family: image-generation, checkpoint: nobody/nothing, pool: p, revision: v1}}
 """)
     results = {name: (problems, notes) for name, problems, notes in check_registry(path, tmp_path)}
@@ -66,6 +67,9 @@ def test_what_is_wrong_is_said_per_entry(tmp_path, image_checkpoint, text_checkp
     assert results["wrongvariant"][0] == [f"{image_checkpoint}/{c}: no weights of variant 'fp16'"
                                           for c in ("text_encoder", "unet", "vae")]
     assert results["textasimage"][0] == [f"{text_checkpoint}: no model_index.json (not a diffusers pipeline directory)"]
+    assert results["textasvision"][0] == [
+        f"{text_checkpoint}: GPT2Config is no image-text-to-text model in this transformers",
+        f"{text_checkpoint}: no image processor config"]
     assert results["hub"] == ([], ["nobody/nothing: hub id at revision 'v1' not in the local cache; a worker downloads "
                                    "it on first load (it fails where the hub is unreachable)"])
 
