@@ -6,9 +6,10 @@ more CPU than the poll's own work (its one prepared statement and its JSON).
 A poll this lane takes: no query string, no `Prefer`, a key this process
 verified within GENQ_KEY_CACHE_SECONDS (genq.keys.KeyCache) and a rate-limit
 token this process leased already (api.limits.Limiter.spend_leased), and the
-caller's job found; a conditional poll of a job this process read within
-GENQ_POLL_CACHE_SECONDS and heard no change of since is a 304 with no
-statement at all (api/pollcache.py). It answers exactly as the Flask view does (one function,
+caller's job found; a poll of a job this process read within
+GENQ_POLL_CACHE_SECONDS and heard no change of since is answered with no
+statement at all (api/pollcache.py): a 304 when it names the job's ETag, the
+body this process sent before when not. It answers exactly as the Flask view does (one function,
 api.jobs.poll_answer, makes both answers), with the request id, and counts
 the request in the metrics under the view's route. Anything else, a 404, a
 database error included, goes to Flask as if this lane were not there (its
@@ -77,10 +78,14 @@ class FastPoll:
             environ[COUNTED] = True  # Flask, if it answers after all, does not count it again
         job_id, if_none_match = match[1], environ.get("HTTP_IF_NONE_MATCH")
         cache = self.cache
-        entry = cache.lookup(job_id, caller.tenant_id) if cache is not None and if_none_match else None
-        if entry is not None and parse_etags(if_none_match).contains_weak(entry.etag[3:-1]):
+        entry = cache.lookup(job_id, caller.tenant_id) if cache is not None else None
+        body = None
+        if entry is not None and if_none_match and parse_etags(if_none_match).contains_weak(entry.etag[3:-1]):
             # Unchanged since this process read it (api/pollcache.py): no statement.
             code, headers, data = 304, dict(entry.headers), None
+        elif entry is not None and entry.body is not None:
+            # Unchanged too, and the caller has not seen it: the body this process sent, again.
+            code, headers, data, body = 200, dict(entry.headers), None, entry.body
         else:
             read_at = cache.clock() if cache is not None else 0.0
             try:
@@ -92,16 +97,18 @@ class FastPoll:
                 code, headers, data = poll_answer(job, if_none_match, self.context, kept)
             except Exception:  # noqa: BLE001 - Flask does it again, and answers 503 or whatever it is
                 return None
+            if data is not None:
+                body = (json.dumps(data, ensure_ascii=self.ensure_ascii, separators=(",", ":")) + "\n").encode()
             if cache is not None:
-                cache.put(job_id, caller.tenant_id, headers["ETag"], dict(headers), read_at)
+                cache.put(job_id, caller.tenant_id, headers["ETag"], dict(headers), read_at, body)
         given = environ.get("HTTP_X_REQUEST_ID", "")
         request_id = given if SANE.fullmatch(given) else f"{random.getrandbits(128):032x}"
         environ[ENVIRON_KEY] = request_id  # for the access line
         headers[HEADER] = request_id
-        body = b""
-        if data is not None:
-            body = (json.dumps(data, ensure_ascii=self.ensure_ascii, separators=(",", ":")) + "\n").encode()
+        if body is not None:
             headers["Content-Type"] = "application/json"
+        else:
+            body = b""
         headers["Content-Length"] = str(len(body))
         self.observe("GET", ROUTE, code, time.monotonic() - started)
         self.served += 1

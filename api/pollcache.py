@@ -1,5 +1,7 @@
-"""The ETags of jobs this API process read lately, so that a conditional poll
-of an unchanged job is a 304 with no database statement.
+"""What this API process answered lately for each job it read (its ETag, and
+the answer's body), so that a poll of an unchanged job is answered with no
+database statement: a 304 to a caller that names the ETag, the same body to
+one that does not.
 
 Every change to a job that its answer shows writes a job event, and every
 commit that writes job events publishes a notification on
@@ -44,6 +46,7 @@ class Entry(NamedTuple):
     etag: str
     headers: dict
     until: float
+    body: bytes | None = None  # the 200 answer's body, when the read that made it sent one
 
 
 class PollCache:
@@ -88,7 +91,8 @@ class PollCache:
             return None
         return entry
 
-    def put(self, job_id: str, tenant_id: str, etag: str, headers: dict, read_at: float) -> None:
+    def put(self, job_id: str, tenant_id: str, etag: str, headers: dict, read_at: float,
+            body: bytes | None = None) -> None:
         """Keep what a read begun at `read_at` (this cache's clock) found,
         unless the job was notified since it began."""
         if self._thread is None:
@@ -100,7 +104,7 @@ class PollCache:
                 return
             if len(self._entries) >= MAX_ENTRIES:
                 self._entries.clear()
-            self._entries[job_id] = Entry(tenant_id, etag, headers, read_at + self.seconds)
+            self._entries[job_id] = Entry(tenant_id, etag, headers, read_at + self.seconds, body)
 
     def changed(self, job_id: str) -> None:
         """A notification for the job: its entry goes, and a read in flight is not kept."""

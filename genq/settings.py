@@ -202,8 +202,9 @@ class Settings(BaseModel):
                                     "within this bound; the process that revokes it forgets it at once. 0 checks "
                                     "every request.")
 
-    poll_cache_seconds: float = knob(1.0, API, "An API process answers `If-None-Match` polls of a job it read "
-                                     "this recently (seconds) with 304 and no database statement, while it is "
+    poll_cache_seconds: float = knob(1.0, API, "An API process answers polls of a job it read this recently "
+                                     "(seconds) with no database statement (304 to `If-None-Match` naming its "
+                                     "ETag, else the body it sent), while it is "
                                      "subscribed to the job event notifications in Redis: a change (every one "
                                      "writes a job event) drops the job's entry as soon as its notification "
                                      "arrives, and this is how stale an answer can be when a notification is "
