@@ -3,10 +3,13 @@ under the same gunicorn settings and the same load generator:
 
 - a Flask JSON hello-world (the ceiling: what gunicorn + Flask cost alone);
 - `genq api` on Postgres + Redis (a database of its own, dropped afterwards):
-  GET a job, GET a job with If-None-Match (304), list jobs, POST a job.
+  GET a job, GET a job with If-None-Match (304), list jobs, POST a job; the
+  GETs poll 100 unchanged jobs, which each API process answers from memory
+  once it has read them (GENQ_POLL_CACHE_SECONDS); `getdb` is the same GET on
+  a second `genq api` with that cache off, every poll read from the database.
 
     .venv/bin/python bench/api.py [--seconds 5] [--connections 32] [--workers N] [--threads 8]
-                                  [--routes hello,get,get304,list,post] [--watchers N] [--queue]
+                                  [--routes hello,get,getdb,get304,list,post] [--watchers N] [--queue]
 
 It prints requests/s, p50 and p99 latency per route, each route's ratio to
 hello (measured before and after the genq routes, the mean of both), and the
@@ -60,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 from genq.settings import DEFAULT_REGISTRY, Settings  # noqa: E402
 from tests.helpers import free_port, stop_process, wait_serving  # noqa: E402
 
-ROUTES = ("hello", "get", "get304", "list", "post")
+ROUTES = ("hello", "get", "getdb", "get304", "list", "post")
 
 
 # ---- the ceiling: a Flask JSON hello-world, served by gunicorn as genq is
@@ -398,6 +401,13 @@ def main() -> int:
                     else:
                         watchers.measure(f"http://127.0.0.1:{port}", headers, ids, args.watchers)
                 rss["genq"] = rss_mib(api.pid)
+            if "getdb" in routes:
+                # The same polls with the poll cache off: every one reads the database.
+                port = free_port()
+                with server([sys.executable, "-m", "genq.cli", "api", "--bind", f"127.0.0.1:{port}"],
+                            {**genq_env, "GENQ_POLL_CACHE_SECONDS": "0"}, port, "/healthz", workers) as api:
+                    measure("getdb", port, [http_request("GET", f"/v1/jobs/{i}", {**headers, "Accept": "application/json"})
+                                            for i in ids], api.pid)
             if "hello" in routes:
                 measure("hello", hello_port, hello_req, hello.pid)
         purge_queues(settings)
