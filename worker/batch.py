@@ -267,7 +267,10 @@ class BatchTracker:
 
     def check_shutdown(self) -> None:
         runner, settings = self.runner, self.runner.settings
-        if runner.shutdown.past(settings.shutdown_deadline):
+        # A cold shutdown asks at once; the model then has as long to stop as after a warm one's timeout.
+        cold = getattr(runner.shutdown, "cold", False)
+        timeout = 0.0 if cold else settings.shutdown_timeout
+        if runner.shutdown.past(settings.shutdown_deadline - settings.shutdown_timeout + timeout):
             # The model has not come back from its step: nothing more can be
             # done in this process. Record that the jobs stop running here, and go.
             for r in self.rows:
@@ -279,11 +282,11 @@ class BatchTracker:
                       [r.job.id for r in self.rows if r.phase is not Phase.DONE])
             logging.shutdown()
             os._exit(1)
-        if runner.shutdown.past(settings.shutdown_timeout):
+        if runner.shutdown.past(timeout):
             stopped = [r for r in self.rows if r.ask_to_stop(Stop.SHUTDOWN)]
             if stopped:
-                log.warning("shutdown: batch still running %.0fs after the signal; handing jobs %s back at their "
-                            "next step", settings.shutdown_timeout, [r.job.id for r in stopped])
+                log.warning("shutdown: batch still running %.0fs after the signal%s; handing jobs %s back at their "
+                            "next step", timeout, " (a cold shutdown)" if cold else "", [r.job.id for r in stopped])
 
     def check_lease(self, now: float) -> None:
         lease = self.runner.settings.lease_seconds
