@@ -15,6 +15,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from api.app import create_app
 from genq.settings import Settings
 from genq.migrate import upgrade
+from models import image_finetune
 from tests.helpers import make_key
 
 CASES = {"count": 0}
@@ -111,6 +112,12 @@ def test_api_conforms_to_its_openapi_document(case, world):
             "image" in body_input or "mask_image" in body_input):
         # The schema can say "a file id or a data URI", not "an image that decodes":
         # a random string there is schema-valid and rightly refused (422 naming the field).
+        excluded.append(positive_data_acceptance)
+    hyper = body_input.get("hyperparameters") if isinstance(body_input, dict) else None
+    if case.operation.label == "POST /v1/jobs" and isinstance(hyper, dict) and hyper.get("train_text_encoder") is True \
+            and image_finetune.text_encoder_lora_problem():
+        # Whether this machine's libraries can put LoRA on a text encoder is not the schema's to say
+        # (the reference documents the API, not one install): refused 422 naming the field.
         excluded.append(positive_data_acceptance)
     case.call_and_validate(additional_checks=checks,
                            excluded_checks=excluded)
