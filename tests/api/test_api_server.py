@@ -15,6 +15,7 @@ from sqlalchemy import select
 from genq import jobs as joblib
 from genq.db import make_engine, make_sessionmaker
 from genq.keys import authenticate
+from genq.notify import Notifier, notify_after_commit
 from genq.schema import Job
 from genq.settings import Settings
 from tests.conftest import REDIS_URL, WEBHOOK_KEYS
@@ -62,7 +63,11 @@ def cancel_queued(server, headers) -> None:
     """Cancel the tenant's queued jobs in the database (not through an API that
     may be stalled): their streams and waits end with them."""
     engine = make_engine(server["settings"].database_url)
-    with make_sessionmaker(engine).begin() as session:
+    sessions = make_sessionmaker(engine)
+    # Published like a worker's or an API's cancel: the streams hear it now, not at the
+    # stream server's slow re-check (which made this module's first test take 30 s).
+    notify_after_commit(sessions, Notifier.from_settings(server["settings"]))
+    with sessions.begin() as session:
         tenant_id = authenticate(session, headers["Authorization"].split()[1])[0].id
         for job in session.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.status == "queued")):
             joblib.cancel(session, job)
