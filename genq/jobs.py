@@ -43,6 +43,22 @@ def record_event(session: Session, job_id: str, type_: str, data: dict | None = 
     session.add(JobEvent(job_id=job_id, type=type_, data=data or {}, at=at or utcnow()))
 
 
+_EVENTS = JobEvent.__table__
+_INSERT_EVENTS = insert(_EVENTS).returning(_EVENTS.c.id, _EVENTS.c.job_id, sort_by_parameter_order=True)
+
+
+def record_events(session: Session, events: list[dict]) -> None:
+    """Write `events` (dicts of job_id, type, data, at) in one Core INSERT, and
+    note them for the commit's notifications (genq.notify.note). A batch's
+    finishes gather their events here: the ORM's unit of work for the same
+    rows cost more than the finishes' statements, on the worker's interpreter
+    beside the decode."""
+    if not events:
+        return
+    for event_id, job_id in session.execute(_INSERT_EVENTS, events):
+        notify.note(session, job_id, event_id)
+
+
 # A job by id and owner, in one statement with no ORM between the row and its
 # reader (the poll's one round trip). Built once; SQLAlchemy caches it compiled.
 # Only the columns a job's answer shows (genq.serialize) and its ETag: each
@@ -419,11 +435,22 @@ def _finite(value: Any, path: str, bad: list[str]) -> Any:
 
 def set_progress(session: Session, job_id: str, owner: str, progress: dict[str, Any]) -> bool:
     progress = json_safe(job_id, "progress", progress)
-    done = session.execute(update(Job).where(_held(job_id, owner)).values(progress=progress)).rowcount
-    if done:
-        record_event(session, job_id, "progress", progress)
+    # The job's webhook comes back with the update: a job with no progress
+    # webhook (most) costs this one statement, not a read of its whole row for
+    # the delivery check too (a running batch writes every row's progress each
+    # second, on the worker's interpreter beside the decode). No autoflush: the
+    # events of a batch's rows go in one insert at the commit.
+    with session.no_autoflush:
+        hook = session.execute(
+            update(Job).where(_held(job_id, owner)).values(progress=progress)
+            .returning(Job.webhook, Job.webhook_events_filter).execution_options(synchronize_session=False)
+        ).first()
+    if hook is None:
+        return False
+    record_event(session, job_id, "progress", progress)
+    if hook.webhook and "progress" in (hook.webhook_events_filter or webhooks.DEFAULT_EVENTS):
         webhooks.enqueue(session, job_id, "progress")
-    return bool(done)
+    return True
 
 
 def cancel_requested(session: Session, job_ids: Iterable[str]) -> set[str]:
@@ -444,13 +471,16 @@ def finish(
     metrics: dict | None = None,
     progress: dict | None = None,
     webhook: bool = True,
+    events: list[dict] | None = None,
 ) -> bool:
     """Write a job's final state, only while `owner` holds its lease. Returns
     False (and writes nothing) when the lease was lost: the write does not count.
 
     `webhook=False` says the caller knows the job has no webhook (it is fixed
     at submit): the delivery check, a read of the whole row, is skipped, and
-    the batch's events go to the database in one insert at the commit."""
+    the batch's events go to the database in one insert at the commit.
+    `events`: the job's events are appended there for the caller to write
+    with record_events (a batch's in one statement), not added to the session."""
     now = utcnow()
     output, error = json_safe(job_id, "output", output), json_safe(job_id, "error", error)
     metrics, progress = json_safe(job_id, "metrics", metrics), json_safe(job_id, "progress", progress)
@@ -469,12 +499,16 @@ def finish(
             .execution_options(synchronize_session=False)
         ).rowcount
     if done:
-        if output is not None:
-            record_event(session, job_id, "output", output, at=now)
         data = {"status": status.value}
         if error:
             data["error"] = error
-        record_event(session, job_id, "completed", data, at=now)
+        written = ([dict(job_id=job_id, type="output", data=output, at=now)] if output is not None else []) + \
+            [dict(job_id=job_id, type="completed", data=data, at=now)]
+        if events is not None:
+            events.extend(written)
+        else:
+            for e in written:
+                record_event(session, e["job_id"], e["type"], e["data"], at=e["at"])
         if webhook:
             webhooks.enqueue(session, job_id, "completed", now=now)
     return bool(done)

@@ -28,6 +28,8 @@ from genq.queue import publish_delivery
 from genq.schema import Batch, Job, WebhookAttempt, WebhookDelivery, new_id, utcnow
 
 EVENTS = ("start", "progress", "completed")
+# The events a webhook is sent for when its job names none.
+DEFAULT_EVENTS = ("completed",)
 # A batch's end, named as OpenAI names its batch webhook events.
 BATCH_EVENTS = ("batch.completed", "batch.cancelled", "batch.expired", "batch.failed")
 # At most one progress delivery per job this often; a dropped one is not
@@ -64,7 +66,7 @@ def enqueue(session: Session, job: Job | str, event: str, now: dt.datetime | Non
     now = now or utcnow()
     if isinstance(job, str):
         job = session.scalars(select(Job).where(Job.id == job).execution_options(populate_existing=True)).one()
-    if not job.webhook or event not in (job.webhook_events_filter or ["completed"]):
+    if not job.webhook or event not in (job.webhook_events_filter or DEFAULT_EVENTS):
         return None
     if _gone(session, job.id):
         return None

@@ -428,10 +428,14 @@ class Runner:
         executing = [row.settle() for row, _, _ in outcomes]
 
         def write() -> dict[str, bool]:
+            events: list[dict] = []
             with self.sessions.begin() as session:
-                return {row.job.id: joblib.finish(session, row.job.id, self.owner, status, progress=row.progress,
-                                                  webhook=bool(row.job.webhook), **fields)
+                done = {row.job.id: joblib.finish(session, row.job.id, self.owner, status, progress=row.progress,
+                                                  webhook=bool(row.job.webhook), events=events, **fields)
                         for row, status, fields in outcomes}
+                # The batch's events in one statement (after the deliveries' own writes).
+                joblib.record_events(session, events)
+                return done
 
         try:
             done = retry(write, within=self.settings.lease_seconds, what=f"finishing {len(outcomes)} job(s)")

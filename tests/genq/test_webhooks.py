@@ -315,3 +315,35 @@ def test_signatures_verify_with_standardwebhooks_and_tampering_or_age_fails():
     with pytest.raises(WebhookVerificationError, match="too old"):
         Webhook(key).verify(body, stale)
     assert json.loads(body)["id"] == "j1"
+
+
+def test_progress_of_a_job_with_no_progress_webhook_is_one_statement(sessions):
+    """A running batch writes each row's progress every second beside the decode: the update brings back the
+    job's webhook, and only a job whose webhook asks for progress is read again for its delivery."""
+    from sqlalchemy import event
+
+    from genq.schema import JobEvent
+
+    quiet, loud = add_job(sessions, webhook=None), add_job(sessions, events=["progress", "completed"])
+    statements = []
+    for job_id in (quiet, loud):
+        with sessions.begin() as s:
+            model = s.get(Job, job_id).model
+            joblib.claim_batch(s, model=model, batch_key="k", limit=1, owner="w1", lease_seconds=30)
+    engine = sessions.kw["bind"]
+    count = lambda *a, **k: statements.append(a[2])  # noqa: E731
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        for job_id in (quiet, loud):
+            statements.clear()
+            with sessions.begin() as s:
+                assert joblib.set_progress(s, job_id, "w1", {"current": 1, "total": 9, "unit": "token"})
+                sent = list(statements)
+            # quiet: the update alone (its event goes at the commit); loud: the delivery check and insert too.
+            assert len(sent) == 1 if job_id == quiet else len(sent) > 1, sent
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    with sessions() as s:
+        for job_id in (quiet, loud):
+            assert [e.type for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id))][-1] == "progress"
+    assert [d.event for d in deliveries_of(sessions, loud)] == ["progress"] and deliveries_of(sessions, quiet) == []
