@@ -191,6 +191,28 @@ def seen_mask(histories: list[list[int]], vocab: int, device="cpu"):
     return seen
 
 
+def backend_decode(tokenizer):
+    """`tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)`,
+    as a function of a list of ids.
+
+    A fast tokenizer whose class keeps transformers' own `_decode` is asked
+    through its Rust backend directly: that is all `_decode` does without the
+    clean-up, and the wrapper's way there (`to_py_obj` looks at every id in
+    Python) cost as much as the decoding itself. Live output decodes each
+    running row a few times a second on the worker's interpreter, beside the
+    decode step. Any other tokenizer goes through `decode`."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # pragma: no cover - transformers before 5
+        TokenizersBackend = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if TokenizersBackend is not None and backend is not None and isinstance(tokenizer, TokenizersBackend) \
+            and type(tokenizer)._decode is TokenizersBackend._decode \
+            and type(tokenizer).decode is TokenizersBackend.decode:
+        return lambda tokens: backend.decode(tokens, skip_special_tokens=True)
+    return lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 class RowText:
     """A row's text as it grows: what is safe to publish, and whether a stop string ended it."""
 
@@ -198,9 +220,10 @@ class RowText:
         self.tokenizer = tokenizer
         self.stop = list(stop)
         self.published = ""
+        self._decode = backend_decode(tokenizer)
 
     def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self._decode(tokens)
 
     def first_stop(self, text: str) -> int | None:
         """Where the earliest stop string starts in `text`, if any."""
@@ -309,6 +332,11 @@ class TextEngine:
     def width(self) -> int:
         """Columns of the key/value cache (0 when empty)."""
         return 0 if self.mask is None else self.mask.shape[1]
+
+    def ending_within(self, steps: int) -> int:
+        """How many running rows leave within `steps` more steps at the latest
+        (at their token limit; an end token or a stop string may end them sooner)."""
+        return sum(1 for row in self.rows if row.seq.limit - len(row.tokens) <= steps)
 
     def fits(self, seq: Sequence) -> bool:
         if not self.rows:

@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 # nothing: often enough that a new job waits about a step, rarely enough that
 # the claims' round trips do not crowd out the decode.
 CLAIM_EVERY = 0.02
+# Jobs are claimed for the rows that end within this many decode steps, not
+# only for rows already free: the claim's round trips (several steps) then run
+# while those rows finish, and the jobs join the step a row leaves instead of
+# a claim later. Several rows' jobs come in one claim. A job claimed ahead
+# holds its lease (it shows running, at 0 tokens) this many steps at most.
+CLAIM_AHEAD_STEPS = 8
 # A running job's output goes out at most this often (about 20 deltas a second).
 PUBLISH_EVERY = 0.05
 
@@ -251,7 +257,8 @@ class ContinuousBatch:
             return 0
         if door.alone or self.waiting:
             return 0
-        free = self.spec.max_batch_size - len(self.engine)
+        ending = getattr(self.engine, "ending_within", None)
+        free = self.spec.max_batch_size - len(self.engine) + (ending(CLAIM_AHEAD_STEPS) if ending else 0)
         if free <= 0 or time.monotonic() < door.next_claim:
             return 0
         return free

@@ -237,6 +237,34 @@ def test_row_text_holds_back_cut_characters_and_stop_starts(text_model):
     assert row.first_stop("xéb? b!") == 1
 
 
+def test_row_text_decodes_as_the_tokenizer_does_without_its_python_wrapper(model):
+    """RowText goes to the fast tokenizer's backend directly (the wrapper's per-id Python cost as much as the
+    decoding): the same text as `decode` for random ids, special tokens and cut characters included."""
+    from models.text_engine import backend_decode
+
+    tok = model.tokenizer
+    decode = backend_decode(tok)
+    assert decode.__code__ is not backend_decode(object()).__code__  # the backend path, not the fallback
+    rnd = random.Random(4)
+    specials = [i for i in (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) if i is not None]
+    ids_ = [tok.encode(" ".join(rnd.choice(WORDS) for _ in range(8)), add_special_tokens=False) for _ in range(30)]
+    ids_ += [[rnd.randrange(len(tok)) for _ in range(rnd.randint(0, 40))] + rnd.sample(specials, len(specials))
+             for _ in range(30)]
+    for ids in ids_:
+        for n in range(len(ids) + 1):
+            want = tok.decode(ids[:n], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            assert decode(ids[:n]) == RowText(tok, []).decode(ids[:n]) == want
+
+
+def test_ending_within_counts_the_rows_at_most_that_many_steps_from_their_limit(text_model):
+    engine = TextEngine(text_model, max_rows=4)
+    inp = lambda n: text.Input.model_validate({"prompt": "a b", "max_new_tokens": n, "temperature": 0})  # noqa: E731
+    engine.add([text_model.sequence("short", inp(4)), text_model.sequence("long", inp(40))])  # one token each
+    assert engine.ending_within(2) == 0 and engine.ending_within(3) == 1 and engine.ending_within(39) == 2
+    engine.step()
+    assert engine.ending_within(2) == 1
+
+
 def test_end_token_cuts_the_text_and_counts(text_checkpoint):
     """A row ending at EOS: reason "stop", the EOS counted but not in the text, the same alone and batched."""
     m = text.load(text_checkpoint, "cpu", "float32")

@@ -161,3 +161,29 @@ def test_a_claim_that_fails_during_a_shutdown_ends_the_batch():
     runner.shutdown.requested = True
     with pytest.raises(NotImplementedError, match="cold shutdown"):
         b.took(NotImplementedError("the cold shutdown's cancel"), time.monotonic())
+
+
+def test_jobs_are_claimed_for_the_rows_about_to_end_not_only_for_free_ones():
+    """A full batch asks the queue for the rows that end within CLAIM_AHEAD_STEPS steps: the claim's round
+    trips run while they finish, and the jobs join the step a row leaves instead of a claim later. Nothing
+    more is claimed while a claimed job still waits to join, nor for rows that run on."""
+    from worker.continuous import CLAIM_AHEAD_STEPS
+
+    b, runner = batch_of(["a", "b", "c", "d"])
+    b.door = Admission()
+    left = {"a": 1, "b": CLAIM_AHEAD_STEPS, "c": CLAIM_AHEAD_STEPS + 1, "d": 200}
+    b.engine.ending_within = lambda steps: sum(1 for n in left.values() if n <= steps)
+    runner.shutdown.requested = False
+    assert len(b.engine) == b.spec.max_batch_size
+    assert b.claimable() == 2                  # a and b end within the horizon; the batch has no free row
+    b.waiting = [object()]
+    assert b.claimable() == 0                  # a job claimed ahead still waits: nothing more
+    b.waiting = []
+    b.engine.rows.remove("d")
+    assert b.claimable() == 3                  # a free row, and a and b
+    left.update(a=100, b=100)
+    b.engine.rows.append("d")
+    assert b.claimable() == 0                  # full, and nothing ends soon
+    del b.engine.ending_within                 # an engine that cannot say (vLLM's): free rows only
+    b.engine.rows.remove("d")
+    assert b.claimable() == 1
