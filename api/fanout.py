@@ -491,7 +491,11 @@ class Hub:
                 log.warning("event streams: places in line unreadable: %s", exc)
                 continue
             for job_id, shown in found.items():
-                if shown is None:
+                # A job whose start was sent while its place was read has left
+                # the line: the place is stale, and sent after the start it would
+                # come with the start's id (an SSE client keeps the last id for an
+                # event without one) and read as that event replayed.
+                if shown is None or job_id in self.running:
                     continue
                 data = f"event: queue\ndata: {json.dumps(shown)}\n\n"
                 for w in list(self.by_job.get(job_id, ())):

@@ -542,3 +542,39 @@ def test_a_tenant_stream_resuming_from_far_back_gets_all_it_missed(pg_url, regis
 def test_the_server_logged_no_error(server):
     bad = [line for line in server["lines"] if "Traceback" in line or "[ERROR]" in line or "Socket error" in line]
     assert not bad, "\n".join(server["lines"])
+
+
+@pytest.mark.parametrize("starts_meanwhile", [True, False])
+def test_a_place_read_while_the_job_starts_is_not_sent_after_its_start(monkeypatch, starts_meanwhile):
+    """A queued job's place is read in a thread; its start event, handled on the loop meanwhile, makes the place
+    stale. Sent after the start, the place came with the start's id (an SSE client keeps the last id for an event
+    without one), and a client saw that event twice (CI: ids ['474', '475', '475', ...])."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from api import fanout
+
+    monkeypatch.setattr(fanout.position, "POOL_SECONDS", 0.02)
+    loop = asyncio.new_event_loop()
+    hub = fanout.Hub.__new__(fanout.Hub)
+    hub.loop, hub.running, written = loop, set(), []
+    hub.by_job = {"j": [SimpleNamespace(place=None, write=lambda data: written.append(data) or True)]}
+
+    def read_places(jobs):
+        if starts_meanwhile:
+            loop.call_soon_threadsafe(hub.running.add, "j")
+            time.sleep(0.05)  # the loop takes the start in while the place is read
+        return {"j": {"position": 1, "ahead": 0}}
+
+    hub.read_places = read_places
+
+    async def rounds():
+        task = asyncio.ensure_future(hub.places())
+        await asyncio.sleep(0.3)
+        task.cancel()
+
+    try:
+        loop.run_until_complete(rounds())
+    finally:
+        loop.close()
+    assert written == ([] if starts_meanwhile else ['event: queue\ndata: {"position": 1, "ahead": 0}\n\n'])
