@@ -109,9 +109,15 @@ class Service:
         self.server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.pool = pool
+        self.start_worker()
+        self.http = requests.Session()
+
+    def start_worker(self, **env) -> None:
+        """Start the worker (settings' environment, then `env`'s GENQ_ variables on top)."""
         # The worker logs at INFO: its "ready." line is how we know it listens.
-        env = {**os.environ, **settings.as_env(), "PYTHONUNBUFFERED": "1", "GENQ_LOG_LEVEL": "INFO"}
-        self.worker = subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--pool", pool, "--preload"],
+        env = {**os.environ, **self.settings.as_env(), "PYTHONUNBUFFERED": "1", "GENQ_LOG_LEVEL": "INFO", **env}
+        self.worker = subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--pool", self.pool, "--preload"],
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         for line in self.worker.stdout:
             if " ready." in line:
@@ -119,7 +125,11 @@ class Service:
         else:
             raise RuntimeError("worker exited before it was ready")
         threading.Thread(target=lambda: [print(l, end="") for l in self.worker.stdout if "TIMING" in l], daemon=True).start()
-        self.http = requests.Session()
+
+    def restart_worker(self, **env) -> None:
+        self.worker.terminate()
+        self.worker.wait(30)
+        self.start_worker(**env)
 
     @contextmanager
     def held(self):

@@ -10,7 +10,10 @@
 - time to first streamed token with an idle worker, over the SSE event
   stream, beside the model's own prefill time for the same prompt;
 - service / bare engine: the same jobs, all queued at once, through the
-  service and through the engine's own loop (no queue, no database);
+  service and through the engine's own loop (no queue, no database), with the
+  engine in the worker's process (the default) and then in a process of its
+  own (GENQ_ENGINE_PROCESS; the worker restarted between), with the first
+  streamed token again on the latter;
 - throughput as capacity: the same jobs all queued at once through the
   service, static and continuous (the Poisson replay's tokens/s is the
   offered load for a mode that keeps up with the arrivals);
@@ -372,37 +375,28 @@ def main() -> int:
                   f"{statistics.median(firsts) * 1000:.1f} ms, p99 {pct(firsts, 0.99) * 1000:.1f} ms; the model's own "
                   f"prefill {prefill * 1000:.1f} ms: p50 {(statistics.median(firsts) - prefill) * 1000:.1f} ms above it")
 
-            # Service / bare engine: the same jobs all queued at once, the worker held meanwhile.
-            # The bare engine runs just before and just after the service, and the
-            # ratio takes their mean: a machine whose load drifts (other work on
-            # these cores) moves both sides alike.
-            before_seconds, before_tokens = bare.continuous(jobs)
-            with svc.held():
-                ids = svc.submit("text-continuous", jobs)
-            done = svc.wait(ids)
-            from datetime import datetime
-
-            ts = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()  # noqa: E731
-            svc_rate = sum(j["output"]["tokens"] for j in done) / (
-                max(ts(j["completed_at"]) for j in done) - min(ts(j["started_at"]) for j in done))
-            after_seconds, after_tokens = bare.continuous(jobs)
-            # Throughput as capacity: the Poisson replay above measures it only where the
-            # arrivals outrun the mode (below that, tokens/s is the offered load). The same
-            # jobs all queued at once, static then continuous, through the service.
-            with svc.held():
-                ids = svc.submit("text-static", jobs)
-            done_static = svc.wait(ids)
-            static_rate = sum(j["output"]["tokens"] for j in done_static) / (
-                max(ts(j["completed_at"]) for j in done_static) - min(ts(j["started_at"]) for j in done_static))
-            seconds, tokens = (before_seconds + after_seconds) / 2, (before_tokens + after_tokens) / 2
+            # Service / bare engine: the same jobs all queued at once, the worker held
+            # meanwhile; with the engine in the worker's process (the default) and in a
+            # process of its own (GENQ_ENGINE_PROCESS), the worker restarted between.
+            sat = {"in the worker": saturated(svc, bare, jobs)}
+            svc.restart_worker(GENQ_ENGINE_PROCESS="true")
+            sat["engine process"] = saturated(svc, bare, jobs)
+            firsts_p = sse_first_token(svc, "text-continuous", prompt, args.first_token_jobs)
             s_seconds, s_tokens = bare.static(jobs)
             g_seconds, g_tokens = bare.static_to_longest(jobs)
             t_seconds, t_tokens = bare.generate_static(jobs)
-            print(f"\nservice / bare engine (all {len(jobs)} jobs queued at once, {ROWS} rows): "
-                  f"{svc_rate:.1f} / {tokens / seconds:.1f} tokens/s = {svc_rate / (tokens / seconds):.2f} (bare: "
-                  f"{before_tokens / before_seconds:.1f} before the service, {after_tokens / after_seconds:.1f} after)")
-            print(f"saturated (all {len(jobs)} jobs queued at once) through the service: continuous {svc_rate:.1f} "
-                  f"tokens/s, static {static_rate:.1f} = {svc_rate / static_rate:.2f}x")
+            print(f"\nservice / bare engine (all {len(jobs)} jobs queued at once, {ROWS} rows; the bare engine run "
+                  f"just before and just after, their mean):")
+            for where, (svc_rate, static_rate, bare_before, bare_after) in sat.items():
+                bare_rate = (bare_before + bare_after) / 2
+                print(f"  {where:15} continuous {svc_rate:.1f} / bare {bare_rate:.1f} tokens/s = "
+                      f"{svc_rate / bare_rate:.2f} (bare {bare_before:.1f} before, {bare_after:.1f} after); "
+                      f"static through the service {static_rate:.1f}: continuous {svc_rate / static_rate:.2f}x")
+            print(f"first streamed token, idle worker, engine process: p50 {statistics.median(firsts_p) * 1000:.1f} ms, "
+                  f"p99 {pct(firsts_p, 0.99) * 1000:.1f} ms; {(statistics.median(firsts_p) - prefill) * 1000:.1f} ms "
+                  f"above the prefill")
+            bare_runs = [r for _, _, *b in sat.values() for r in b]
+            tokens, seconds = sum(bare_runs) / len(bare_runs), 1.0  # the bare engine's mean rate, tokens/s
             # What the engine alone allows: a decode step's cost by rows says how
             # much a full batch gains over static batches whose rows leave early.
             one, full = bare.step_seconds(1), bare.step_seconds(ROWS)
@@ -417,6 +411,31 @@ def main() -> int:
         finally:
             svc.close()
     return 0
+
+
+def saturated(svc: Service, bare: "Bare", jobs: list[dict]) -> tuple[float, float, float, float]:
+    """The same jobs all queued at once through the service, continuous then
+    static (throughput as capacity: the Poisson replay measures it only where
+    the arrivals outrun the mode), and the bare engine on them just before and
+    just after the service's continuous run (a machine whose load drifts moves
+    both sides alike). Tokens/s: (continuous, static, bare before, bare after)."""
+    from datetime import datetime
+
+    ts = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()  # noqa: E731
+
+    def rate(done):
+        return sum(j["output"]["tokens"] for j in done) / (
+            max(ts(j["completed_at"]) for j in done) - min(ts(j["started_at"]) for j in done))
+
+    before_seconds, before_tokens = bare.continuous(jobs)
+    with svc.held():
+        ids = svc.submit("text-continuous", jobs)
+    continuous = rate(svc.wait(ids))
+    after_seconds, after_tokens = bare.continuous(jobs)
+    with svc.held():
+        ids = svc.submit("text-static", jobs)
+    static = rate(svc.wait(ids))
+    return continuous, static, before_tokens / before_seconds, after_tokens / after_seconds
 
 
 def tenant_of(svc: Service) -> str:

@@ -14,6 +14,8 @@ FAMILY = "text-generation"
 CONTINUOUS = True
 # A LoRA fine-tune is served as an adapter on its loaded base (models/text_adapters.py).
 ADAPTERS = True
+# Its rows may decode in a process of their own (models/engine_process.py; GENQ_ENGINE_PROCESS).
+ENGINE_PROCESS = True
 # Registry limits as JSON-schema bounds of the input: (limit, field, keyword).
 SCHEMA_LIMITS = [
     ("max_new_tokens", "max_new_tokens", "maximum"),
@@ -154,10 +156,13 @@ def _torch_dtype(dtype: str):
         raise ValueError(f"dtype must be float32, float16, bfloat16 or int8, got {dtype!r}") from None
 
 
-def load(checkpoint: str, device: str, dtype: str, engine: str = "transformers", **engine_args) -> "TextModel":
+def load(checkpoint: str, device: str, dtype: str, engine: str = "transformers", process: bool = False,
+         torch_threads: int = 0, **engine_args) -> "TextModel":
     """Load a causal LM and its tokenizer from `checkpoint` (a local directory or hub id) onto `device`.
     `engine: vllm` loads it into vLLM instead (models/text_vllm.py; `engine_args`:
-    max_rows, max_batch_tokens, which size vLLM's KV cache at load)."""
+    max_rows, max_batch_tokens, which size vLLM's KV cache at load). `process`:
+    its rows decode in a process of its own, which loads a second copy
+    (models/engine_process.py; `torch_threads` there, 0: torch's default)."""
     if engine == "vllm":
         from models import text_vllm
 
@@ -190,7 +195,12 @@ def load(checkpoint: str, device: str, dtype: str, engine: str = "transformers",
     if dtype != "int8":
         model = model.to(device)
     model.eval()
-    return TextModel(model, tokenizer, torch.device(device))
+    loaded = TextModel(model, tokenizer, torch.device(device))
+    if process:
+        from models.engine_process import EngineProcess
+
+        loaded.engine_process = EngineProcess(checkpoint, device, dtype, torch_threads)
+    return loaded
 
 
 def check(checkpoint: str) -> list[str]:
@@ -220,11 +230,15 @@ class TextModel:
         self.base_nbytes = module_bytes(model)
         # LoRA fine-tunes served on this base (models/text_adapters.py), once serve_adapters() is called.
         self.adapters = None
+        # Where its rows decode when not here (models/engine_process.py): load(process=True).
+        self.engine_process = None
 
     @property
     def nbytes(self) -> int:
-        """Memory the model holds: the base's parameters and buffers, and its loaded adapters'."""
-        return self.base_nbytes + (self.adapters.nbytes if self.adapters is not None else 0)
+        """Memory the model holds: the base's parameters and buffers, and its loaded adapters'
+        (and the engine process's copy of the base, when it has one)."""
+        process = self.engine_process.nbytes if self.engine_process is not None else 0
+        return self.base_nbytes + process + (self.adapters.nbytes if self.adapters is not None else 0)
 
     def serve_adapters(self, max_loaded: int):
         """The LoRA adapters served on this base, at most `max_loaded` kept loaded
@@ -235,6 +249,9 @@ class TextModel:
             self.adapters = Adapters(self.model, max_loaded)
         else:
             self.adapters.max_loaded = max_loaded
+        if self.engine_process is not None:
+            # The rows load their adapters there; the copy here checks them before they join.
+            self.engine_process.serve_adapters(max_loaded)
         return self.adapters
 
     def fit(self, inp: Input) -> tuple[list[int], int]:
@@ -261,7 +278,10 @@ class TextModel:
                         adapter=adapter)
 
     def engine(self, max_rows: int, max_batch_tokens: int | None = None):
-        """A running batch over this model that rows join and leave between decode steps (models/text_engine.py)."""
+        """A running batch over this model that rows join and leave between decode steps (models/text_engine.py),
+        in the engine process when it has one (one batch at a time there: a new one ends the last)."""
+        if self.engine_process is not None:
+            return self.engine_process.engine(self, max_rows, max_batch_tokens)
         from models.text_engine import TextEngine
 
         return TextEngine(self, max_rows, max_batch_tokens)
@@ -280,6 +300,14 @@ class TextModel:
         if not live:
             return results
         engine = self.engine(max_rows=len(live))
+        try:
+            return self._run(engine, live, inputs, results, on_progress, is_cancelled, adapters)
+        finally:
+            close = getattr(engine, "close", None)  # an engine in the engine process ends its batch there
+            if close is not None:
+                close()
+
+    def _run(self, engine, live, inputs, results, on_progress, is_cancelled, adapters):
         updates = engine.add([self.sequence(i, inputs[i], adapters[i] if adapters else None) for i in live])
         while True:
             for u in updates:

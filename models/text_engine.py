@@ -75,12 +75,14 @@ class Update:
     publishes (at most every PUBLISH_EVERY), so most steps never decode.
     """
 
-    __slots__ = ("key", "tokens", "limit", "_text", "output")
+    __slots__ = ("key", "tokens", "limit", "_text", "output", "token")
 
-    def __init__(self, key: Hashable, tokens: int, limit: int, text, output: dict | None = None):
+    def __init__(self, key: Hashable, tokens: int, limit: int, text, output: dict | None = None,
+                 token: int | None = None):
         self.key = key
         self.tokens = tokens  # tokens generated so far (what the row cost, EOS and stop-string tokens included)
         self.limit = limit
+        self.token = token  # the token this step generated (the engine process sends it to the worker)
         self._text = text  # a str, or a callable that returns it
         # Set when the row finished ({"text", "tokens", "finish_reason"}); the row has then left the batch.
         self.output = output
@@ -269,6 +271,32 @@ class _Row:
         self.text = RowText(tokenizer, seq.stop)
 
 
+def check_joining(seqs: list[Sequence], running) -> None:
+    """Raise ValueError naming the first of `seqs` that cannot join rows keyed `running`."""
+    known = set(running)
+    for seq in seqs:
+        if seq.key in known:
+            raise ValueError(f"key {seq.key!r} is already in the batch")
+        if not seq.prompt:
+            raise ValueError(f"sequence {seq.key!r} has an empty prompt; it needs at least one token")
+        if seq.limit < 1:
+            raise ValueError(f"sequence {seq.key!r} has limit {seq.limit}; it must be at least 1")
+        known.add(seq.key)
+
+
+def fits(running: list[Sequence], seq: Sequence, max_rows: int, max_batch_tokens: int | None) -> bool:
+    """Whether `seq` may join the rows of `running`: at most `max_rows` rows, and rows x the
+    longest row's prompt + limit within `max_batch_tokens` (None: no bound)."""
+    if not running:
+        return True  # an empty engine always admits one, or a too-long job would never run
+    if len(running) >= max_rows:
+        return False
+    if max_batch_tokens is None:
+        return True
+    longest = max([len(r.prompt) + r.limit for r in running] + [len(seq.prompt) + seq.limit])
+    return (len(running) + 1) * longest <= max_batch_tokens
+
+
 def _forward_names(model) -> tuple[str, str | None]:
     """The names model.forward gives the key/value cache and the keep-only-the-last-logits argument."""
     params = inspect.signature(model.forward).parameters
@@ -339,14 +367,7 @@ class TextEngine:
         return sum(1 for row in self.rows if row.seq.limit - len(row.tokens) <= steps)
 
     def fits(self, seq: Sequence) -> bool:
-        if not self.rows:
-            return True  # an empty engine always admits one, or a too-long job would never run
-        if len(self.rows) >= self.max_rows:
-            return False
-        if self.max_batch_tokens is None:
-            return True
-        longest = max([len(r.seq.prompt) + r.seq.limit for r in self.rows] + [len(seq.prompt) + seq.limit])
-        return (len(self.rows) + 1) * longest <= self.max_batch_tokens
+        return fits([row.seq for row in self.rows], seq, self.max_rows, self.max_batch_tokens)
 
     # -- joining ---------------------------------------------------------------
 
@@ -354,18 +375,11 @@ class TextEngine:
         """Prefill `seqs` in one forward pass, sample their first tokens, merge them into the running batch."""
         if not seqs:
             return []
-        known = set(self.keys())
+        check_joining(seqs, self.keys())
         for seq in seqs:
-            if seq.key in known:
-                raise ValueError(f"key {seq.key!r} is already in the batch")
-            if not seq.prompt:
-                raise ValueError(f"sequence {seq.key!r} has an empty prompt; it needs at least one token")
-            if seq.limit < 1:
-                raise ValueError(f"sequence {seq.key!r} has limit {seq.limit}; it must be at least 1")
             if seq.adapter is not None and self.adapters is None:
                 raise ValueError(f"sequence {seq.key!r} runs on adapter {seq.adapter.key!r}, "
                                  f"but this model serves no adapters")
-            known.add(seq.key)
         refs = [seq.adapter for seq in seqs]
         if any(refs):
             self.adapters.ensure([r for r in refs if r is not None])
@@ -475,10 +489,10 @@ class TextEngine:
                 return self._finish(row, text[:cut], "stop")
             if n >= seq.limit:
                 return self._finish(row, text, "length")
-            return Update(seq.key, n, seq.limit, row.text.advance(text), None)
+            return Update(seq.key, n, seq.limit, row.text.advance(text), None, token)
         # No stop string to look for: the text is decoded only if someone reads it,
         # from the first n tokens (the row goes on growing meanwhile, maybe on another thread).
-        return Update(seq.key, n, seq.limit, lambda: row.text.advance(row.text.decode(row.tokens[:n])), None)
+        return Update(seq.key, n, seq.limit, lambda: row.text.advance(row.text.decode(row.tokens[:n])), None, token)
 
     def _finish(self, row: _Row, text: str, reason: str) -> Update:
         # `tokens` counts what the model generated for the job (what it cost),
@@ -486,7 +500,7 @@ class TextEngine:
         # `prompt_tokens`: what the prompt cost (after any cut to fit the model).
         output = {"text": text, "tokens": len(row.tokens), "prompt_tokens": len(row.seq.prompt),
                   "finish_reason": reason}
-        return Update(row.seq.key, len(row.tokens), row.seq.limit, text, output)
+        return Update(row.seq.key, len(row.tokens), row.seq.limit, text, output, row.tokens[-1])
 
     # -- leaving ---------------------------------------------------------------
 

@@ -114,6 +114,8 @@ def make_loader(settings, storage=None) -> Callable[[ModelSpec], object]:
                      "max_batch_tokens": spec.max_batch_tokens} if spec.engine != "transformers" else {}
             # Pins only a diffusers family takes (the registry refuses them elsewhere).
             extra.update({k: v for k, v in (("revision", spec.revision), ("variant", spec.variant)) if v})
+            if settings.engine_process and spec.engine == "transformers" and getattr(spec.module, "ENGINE_PROCESS", False):
+                extra.update(process=True, torch_threads=settings.torch_threads)
             return spec.module.load(checkpoints.resolve(spec, settings.model_dir, storage), device, spec.dtype,
                                     **extra)
         except GenqError:

@@ -142,6 +142,9 @@ class ContinuousBatch:
             return self.taken
         finally:
             self.tracker.close()
+            close = getattr(self.engine, "close", None)  # an engine in the engine process ends its batch there
+            if close is not None:
+                close()
             if self.stepper is not None:
                 self.stepper.shutdown(wait=False)
             if self.books is not None:

@@ -1,11 +1,13 @@
 """Continuous batching through the whole service (Postgres, Redis, S3, a
 worker subprocess): a job that arrives while a long one decodes joins it and
 finishes first, keeps the tokens it has alone, streams deltas that add up to
-its output, and one row can be canceled while its batch-mates run on."""
+its output, and one row can be canceled while its batch-mates run on; with
+the engine in the worker's process and in a process of its own."""
 from __future__ import annotations
 
 import secrets
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,8 +26,9 @@ from tests.helpers import WorkerProcess, make_key, wait_job
 LONG = {"temperature": 0, "max_new_tokens": 250}
 
 
-@pytest.fixture(scope="module")
-def settings(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-in-worker", "engine-process"])
+def settings(request, tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
+    # Each test runs with the engine in the worker's process and in a process of its own.
     doc = yaml.safe_load(registry_path.read_text())
     pool = f"cont-{secrets.token_hex(3)}"
     doc["models"] = {"demo-text": {**doc["models"]["demo-text"], "pool": pool, "max_batch_size": 4,
@@ -35,7 +38,7 @@ def settings(tmp_path_factory, model_dir, registry_path, pg_url, s3_endpoint):
     return Settings.from_env(
         {}, home=tmp_path_factory.mktemp("home"), model_dir=model_dir, registry_path=reg, database_url=pg_url,
         broker_url=REDIS_URL, progress_interval=0.1, cancel_poll_interval=0.05, lease_seconds=30,
-        webhook_secret_keys=WEBHOOK_KEYS, **new_bucket(s3_endpoint),
+        webhook_secret_keys=WEBHOOK_KEYS, engine_process=request.param, **new_bucket(s3_endpoint),
     )
 
 
@@ -80,6 +83,17 @@ def finished_at(settings, ids) -> dict[str, object]:
     return rows
 
 
+def engine_processes(worker) -> list[int]:
+    """The worker's children that are text engine processes (models/engine_process.py)."""
+    found = []
+    for task in Path(f"/proc/{worker.proc.pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"models.engine_process" in cmdline:
+                found.append(int(pid))
+    return found
+
+
 def tenant_of(settings, job_id) -> str:
     engine = make_engine(settings.database_url)
     with make_sessionmaker(engine)() as s:
@@ -104,6 +118,8 @@ def test_a_short_job_joins_a_long_one_mid_flight_and_finishes_first(client, tena
     # And each job's tokens are the ones it has alone.
     assert [j["output"] for j in joined] == [j["output"] for j in alone]
     assert alone[0]["metrics"]["batch_size"] == 1
+    # Where the rows decoded: the worker's own process, or one child of it.
+    assert len(engine_processes(worker)) == (1 if settings.engine_process else 0)
 
 
 def test_output_deltas_add_up_to_the_output(client, tenant, settings, worker):
