@@ -190,3 +190,27 @@ def test_the_child_ends_with_its_parent(text_checkpoint, tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_rows_on_lora_adapters_decode_in_the_child_as_here(text_checkpoint, remote, tmp_path):
+    """A row's adapter is loaded by the child (its own copy of the base serves adapters too):
+    rows of several adapters and the base, joining in a random order, make what they make here."""
+    from tests.models.test_text_adapters import SHAPES, OnAdapters, make_adapter
+    from models.text_adapters import AdapterRef
+
+    refs = [AdapterRef(f"t:ft-{i}", make_adapter(text_checkpoint, tmp_path / f"a{i}", rank, targets, seed=i))
+            for i, (rank, targets) in enumerate(SHAPES)]
+    here = text.load(text_checkpoint, "cpu", "float32")
+    here.serve_adapters(max_loaded=8)
+    remote.serve_adapters(max_loaded=8)
+    rng = random.Random(7)
+    jobs = random_jobs(24, seed=23)
+    rows = [rng.choice(refs + [None]) for _ in jobs]
+    expected = here.run(jobs, lambda *a: None, lambda r: False, adapters=rows)
+    engine = remote.engine(6)
+    outputs, _ = drive(engine, OnAdapters(remote, rows), jobs, order_seed=3, max_rows=6)
+    engine.close()
+    assert outputs == {k: r.output for k, r in enumerate(expected)}
+    base = text.load(text_checkpoint, "cpu", "float32").run(jobs, lambda *a: None, lambda r: False)
+    # The adapters changed something (else this would not tell the child loaded them).
+    assert sum(outputs[k] != base[k].output for k, ref in enumerate(rows) if ref is not None) > 0
