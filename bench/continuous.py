@@ -307,6 +307,9 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--embedded", action="store_true", help="SQLite + filesystem broker even if services answer")
+    ap.add_argument("--engine-process", action="store_true",
+                    help="run the Poisson replay and the first-token figure with GENQ_ENGINE_PROCESS (the saturated "
+                         "service / bare figures run both ways regardless)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging
@@ -332,7 +335,8 @@ def main() -> int:
     times = arrivals(len(jobs), rate)
     with (postgres_db() if use_services else nullcontext()) as pg:
         overrides = dict(home=home, registry_path=home / "registry.yaml", model_dir=model_dir, device=args.device,
-                         progress_interval=1.0, log_level="WARNING", torch_threads=args.threads)
+                         progress_interval=1.0, log_level="WARNING", torch_threads=args.threads,
+                         engine_process=args.engine_process)
         if use_services:
             from cryptography.fernet import Fernet
 
@@ -344,7 +348,8 @@ def main() -> int:
               f"torch threads {args.threads}; {os.cpu_count()} cores; device {args.device} {args.dtype}", flush=True)
         print(f"mix: {len(jobs)} jobs, {sum(j['max_new_tokens'] > 32 for j in jobs)} long (200-256 tokens), the rest "
               f"16-32; batch 1 serves {capacity:.2f} jobs/s ({per_token * 1000:.1f} ms/token); Poisson arrivals at "
-              f"{rate:.2f} jobs/s ({args.rate_factor}x) over {times[-1]:.1f}s", flush=True)
+              f"{rate:.2f} jobs/s ({args.rate_factor}x) over {times[-1]:.1f}s; the text engine "
+              f"{'in a process of its own' if args.engine_process else 'in the worker process'}", flush=True)
         svc = Service(settings, pool)
         try:
             tenant_id = tenant_of(svc)
@@ -378,10 +383,14 @@ def main() -> int:
             # Service / bare engine: the same jobs all queued at once, the worker held
             # meanwhile; with the engine in the worker's process (the default) and in a
             # process of its own (GENQ_ENGINE_PROCESS), the worker restarted between.
-            sat = {"in the worker": saturated(svc, bare, jobs)}
-            svc.restart_worker(GENQ_ENGINE_PROCESS="true")
-            sat["engine process"] = saturated(svc, bare, jobs)
-            firsts_p = sse_first_token(svc, "text-continuous", prompt, args.first_token_jobs)
+            sat, current = {}, args.engine_process
+            for where, flag in (("in the worker", False), ("engine process", True)):
+                if flag != current:
+                    svc.restart_worker(GENQ_ENGINE_PROCESS=str(flag).lower())
+                    current = flag
+                sat[where] = saturated(svc, bare, jobs)
+            if not args.engine_process:
+                firsts_p = sse_first_token(svc, "text-continuous", prompt, args.first_token_jobs)
             s_seconds, s_tokens = bare.static(jobs)
             g_seconds, g_tokens = bare.static_to_longest(jobs)
             t_seconds, t_tokens = bare.generate_static(jobs)
@@ -392,9 +401,10 @@ def main() -> int:
                 print(f"  {where:15} continuous {svc_rate:.1f} / bare {bare_rate:.1f} tokens/s = "
                       f"{svc_rate / bare_rate:.2f} (bare {bare_before:.1f} before, {bare_after:.1f} after); "
                       f"static through the service {static_rate:.1f}: continuous {svc_rate / static_rate:.2f}x")
-            print(f"first streamed token, idle worker, engine process: p50 {statistics.median(firsts_p) * 1000:.1f} ms, "
-                  f"p99 {pct(firsts_p, 0.99) * 1000:.1f} ms; {(statistics.median(firsts_p) - prefill) * 1000:.1f} ms "
-                  f"above the prefill")
+            if not args.engine_process:
+                print(f"first streamed token, idle worker, engine process: p50 {statistics.median(firsts_p) * 1000:.1f} ms, "
+                      f"p99 {pct(firsts_p, 0.99) * 1000:.1f} ms; {(statistics.median(firsts_p) - prefill) * 1000:.1f} "
+                      f"ms above the prefill")
             bare_runs = [r for _, _, *b in sat.values() for r in b]
             tokens, seconds = sum(bare_runs) / len(bare_runs), 1.0  # the bare engine's mean rate, tokens/s
             # What the engine alone allows: a decode step's cost by rows says how

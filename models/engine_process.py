@@ -176,7 +176,9 @@ class ProcessEngine:
     worker has asked for them and been told of them: a row is in from its
     add() until its finish is received or it is dropped. add() and drop() are
     sent and take effect in the child at its next step boundary; add()
-    returns no updates: a row's first token comes with a later step().
+    returns no updates: a row's first token comes with a later step(). Rows
+    added past the rows decoding (`max_rows` is twice those) wait in the
+    child and join, in order, as soon as room frees there.
     step() returns the updates of every step the child made since the last
     call (the newest for each row), waiting for one if there are none yet.
     """
@@ -193,7 +195,12 @@ class ProcessEngine:
         self.owner = owner
         self.generation = generation
         self.tokenizer = model.tokenizer
-        self.max_rows = max_rows
+        # Rows may be sent ahead of room, up to a second batch of them: the
+        # child holds them and adds each the step a running row leaves (at most
+        # max_rows decode together there). The scheduler sends ahead only for
+        # rows about to end (worker/continuous.py claims for those).
+        self.decoding_rows = max_rows
+        self.max_rows = 2 * max_rows
         self.max_batch_tokens = max_batch_tokens
         self.rows: dict[Hashable, _Mirror] = {}
         self.closed = False
@@ -337,9 +344,12 @@ def _serve(conn, model) -> None:
             elif kind == "end":
                 engine, adding = None, []
         try:
-            if adding:
-                seqs, adding = adding, []
-                updates = engine.add(seqs)
+            # Rows sent ahead join the moment there is room: a row that ends at
+            # this step is replaced at the next, with no round trip to the worker.
+            joining = _room_for(engine, adding)
+            if joining:
+                adding = adding[len(joining):]
+                updates = engine.add(joining)
             else:
                 updates = engine.step()
         except Exception as exc:
@@ -348,6 +358,18 @@ def _serve(conn, model) -> None:
             engine, adding = None, []
             continue
         reply("steps", [_wire(u) for u in updates])
+
+
+def _room_for(engine, waiting: list) -> list:
+    """The first of `waiting` that fit beside the engine's running rows, in order."""
+    from models.text_engine import fits
+
+    running, joining = [row.seq for row in engine.rows], []
+    for seq in waiting:
+        if not fits(running + joining, seq, engine.max_rows, engine.max_batch_tokens):
+            break  # in line: a later row does not pass one that waits for room
+        joining.append(seq)
+    return joining
 
 
 def _wire(u) -> tuple:

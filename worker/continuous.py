@@ -407,7 +407,8 @@ class ContinuousBatch:
 
     def _fits_with(self, chosen: list[Member], member: Member) -> bool:
         # fits() knows the running rows only; the rows chosen this step count too.
-        return len(self.engine) + len(chosen) + 1 <= self.spec.max_batch_size and self.engine.fits(member.seq) and (
+        # The engine's own bound on rows: an engine process takes rows ahead of room (models/engine_process.py).
+        return len(self.engine) + len(chosen) + 1 <= self.engine.max_rows and self.engine.fits(member.seq) and (
             self.spec.max_batch_tokens is None or self._tokens(chosen + [member]) <= self.spec.max_batch_tokens)
 
     def _tokens(self, extra: list[Member]) -> int:
@@ -421,7 +422,8 @@ class ContinuousBatch:
     def apply(self, updates) -> None:
         """What the engine did this step: progress, live output, finished rows."""
         # The rows that ran this step: those still in, and those that just left.
-        rows = len(self.engine) + sum(1 for u in updates if u.output is not None)
+        # (An engine process counts rows sent ahead of room too: at most max_batch_size decode together.)
+        rows = min(len(self.engine) + sum(1 for u in updates if u.output is not None), self.spec.max_batch_size)
         now = time.monotonic()
         # Live output goes out for the whole batch at once, every PUBLISH_EVERY,
         # in one round trip; a row's first text goes at once (time to first token).

@@ -29,7 +29,7 @@ def pytest_terminal_summary(terminalreporter):
 
 class Stack:
     def __init__(self, tmp: Path, pg_url: str, redis_server: RedisServer, max_batch_size: int,
-                 batching: str = "continuous", **overrides):
+                 batching: str = "continuous", text_model: bool = False, **overrides):
         tag = secrets.token_hex(3)
         # Two models on one pool: a worker draining one leaves the other's jobs to their doorbells.
         self.model, self.other_model = f"faulty-{tag}", f"faulty-{tag}-b"
@@ -37,7 +37,12 @@ class Stack:
         registry = tmp / "registry.yaml"
         entry = {"family": "tests.faults.family", "checkpoint": "none", "pool": self.pool,
                  "max_batch_size": max_batch_size, "max_wait_ms": 50, "batching": batching}
-        registry.write_text(yaml.safe_dump({"models": {self.model: entry, self.other_model: entry}}))
+        models = {self.model: entry, self.other_model: entry}
+        if text_model:
+            # The real text family on the same pool (the demo checkpoint from `model_dir`).
+            self.text_model = f"text-{tag}"
+            models[self.text_model] = {**entry, "family": "text-generation", "checkpoint": "demo:text"}
+        registry.write_text(yaml.safe_dump({"models": models}))
         self.redis = redis_server
         values = dict(
             home=tmp / "home", registry_path=registry, model_dir=tmp / "models", database_url=pg_url,
@@ -109,8 +114,8 @@ def redis_server(tmp_path):
 def stack_factory(tmp_path, pg_url, redis_server):
     stacks = []
 
-    def make(max_batch_size: int = 4, batching: str = "continuous", **overrides) -> Stack:
-        stacks.append(Stack(tmp_path, pg_url, redis_server, max_batch_size, batching, **overrides))
+    def make(max_batch_size: int = 4, batching: str = "continuous", text_model: bool = False, **overrides) -> Stack:
+        stacks.append(Stack(tmp_path, pg_url, redis_server, max_batch_size, batching, text_model, **overrides))
         return stacks[-1]
 
     yield make

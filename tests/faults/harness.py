@@ -330,9 +330,12 @@ def check_nothing_lost(settings: Settings, accepted: list[str], workers: list[Wo
 def outputs(job: Job) -> dict[str, str | None]:
     """The keys under a succeeded job's prefix its output names, each with the
     text it must hold (None: any bytes). A fault-family job: its one artifact;
-    a fine-tune: every checkpoint it recorded, across its attempts."""
+    a fine-tune: every checkpoint it recorded, across its attempts; a text
+    job: none (its text is in its output)."""
     if job.type == "fine-tune":
         return {c["key"]: None for c in job.output["checkpoints"]}
+    if job.type == "text-generation":
+        return {}
     return {job.output["artifact"]["key"]: job.output["text"]}
 
 

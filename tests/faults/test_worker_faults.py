@@ -9,6 +9,7 @@ import json
 import shutil
 import signal
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -28,13 +29,14 @@ def running(stack, ids) -> list[str]:
     return [j for j, s in statuses(stack.settings, ids).items() if s == "running"]
 
 
-def executing(stack, ids) -> list[str]:
+def executing(stack, ids, pid: int | None = None) -> list[str]:
     """Jobs of `ids` a model is running now (or was, when its worker died): an
-    execution started and not ended, by the execution log. A job claimed but
-    not yet started is `running` in its row and not here."""
+    execution started and not ended, by the execution log (`pid`: in that
+    worker process only). A job claimed but not yet started is `running` in
+    its row and not here."""
     open_runs = set()
     for record in executions.read(stack.settings.execution_log):
-        if record["job"] in ids:
+        if record["job"] in ids and pid in (None, record["pid"]):
             (open_runs.add if record["event"] == "start" else open_runs.discard)(record["job"])
     return sorted(open_runs)
 
@@ -300,3 +302,66 @@ def test_a_fine_tune_stopped_by_sigterm_is_handed_back_and_resumes_from_the_chec
         s3.release()
         engine.dispose()
         s3.cut()
+
+
+def text_jobs(stack, n: int, tag: str) -> list[str]:
+    """`n` greedy text jobs of 500 tokens on the stack's real text model (seconds of decoding each)."""
+    client = stack.app.test_client()
+    ids = []
+    for i in range(n):
+        resp = client.post("/v1/jobs", headers=stack.tenant, json={
+            "model": stack.text_model, "input": {"prompt": f"{tag} {i}", "max_new_tokens": 500, "temperature": 0}})
+        assert resp.status_code == 202, resp.get_json()
+        ids.append(resp.get_json()["id"])
+    return ids
+
+
+def engine_processes(worker) -> list[int]:
+    """The worker's children that are text engine processes (models/engine_process.py)."""
+    found = []
+    for task in Path(f"/proc/{worker.pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if b"models.engine_process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+            except FileNotFoundError:
+                continue
+    return found
+
+
+def ended(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_text_engine_in_a_process_of_its_own_under_sigkill_then_sigterm(stack_factory, model_dir):
+    """GENQ_ENGINE_PROCESS with the real text model: a worker SIGKILLed mid-batch takes its engine
+    process with it and the jobs it cut short run again (only those); the next worker, sent SIGTERM,
+    finishes the rows in hand, claims nothing more and leaves no engine process behind; a third
+    finishes the rest. Nothing lost, nothing run twice but what the kill cut."""
+    stack = stack_factory(text_model=True, model_dir=model_dir, engine_process=True)
+    first = stack.worker()
+    ids = text_jobs(stack, 8, "killed")
+    wait_for(lambda: len(executing(stack, ids)) == 4, 60, "four rows decoding")
+    [child] = engine_processes(first)
+    first.proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    first.wait_exit(10)
+    cut = executing(stack, ids)
+    wait_for(lambda: ended(child), 20, "the killed worker's engine process to end")
+
+    second = stack.worker(shutdown_timeout=60)
+    wait_for(lambda: len(executing(stack, ids, second.pid)) == 4, 60, "four rows decoding on the second worker")
+    [child] = engine_processes(second)
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.wait_exit(60) == 0
+    assert ended(child)
+    # What it held ran to the end there; the rest waits, queued, never started on it.
+    assert set(statuses(stack.settings, ids).values()) <= {"succeeded", "queued"}
+    stack.worker()
+    done = stack.wait(ids, 120)
+    figures = stack.check(ids, Figures("text engine process: SIGKILL mid-batch, then SIGTERM",
+                                       recovery_seconds=done - killed, notes={"cut by the kill": len(cut)}))
+    assert figures.succeeded == 8 and cut and figures.rerun == len(cut)

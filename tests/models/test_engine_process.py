@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from models import text
-from models.engine_process import EngineProcessError, ProcessEngine, _Mirror
+from models.engine_process import EngineProcessError, ProcessEngine, _Mirror, _room_for
 from tests.models.test_text_engine import random_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,10 +62,11 @@ def test_rows_make_the_same_tokens_and_text_as_in_this_process(remote, text_mode
     for start in range(0, len(jobs), 15):
         results = text_model.run(jobs[start:start + 15], lambda *a: None, lambda r: False)
         expected.update({start + i: r.output for i, r in enumerate(results)})
-    for order_seed, max_rows in [(1, 4), (2, 8)]:
-        engine = remote.engine(max_rows)
-        assert isinstance(engine, ProcessEngine)
-        outputs, shown = drive(engine, remote, jobs, order_seed, max_rows)
+    # The last: rows sent ahead of room (twice the rows that decode), joining in the child as rows leave.
+    for order_seed, rows, sent in [(1, 4, 4), (2, 8, 8), (3, 3, 6)]:
+        engine = remote.engine(rows)
+        assert isinstance(engine, ProcessEngine) and engine.max_rows == 2 * rows
+        outputs, shown = drive(engine, remote, jobs, order_seed, sent)
         engine.close()
         assert outputs == expected
         for key, texts in shown.items():
@@ -214,3 +215,20 @@ def test_rows_on_lora_adapters_decode_in_the_child_as_here(text_checkpoint, remo
     base = text.load(text_checkpoint, "cpu", "float32").run(jobs, lambda *a: None, lambda r: False)
     # The adapters changed something (else this would not tell the child loaded them).
     assert sum(outputs[k] != base[k].output for k, ref in enumerate(rows) if ref is not None) > 0
+
+
+def test_rows_sent_ahead_join_in_order_as_room_frees(text_model):
+    """The child's door (run here on an engine in this process): at most the engine's rows
+    decode, a row waiting joins once one leaves, in order, and the key/value budget holds."""
+    engine = text_model.engine(2, max_batch_tokens=200)
+    seq = lambda key, tokens: text_model.sequence(key, text.Input(prompt="Hello there", max_new_tokens=tokens,
+                                                                  temperature=0))  # noqa: E731
+    waiting = [seq("a", 3), seq("b", 40), seq("c", 5), seq("d", 5)]
+    assert [s.key for s in _room_for(engine, waiting)] == ["a", "b"]
+    engine.add(waiting[:2])
+    assert _room_for(engine, waiting[2:]) == []  # two rows decode: c waits
+    while "a" in engine.keys():
+        engine.step()
+    assert [s.key for s in _room_for(engine, waiting[2:])] == ["c"]  # d waits behind c
+    big = seq("e", 150)  # 2 rows x (prompt + 150) is past the budget of 200
+    assert _room_for(engine, [big, waiting[3]]) == []  # and d does not pass it
