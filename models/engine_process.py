@@ -38,11 +38,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import traceback
 import weakref
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Hashable
+
+from genq.errors import GenqError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +65,33 @@ class EngineProcess:
     """A spawned child that loads `checkpoint` and runs one TextEngine at a time for the worker."""
 
     def __init__(self, checkpoint: str, device: str, dtype: str, torch_threads: int = 0):
-        # A plain `python -m` child over an inherited socket, not multiprocessing's
+        # A plain `python -m` child over inherited sockets, not multiprocessing's
         # spawn: that runs the parent's __main__ again in the child (a bench
-        # script, pytest, celery's), which is not ours to re-run.
+        # script, pytest, celery's), which is not ours to re-run. Two sockets:
+        # the batch's (rows in, steps out, read by the scheduler's stepper
+        # thread) and calls' (a question, its answer, between steps).
         ours, theirs = socket.socketpair()
+        calls, their_calls = socket.socketpair()
         path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         env = {**os.environ, "PYTHONPATH": path}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "models.engine_process", str(theirs.fileno()), checkpoint, str(device), dtype,
-             str(int(torch_threads or 0))],
-            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, close_fds=True)
+            [sys.executable, "-m", "models.engine_process", str(theirs.fileno()), str(their_calls.fileno()),
+             checkpoint, str(device), dtype, str(int(torch_threads or 0))],
+            pass_fds=[theirs.fileno(), their_calls.fileno()], env=env, stdin=subprocess.DEVNULL, close_fds=True)
         theirs.close()
+        their_calls.close()
         self.conn = Connection(ours.detach())
+        self.calls = Connection(calls.detach())
+        self._calling = threading.Lock()
         self.generation = 0
         self.current: ProcessEngine | None = None
-        self.nbytes = 0
+        # What the child loaded: {"nbytes", "eos_ids", "pad_id", "max_positions"}.
+        self.info: dict = {}
         try:
             if not self.conn.poll(START_TIMEOUT):
                 raise EngineProcessError(f"the engine process for {checkpoint!r} did not load it "
                                          f"within {START_TIMEOUT:.0f}s")
-            kind, *rest = self.conn.recv()
+            kind, payload = self.conn.recv()
         except EOFError:
             raise EngineProcessError(f"the engine process for {checkpoint!r} ended while loading it "
                                      f"({self._death()})") from None
@@ -90,10 +100,30 @@ class EngineProcess:
             raise
         if kind != "ready":
             self.close()
-            raise EngineProcessError(f"the engine process could not load {checkpoint!r}: {rest[0]}")
-        self.nbytes = rest[0]
+            raise ModelError(f"could not load model from {checkpoint!r} (in the engine process): {payload}",
+                             code="model_load_failed")
+        self.info = payload
         # Let go with the model that owns it (an evicted model's child ends).
-        self._finalizer = weakref.finalize(self, _stop, self.process, self.conn)
+        self._finalizer = weakref.finalize(self, _stop, self.process, self.conn, self.calls)
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.get("nbytes", 0)
+
+    def call(self, *question):
+        """Ask the child between its steps and wait for the answer; raises what it raised there."""
+        with self._calling:
+            try:
+                self.calls.send(question)
+                while not self.calls.poll(POLL_SECONDS):
+                    if self.process.poll() is not None:
+                        raise EngineProcessError(f"the engine process ended ({self._death()})")
+                kind, payload = self.calls.recv()
+            except (OSError, EOFError) as exc:
+                raise EngineProcessError(f"the engine process is gone ({self._death()})") from exc
+        if kind == "error":
+            raise _rebuilt(*payload)
+        return payload
 
     def send(self, *message) -> None:
         try:
@@ -101,8 +131,8 @@ class EngineProcess:
         except (OSError, EOFError) as exc:
             raise EngineProcessError(f"the engine process is gone ({self._death()})") from exc
 
-    def serve_adapters(self, max_loaded: int) -> None:
-        self.send("adapters", max_loaded)
+    def serve_adapters(self, max_loaded: int) -> "RemoteAdapters":
+        return RemoteAdapters(self, max_loaded)
 
     def engine(self, model, max_rows: int, max_batch_tokens: int | None) -> "ProcessEngine":
         """A new running batch in the child; the one before it, if any, is ended there first."""
@@ -140,10 +170,10 @@ class EngineProcess:
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
     def close(self) -> None:
-        _stop(self.process, self.conn)
+        _stop(self.process, self.conn, self.calls)
 
 
-def _stop(process, conn) -> None:
+def _stop(process, conn, calls) -> None:
     try:
         conn.send(("close",))
     except Exception:
@@ -154,6 +184,30 @@ def _stop(process, conn) -> None:
         process.kill()
         process.wait(5)
     conn.close()
+    calls.close()
+
+
+class RemoteAdapters:
+    """The LoRA adapters the child serves on its base (models/text_adapters.Adapters
+    there): what the scheduler asks of them here, asked there."""
+
+    def __init__(self, owner: EngineProcess, max_loaded: int):
+        self.owner = owner
+        self.max_loaded = max_loaded
+        self.nbytes = owner.call("adapters", max_loaded)
+
+    def ensure(self, refs: list) -> None:
+        """Load `refs` in the child now (a row that joins with one needs it there); raises what
+        loading raised there, so a job whose adapter cannot be served fails alone."""
+        self.nbytes = self.owner.call("ensure", list(refs))
+
+
+def _rebuilt(name: str, message: str, code: str | None) -> Exception:
+    """An exception raised in the child, for the worker: a GenqError keeps its code, any
+    other its class's name (which the job's error shows)."""
+    if code is not None:
+        return GenqError(message, code=code)
+    return type(name, (RuntimeError,), {"__module__": "models.engine_process"})(message)
 
 
 class _Mirror:
@@ -289,12 +343,12 @@ def _lazy(row: _Mirror, n: int):
 # --- the child ------------------------------------------------------------------
 
 
-def _child_main(fd: int, checkpoint: str, device: str, dtype: str, torch_threads: int) -> None:
+def _child_main(fd: int, calls_fd: int, checkpoint: str, device: str, dtype: str, torch_threads: int) -> None:
     # SIGINT and SIGTERM are the worker's: it hands rows back or lets them
     # finish, and lets this process go when it is done with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    conn = Connection(fd)
+    conn, calls = Connection(fd), Connection(calls_fd)
     try:
         import torch
 
@@ -308,30 +362,54 @@ def _child_main(fd: int, checkpoint: str, device: str, dtype: str, torch_threads
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
         finally:
             return
-    conn.send(("ready", model.nbytes))
+    conn.send(("ready", {"nbytes": model.base_nbytes, "eos_ids": sorted(model.eos_ids), "pad_id": model.pad_id,
+                         "max_positions": model.max_positions}))
     try:
-        _serve(conn, model)
+        _serve(conn, calls, model)
     except (EOFError, OSError, KeyboardInterrupt):
         pass  # the worker is gone
 
 
-def _serve(conn, model) -> None:
-    """Step the current engine while it has rows; between steps, take in what the worker sent."""
+def _answer(calls, model) -> None:
+    """One call from the worker, answered: the adapters' memory after it, or what it raised."""
+    kind, *args = calls.recv()
+    try:
+        if kind == "adapters":
+            adapters = model.serve_adapters(args[0])
+        else:  # "ensure"
+            adapters = model.adapters
+            if adapters is None:
+                raise ValueError("this model serves no adapters")
+            adapters.ensure(args[0])
+        calls.send(("ok", adapters.nbytes))
+    except Exception as exc:
+        calls.send(("error", (type(exc).__name__, getattr(exc, "message", None) or str(exc),
+                              exc.code if isinstance(exc, GenqError) else None)))
+
+
+def _serve(conn, calls, model) -> None:
+    """Step the current engine while it has rows; between steps, take in what the worker sent
+    and answer what it asked."""
     engine, generation, adding = None, None, []
 
     def reply(kind, payload):
         conn.send((kind, generation, payload))
 
     while True:
+        while calls.poll(0):
+            _answer(calls, model)
         # Wait for work only with no rows to step and none to add.
         while conn.poll(0) or ((engine is None or not len(engine)) and not adding):
+            if not conn.poll(0):
+                # Idle: a call may come first (an adapter checked before its row is sent).
+                if calls in wait([conn, calls]):
+                    _answer(calls, model)
+                    continue
             message = conn.recv()
             kind = message[0]
             if kind == "close":
                 return
-            if kind == "adapters":
-                model.serve_adapters(message[1])
-            elif kind == "engine":
+            if kind == "engine":
                 _, generation, max_rows, max_batch_tokens = message
                 engine, adding = model.engine(max_rows, max_batch_tokens), []
             elif message[1] != generation or engine is None:
@@ -383,4 +461,4 @@ def _wire(u) -> tuple:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s engine process: %(message)s")
-    _child_main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    _child_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]))

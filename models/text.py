@@ -191,16 +191,17 @@ def load(checkpoint: str, device: str, dtype: str, engine: str = "transformers",
         kwargs["dtype"] = _torch_dtype(dtype)
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    if process:
+        # The weights live in the engine process only; this side tokenizes and schedules.
+        from models.engine_process import EngineProcess
+
+        return TextModel.served_by(EngineProcess(checkpoint, device, dtype, torch_threads), tokenizer,
+                                   torch.device(device))
     model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
     if dtype != "int8":
         model = model.to(device)
     model.eval()
-    loaded = TextModel(model, tokenizer, torch.device(device))
-    if process:
-        from models.engine_process import EngineProcess
-
-        loaded.engine_process = EngineProcess(checkpoint, device, dtype, torch_threads)
-    return loaded
+    return TextModel(model, tokenizer, torch.device(device))
 
 
 def check(checkpoint: str) -> list[str]:
@@ -233,10 +234,24 @@ class TextModel:
         # Where its rows decode when not here (models/engine_process.py): load(process=True).
         self.engine_process = None
 
+    @classmethod
+    def served_by(cls, process, tokenizer, device) -> "TextModel":
+        """A model whose weights are in an engine process (models/engine_process.py): here
+        its tokenizer and what the scheduler needs to know of it, as the child read them."""
+        self = cls.__new__(cls)
+        self.model, self.tokenizer, self.device = None, tokenizer, device
+        self.eos_ids = set(process.info["eos_ids"])
+        self.pad_id = process.info["pad_id"]
+        self.max_positions = process.info["max_positions"]
+        self.base_nbytes = 0
+        self.adapters = None
+        self.engine_process = process
+        return self
+
     @property
     def nbytes(self) -> int:
-        """Memory the model holds: the base's parameters and buffers, and its loaded adapters'
-        (and the engine process's copy of the base, when it has one)."""
+        """Memory the model holds: the base's parameters and buffers (in its engine process,
+        when it has one), and its loaded adapters'."""
         process = self.engine_process.nbytes if self.engine_process is not None else 0
         return self.base_nbytes + process + (self.adapters.nbytes if self.adapters is not None else 0)
 
@@ -245,13 +260,14 @@ class TextModel:
         when not in use (models/text_adapters.py)."""
         from models.text_adapters import Adapters
 
-        if self.adapters is None:
+        if self.engine_process is not None:
+            # Served where the weights are: ensure() asks the engine process.
+            if self.adapters is None or self.adapters.max_loaded != max_loaded:
+                self.adapters = self.engine_process.serve_adapters(max_loaded)
+        elif self.adapters is None:
             self.adapters = Adapters(self.model, max_loaded)
         else:
             self.adapters.max_loaded = max_loaded
-        if self.engine_process is not None:
-            # The rows load their adapters there; the copy here checks them before they join.
-            self.engine_process.serve_adapters(max_loaded)
         return self.adapters
 
     def fit(self, inp: Input) -> tuple[list[int], int]:

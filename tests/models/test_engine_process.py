@@ -53,6 +53,14 @@ def drive(engine, model, jobs, order_seed: int, max_rows: int) -> tuple[dict, di
     return outputs, shown
 
 
+def test_the_weights_are_in_the_child_only(remote, text_model):
+    """The worker's side holds the tokenizer and what the scheduler needs; the child, the weights."""
+    assert remote.model is None and remote.base_nbytes == 0
+    assert remote.nbytes == remote.engine_process.nbytes == text_model.base_nbytes
+    assert (remote.eos_ids, remote.pad_id, remote.max_positions) == \
+        (text_model.eos_ids, text_model.pad_id, text_model.max_positions)
+
+
 def test_rows_make_the_same_tokens_and_text_as_in_this_process(remote, text_model):
     """60 random jobs (stop strings, multi-byte characters, sampling settings) joining the
     child's running batch in random orders while it decodes ahead: every output is the one
@@ -203,7 +211,10 @@ def test_rows_on_lora_adapters_decode_in_the_child_as_here(text_checkpoint, remo
             for i, (rank, targets) in enumerate(SHAPES)]
     here = text.load(text_checkpoint, "cpu", "float32")
     here.serve_adapters(max_loaded=8)
-    remote.serve_adapters(max_loaded=8)
+    adapters = remote.serve_adapters(max_loaded=8)
+    # The scheduler checks a row's adapter before the row joins: loaded there, counted here.
+    adapters.ensure(refs[:1])
+    assert adapters.nbytes > 0 and remote.nbytes == remote.engine_process.nbytes + adapters.nbytes
     rng = random.Random(7)
     jobs = random_jobs(24, seed=23)
     rows = [rng.choice(refs + [None]) for _ in jobs]
@@ -232,3 +243,17 @@ def test_rows_sent_ahead_join_in_order_as_room_frees(text_model):
     assert [s.key for s in _room_for(engine, waiting[2:])] == ["c"]  # d waits behind c
     big = seq("e", 150)  # 2 rows x (prompt + 150) is past the budget of 200
     assert _room_for(engine, [big, waiting[3]]) == []  # and d does not pass it
+
+
+def test_an_adapter_the_child_cannot_serve_fails_with_its_reason(text_checkpoint, remote, tmp_path):
+    from models.text_adapters import AdapterRef
+    from tests.models.test_text_adapters import make_adapter
+    from worker.batch import error_for
+
+    dora = AdapterRef("t:ft-dora", make_adapter(text_checkpoint, tmp_path / "dora", 4, ["c_attn"], seed=1,
+                                                use_dora=True))
+    with pytest.raises(Exception, match="DoRA") as caught:
+        remote.serve_adapters(max_loaded=8).ensure([dora])
+    # As the job's error shows it: the child's exception class by name, and its message.
+    error = error_for(caught.value, default_code="model_load_failed")
+    assert error["code"] == "model_load_failed" and error["message"].startswith("AdapterRefused: ")

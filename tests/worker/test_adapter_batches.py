@@ -41,18 +41,20 @@ def adapter_dirs(text_dir, tmp_path_factory) -> list[str]:
             for i, rank in enumerate([4, 8, 4])]
 
 
-@pytest.fixture(params=["continuous", "static"])
+@pytest.fixture(params=[("continuous", False), ("static", False), ("continuous", True)],
+                ids=["continuous", "static", "continuous-engine-process"])
 def settings(request, tmp_path, text_dir) -> Settings:
+    batching, engine_process = request.param
     url = f"sqlite:///{tmp_path / 'adapters.db'}"
     upgrade(url)
     pool = f"lora-{secrets.token_hex(3)}"
     entry = {"family": "text-generation", "checkpoint": "demo:text", "pool": pool, "max_batch_size": 16,
-             "batching": request.param, "limits": {"max_new_tokens": 64}}
+             "batching": batching, "limits": {"max_new_tokens": 64}}
     registry = tmp_path / "registry.yaml"
     registry.write_text(yaml.safe_dump({"models": {"demo-text": entry}}))
     return Settings.from_env({}, home=tmp_path / "home", registry_path=registry, database_url=url, device="cpu",
                              model_dir=text_dir, storage_url=(tmp_path / "storage").as_uri(), lease_seconds=30,
-                             max_adapters=2)
+                             max_adapters=2, engine_process=engine_process)
 
 
 def publish_version(sessions, settings, tenant_id: str, adapter_dir: str, tag: str) -> str:
