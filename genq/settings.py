@@ -104,11 +104,12 @@ class Settings(BaseModel):
                               "database or other workers runs steadier with fewer: torch's threads wait for each "
                               "other at every operation, so one preempted thread stalls them all.")
     engine_process: bool = knob(False, WORKERS, "Decode text rows (the transformers engine) in a process of their "
-                                "own beside the worker's, so the decode never shares an interpreter lock with the "
-                                "worker's claims, writes and leases (bench/continuous.py, saturated: service ÷ "
-                                "bare engine 0.84 without, 0.93 with; see the README). Costs a second copy of "
-                                "each text model's weights (counted in `GENQ_MODEL_CACHE_BYTES`) and a few "
-                                "seconds to start it, once per loaded model.")
+                                "own, one per loaded text model, which holds its weights (the worker keeps the "
+                                "tokenizer): the decode never shares an interpreter lock with the worker's claims, "
+                                "writes and leases (bench/continuous.py, saturated: service ÷ bare engine 0.75-0.85 "
+                                "without, 0.91-0.95 with; see the README). Costs a few seconds at each text model's "
+                                "load (a fresh interpreter imports torch and loads the weights) and that process's "
+                                "own memory besides the weights (a CUDA context of its own on a GPU).")
     model_cache_bytes: int = knob(8 * 2**30, WORKERS, "Memory a worker process may spend on loaded models "
                                   "(parameters and buffers) before evicting the least recently used one.")
     max_adapters: int = knob(32, WORKERS, "LoRA fine-tunes a worker keeps loaded as adapters on each loaded base "
