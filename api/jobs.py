@@ -408,16 +408,19 @@ def read_own_job(job_id: str):
     return job
 
 
+_ETAG_JSON = json.JSONEncoder(sort_keys=True, default=str, separators=(",", ":"))
+
+
 def etag(job, queue: dict | None = None) -> str:
     """A weak validator of what GET shows of the job: it changes whenever
     its status, progress, output, error, update time or place in line do.
     Weak, because the output's presigned URLs are signed anew on each answer."""
-    digest = hashlib.blake2b(digest_size=12)
-    for part in (job.id, job.status, job.updated_at.isoformat(), job.attempts, job.cancel_requested):
-        digest.update(f"{part}\x1f".encode())
-    for part in (job.progress, job.output, job.error, job.metrics, job.started_at, job.completed_at, queue):
-        digest.update(json.dumps(part, sort_keys=True, default=str).encode() + b"\x1f")
-    return f'W/"{digest.hexdigest()}"'
+    # One encoding of all the parts by an encoder made once: json.dumps with
+    # arguments builds an encoder per call, and seven calls were a third of a
+    # poll's CPU when it reads the database.
+    parts = [job.id, job.status, job.updated_at.isoformat(), job.attempts, job.cancel_requested,
+             job.progress, job.output, job.error, job.metrics, job.started_at, job.completed_at, queue]
+    return f'W/"{hashlib.blake2b(_ETAG_JSON.encode(parts).encode(), digest_size=12).hexdigest()}"'
 
 
 def job_types(registry) -> list[str]:

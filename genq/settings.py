@@ -167,9 +167,11 @@ class Settings(BaseModel):
     api_host: str = knob("127.0.0.1", API, "Where `genq up` and `genq api` listen.")
     api_port: int = knob(8000, API, "The port they listen on.")
     api_workers: int | None = knob(None, API, "gunicorn processes `genq api` starts (its `--workers` overrides). "
-                                   "Unset: two per CPU core, at most 8; Python runs one thread at a time per "
-                                   "process, so processes, not threads, use the cores.",
-                                   shown="2 × cores, at most 8")
+                                   "Unset: one per CPU core, at most 8; Python runs one thread at a time per "
+                                   "process, so processes, not threads, use the cores, and more processes than "
+                                   "cores only take turns on them (bench/api.py on 2 cores: a submit cost 1.7 ms "
+                                   "of the API's CPU with 2 processes, 2.2-2.3 ms with 4, and its p99 halved).",
+                                   shown="cores, at most 8")
     api_threads: int = knob(8, API, "Threads in each API process; a request holds one while it is served.")
     api_access_log: bool = knob(False, API, "`genq api` writes gunicorn's access log (a line per request, to "
                                 "stderr). Off by default: at thousands of requests a second the line costs "
@@ -435,7 +437,7 @@ class Settings(BaseModel):
         if self.api_workers is not None:
             return self.api_workers
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(8, 2 * cores))
+        return max(1, min(8, cores))
 
     @property
     def held_threads(self) -> int:

@@ -166,7 +166,7 @@ def test_api_workers_default_from_the_cores_and_access_log_off():
     import os
 
     cores = len(os.sched_getaffinity(0))
-    assert Settings.from_env({}).workers == max(1, min(8, 2 * cores))
+    assert Settings.from_env({}).workers == max(1, min(8, cores))
     assert Settings.from_env({"GENQ_API_WORKERS": "3"}).workers == 3
     assert Settings.from_env({}).api_access_log is False
     assert Settings.from_env({"GENQ_API_ACCESS_LOG": "on"}).api_access_log is True
