@@ -11,9 +11,9 @@
   stream, beside the model's own prefill time for the same prompt;
 - service / bare engine: the same jobs, all queued at once, through the
   service and through the engine's own loop (no queue, no database), with the
-  engine in the worker's process (the default) and then in a process of its
-  own (GENQ_ENGINE_PROCESS; the worker restarted between), with the first
-  streamed token again on the latter;
+  engine in the worker's process and in a process of its own
+  (GENQ_ENGINE_PROCESS, the default; the worker restarted between), with the
+  first streamed token again on the one the replay did not use;
 - throughput as capacity: the same jobs all queued at once through the
   service, static and continuous (the Poisson replay's tokens/s is the
   offered load for a mode that keeps up with the arrivals);
@@ -307,9 +307,10 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--embedded", action="store_true", help="SQLite + filesystem broker even if services answer")
-    ap.add_argument("--engine-process", action="store_true",
-                    help="run the Poisson replay and the first-token figure with GENQ_ENGINE_PROCESS (the saturated "
-                         "service / bare figures run both ways regardless)")
+    ap.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the Poisson replay and the first-token figure with the text engine in a process of "
+                         "its own (GENQ_ENGINE_PROCESS, the default), or in the worker's (--no-engine-process); the "
+                         "saturated service / bare figures run both ways regardless")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import logging

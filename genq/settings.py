@@ -103,13 +103,14 @@ class Settings(BaseModel):
                               "torch's default (one per core). A CPU worker sharing its cores with the API, the "
                               "database or other workers runs steadier with fewer: torch's threads wait for each "
                               "other at every operation, so one preempted thread stalls them all.")
-    engine_process: bool = knob(False, WORKERS, "Decode text rows (the transformers engine) in a process of their "
+    engine_process: bool = knob(True, WORKERS, "Decode text rows (the transformers engine) in a process of their "
                                 "own, one per loaded text model, which holds its weights (the worker keeps the "
                                 "tokenizer): the decode never shares an interpreter lock with the worker's claims, "
-                                "writes and leases (bench/continuous.py, saturated: service ÷ bare engine 0.75-0.85 "
-                                "without, 0.91-0.95 with; see the README). Costs a few seconds at each text model's "
-                                "load (a fresh interpreter imports torch and loads the weights) and that process's "
-                                "own memory besides the weights (a CUDA context of its own on a GPU).")
+                                "writes and leases (bench/continuous.py, saturated: service ÷ bare engine 0.91-0.95 "
+                                "with it, 0.75-0.85 without; see the README), as vLLM runs its engine core. Costs a "
+                                "few seconds at each text model's load (a fresh interpreter imports torch and "
+                                "loads the weights) and that process's own memory besides the weights (a CUDA "
+                                "context of its own on a GPU); `false` decodes on a thread of the worker.")
     model_cache_bytes: int = knob(8 * 2**30, WORKERS, "Memory a worker process may spend on loaded models "
                                   "(parameters and buffers) before evicting the least recently used one.")
     max_adapters: int = knob(32, WORKERS, "LoRA fine-tunes a worker keeps loaded as adapters on each loaded base "
