@@ -45,8 +45,6 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Hashable
 
-from genq.errors import GenqError, ModelError
-
 log = logging.getLogger(__name__)
 
 # While the worker waits for a step's updates, it asks this often whether the
@@ -100,8 +98,8 @@ class EngineProcess:
             raise
         if kind != "ready":
             self.close()
-            raise ModelError(f"could not load model from {checkpoint!r} (in the engine process): {payload}",
-                             code="model_load_failed")
+            # The worker's loader reports it as the model's load failure (model_load_failed).
+            raise EngineProcessError(f"the engine process could not load it: {payload}")
         self.info = payload
         # Let go with the model that owns it (an evicted model's child ends).
         self._finalizer = weakref.finalize(self, _stop, self.process, self.conn, self.calls)
@@ -202,11 +200,9 @@ class RemoteAdapters:
         self.nbytes = self.owner.call("ensure", list(refs))
 
 
-def _rebuilt(name: str, message: str, code: str | None) -> Exception:
-    """An exception raised in the child, for the worker: a GenqError keeps its code, any
-    other its class's name (which the job's error shows)."""
-    if code is not None:
-        return GenqError(message, code=code)
+def _rebuilt(name: str, message: str) -> Exception:
+    """An exception raised in the child, for the worker: of a class with its class's name
+    (which the job's error shows) and its message."""
     return type(name, (RuntimeError,), {"__module__": "models.engine_process"})(message)
 
 
@@ -383,8 +379,7 @@ def _answer(calls, model) -> None:
             adapters.ensure(args[0])
         calls.send(("ok", adapters.nbytes))
     except Exception as exc:
-        calls.send(("error", (type(exc).__name__, getattr(exc, "message", None) or str(exc),
-                              exc.code if isinstance(exc, GenqError) else None)))
+        calls.send(("error", (type(exc).__name__, str(exc))))
 
 
 def _serve(conn, calls, model) -> None:

@@ -257,3 +257,14 @@ def test_an_adapter_the_child_cannot_serve_fails_with_its_reason(text_checkpoint
     # As the job's error shows it: the child's exception class by name, and its message.
     error = error_for(caught.value, default_code="model_load_failed")
     assert error["code"] == "model_load_failed" and error["message"].startswith("AdapterRefused: ")
+
+
+def test_a_model_the_child_cannot_load_fails_the_load_with_its_reason(text_checkpoint, tmp_path):
+    """The tokenizer and config are there, the weights are not: the child says why, and exits."""
+    import shutil
+
+
+    broken = tmp_path / "no-weights"
+    shutil.copytree(text_checkpoint, broken, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    with pytest.raises(EngineProcessError, match="could not load it: .*(safetensors|weights|pytorch_model)"):
+        text.load(str(broken), "cpu", "float32", process=True, torch_threads=1)
