@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from collections import deque
+from pathlib import Path
 
 from genq.db import make_engine, make_sessionmaker
 from genq.keys import create_key
@@ -26,6 +28,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are free on every interface now, for a
+    server that binds the second later (`genq up`'s webhook sender serves its
+    metrics on GENQ_METRICS_PORT + 1). Picked below the kernel's ephemeral
+    range: a port from free_port() is one of those, and its neighbour may be
+    taken meanwhile by any outgoing connection's local end (CI saw the
+    sender's bind refused, EADDRINUSE)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low - 1)
+        socks = []
+        try:
+            for p in (port, port + 1):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("", p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no two free consecutive ports below the ephemeral range")
 
 
 def wait_serving(url: str, proc: subprocess.Popen, output, timeout: float = 60, path: str = "/healthz") -> None:

@@ -226,14 +226,14 @@ def up_with_a_broken_model(tmp_path_factory, model_dir):
     import yaml
 
     from genq.settings import DEFAULT_REGISTRY
-    from tests.helpers import free_port
+    from tests.helpers import free_port_pair
 
     home = tmp_path_factory.mktemp("up-broken-home")
     doc = yaml.safe_load(DEFAULT_REGISTRY.read_text())
     doc["models"]["broken-text"] = {**doc["models"]["demo-text"], "checkpoint": str(home / "no-such-checkpoint")}
     registry = home / "registry.yaml"
     registry.write_text(yaml.safe_dump(doc))
-    metrics_port = free_port()
+    metrics_port = free_port_pair()  # the worker's, and the webhook sender's next to it
     started = start_up(home, model_dir, ready_lines=2, GENQ_REGISTRY=str(registry),
                        GENQ_METRICS_PORT=str(metrics_port), GENQ_HEARTBEAT_INTERVAL="0.5")
     yield {**started, "metrics_port": metrics_port}
